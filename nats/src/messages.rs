@@ -1,0 +1,171 @@
+//! JSON bodies on the wire. Every field a consumer in another language needs
+//! is here; unknown fields are ignored so the contract can grow.
+
+use serde::{Deserialize, Serialize};
+
+use crate::subjects::Priority;
+
+/// Version of the prompt the worker builds from a [`Job`]. Part of the cache
+/// key: bump it whenever the prompt changes, and old cached answers retire.
+pub const PROMPT_TEMPLATE_VERSION: u32 = 1;
+
+/// A question waiting for an answer: the payload of `ebb.questions.<priority>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// Question id; also the `Nats-Msg-Id`, so a retried publish is deduplicated.
+    pub id: String,
+    /// The student's question, validated and trimmed by the gateway.
+    pub question: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grade: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub course: Option<String>,
+    /// Language the answer should be in (BCP 47 tag or name), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
+    pub max_tokens: u32,
+    #[serde(default)]
+    pub sampling: Sampling,
+    #[serde(default)]
+    pub priority: Priority,
+    /// The model (`id@revision`) the gateway computed the cache key for. A
+    /// worker serving another model must not store its answer under the key.
+    pub model: String,
+    /// Where the answer goes in the cache; `None` for non-deterministic requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_key: Option<String>,
+    /// When the gateway accepted the question.
+    pub enqueued_at_ms: u64,
+}
+
+/// How tokens are chosen. `temperature == 0` is greedy, the default, and the
+/// only setting whose answers are cached.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Sampling {
+    pub temperature: f64,
+    pub top_p: f64,
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+impl Sampling {
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+}
+
+/// Where the time of an answer went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timings {
+    /// From acceptance by the gateway to the start of generation.
+    pub queue_ms: u64,
+    /// Prompt processing plus decoding.
+    pub inference_ms: u64,
+    #[serde(default)]
+    pub prompt_tokens: u32,
+    #[serde(default)]
+    pub completion_tokens: u32,
+}
+
+/// Events on core NATS `ebb.answers.<id>`: token chunks while generating,
+/// then exactly one `done` or `failed`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AnswerEvent {
+    Token {
+        text: String,
+    },
+    Done {
+        answer: String,
+        model: String,
+        cached: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timings: Option<Timings>,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+impl AnswerEvent {
+    pub fn is_final(&self) -> bool {
+        !matches!(self, AnswerEvent::Token { .. })
+    }
+}
+
+/// Lifecycle of a worker as announced in its heartbeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerState {
+    Loading,
+    Ready,
+    Busy,
+    Draining,
+}
+
+/// Published on `ebb.workers.heartbeat` every 2 s by every worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub worker_id: String,
+    pub state: WorkerState,
+    pub model: String,
+    pub started_at_ms: u64,
+    /// When the model finished loading; `ready_at - started_at` is the cold start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_at_ms: Option<u64>,
+    pub jobs_done: u64,
+    pub jobs_failed: u64,
+    /// Decode speed of the last finished job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_tokens_per_second: Option<f64>,
+    pub sent_at_ms: u64,
+}
+
+/// Kept in the `EBB_DEAD` stream on `ebb.dead.<id>` for inspection and replay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub job: Job,
+    pub reason: String,
+    pub deliveries: i64,
+    pub failed_at_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn answer_events_are_tagged_for_other_languages() {
+        let event = AnswerEvent::Token { text: "Hi".into() };
+        assert_eq!(
+            serde_json::to_value(&event).unwrap(),
+            json!({"type": "token", "text": "Hi"})
+        );
+        let failed: AnswerEvent =
+            serde_json::from_value(json!({"type": "failed", "error": "boom"})).unwrap();
+        assert!(failed.is_final());
+        assert!(!event.is_final());
+    }
+
+    #[test]
+    fn a_minimal_job_from_another_client_parses_with_defaults() {
+        let job: Job = serde_json::from_value(json!({
+            "id": "q1", "question": "What is 2+2?", "max_tokens": 64,
+            "model": "m@main", "enqueued_at_ms": 1, "future_field": true
+        }))
+        .unwrap();
+        assert_eq!(job.priority, Priority::Normal);
+        assert!(job.sampling.is_greedy());
+        assert_eq!(job.cache_key, None);
+    }
+}

@@ -1,0 +1,196 @@
+//! Redis: one status record per question and the answer cache.
+//!
+//! Keys: `ebb:question:<id>` (JSON [`QuestionRecord`], 24 h) and
+//! `ebb:cache:<sha256>` (JSON [`CachedAnswer`], TTL set by the writer).
+//! The connection is lazy and reconnects by itself, so a process starts and
+//! keeps serving while Redis is down; callers decide whether a failure is
+//! fatal (a worker's answer record) or a degradation (the gateway's cache).
+
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::messages::Timings;
+
+/// How long a status record lives after its last update.
+pub const RECORD_TTL: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("corrupt record under {key}: {source}")]
+    Corrupt {
+        key: String,
+        source: serde_json::Error,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuestionStatus {
+    Queued,
+    Running,
+    Done,
+    Failed,
+}
+
+impl QuestionStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, QuestionStatus::Done | QuestionStatus::Failed)
+    }
+}
+
+/// What `GET /v1/questions/<id>` returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuestionRecord {
+    pub id: String,
+    pub status: QuestionStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub cached: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings: Option<Timings>,
+    /// Deliveries so far (1 on the first attempt).
+    #[serde(default)]
+    pub attempts: i64,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+impl QuestionRecord {
+    pub fn queued(id: &str, created_at_ms: u64) -> Self {
+        QuestionRecord {
+            id: id.to_owned(),
+            status: QuestionStatus::Queued,
+            answer: None,
+            error: None,
+            model: None,
+            cached: false,
+            timings: None,
+            attempts: 0,
+            created_at_ms,
+            updated_at_ms: created_at_ms,
+        }
+    }
+}
+
+/// A cached answer, keyed by the gateway's cache key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CachedAnswer {
+    pub answer: String,
+    pub model: String,
+}
+
+/// Status records and the answer cache, over one multiplexed connection.
+#[derive(Clone)]
+pub struct Store {
+    connection: ConnectionManager,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Prepares a lazy connection: nothing is dialled until the first command,
+    /// and every command fails fast (1 s) while Redis is unreachable.
+    pub fn connect_lazy(url: &str) -> Result<Store, StoreError> {
+        let client = redis::Client::open(url)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(1)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(2));
+        let connection = ConnectionManager::new_lazy_with_config(client, config)?;
+        Ok(Store { connection })
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        let _: String = redis::cmd("PING").query_async(&mut connection).await?;
+        Ok(())
+    }
+
+    pub async fn record(&self, id: &str) -> Result<Option<QuestionRecord>, StoreError> {
+        self.get_json(&record_key(id)).await
+    }
+
+    /// Writes the first `queued` record unless a worker already wrote a later
+    /// one (it may answer before the gateway gets here). Returns whether it wrote.
+    pub async fn insert_queued(&self, record: &QuestionRecord) -> Result<bool, StoreError> {
+        let body = serde_json::to_string(record).expect("records serialize");
+        let mut connection = self.connection.clone();
+        let written: Option<String> = redis::cmd("SET")
+            .arg(record_key(&record.id))
+            .arg(body)
+            .arg("NX")
+            .arg("EX")
+            .arg(RECORD_TTL.as_secs())
+            .query_async(&mut connection)
+            .await?;
+        Ok(written.is_some())
+    }
+
+    pub async fn put_record(&self, record: &QuestionRecord) -> Result<(), StoreError> {
+        self.set_json(&record_key(&record.id), record, RECORD_TTL)
+            .await
+    }
+
+    pub async fn cached_answer(&self, key: &str) -> Result<Option<CachedAnswer>, StoreError> {
+        self.get_json(&cache_key(key)).await
+    }
+
+    pub async fn put_cached_answer(
+        &self,
+        key: &str,
+        answer: &CachedAnswer,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.set_json(&cache_key(key), answer, ttl).await
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let mut connection = self.connection.clone();
+        let body: Option<Vec<u8>> = connection.get(key).await?;
+        body.map(|body| {
+            serde_json::from_slice(&body).map_err(|source| StoreError::Corrupt {
+                key: key.to_owned(),
+                source,
+            })
+        })
+        .transpose()
+    }
+
+    async fn set_json<T: Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let body = serde_json::to_string(value).expect("records serialize");
+        let mut connection = self.connection.clone();
+        let _: () = connection.set_ex(key, body, ttl.as_secs().max(1)).await?;
+        Ok(())
+    }
+}
+
+pub fn record_key(id: &str) -> String {
+    format!("ebb:question:{id}")
+}
+
+pub fn cache_key(key: &str) -> String {
+    format!("ebb:cache:{key}")
+}

@@ -1,0 +1,314 @@
+//! A whole ebb deployment for one test: NATS, Redis, an in-process gateway,
+//! and worker processes on the tiny model.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use clap::Parser as _;
+use ebb_nats::{Heartbeat, WorkerState, subjects};
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use crate::servers::{NatsServer, RedisServer};
+
+pub const TINY_MODEL: &str = "ebb/tiny-qwen2";
+pub const TINY_REVISION: &str = "test";
+
+/// Knobs a test may turn; the rest are production defaults.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    pub ack_wait: &'static str,
+    pub max_deliver: u32,
+    pub queue_max_messages: u32,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        StackOptions {
+            ack_wait: "3s",
+            max_deliver: 5,
+            queue_max_messages: 100_000,
+        }
+    }
+}
+
+/// The tiny model, written once per build tree and shared by every test.
+pub fn tiny_model_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = target_dir().join("ebb-test-models").join("tiny-seed42");
+        if !dir.join("model.safetensors").is_file() {
+            // Write elsewhere and rename: parallel test processes race here.
+            let staging = dir.with_extension(format!("tmp-{}", std::process::id()));
+            ebb_worker::tiny::write_random_model(
+                &staging,
+                ebb_worker::tiny::Shape::TINY,
+                42,
+                candle_core::DType::F32,
+            )
+            .expect("write the tiny model");
+            if std::fs::rename(&staging, &dir).is_err() {
+                let _ = std::fs::remove_dir_all(&staging);
+            }
+        }
+        dir
+    })
+    .clone()
+}
+
+/// `target/<profile>`, found from the running test binary (`.../deps/test-hash`).
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("test binaries live in target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// The `ebb-worker` binary of this build (`cargo build --bins` makes it).
+pub fn worker_binary() -> PathBuf {
+    let path = target_dir().join("ebb-worker");
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace --bins` before the tests",
+        path.display()
+    );
+    path
+}
+
+#[derive(Debug)]
+pub struct Stack {
+    pub nats: NatsServer,
+    pub redis: RedisServer,
+    pub gateway_url: String,
+    pub http: reqwest::Client,
+    pub options: StackOptions,
+    gateway: Option<(oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
+}
+
+impl Stack {
+    pub async fn start(options: StackOptions) -> Stack {
+        let nats = NatsServer::start();
+        let redis = RedisServer::start();
+        let mut stack = Stack {
+            nats,
+            redis,
+            gateway_url: String::new(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(150))
+                .build()
+                .expect("HTTP client"),
+            options,
+            gateway: None,
+        };
+        stack.start_gateway().await;
+        stack
+    }
+
+    /// Flags shared by the gateway and workers (they must agree).
+    pub fn shared_args(&self) -> Vec<String> {
+        [
+            "--nats-url",
+            &self.nats.url(),
+            "--redis-url",
+            &self.redis.url(),
+            "--model",
+            TINY_MODEL,
+            "--model-revision",
+            TINY_REVISION,
+            "--ack-wait",
+            self.options.ack_wait,
+            "--max-deliver",
+            &self.options.max_deliver.to_string(),
+            "--queue-max-messages",
+            &self.options.queue_max_messages.to_string(),
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect()
+    }
+
+    async fn start_gateway(&mut self) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind gateway");
+        self.gateway_url = format!("http://{}", listener.local_addr().expect("address"));
+        let mut args = vec!["ebb-gateway".to_owned()];
+        args.extend(self.shared_args());
+        let config = ebb_gateway::Config::try_parse_from(args).expect("gateway flags parse");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            if let Err(err) = ebb_gateway::run(config, listener, shutdown).await {
+                panic!("gateway failed: {err}");
+            }
+        });
+        self.gateway = Some((stop, task));
+        self.wait_healthy().await;
+    }
+
+    async fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let response = self.http.get(format!("{}/healthz", self.gateway_url)).send().await;
+            if response.is_ok_and(|r| r.status().is_success()) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "gateway not healthy within 20 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Starts an `ebb-worker` process on the tiny model.
+    pub fn worker(&self, extra_args: &[&str]) -> WorkerProcess {
+        WorkerProcess::spawn(self, extra_args)
+    }
+
+    /// A NATS client of the test's own.
+    pub async fn nats_client(&self) -> async_nats::Client {
+        async_nats::connect(self.nats.url()).await.expect("connect to NATS")
+    }
+
+    /// Waits until a worker with this id announces `Ready`.
+    pub async fn wait_ready(&self, worker: &WorkerProcess) {
+        let client = self.nats_client().await;
+        let mut beats = client.subscribe(subjects::HEARTBEAT).await.expect("subscribe");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let message = tokio::time::timeout_at(deadline, beats.next())
+                .await
+                .unwrap_or_else(|_| panic!("worker {} not ready within 60 s", worker.id))
+                .expect("heartbeat subscription open");
+            let beat: Heartbeat = serde_json::from_slice(&message.payload).expect("heartbeat JSON");
+            if beat.worker_id == worker.id && beat.state == WorkerState::Ready {
+                return;
+            }
+        }
+    }
+
+    /// POSTs a question; returns the status and JSON body.
+    pub async fn ask(&self, body: Value) -> (u16, Value) {
+        let response = self
+            .http
+            .post(format!("{}/v1/questions", self.gateway_url))
+            .json(&body)
+            .send()
+            .await
+            .expect("gateway reachable");
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("JSON body"))
+    }
+
+    pub async fn status_of(&self, id: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .get(format!("{}/v1/questions/{id}", self.gateway_url))
+            .send()
+            .await
+            .expect("gateway reachable");
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("JSON body"))
+    }
+
+    /// Polls the status record until it is terminal; returns it.
+    pub async fn wait_terminal(&self, id: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let (code, record) = self.status_of(id).await;
+            if code == 200 && matches!(record["status"].as_str(), Some("done" | "failed")) {
+                return record;
+            }
+            assert!(Instant::now() < deadline, "question {id} not finished in {within:?}: {record}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stream handle of the question queue.
+    pub async fn questions_stream(&self) -> async_nats::jetstream::stream::Stream {
+        async_nats::jetstream::new(self.nats_client().await)
+            .get_stream(subjects::QUESTIONS_STREAM)
+            .await
+            .expect("question stream exists")
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if let Some((stop, task)) = self.gateway.take() {
+            let _ = stop.send(());
+            task.abort();
+        }
+    }
+}
+
+/// An `ebb-worker` process, killed on Drop.
+#[derive(Debug)]
+pub struct WorkerProcess {
+    pub id: String,
+    child: Option<Child>,
+}
+
+impl WorkerProcess {
+    fn spawn(stack: &Stack, extra_args: &[&str]) -> WorkerProcess {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let id = format!(
+            "test-worker-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let child = Command::new(worker_binary())
+            .args(stack.shared_args())
+            .arg("--model-dir")
+            .arg(tiny_model_dir())
+            .args(["--worker-id", &id])
+            .args(extra_args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start ebb-worker");
+        WorkerProcess {
+            id,
+            child: Some(child),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("worker running").id()
+    }
+
+    /// Sends a signal by name (`TERM`, `KILL`, ...).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.as_mut().expect("worker running").try_wait().expect("wait") {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "worker {} did not exit within {within:?}", self.id);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Command-line flags and environment variables of `ebb-worker`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ebb_nats::QueueConfig;
+
+/// ebb's worker: pulls questions from JetStream and answers them with a
+/// Qwen2 model on candle.
+#[derive(Debug, clap::Parser)]
+#[command(name = "ebb-worker", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Write a tiny random-weight Qwen2 model (config, safetensors, tokenizer)
+    /// to DIR, for tests and offline demos. Its answers are gibberish.
+    TinyModel {
+        /// Directory to write the model into (created if missing).
+        dir: PathBuf,
+        /// Seed of the random weights: the same seed writes the same model.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+}
+
+/// Which processor runs the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceKind {
+    Cpu,
+    /// NVIDIA GPU 0; needs a build with `--features cuda`.
+    Cuda,
+}
+
+/// Precision of the weights of a safetensors model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DTypeChoice {
+    /// f16 on CPU (bf16 is ~8x slower there), bf16 on CUDA.
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// NATS server with JetStream enabled.
+    #[arg(long, env = "EBB_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Redis server for status records and the answer cache.
+    #[arg(long, env = "EBB_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Hugging Face repo id of the model; also the model identity reported in
+    /// answers and cache keys (must match the gateway's `--model`).
+    #[arg(long, env = "EBB_MODEL", default_value = "Qwen/Qwen2.5-7B-Instruct")]
+    pub model: String,
+    /// Revision (branch, tag or commit) of the model repo.
+    #[arg(long, env = "EBB_MODEL_REVISION", default_value = "main")]
+    pub model_revision: String,
+    /// Load the model from this local directory instead of the Hub
+    /// (config.json, tokenizer.json and *.safetensors or one *.gguf).
+    #[arg(long, env = "EBB_MODEL_DIR")]
+    pub model_dir: Option<PathBuf>,
+    /// Load this GGUF file (quantized) of the model repo or directory instead
+    /// of safetensors, e.g. `qwen2.5-7b-instruct-q4_k_m.gguf`.
+    #[arg(long, env = "EBB_GGUF_FILE")]
+    pub gguf_file: Option<String>,
+    /// Repo holding tokenizer.json for a GGUF model (default: `--model`
+    /// without its `-GGUF` suffix).
+    #[arg(long, env = "EBB_TOKENIZER_REPO")]
+    pub tokenizer_repo: Option<String>,
+    /// Give up on a model file download that takes longer than this.
+    #[arg(long, env = "EBB_DOWNLOAD_TIMEOUT", default_value = "30m", value_parser = ebb_nats::duration::parse)]
+    pub download_timeout: Duration,
+    /// Processor to run the model on.
+    #[arg(long, env = "EBB_DEVICE", value_enum, default_value_t = DeviceKind::Cpu)]
+    pub device: DeviceKind,
+    /// Weight precision for safetensors models.
+    #[arg(long, env = "EBB_DTYPE", value_enum, default_value_t = DTypeChoice::Auto)]
+    pub dtype: DTypeChoice,
+    /// System prompt: how the tutor should answer.
+    #[arg(long, env = "EBB_SYSTEM_PROMPT", default_value = crate::generate::DEFAULT_SYSTEM_PROMPT)]
+    pub system_prompt: String,
+    /// How long an answer stays in the cache.
+    #[arg(long, env = "EBB_CACHE_TTL", default_value = "7d", value_parser = ebb_nats::duration::parse)]
+    pub cache_ttl: Duration,
+    /// Delay before the first retry of a failed question; doubles per attempt (max 1 min).
+    #[arg(long, env = "EBB_RETRY_BACKOFF", default_value = "1s", value_parser = ebb_nats::duration::parse)]
+    pub retry_backoff: Duration,
+    /// Name in heartbeats and logs (default: a random id). The scaler sets it.
+    #[arg(long, env = "EBB_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Test hook: fail every question containing this text, as a model error
+    /// would. Never set in production.
+    #[arg(long, env = "EBB_DEBUG_FAIL_MARKER", hide = true)]
+    pub debug_fail_marker: Option<String>,
+    /// Test hook: sleep this long after each generated piece of text, so
+    /// tests can act mid-generation. Never set in production.
+    #[arg(long, env = "EBB_DEBUG_TOKEN_DELAY", hide = true, value_parser = ebb_nats::duration::parse)]
+    pub debug_token_delay: Option<Duration>,
+    #[command(flatten)]
+    pub queue: QueueConfig,
+}
+
+impl Config {
+    /// `id@revision`: the model identity stamped on answers and cache keys.
+    pub fn model_identity(&self) -> String {
+        format!("{}@{}", self.model, self.model_revision)
+    }
+}
