@@ -127,7 +127,11 @@ async fn a_worker_lost_on_the_last_delivery_still_gives_a_failed_status() {
     worker.signal("KILL");
     worker.wait_exit(Duration::from_secs(5)).await;
 
+    // The server notices the exhausted question when a worker next asks for
+    // work (as the scaler's replacement would), and advises the gateway.
+    let survivor = stack.worker(&[]);
     let record = stack.wait_terminal(&id, Duration::from_secs(30)).await;
+    drop(survivor);
     assert_eq!(record["status"], "failed", "{record}");
     assert!(record["error"].as_str().unwrap().contains("stopped responding"), "{record}");
     let dead = async_nats::jetstream::new(stack.nats_client().await)
