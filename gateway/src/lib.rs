@@ -48,7 +48,11 @@ pub async fn run(
     let client = ebb_nats::connect(&config.nats_url, "ebb-gateway").await?;
     let topology = ensure_topology(client, &config).await?;
     let store = Store::connect_lazy(&config.redis_url)?;
-    let state = Arc::new(routes::AppState::new(config, topology.clone(), store.clone()));
+    let state = Arc::new(routes::AppState::new(
+        config,
+        topology.clone(),
+        store.clone(),
+    ));
 
     let (stop_reaper, reaper_stopped) = tokio::sync::oneshot::channel::<()>();
     let reaper = tokio::spawn(ebb_nats::dead_letter::run_reaper(topology, store, async {

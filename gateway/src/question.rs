@@ -47,7 +47,9 @@ impl NewQuestion {
         let value: Value =
             serde_json::from_slice(body).map_err(|err| ApiError::InvalidJson(err.to_string()))?;
         let Value::Object(fields) = value else {
-            return Err(ApiError::InvalidJson("the body must be a JSON object".into()));
+            return Err(ApiError::InvalidJson(
+                "the body must be a JSON object".into(),
+            ));
         };
         let question = match fields.get("question") {
             None | Some(Value::Null) => return Err(ApiError::invalid("question", "is required")),
@@ -65,8 +67,9 @@ impl NewQuestion {
             ));
         }
         let grade = optional_integer(&fields, "grade", 0, MAX_GRADE)?.map(|grade| grade as u8);
-        let max_tokens = optional_integer(&fields, "max_tokens", 1, limits.max_tokens_limit.into())?
-            .map_or(limits.default_max_tokens, |tokens| tokens as u32);
+        let max_tokens =
+            optional_integer(&fields, "max_tokens", 1, limits.max_tokens_limit.into())?
+                .map_or(limits.default_max_tokens, |tokens| tokens as u32);
         let wait = match fields.get("wait_seconds") {
             None | Some(Value::Null) => DEFAULT_WAIT,
             Some(Value::Number(number)) => match number.as_f64() {
@@ -112,7 +115,12 @@ impl NewQuestion {
         field(model_identity.as_bytes());
         field(&PROMPT_TEMPLATE_VERSION.to_le_bytes());
         field(&self.max_tokens.to_le_bytes());
-        field(self.grade.map(|g| g.to_string()).unwrap_or_default().as_bytes());
+        field(
+            self.grade
+                .map(|g| g.to_string())
+                .unwrap_or_default()
+                .as_bytes(),
+        );
         field(self.course.as_deref().unwrap_or_default().as_bytes());
         field(self.language.as_deref().unwrap_or_default().as_bytes());
         field(normalise(&self.question).as_bytes());
@@ -197,7 +205,10 @@ mod tests {
         assert_eq!(question.grade, Some(7));
         assert_eq!(question.max_tokens, 256);
         assert_eq!(question.wait, Duration::from_secs(30));
-        assert_eq!(parse(r#"{"question":"x","wait_seconds":0}"#).unwrap().wait, Duration::ZERO);
+        assert_eq!(
+            parse(r#"{"question":"x","wait_seconds":0}"#).unwrap().wait,
+            Duration::ZERO
+        );
     }
 
     #[test]
@@ -209,12 +220,30 @@ mod tests {
         assert_eq!(field_of(parse(&long)), "question");
         assert_eq!(field_of(parse(r#"{"question":"x","grade":"7"}"#)), "grade");
         assert_eq!(field_of(parse(r#"{"question":"x","grade":99}"#)), "grade");
-        assert_eq!(field_of(parse(r#"{"question":"x","max_tokens":0}"#)), "max_tokens");
-        assert_eq!(field_of(parse(r#"{"question":"x","max_tokens":1025}"#)), "max_tokens");
-        assert_eq!(field_of(parse(r#"{"question":"x","max_tokens":1.5}"#)), "max_tokens");
-        assert_eq!(field_of(parse(r#"{"question":"x","wait_seconds":121}"#)), "wait_seconds");
-        assert_eq!(field_of(parse(r#"{"question":"x","wait_seconds":"5"}"#)), "wait_seconds");
-        assert_eq!(field_of(parse(r#"{"question":"x","course":["math"]}"#)), "course");
+        assert_eq!(
+            field_of(parse(r#"{"question":"x","max_tokens":0}"#)),
+            "max_tokens"
+        );
+        assert_eq!(
+            field_of(parse(r#"{"question":"x","max_tokens":1025}"#)),
+            "max_tokens"
+        );
+        assert_eq!(
+            field_of(parse(r#"{"question":"x","max_tokens":1.5}"#)),
+            "max_tokens"
+        );
+        assert_eq!(
+            field_of(parse(r#"{"question":"x","wait_seconds":121}"#)),
+            "wait_seconds"
+        );
+        assert_eq!(
+            field_of(parse(r#"{"question":"x","wait_seconds":"5"}"#)),
+            "wait_seconds"
+        );
+        assert_eq!(
+            field_of(parse(r#"{"question":"x","course":["math"]}"#)),
+            "course"
+        );
     }
 
     #[test]
@@ -231,7 +260,10 @@ mod tests {
 
     #[test]
     fn normalisation_merges_spelling_variants_only() {
-        assert_eq!(normalise("  What IS\u{00A0}\n photosynthesis? "), "what is photosynthesis?");
+        assert_eq!(
+            normalise("  What IS\u{00A0}\n photosynthesis? "),
+            "what is photosynthesis?"
+        );
         assert_eq!(normalise("ＡＢＣ"), "abc"); // full-width forms fold under NFKC
         assert_eq!(normalise("Straße"), normalise("STRASSE"));
         assert_ne!(normalise("what is a cell"), normalise("what is a cello"));

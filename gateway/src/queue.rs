@@ -3,9 +3,9 @@
 use std::time::Duration;
 
 use async_nats::connection::State;
+use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::ErrorCode;
 use ebb_nats::{AnswerEvent, Job, subjects, telemetry};
 use futures::StreamExt;
 
@@ -13,7 +13,10 @@ use crate::error::ApiError;
 
 /// Publishes `job` and returns once JetStream has stored it. Retries once on
 /// a lost ack: the `Nats-Msg-Id` makes the retry a no-op if the first landed.
-pub async fn publish(jetstream: &async_nats::jetstream::Context, job: &Job) -> Result<(), ApiError> {
+pub async fn publish(
+    jetstream: &async_nats::jetstream::Context,
+    job: &Job,
+) -> Result<(), ApiError> {
     if jetstream.client().connection_state() != State::Connected {
         return Err(ApiError::QueueUnavailable("not connected to NATS".into()));
     }
@@ -37,7 +40,10 @@ pub async fn publish(jetstream: &async_nats::jetstream::Context, job: &Job) -> R
             Err(err) if is_queue_full(&err) => return Err(ApiError::QueueFull),
             Err(err)
                 if attempt < 2
-                    && matches!(err.kind(), PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe) =>
+                    && matches!(
+                        err.kind(),
+                        PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe
+                    ) =>
             {
                 tracing::warn!(question_id = %job.id, cause = %err, "publish ack lost; retrying");
             }
@@ -65,7 +71,9 @@ pub async fn wait_for_answer(
 ) -> Option<AnswerEvent> {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        let message = tokio::time::timeout_at(deadline, answers.next()).await.ok()??;
+        let message = tokio::time::timeout_at(deadline, answers.next())
+            .await
+            .ok()??;
         match serde_json::from_slice::<AnswerEvent>(&message.payload) {
             Ok(event) if event.is_final() => return Some(event),
             Ok(_) => {}

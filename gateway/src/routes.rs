@@ -193,7 +193,11 @@ async fn post_question(
         "question accepted"
     );
     state
-        .degradable(state.store.insert_queued(&QuestionRecord::queued(&id, accepted_at)))
+        .degradable(
+            state
+                .store
+                .insert_queued(&QuestionRecord::queued(&id, accepted_at)),
+        )
         .await;
 
     if let Some(answers) = answers.as_mut()

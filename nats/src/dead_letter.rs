@@ -98,7 +98,7 @@ pub async fn run_reaper(
         .await
         .map_err(|err| QueueError::Consumer {
             consumer: subjects::ADVISORY_CONSUMER.to_owned(),
-            source: err.into(),
+            source: err,
         })?;
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -144,7 +144,11 @@ pub async fn run_reaper(
 
 async fn reap(topology: &Topology, store: &Store, payload: &[u8]) -> Result<(), async_nats::Error> {
     let advisory: MaxDeliveriesAdvisory = serde_json::from_slice(payload)?;
-    let message = match topology.questions.get_raw_message(advisory.stream_seq).await {
+    let message = match topology
+        .questions
+        .get_raw_message(advisory.stream_seq)
+        .await
+    {
         Ok(message) => message,
         // Already acknowledged or removed: the question has its status.
         Err(err) if err.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
@@ -158,6 +162,9 @@ async fn reap(topology: &Topology, store: &Store, payload: &[u8]) -> Result<(), 
         advisory.deliveries
     );
     fail_question(topology, store, &job, &reason, advisory.deliveries).await?;
-    topology.questions.delete_message(advisory.stream_seq).await?;
+    topology
+        .questions
+        .delete_message(advisory.stream_seq)
+        .await?;
     Ok(())
 }

@@ -40,7 +40,11 @@ mod tests {
     #[test]
     fn rejects_garbage_with_a_hint() {
         assert!(parse("soon").unwrap_err().contains("not a duration"));
-        assert!(parse("3 weeks").unwrap_err().contains("unknown duration unit"));
+        assert!(
+            parse("3 weeks")
+                .unwrap_err()
+                .contains("unknown duration unit")
+        );
         assert!(parse("-1s").is_err());
     }
 }

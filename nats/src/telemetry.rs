@@ -81,7 +81,8 @@ fn otlp_provider(service_name: &'static str) -> Result<SdkTracerProvider, Teleme
         .with_http()
         .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
         .build()?;
-    let processor = BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::Tokio).build();
+    let processor =
+        BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::Tokio).build();
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name(service_name)
         .build();

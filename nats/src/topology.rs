@@ -35,7 +35,11 @@ pub enum QueueError {
 #[derive(Debug, Clone, clap::Args)]
 pub struct QueueConfig {
     /// Most questions the queue holds; past it the gateway answers 503 `queue_full`.
-    #[arg(long = "queue-max-messages", env = "EBB_QUEUE_MAX_MESSAGES", default_value_t = 100_000)]
+    #[arg(
+        long = "queue-max-messages",
+        env = "EBB_QUEUE_MAX_MESSAGES",
+        default_value_t = 100_000
+    )]
     pub max_messages: i64,
     /// Most bytes the queue holds; past it the gateway answers 503 `queue_full`.
     #[arg(long = "queue-max-bytes", env = "EBB_QUEUE_MAX_BYTES", default_value_t = 1 << 30)]
@@ -133,17 +137,14 @@ impl Topology {
     }
 
     /// The durable consumer serving one priority.
-    pub async fn consumer(
-        &self,
-        priority: Priority,
-    ) -> Result<consumer::PullConsumer, QueueError> {
+    pub async fn consumer(&self, priority: Priority) -> Result<consumer::PullConsumer, QueueError> {
         let name = subjects::consumer(priority);
         self.questions
             .get_consumer(&name)
             .await
             .map_err(|err| QueueError::Consumer {
                 consumer: name,
-                source: err.into(),
+                source: err,
             })
     }
 }

@@ -18,7 +18,10 @@ pub fn free_port() -> u16 {
 pub fn wait_for_port(port: u16, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not open port {port} within 15 s");
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not open port {port} within 15 s"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -39,7 +39,9 @@ impl Default for StackOptions {
 pub fn tiny_model_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = target_dir().join("ebb-test-models").join("tiny-seed42");
+        // Named by size, so a changed tiny shape is written afresh.
+        let name = format!("tiny-seed42-{}", ebb_worker::tiny::Shape::TINY.parameters());
+        let dir = target_dir().join("ebb-test-models").join(name);
         if !dir.join("model.safetensors").is_file() {
             // Write elsewhere and rename: parallel test processes race here.
             let staging = dir.with_extension(format!("tmp-{}", std::process::id()));
@@ -132,7 +134,9 @@ impl Stack {
     }
 
     async fn start_gateway(&mut self) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind gateway");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind gateway");
         self.gateway_url = format!("http://{}", listener.local_addr().expect("address"));
         let mut args = vec!["ebb-gateway".to_owned()];
         args.extend(self.shared_args());
@@ -153,7 +157,11 @@ impl Stack {
     async fn wait_healthy(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let response = self.http.get(format!("{}/healthz", self.gateway_url)).send().await;
+            let response = self
+                .http
+                .get(format!("{}/healthz", self.gateway_url))
+                .send()
+                .await;
             if response.is_ok_and(|r| r.status().is_success()) {
                 return;
             }
@@ -169,13 +177,18 @@ impl Stack {
 
     /// A NATS client of the test's own.
     pub async fn nats_client(&self) -> async_nats::Client {
-        async_nats::connect(self.nats.url()).await.expect("connect to NATS")
+        async_nats::connect(self.nats.url())
+            .await
+            .expect("connect to NATS")
     }
 
     /// Waits until a worker with this id announces `Ready`.
     pub async fn wait_ready(&self, worker: &WorkerProcess) {
         let client = self.nats_client().await;
-        let mut beats = client.subscribe(subjects::HEARTBEAT).await.expect("subscribe");
+        let mut beats = client
+            .subscribe(subjects::HEARTBEAT)
+            .await
+            .expect("subscribe");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             let message = tokio::time::timeout_at(deadline, beats.next())
@@ -221,7 +234,10 @@ impl Stack {
             if code == 200 && matches!(record["status"].as_str(), Some("done" | "failed")) {
                 return record;
             }
-            assert!(Instant::now() < deadline, "question {id} not finished in {within:?}: {record}");
+            assert!(
+                Instant::now() < deadline,
+                "question {id} not finished in {within:?}: {record}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -265,7 +281,10 @@ impl WorkerProcess {
             .arg(tiny_model_dir())
             .args(["--worker-id", &id])
             .args(extra_args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .stdin(Stdio::null())
             .spawn()
@@ -294,11 +313,21 @@ impl WorkerProcess {
     pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
         let deadline = Instant::now() + within;
         loop {
-            if let Some(status) = self.child.as_mut().expect("worker running").try_wait().expect("wait") {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .expect("worker running")
+                .try_wait()
+                .expect("wait")
+            {
                 self.child = None;
                 return status;
             }
-            assert!(Instant::now() < deadline, "worker {} did not exit within {within:?}", self.id);
+            assert!(
+                Instant::now() < deadline,
+                "worker {} did not exit within {within:?}",
+                self.id
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

@@ -20,7 +20,10 @@ async fn a_question_is_answered_and_then_served_from_the_cache() {
     assert_eq!(first["model"], "ebb/tiny-qwen2@test");
     assert!(first["answer"].is_string());
     let timings = &first["timings"];
-    assert!(timings["inference_ms"].is_u64() && timings["queue_ms"].is_u64(), "{first}");
+    assert!(
+        timings["inference_ms"].is_u64() && timings["queue_ms"].is_u64(),
+        "{first}"
+    );
     assert!(timings["completion_tokens"].as_u64().unwrap() <= 24);
 
     let stream = stack.questions_stream().await;

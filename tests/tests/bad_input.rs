@@ -4,8 +4,15 @@
 use ebb_tests::{Stack, StackOptions};
 use serde_json::Value;
 
-async fn post_raw(stack: &Stack, content_type: Option<&str>, body: impl Into<reqwest::Body>) -> (u16, Value) {
-    let mut request = stack.http.post(format!("{}/v1/questions", stack.gateway_url)).body(body);
+async fn post_raw(
+    stack: &Stack,
+    content_type: Option<&str>,
+    body: impl Into<reqwest::Body>,
+) -> (u16, Value) {
+    let mut request = stack
+        .http
+        .post(format!("{}/v1/questions", stack.gateway_url))
+        .body(body);
     if let Some(content_type) = content_type {
         request = request.header("content-type", content_type);
     }
@@ -18,10 +25,18 @@ fn assert_error(result: (u16, Value), code: u16, error_type: &str, field: Option
     let (actual, body) = result;
     assert_eq!(actual, code, "{body}");
     assert_eq!(body["error"]["type"], error_type, "{body}");
-    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
     if let Some(field) = field {
         assert_eq!(body["error"]["field"], field, "{body}");
-        assert!(body["error"]["message"].as_str().unwrap().contains(field), "{body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(field),
+            "{body}"
+        );
     }
 }
 
@@ -31,11 +46,36 @@ async fn bad_requests_get_clear_json_errors() {
     let json = Some("application/json");
 
     let huge = format!(r#"{{"question":"{}"}}"#, "a".repeat(17 * 1024));
-    assert_error(post_raw(&stack, json, huge).await, 413, "payload_too_large", None);
-    assert_error(post_raw(&stack, Some("text/plain"), r#"{"question":"hi"}"#).await, 415, "unsupported_media_type", None);
-    assert_error(post_raw(&stack, None, r#"{"question":"hi"}"#).await, 415, "unsupported_media_type", None);
-    assert_error(post_raw(&stack, json, "{not json").await, 400, "invalid_json", None);
-    assert_error(post_raw(&stack, json, "[1]").await, 400, "invalid_json", None);
+    assert_error(
+        post_raw(&stack, json, huge).await,
+        413,
+        "payload_too_large",
+        None,
+    );
+    assert_error(
+        post_raw(&stack, Some("text/plain"), r#"{"question":"hi"}"#).await,
+        415,
+        "unsupported_media_type",
+        None,
+    );
+    assert_error(
+        post_raw(&stack, None, r#"{"question":"hi"}"#).await,
+        415,
+        "unsupported_media_type",
+        None,
+    );
+    assert_error(
+        post_raw(&stack, json, "{not json").await,
+        400,
+        "invalid_json",
+        None,
+    );
+    assert_error(
+        post_raw(&stack, json, "[1]").await,
+        400,
+        "invalid_json",
+        None,
+    );
 
     let too_long = format!(r#"{{"question":"{}"}}"#, "b".repeat(4_001));
     let cases: [(&str, &str); 10] = [
@@ -51,22 +91,51 @@ async fn bad_requests_get_clear_json_errors() {
         (r#"{"question":"hi","language":42}"#, "language"),
     ];
     for (body, field) in cases {
-        assert_error(post_raw(&stack, json, body.to_owned()).await, 422, "invalid_request", Some(field));
+        assert_error(
+            post_raw(&stack, json, body.to_owned()).await,
+            422,
+            "invalid_request",
+            Some(field),
+        );
     }
 
-    let (code, body) = stack.status_of("0198f1d2-0000-7000-8000-000000000000").await;
+    let (code, body) = stack
+        .status_of("0198f1d2-0000-7000-8000-000000000000")
+        .await;
     assert_error((code, body), 404, "not_found", None);
     let (code, body) = stack.status_of("..%2F..%2Fetc").await;
     assert_error((code, body), 404, "not_found", None);
-    let response = stack.http.get(format!("{}/v2/nothing", stack.gateway_url)).send().await.unwrap();
-    assert_error((response.status().as_u16(), response.json().await.unwrap()), 404, "not_found", None);
-    let response = stack.http.delete(format!("{}/v1/questions", stack.gateway_url)).send().await.unwrap();
-    assert_error((response.status().as_u16(), response.json().await.unwrap()), 405, "method_not_allowed", None);
+    let response = stack
+        .http
+        .get(format!("{}/v2/nothing", stack.gateway_url))
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        (response.status().as_u16(), response.json().await.unwrap()),
+        404,
+        "not_found",
+        None,
+    );
+    let response = stack
+        .http
+        .delete(format!("{}/v1/questions", stack.gateway_url))
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        (response.status().as_u16(), response.json().await.unwrap()),
+        405,
+        "method_not_allowed",
+        None,
+    );
 
     // Nothing bad was queued, and the gateway still serves.
     let stream = stack.questions_stream().await;
     assert_eq!(stream.get_info().await.unwrap().state.last_sequence, 0);
-    let (code, accepted) = stack.ask(serde_json::json!({"question": "still there?", "wait_seconds": 0})).await;
+    let (code, accepted) = stack
+        .ask(serde_json::json!({"question": "still there?", "wait_seconds": 0}))
+        .await;
     assert_eq!(code, 202, "{accepted}");
 }
 
@@ -77,19 +146,28 @@ async fn health_reports_each_dependency() {
         let request = stack.http.get(format!("{}/healthz", stack.gateway_url));
         async move {
             let response = request.send().await.unwrap();
-            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+            (
+                response.status().as_u16(),
+                response.json::<Value>().await.unwrap(),
+            )
         }
     };
     let (code, body) = health(&stack).await;
     assert_eq!(code, 200);
     assert_eq!(body["status"], "healthy");
     assert_eq!(body["model"], "ebb/tiny-qwen2");
-    assert_eq!((body["nats"].as_str(), body["redis"].as_str()), (Some("ok"), Some("ok")));
+    assert_eq!(
+        (body["nats"].as_str(), body["redis"].as_str()),
+        (Some("ok"), Some("ok"))
+    );
 
     stack.redis.stop();
     let (code, body) = health(&stack).await;
     assert_eq!(code, 503);
-    assert_eq!((body["nats"].as_str(), body["redis"].as_str()), (Some("ok"), Some("unavailable")));
+    assert_eq!(
+        (body["nats"].as_str(), body["redis"].as_str()),
+        (Some("ok"), Some("unavailable"))
+    );
 }
 
 #[tokio::test]
@@ -100,10 +178,14 @@ async fn a_full_queue_answers_503_queue_full_and_keeps_what_it_has() {
     })
     .await;
     for n in 0..2 {
-        let (code, body) = stack.ask(serde_json::json!({"question": format!("q{n}"), "wait_seconds": 0})).await;
+        let (code, body) = stack
+            .ask(serde_json::json!({"question": format!("q{n}"), "wait_seconds": 0}))
+            .await;
         assert_eq!(code, 202, "{body}");
     }
-    let (code, body) = stack.ask(serde_json::json!({"question": "one too many", "wait_seconds": 0})).await;
+    let (code, body) = stack
+        .ask(serde_json::json!({"question": "one too many", "wait_seconds": 0}))
+        .await;
     assert_error((code, body), 503, "queue_full", None);
     let stream = stack.questions_stream().await;
     assert_eq!(stream.get_info().await.unwrap().state.messages, 2);

@@ -26,14 +26,21 @@ async fn wait_running(stack: &Stack, id: &str) {
         if record["status"] == "running" {
             return;
         }
-        assert!(std::time::Instant::now() < deadline, "{id} never started: {record}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{id} never started: {record}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 #[tokio::test]
 async fn a_worker_killed_mid_answer_loses_nothing() {
-    let stack = Stack::start(StackOptions { ack_wait: "2s", ..StackOptions::default() }).await;
+    let stack = Stack::start(StackOptions {
+        ack_wait: "2s",
+        ..StackOptions::default()
+    })
+    .await;
     let mut doomed = stack.worker(&SLOW);
     stack.wait_ready(&doomed).await;
     let id = accepted_id(&stack, "Explain fractions.", 40).await;
@@ -45,14 +52,21 @@ async fn a_worker_killed_mid_answer_loses_nothing() {
     let rescuer = stack.worker(&[]);
     let record = stack.wait_terminal(&id, Duration::from_secs(60)).await;
     assert_eq!(record["status"], "done", "{record}");
-    assert_eq!(record["attempts"], 2, "redelivered once after the ack wait: {record}");
+    assert_eq!(
+        record["attempts"], 2,
+        "redelivered once after the ack wait: {record}"
+    );
     drop(rescuer);
 }
 
 #[tokio::test]
 async fn progress_acks_keep_a_long_answer_from_being_redelivered() {
     // Generation (~4 s) outlasts the ack wait (1.5 s) several times over.
-    let stack = Stack::start(StackOptions { ack_wait: "1500ms", ..StackOptions::default() }).await;
+    let stack = Stack::start(StackOptions {
+        ack_wait: "1500ms",
+        ..StackOptions::default()
+    })
+    .await;
     let first = stack.worker(&SLOW);
     let second = stack.worker(&[]);
     stack.wait_ready(&first).await;
@@ -63,6 +77,11 @@ async fn progress_acks_keep_a_long_answer_from_being_redelivered() {
     let id = body["id"].as_str().unwrap();
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["status"], "done");
+    let inference_ms = body["timings"]["inference_ms"].as_u64().unwrap();
+    assert!(
+        inference_ms > 3 * 1500,
+        "the answer outlasted several ack waits: {body}"
+    );
     let (_, record) = stack.status_of(id).await;
     assert_eq!(record["attempts"], 1, "never redelivered: {record}");
 }
@@ -80,14 +99,24 @@ async fn sigterm_drains_the_question_in_hand_then_exits_0() {
     let status = worker.wait_exit(Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(0), "drained cleanly");
     let (_, record) = stack.status_of(&in_hand).await;
-    assert_eq!(record["status"], "done", "finished before exiting: {record}");
+    assert_eq!(
+        record["status"], "done",
+        "finished before exiting: {record}"
+    );
     let (_, record) = stack.status_of(&queued_behind).await;
-    assert_eq!(record["status"], "queued", "not taken while draining: {record}");
+    assert_eq!(
+        record["status"], "queued",
+        "not taken while draining: {record}"
+    );
 }
 
 #[tokio::test]
 async fn a_poison_question_fails_after_max_deliver_and_is_dead_lettered() {
-    let stack = Stack::start(StackOptions { max_deliver: 3, ..StackOptions::default() }).await;
+    let stack = Stack::start(StackOptions {
+        max_deliver: 3,
+        ..StackOptions::default()
+    })
+    .await;
     let worker = stack.worker(&["--debug-fail-marker", "POISON", "--retry-backoff", "100ms"]);
     stack.wait_ready(&worker).await;
     let (code, body) = stack
@@ -99,7 +128,10 @@ async fn a_poison_question_fails_after_max_deliver_and_is_dead_lettered() {
     let (_, record) = stack.status_of(id).await;
     assert_eq!(record["status"], "failed");
     assert_eq!(record["attempts"], 3, "{record}");
-    assert!(record["error"].as_str().unwrap().contains("injected"), "{record}");
+    assert!(
+        record["error"].as_str().unwrap().contains("injected"),
+        "{record}"
+    );
 
     let dead = async_nats::jetstream::new(stack.nats_client().await)
         .get_stream(subjects::DEAD_STREAM)
@@ -110,16 +142,37 @@ async fn a_poison_question_fails_after_max_deliver_and_is_dead_lettered() {
         .expect("a dead letter is kept");
     let letter: ebb_nats::DeadLetter = serde_json::from_slice(&dead.payload).unwrap();
     assert_eq!((letter.job.id.as_str(), letter.deliveries), (id, 3));
-    assert_eq!(stack.questions_stream().await.get_info().await.unwrap().state.messages, 0);
+    assert_eq!(
+        stack
+            .questions_stream()
+            .await
+            .get_info()
+            .await
+            .unwrap()
+            .state
+            .messages,
+        0
+    );
 
     // The worker survives poison and answers the next question.
-    let (code, body) = stack.ask(json!({"question": "healthy question", "max_tokens": 4})).await;
-    assert_eq!((code, body["status"].as_str()), (200, Some("done")), "{body}");
+    let (code, body) = stack
+        .ask(json!({"question": "healthy question", "max_tokens": 4}))
+        .await;
+    assert_eq!(
+        (code, body["status"].as_str()),
+        (200, Some("done")),
+        "{body}"
+    );
 }
 
 #[tokio::test]
 async fn a_worker_lost_on_the_last_delivery_still_gives_a_failed_status() {
-    let stack = Stack::start(StackOptions { ack_wait: "1s", max_deliver: 1, ..StackOptions::default() }).await;
+    let stack = Stack::start(StackOptions {
+        ack_wait: "1s",
+        max_deliver: 1,
+        ..StackOptions::default()
+    })
+    .await;
     let mut worker = stack.worker(&SLOW);
     stack.wait_ready(&worker).await;
     let id = accepted_id(&stack, "Why do leaves change colour?", 40).await;
@@ -133,7 +186,13 @@ async fn a_worker_lost_on_the_last_delivery_still_gives_a_failed_status() {
     let record = stack.wait_terminal(&id, Duration::from_secs(30)).await;
     drop(survivor);
     assert_eq!(record["status"], "failed", "{record}");
-    assert!(record["error"].as_str().unwrap().contains("stopped responding"), "{record}");
+    assert!(
+        record["error"]
+            .as_str()
+            .unwrap()
+            .contains("stopped responding"),
+        "{record}"
+    );
     let dead = async_nats::jetstream::new(stack.nats_client().await)
         .get_stream(subjects::DEAD_STREAM)
         .await
@@ -141,7 +200,17 @@ async fn a_worker_lost_on_the_last_delivery_still_gives_a_failed_status() {
         .direct_get_last_for_subject(subjects::dead_letter(&id))
         .await;
     assert!(dead.is_ok(), "dead letter kept");
-    assert_eq!(stack.questions_stream().await.get_info().await.unwrap().state.messages, 0);
+    assert_eq!(
+        stack
+            .questions_stream()
+            .await
+            .get_info()
+            .await
+            .unwrap()
+            .state
+            .messages,
+        0
+    );
 }
 
 #[tokio::test]
@@ -149,17 +218,24 @@ async fn nats_down_means_503_and_nothing_accepted_until_it_is_back() {
     let mut stack = Stack::start(StackOptions::default()).await;
     stack.nats.stop();
     for _ in 0..3 {
-        let (code, body) = stack.ask(json!({"question": "anyone there?", "wait_seconds": 0})).await;
+        let (code, body) = stack
+            .ask(json!({"question": "anyone there?", "wait_seconds": 0}))
+            .await;
         assert_eq!(code, 503, "{body}");
         assert_eq!(body["error"]["type"], "queue_unavailable");
     }
     stack.nats.resume();
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     let id = loop {
-        let (code, body) = stack.ask(json!({"question": "back?", "wait_seconds": 0})).await;
+        let (code, body) = stack
+            .ask(json!({"question": "back?", "wait_seconds": 0}))
+            .await;
         match code {
             202 => break body["id"].as_str().unwrap().to_owned(),
-            503 => assert!(std::time::Instant::now() < deadline, "gateway never recovered: {body}"),
+            503 => assert!(
+                std::time::Instant::now() < deadline,
+                "gateway never recovered: {body}"
+            ),
             other => panic!("unexpected {other}: {body}"),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -177,7 +253,9 @@ async fn nats_down_means_503_and_nothing_accepted_until_it_is_back() {
 async fn redis_down_degrades_to_answering_without_the_cache() {
     let mut stack = Stack::start(StackOptions::default()).await;
     stack.redis.stop();
-    let (code, body) = stack.ask(json!({"question": "Is the cache needed?", "wait_seconds": 0})).await;
+    let (code, body) = stack
+        .ask(json!({"question": "Is the cache needed?", "wait_seconds": 0}))
+        .await;
     assert_eq!(code, 202, "accepted without Redis: {body}");
     let id = body["id"].as_str().unwrap().to_owned();
     stack.redis.resume();

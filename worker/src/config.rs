@@ -26,6 +26,9 @@ pub enum Command {
         /// Seed of the random weights: the same seed writes the same model.
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// Write the model as a Q8_0 GGUF file instead of safetensors.
+        #[arg(long)]
+        gguf: bool,
     },
 }
 

@@ -61,11 +61,16 @@ pub struct Generator {
 }
 
 impl Generator {
-    pub fn new(model: Qwen, tokenizer_path: &std::path::Path, system_prompt: String) -> Result<Self, ModelError> {
-        let tokenizer = Tokenizer::from_file(tokenizer_path).map_err(|err| ModelError::Tokenizer {
-            path: tokenizer_path.to_path_buf(),
-            message: err.to_string(),
-        })?;
+    pub fn new(
+        model: Qwen,
+        tokenizer_path: &std::path::Path,
+        system_prompt: String,
+    ) -> Result<Self, ModelError> {
+        let tokenizer =
+            Tokenizer::from_file(tokenizer_path).map_err(|err| ModelError::Tokenizer {
+                path: tokenizer_path.to_path_buf(),
+                message: err.to_string(),
+            })?;
         let stop_tokens: Vec<u32> = STOP_TOKENS
             .iter()
             .filter_map(|token| tokenizer.token_to_id(token))
@@ -73,7 +78,8 @@ impl Generator {
         if stop_tokens.is_empty() {
             return Err(ModelError::Tokenizer {
                 path: tokenizer_path.to_path_buf(),
-                message: "has neither <|im_end|> nor <|endoftext|>: not a Qwen chat tokenizer".into(),
+                message: "has neither <|im_end|> nor <|endoftext|>: not a Qwen chat tokenizer"
+                    .into(),
             });
         }
         Ok(Generator {
@@ -147,7 +153,9 @@ impl Generator {
             if generated == budget {
                 break;
             }
-            let logits = self.model.forward(&[next], prompt_ids.len() + generated - 1)?;
+            let logits = self
+                .model
+                .forward(&[next], prompt_ids.len() + generated - 1)?;
             next = sampler.sample(&logits)?;
         }
         if let Some(rest) = stream.finish(&self.tokenizer)? {
@@ -179,7 +187,11 @@ struct TextStream {
 }
 
 impl TextStream {
-    fn decode(&self, tokenizer: &Tokenizer, range: std::ops::Range<usize>) -> Result<String, GenerateError> {
+    fn decode(
+        &self,
+        tokenizer: &Tokenizer,
+        range: std::ops::Range<usize>,
+    ) -> Result<String, GenerateError> {
         tokenizer
             .decode(&self.tokens[range], true)
             .map_err(|err| GenerateError::Tokenizer(err.to_string()))
@@ -205,7 +217,9 @@ impl TextStream {
     fn finish(&self, tokenizer: &Tokenizer) -> Result<Option<String>, GenerateError> {
         let released = self.decode(tokenizer, self.window_start..self.released_end)?;
         let text = self.decode(tokenizer, self.window_start..self.tokens.len())?;
-        Ok((text.len() > released.len() && text.is_char_boundary(released.len()))
-            .then(|| text[released.len()..].to_owned()))
+        Ok(
+            (text.len() > released.len() && text.is_char_boundary(released.len()))
+                .then(|| text[released.len()..].to_owned()),
+        )
     }
 }

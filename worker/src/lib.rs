@@ -47,7 +47,8 @@ pub async fn load_generator(config: &Config) -> Result<Generator, WorkerError> {
         gguf_file: config.gguf_file.as_deref(),
         tokenizer_repo: config.tokenizer_repo.as_deref(),
     };
-    let files = model::files::resolve(&request, &HubOptions::from_env(config.download_timeout)).await?;
+    let files =
+        model::files::resolve(&request, &HubOptions::from_env(config.download_timeout)).await?;
     let device = model::device(config.device)?;
     let dtype = model::dtype(config.dtype, &device);
     let system_prompt = config.system_prompt.clone();

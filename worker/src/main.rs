@@ -6,14 +6,17 @@ use tokio_util::sync::CancellationToken;
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _telemetry = ebb_nats::telemetry::init("ebb-worker")?;
-    if let Some(Command::TinyModel { dir, seed }) = cli.command {
-        ebb_worker::tiny::write_random_model(
-            &dir,
-            ebb_worker::tiny::Shape::TINY,
-            seed,
-            candle_core::DType::F32,
-        )?;
-        println!("wrote a tiny random-weight Qwen2 model to {}", dir.display());
+    if let Some(Command::TinyModel { dir, seed, gguf }) = cli.command {
+        let shape = ebb_worker::tiny::Shape::TINY;
+        if gguf {
+            ebb_worker::tiny::write_random_gguf(&dir, shape, seed)?;
+        } else {
+            ebb_worker::tiny::write_random_model(&dir, shape, seed, candle_core::DType::F32)?;
+        }
+        println!(
+            "wrote a tiny random-weight Qwen2 model to {}",
+            dir.display()
+        );
         return Ok(());
     }
     let shutdown = CancellationToken::new();

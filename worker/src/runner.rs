@@ -88,7 +88,9 @@ impl Worker {
                 match consumer.fetch().max_messages(1).messages().await {
                     Ok(mut batch) => match batch.next().await {
                         Some(Ok(message)) => return Some(message),
-                        Some(Err(err)) => tracing::debug!(cause = %err, "pull returned no question"),
+                        Some(Err(err)) => {
+                            tracing::debug!(cause = %err, "pull returned no question")
+                        }
                         None => {}
                     },
                     Err(err) => tracing::warn!(cause = %err, "pull failed"),
@@ -135,15 +137,24 @@ impl Worker {
     ) -> Result<Generator, WorkerError> {
         let started_ms = ebb_nats::now_ms();
         let earlier = self.store.record(&job.id).await.ok().flatten();
-        if earlier.as_ref().is_some_and(|record| record.status.is_terminal()) {
+        if earlier
+            .as_ref()
+            .is_some_and(|record| record.status.is_terminal())
+        {
             tracing::info!("already answered; acknowledging the redelivery");
             ack(message).await;
             return Ok(generator);
         }
         if let Some(hit) = self.cached(&job).await {
-            match self.finish(&job, deliveries, &hit.answer, &hit.model, true, None).await {
+            match self
+                .finish(&job, deliveries, &hit.answer, &hit.model, true, None)
+                .await
+            {
                 Ok(()) => ack(message).await,
-                Err(err) => self.retry_or_fail(message, &job, deliveries, &err.into()).await,
+                Err(err) => {
+                    self.retry_or_fail(message, &job, deliveries, &err.into())
+                        .await
+                }
             }
             return Ok(generator);
         }
@@ -169,7 +180,14 @@ impl Worker {
                     completion_tokens: generation.completion_tokens as u32,
                 };
                 match self
-                    .finish(&job, deliveries, &generation.text, &self.identity, false, Some(timings))
+                    .finish(
+                        &job,
+                        deliveries,
+                        &generation.text,
+                        &self.identity,
+                        false,
+                        Some(timings),
+                    )
                     .await
                 {
                     Ok(()) => {
@@ -186,7 +204,10 @@ impl Worker {
                             "answered"
                         );
                     }
-                    Err(err) => self.retry_or_fail(message, &job, deliveries, &err.into()).await,
+                    Err(err) => {
+                        self.retry_or_fail(message, &job, deliveries, &err.into())
+                            .await
+                    }
                 }
             }
             Err(err) => self.retry_or_fail(message, &job, deliveries, &err).await,
@@ -196,7 +217,10 @@ impl Worker {
 
     /// A cached answer another worker stored since the gateway looked.
     async fn cached(&self, job: &Job) -> Option<CachedAnswer> {
-        let key = job.cache_key.as_deref().filter(|_| job.model == self.identity)?;
+        let key = job
+            .cache_key
+            .as_deref()
+            .filter(|_| job.model == self.identity)?;
         self.store.cached_answer(key).await.ok().flatten()
     }
 
@@ -274,7 +298,9 @@ impl Worker {
                 answer: answer.to_owned(),
                 model: model.to_owned(),
             };
-            self.store.put_cached_answer(key, &entry, self.config.cache_ttl).await?;
+            self.store
+                .put_cached_answer(key, &entry, self.config.cache_ttl)
+                .await?;
         }
         let record = QuestionRecord {
             status: QuestionStatus::Done,
@@ -327,7 +353,9 @@ impl Worker {
                 Ok(()) => ack(message).await,
                 // Leave the message unacknowledged: its max-deliveries
                 // advisory makes the gateway's reaper fail it once it can.
-                Err(cause) => tracing::error!(%cause, "cannot record the failure; leaving it to the reaper"),
+                Err(cause) => {
+                    tracing::error!(%cause, "cannot record the failure; leaving it to the reaper")
+                }
             }
             return;
         }
@@ -358,7 +386,8 @@ impl Worker {
 /// `base * 2^(deliveries - 1)`, capped at one minute.
 fn retry_delay(base: Duration, deliveries: i64) -> Duration {
     let doublings = deliveries.saturating_sub(1).clamp(0, 16) as u32;
-    base.saturating_mul(1 << doublings).min(Duration::from_secs(60))
+    base.saturating_mul(1 << doublings)
+        .min(Duration::from_secs(60))
 }
 
 async fn ack(message: &jetstream::Message) {

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{Value, json};
 
@@ -42,7 +43,7 @@ impl Shape {
     pub const TINY: Shape = Shape {
         vocab_size: tokenizer_vocab_size(),
         hidden_size: 64,
-        intermediate_size: 176,
+        intermediate_size: 192,
         num_hidden_layers: 2,
         num_attention_heads: 4,
         num_key_value_heads: 2,
@@ -77,7 +78,12 @@ const fn tokenizer_vocab_size() -> usize {
 
 /// Writes `config.json`, `model.safetensors` and `tokenizer.json` to `dir`.
 /// Deterministic: the same shape, seed and dtype give the same bytes.
-pub fn write_random_model(dir: &Path, shape: Shape, seed: u64, dtype: DType) -> Result<(), ModelError> {
+pub fn write_random_model(
+    dir: &Path,
+    shape: Shape,
+    seed: u64,
+    dtype: DType,
+) -> Result<(), ModelError> {
     std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
         path: dir.to_path_buf(),
         source,
@@ -88,6 +94,97 @@ pub fn write_random_model(dir: &Path, shape: Shape, seed: u64, dtype: DType) -> 
     let path = dir.join("model.safetensors");
     candle_core::safetensors::save(&weights, &path).map_err(|err| err.with_path(&path))?;
     Ok(())
+}
+
+/// Writes the same random model as a Q8_0-quantized GGUF file (plus
+/// `tokenizer.json`), in llama.cpp's Qwen2 layout: the quantized loading path.
+pub fn write_random_gguf(dir: &Path, shape: Shape, seed: u64) -> Result<(), ModelError> {
+    std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    write_json(&dir.join("tokenizer.json"), &tokenizer_json())?;
+    let weights = random_weights(shape, seed, DType::F32)?;
+    let mut tensors = Vec::with_capacity(weights.len());
+    for (name, tensor) in &weights {
+        // Matrices are quantized; norms and biases stay f32, as llama.cpp does.
+        let ggml = if tensor.rank() == 2 {
+            GgmlDType::Q8_0
+        } else {
+            GgmlDType::F32
+        };
+        tensors.push((gguf_name(name), QTensor::quantize(tensor, ggml)?));
+    }
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let u32_value = |n: usize| gguf_file::Value::U32(n as u32);
+    let metadata = [
+        (
+            "general.architecture",
+            gguf_file::Value::String("qwen2".into()),
+        ),
+        (
+            "qwen2.attention.head_count",
+            u32_value(shape.num_attention_heads),
+        ),
+        (
+            "qwen2.attention.head_count_kv",
+            u32_value(shape.num_key_value_heads),
+        ),
+        ("qwen2.embedding_length", u32_value(shape.hidden_size)),
+        (
+            "qwen2.context_length",
+            u32_value(shape.max_position_embeddings),
+        ),
+        ("qwen2.block_count", u32_value(shape.num_hidden_layers)),
+        (
+            "qwen2.feed_forward_length",
+            u32_value(shape.intermediate_size),
+        ),
+        (
+            "qwen2.attention.layer_norm_rms_epsilon",
+            gguf_file::Value::F32(1e-6),
+        ),
+        ("qwen2.rope.freq_base", gguf_file::Value::F32(1_000_000.0)),
+    ];
+    let path = dir.join("model-q8_0.gguf");
+    let mut file = std::fs::File::create(&path).map_err(|source| ModelError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let metadata: Vec<(&str, &gguf_file::Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut file, &metadata, &tensors).map_err(|err| err.with_path(&path))?;
+    Ok(())
+}
+
+/// Hugging Face tensor name -> llama.cpp GGUF tensor name.
+fn gguf_name(name: &str) -> String {
+    if name == "model.embed_tokens.weight" {
+        return "token_embd.weight".into();
+    }
+    if name == "model.norm.weight" {
+        return "output_norm.weight".into();
+    }
+    let rest = name.strip_prefix("model.layers.").expect("layer tensor");
+    let (layer, rest) = rest.split_once('.').expect("layer index");
+    let renamed = [
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.k_proj", "attn_k"),
+        ("self_attn.v_proj", "attn_v"),
+        ("self_attn.o_proj", "attn_output"),
+        ("mlp.gate_proj", "ffn_gate"),
+        ("mlp.up_proj", "ffn_up"),
+        ("mlp.down_proj", "ffn_down"),
+        ("input_layernorm", "attn_norm"),
+        ("post_attention_layernorm", "ffn_norm"),
+    ]
+    .into_iter()
+    .find_map(|(hf, gguf)| {
+        rest.strip_prefix(hf)
+            .map(|suffix| format!("{gguf}{suffix}"))
+    })
+    .expect("known tensor");
+    format!("blk.{layer}.{renamed}")
 }
 
 fn write_json(path: &Path, value: &Value) -> Result<(), ModelError> {
@@ -126,7 +223,8 @@ fn config_json(shape: Shape) -> Value {
 /// GPT-2's byte-to-unicode table: printable bytes map to themselves, the
 /// rest to code points from U+0100 up, so every byte is one visible symbol.
 fn byte_symbols() -> Vec<char> {
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let mut next = 256;
     (0..256u32)
         .map(|byte| {
@@ -196,7 +294,11 @@ impl SplitMix {
     }
 }
 
-fn random_weights(shape: Shape, seed: u64, dtype: DType) -> Result<HashMap<String, Tensor>, ModelError> {
+fn random_weights(
+    shape: Shape,
+    seed: u64,
+    dtype: DType,
+) -> Result<HashMap<String, Tensor>, ModelError> {
     let mut weights = RandomWeights {
         rng: SplitMix(seed),
         dtype,
@@ -208,17 +310,41 @@ fn random_weights(shape: Shape, seed: u64, dtype: DType) -> Result<HashMap<Strin
     let inner = shape.intermediate_size;
     // Uniform(-a, a) with a = sqrt(3 / fan_in) keeps activations at unit scale.
     let scale = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
-    weights.random("model.embed_tokens.weight".into(), &[shape.vocab_size, hidden], 1.0)?;
+    weights.random(
+        "model.embed_tokens.weight".into(),
+        &[shape.vocab_size, hidden],
+        1.0,
+    )?;
     for layer in 0..shape.num_hidden_layers {
         let p = format!("model.layers.{layer}");
         for (name, rows) in [("q_proj", hidden), ("k_proj", kv), ("v_proj", kv)] {
-            weights.random(format!("{p}.self_attn.{name}.weight"), &[rows, hidden], scale(hidden))?;
+            weights.random(
+                format!("{p}.self_attn.{name}.weight"),
+                &[rows, hidden],
+                scale(hidden),
+            )?;
             weights.random(format!("{p}.self_attn.{name}.bias"), &[rows], 0.02)?;
         }
-        weights.random(format!("{p}.self_attn.o_proj.weight"), &[hidden, hidden], scale(hidden))?;
-        weights.random(format!("{p}.mlp.gate_proj.weight"), &[inner, hidden], scale(hidden))?;
-        weights.random(format!("{p}.mlp.up_proj.weight"), &[inner, hidden], scale(hidden))?;
-        weights.random(format!("{p}.mlp.down_proj.weight"), &[hidden, inner], scale(inner))?;
+        weights.random(
+            format!("{p}.self_attn.o_proj.weight"),
+            &[hidden, hidden],
+            scale(hidden),
+        )?;
+        weights.random(
+            format!("{p}.mlp.gate_proj.weight"),
+            &[inner, hidden],
+            scale(hidden),
+        )?;
+        weights.random(
+            format!("{p}.mlp.up_proj.weight"),
+            &[inner, hidden],
+            scale(hidden),
+        )?;
+        weights.random(
+            format!("{p}.mlp.down_proj.weight"),
+            &[hidden, inner],
+            scale(inner),
+        )?;
         weights.ones(format!("{p}.input_layernorm.weight"), hidden)?;
         weights.ones(format!("{p}.post_attention_layernorm.weight"), hidden)?;
     }
@@ -242,7 +368,8 @@ impl RandomWeights {
     }
 
     fn ones(&mut self, name: String, len: usize) -> Result<(), ModelError> {
-        self.tensors.insert(name, Tensor::ones(len, self.dtype, &Device::Cpu)?);
+        self.tensors
+            .insert(name, Tensor::ones(len, self.dtype, &Device::Cpu)?);
         Ok(())
     }
 }
@@ -262,8 +389,14 @@ mod tests {
         let encoding = tokenizer.encode(text, false).unwrap();
         let ids = encoding.get_ids();
         assert_eq!(ids[0], tokenizer.token_to_id("<|im_start|>").unwrap());
-        assert_eq!(*ids.last().unwrap(), tokenizer.token_to_id("<|im_end|>").unwrap());
-        assert!(ids.contains(&tokenizer.token_to_id("he").unwrap()), "merges apply");
+        assert_eq!(
+            *ids.last().unwrap(),
+            tokenizer.token_to_id("<|im_end|>").unwrap()
+        );
+        assert!(
+            ids.contains(&tokenizer.token_to_id("he").unwrap()),
+            "merges apply"
+        );
         assert_eq!(tokenizer.decode(ids, false).unwrap(), text);
         assert_eq!(tokenizer.get_vocab_size(true), Shape::TINY.vocab_size);
         std::fs::remove_dir_all(dir).unwrap();
@@ -275,7 +408,8 @@ mod tests {
         let b = random_weights(Shape::TINY, 7, DType::F32).unwrap();
         let c = random_weights(Shape::TINY, 8, DType::F32).unwrap();
         let name = "model.layers.1.mlp.up_proj.weight";
-        let values = |w: &HashMap<String, Tensor>| w[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let values =
+            |w: &HashMap<String, Tensor>| w[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(values(&a), values(&b));
         assert_ne!(values(&a), values(&c));
     }

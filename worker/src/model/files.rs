@@ -76,7 +76,10 @@ pub struct ModelRequest<'a> {
 }
 
 /// Locates (and, online, downloads) the model's files.
-pub async fn resolve(request: &ModelRequest<'_>, hub: &HubOptions) -> Result<ModelFiles, ModelError> {
+pub async fn resolve(
+    request: &ModelRequest<'_>,
+    hub: &HubOptions,
+) -> Result<ModelFiles, ModelError> {
     let source = match request.dir {
         Some(dir) => Source::Dir(dir.to_path_buf()),
         None => Source::hub(request.repo, request.revision, hub).await?,
@@ -90,7 +93,10 @@ pub async fn resolve(request: &ModelRequest<'_>, hub: &HubOptions) -> Result<Mod
                     .tokenizer_repo
                     .map(str::to_owned)
                     .unwrap_or_else(|| base_repo_of_gguf(request.repo));
-                Source::hub(&repo, "main", hub).await?.require("tokenizer.json").await?
+                Source::hub(&repo, "main", hub)
+                    .await?
+                    .require("tokenizer.json")
+                    .await?
             }
         };
         return Ok(ModelFiles {
@@ -99,7 +105,10 @@ pub async fn resolve(request: &ModelRequest<'_>, hub: &HubOptions) -> Result<Mod
             weights: WeightFiles::Gguf(weights),
         });
     }
+    // A directory without config.json holds a GGUF model (its config is in
+    // the file's metadata).
     if let Source::Dir(dir) = &source
+        && !dir.join("config.json").is_file()
         && let Some(gguf) = single_gguf_in(dir)?
     {
         return Ok(ModelFiles {
@@ -227,7 +236,11 @@ impl Source {
         Ok(Source::Hub {
             repo,
             name,
-            files: info.siblings.into_iter().map(|file| file.rfilename).collect(),
+            files: info
+                .siblings
+                .into_iter()
+                .map(|file| file.rfilename)
+                .collect(),
             endpoint: hub.endpoint().to_owned(),
             timeout: hub.timeout,
         })

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::{qwen2, quantized_qwen2};
+use candle_transformers::models::{quantized_qwen2, qwen2};
 
 use crate::config::{DTypeChoice, DeviceKind};
 pub use files::{HubOptions, ModelFiles, ModelRequest, WeightFiles};
@@ -102,10 +102,13 @@ impl Qwen {
     pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<Qwen, ModelError> {
         match &files.weights {
             WeightFiles::Safetensors(shards) => {
-                let config_path = files.config.as_ref().ok_or_else(|| ModelError::MissingFile {
-                    file: "config.json".into(),
-                    location: "the model files".into(),
-                })?;
+                let config_path = files
+                    .config
+                    .as_ref()
+                    .ok_or_else(|| ModelError::MissingFile {
+                        file: "config.json".into(),
+                        location: "the model files".into(),
+                    })?;
                 let config = read_config(config_path)?;
                 // SAFETY: the weights are memory-mapped read-only; ebb never
                 // writes model files while a worker runs, and a user who

@@ -1,0 +1,284 @@
+//! The production model-loading path on the tiny model: local directories,
+//! sharded safetensors, GGUF, the offline Hugging Face cache, and a Hub that
+//! never answers.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use ebb_nats::Job;
+use ebb_tests::{TempDir, tiny_model_dir};
+use ebb_worker::generate::{GenerateError, Generator};
+use ebb_worker::model::{HubOptions, ModelError, ModelFiles, ModelRequest, Qwen, files};
+use ebb_worker::tiny::{self, Shape};
+
+fn job(question: &str, max_tokens: u32) -> Job {
+    Job {
+        id: "q".into(),
+        question: question.into(),
+        grade: Some(5),
+        course: None,
+        language: None,
+        max_tokens,
+        sampling: Default::default(),
+        priority: Default::default(),
+        model: "ebb/tiny-qwen2@test".into(),
+        cache_key: None,
+        enqueued_at_ms: 0,
+    }
+}
+
+fn dir_request(dir: &Path) -> ModelRequest<'_> {
+    ModelRequest {
+        repo: "ebb/tiny-qwen2",
+        revision: "main",
+        dir: Some(dir),
+        gguf_file: None,
+        tokenizer_repo: None,
+    }
+}
+
+fn offline_hub(cache: &Path) -> HubOptions {
+    HubOptions {
+        offline: true,
+        cache: hf_hub::Cache::new(cache.to_path_buf()),
+        endpoint: None,
+        timeout: Duration::from_secs(5),
+        progress: false,
+    }
+}
+
+async fn generator(files: &ModelFiles) -> Generator {
+    let model = Qwen::load(files, &Device::Cpu, DType::F32).expect("model loads");
+    Generator::new(model, &files.tokenizer, "You are a tutor.".into()).expect("tokenizer loads")
+}
+
+fn answer(generator: &mut Generator, job: &Job) -> (String, String, usize) {
+    let mut streamed = String::new();
+    let generation = generator
+        .generate(job, &mut |piece| streamed.push_str(piece))
+        .expect("generation");
+    (generation.text, streamed, generation.completion_tokens)
+}
+
+#[tokio::test]
+async fn the_tiny_model_answers_deterministically_and_streams_the_same_text() {
+    let dir = tiny_model_dir();
+    let files = files::resolve(&dir_request(&dir), &offline_hub(&dir))
+        .await
+        .unwrap();
+    assert!(
+        matches!(files.weights, files::WeightFiles::Safetensors(ref shards) if shards.len() == 1)
+    );
+    let mut generator = generator(&files).await;
+    let question = job("What is the area of a circle? 圆的面积是多少?", 32);
+    let (text, streamed, tokens) = answer(&mut generator, &question);
+    assert!((1..=32).contains(&tokens), "{tokens}");
+    assert_eq!(streamed, text, "streamed pieces add up to the answer");
+    // Greedy and the KV cache is cleared between jobs: same answer again.
+    let (again, _, _) = answer(&mut generator, &question);
+    assert_eq!(again, text);
+    assert!(
+        generator
+            .prompt(&question)
+            .starts_with("<|im_start|>system\nYou are a tutor. The student is in grade 5.")
+    );
+}
+
+#[tokio::test]
+async fn a_prompt_longer_than_the_context_is_a_permanent_error() {
+    let dir = TempDir::new("short-context");
+    let shape = Shape {
+        max_position_embeddings: 64,
+        ..Shape::TINY
+    };
+    tiny::write_random_model(dir.path(), shape, 1, DType::F32).unwrap();
+    let files = files::resolve(&dir_request(dir.path()), &offline_hub(dir.path()))
+        .await
+        .unwrap();
+    let mut generator = generator(&files).await;
+    let err = generator
+        .generate(&job(&"long question ".repeat(20), 8), &mut |_| {})
+        .unwrap_err();
+    assert!(
+        matches!(err, GenerateError::PromptTooLong { max: 64, .. }),
+        "{err}"
+    );
+    assert!(err.is_permanent());
+}
+
+#[tokio::test]
+async fn sharded_safetensors_load_through_the_index_and_match_the_single_file() {
+    let single = tiny_model_dir();
+    let sharded = TempDir::new("sharded");
+    let tensors =
+        candle_core::safetensors::load(single.join("model.safetensors"), &Device::Cpu).unwrap();
+    let (mut first, mut second) = (
+        std::collections::HashMap::new(),
+        std::collections::HashMap::new(),
+    );
+    let mut weight_map = serde_json::Map::new();
+    for (name, tensor) in tensors {
+        let shard = if name.contains("layers.1.") {
+            "model-00002-of-00002.safetensors"
+        } else {
+            "model-00001-of-00002.safetensors"
+        };
+        weight_map.insert(name.clone(), shard.into());
+        if shard.starts_with("model-00001") {
+            first.insert(name, tensor)
+        } else {
+            second.insert(name, tensor)
+        };
+    }
+    candle_core::safetensors::save(
+        &first,
+        sharded.path().join("model-00001-of-00002.safetensors"),
+    )
+    .unwrap();
+    candle_core::safetensors::save(
+        &second,
+        sharded.path().join("model-00002-of-00002.safetensors"),
+    )
+    .unwrap();
+    std::fs::write(
+        sharded.path().join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string(),
+    )
+    .unwrap();
+    for file in ["config.json", "tokenizer.json"] {
+        std::fs::copy(single.join(file), sharded.path().join(file)).unwrap();
+    }
+
+    let hub = offline_hub(sharded.path());
+    let files = files::resolve(&dir_request(sharded.path()), &hub)
+        .await
+        .unwrap();
+    assert!(
+        matches!(files.weights, files::WeightFiles::Safetensors(ref shards) if shards.len() == 2)
+    );
+    let question = job("Why do we have seasons?", 16);
+    let (from_shards, _, _) = answer(&mut generator(&files).await, &question);
+    let reference = files::resolve(&dir_request(&single), &hub).await.unwrap();
+    let (from_single, _, _) = answer(&mut generator(&reference).await, &question);
+    assert_eq!(from_shards, from_single);
+}
+
+#[tokio::test]
+async fn a_gguf_model_loads_through_the_quantized_path() {
+    let dir = TempDir::new("gguf");
+    tiny::write_random_gguf(dir.path(), Shape::TINY, 42).unwrap();
+    let files = files::resolve(&dir_request(dir.path()), &offline_hub(dir.path()))
+        .await
+        .unwrap();
+    assert!(matches!(files.weights, files::WeightFiles::Gguf(_)));
+    assert_eq!(files.config, None);
+
+    // Q8_0 of the same random weights: logits close to the f32 model's.
+    let mut quantized = Qwen::load(&files, &Device::Cpu, DType::F32).unwrap();
+    let reference = files::resolve(&dir_request(&tiny_model_dir()), &offline_hub(dir.path()))
+        .await
+        .unwrap();
+    let mut full = Qwen::load(&reference, &Device::Cpu, DType::F32).unwrap();
+    let prompt = [1u32, 50, 60, 70, 80, 90];
+    let q = quantized
+        .forward(&prompt, 0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let f = full.forward(&prompt, 0).unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(q.len(), f.len());
+    let scale = f.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = q
+        .iter()
+        .zip(&f)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        worst < 0.05 * scale,
+        "quantization error {worst} vs logit scale {scale}"
+    );
+
+    let (text, _, tokens) = answer(&mut generator(&files).await, &job("What is 2 + 2?", 8));
+    assert!(tokens >= 1, "answered {text:?}");
+}
+
+#[tokio::test]
+async fn a_missing_file_is_named() {
+    let dir = TempDir::new("incomplete");
+    std::fs::copy(
+        tiny_model_dir().join("config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    std::fs::copy(
+        tiny_model_dir().join("tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    let err = files::resolve(&dir_request(dir.path()), &offline_hub(dir.path()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ModelError::MissingFile { ref file, .. } if file == "model.safetensors"),
+        "{err}"
+    );
+}
+
+fn hub_request() -> ModelRequest<'static> {
+    ModelRequest {
+        repo: "ebb/tiny-qwen2",
+        revision: "main",
+        dir: None,
+        gguf_file: None,
+        tokenizer_repo: None,
+    }
+}
+
+#[tokio::test]
+async fn offline_mode_reads_only_the_cache_and_names_what_is_missing() {
+    let cache = TempDir::new("hf-cache");
+    let err = files::resolve(&hub_request(), &offline_hub(cache.path()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ModelError::NotCached { ref file, .. } if file == "config.json"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("ebb/tiny-qwen2@main"), "{err}");
+
+    // Lay the tiny model out as the Hub client caches it; then it loads.
+    let repo = cache.path().join("models--ebb--tiny-qwen2");
+    let snapshot = repo.join("snapshots").join("0123abcd");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join("main"), "0123abcd").unwrap();
+    for file in ["config.json", "tokenizer.json", "model.safetensors"] {
+        std::fs::copy(tiny_model_dir().join(file), snapshot.join(file)).unwrap();
+    }
+    let files = files::resolve(&hub_request(), &offline_hub(cache.path()))
+        .await
+        .unwrap();
+    assert!(files.tokenizer.starts_with(&snapshot));
+    let (_, _, tokens) = answer(&mut generator(&files).await, &job("Hello?", 4));
+    assert!(tokens >= 1);
+}
+
+#[tokio::test]
+async fn a_hub_that_never_answers_times_out_with_a_clear_error() {
+    // Accepts connections and then says nothing, like a stalled endpoint.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", silent.local_addr().unwrap());
+    let cache = TempDir::new("hf-online");
+    let hub = HubOptions {
+        offline: false,
+        cache: hf_hub::Cache::new(cache.path().to_path_buf()),
+        endpoint: Some(endpoint.clone()),
+        timeout: Duration::from_millis(500),
+        progress: false,
+    };
+    let started = Instant::now();
+    let err = files::resolve(&hub_request(), &hub).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(matches!(err, ModelError::DownloadTimeout { .. }), "{err}");
+    assert!(err.to_string().contains(&endpoint), "{err}");
+}
