@@ -79,14 +79,22 @@ pub struct NatsServer {
     child: Option<Child>,
     pub port: u16,
     store: TempDir,
+    extra_args: Vec<String>,
 }
 
 impl NatsServer {
     pub fn start() -> NatsServer {
+        NatsServer::start_with(Vec::new())
+    }
+
+    /// Starts with extra arguments (e.g. `-c server.conf`); the port and
+    /// store directory flags given here still win over a config file.
+    pub fn start_with(extra_args: Vec<String>) -> NatsServer {
         let mut server = NatsServer {
             child: None,
             port: free_port(),
             store: TempDir::new("nats"),
+            extra_args,
         };
         server.resume();
         server
@@ -104,7 +112,8 @@ impl NatsServer {
     /// Starts it again on the same port with the same store.
     pub fn resume(&mut self) {
         assert!(self.child.is_none(), "nats-server is already running");
-        let args = [
+        let mut args = self.extra_args.clone();
+        args.extend([
             "-js".to_owned(),
             "-a".to_owned(),
             "127.0.0.1".to_owned(),
@@ -112,7 +121,7 @@ impl NatsServer {
             self.port.to_string(),
             "-sd".to_owned(),
             self.store.path().display().to_string(),
-        ];
+        ]);
         self.child = Some(spawn("nats-server", &args));
         wait_for_port(self.port, "nats-server");
     }
