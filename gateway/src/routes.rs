@@ -13,8 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ebb_nats::{
-    AnswerEvent, CachedAnswer, Job, Priority, QuestionRecord, QuestionStatus, Store, Timings,
-    Topology, subjects,
+    AnswerEvent, Job, Priority, QuestionRecord, QuestionStatus, Store, Timings, Topology, subjects,
 };
 use serde::Serialize;
 use serde_json::json;
@@ -27,6 +26,8 @@ use crate::queue;
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
+/// Ids of answers served from the cache: this prefix, then the cache key.
+pub const CACHED_ID_PREFIX: &str = "cached-";
 
 /// What every handler shares.
 #[derive(Debug)]
@@ -129,17 +130,18 @@ async fn post_question(
         _ => ApiError::InvalidJson(rejection.body_text()),
     })?;
     let question = NewQuestion::from_json(&body, state.limits)?;
-    let id = uuid::Uuid::now_v7().to_string();
     let span = tracing::Span::current();
-    span.record("question_id", id.as_str());
     tracing::debug!(question = %question.question, "question text");
     let cache_key = question.cache_key(&state.model_identity);
 
     if let Some(key) = &cache_key
         && let Some(Some(hit)) = state.degradable(state.store.cached_answer(key)).await
     {
+        // A cached answer is one shared resource: its id names the cache
+        // entry, so it resolves without writing a record on the hot path.
+        let id = format!("{CACHED_ID_PREFIX}{key}");
+        span.record("question_id", id.as_str());
         span.record("cached", true);
-        remember_cached_answer(&state, &id, &hit);
         return Ok(Json(Answered {
             id,
             status: QuestionStatus::Done,
@@ -152,6 +154,8 @@ async fn post_question(
         .into_response());
     }
 
+    let id = uuid::Uuid::now_v7().to_string();
+    span.record("question_id", id.as_str());
     let accepted_at = ebb_nats::now_ms();
     let job = Job {
         id: id.clone(),
@@ -228,16 +232,26 @@ async fn get_question(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<QuestionRecord>, ApiError> {
-    if id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+    if id.len() > 80 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
         return Err(ApiError::QuestionNotFound(id));
     }
-    state
-        .store
-        .record(&id)
-        .await
-        .map_err(|err| ApiError::StoreUnavailable(err.to_string()))?
-        .map(Json)
-        .ok_or(ApiError::QuestionNotFound(id))
+    let unavailable = |err: ebb_nats::StoreError| ApiError::StoreUnavailable(err.to_string());
+    let record = match id.strip_prefix(CACHED_ID_PREFIX) {
+        Some(key) => state
+            .store
+            .cached_answer(key)
+            .await
+            .map_err(unavailable)?
+            .map(|hit| QuestionRecord {
+                status: QuestionStatus::Done,
+                answer: Some(hit.answer),
+                model: Some(hit.model),
+                cached: true,
+                ..QuestionRecord::queued(&id, 0)
+            }),
+        None => state.store.record(&id).await.map_err(unavailable)?,
+    };
+    record.map(Json).ok_or(ApiError::QuestionNotFound(id))
 }
 
 async fn healthz(State(state): State<Arc<AppState>>) -> Response {
@@ -267,23 +281,6 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
 }
 
-/// A cache hit gets a status record too, so its id resolves like any other;
-/// written off the response path, since the answer is already in hand.
-fn remember_cached_answer(state: &Arc<AppState>, id: &str, hit: &CachedAnswer) {
-    let now = ebb_nats::now_ms();
-    let record = QuestionRecord {
-        status: QuestionStatus::Done,
-        answer: Some(hit.answer.clone()),
-        model: Some(hit.model.clone()),
-        cached: true,
-        ..QuestionRecord::queued(id, now)
-    };
-    let state = Arc::clone(state);
-    tokio::spawn(async move {
-        state.degradable(state.store.put_record(&record)).await;
-    });
-}
-
 fn answered_from_event(id: String, event: AnswerEvent, default_model: &str) -> Answered {
     match event {
         AnswerEvent::Done {
@@ -300,7 +297,8 @@ fn answered_from_event(id: String, event: AnswerEvent, default_model: &str) -> A
             model,
             timings,
         },
-        AnswerEvent::Failed { error } | AnswerEvent::Token { text: error } => Answered {
+        AnswerEvent::Token { .. } => unreachable!("wait_for_answer returns final events only"),
+        AnswerEvent::Failed { error } => Answered {
             id,
             status: QuestionStatus::Failed,
             answer: None,

@@ -121,7 +121,10 @@ pub async fn run_reaper(
                 Some(Ok(message)) => message,
                 Some(Err(err)) => {
                     tracing::warn!(cause = %err, "dead-letter reaper pull error");
-                    continue;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = &mut shutdown => return Ok(()),
+                    }
                 }
                 None => break,
             };

@@ -37,6 +37,16 @@ async fn a_question_is_answered_and_then_served_from_the_cache() {
     assert_eq!(second["cached"], true);
     assert_eq!(second["answer"], first["answer"]);
     assert_ne!(second["id"], first["id"]);
+    let (code, hit_record) = stack.status_of(second["id"].as_str().unwrap()).await;
+    assert_eq!(code, 200, "a cached answer's id resolves: {hit_record}");
+    assert_eq!(
+        (
+            hit_record["status"].as_str(),
+            hit_record["cached"].as_bool()
+        ),
+        (Some("done"), Some(true))
+    );
+    assert_eq!(hit_record["answer"], first["answer"]);
     assert_eq!(
         stream.get_info().await.unwrap().state.last_sequence,
         published,

@@ -404,6 +404,7 @@ pub(crate) async fn publish_heartbeats(
     stop: CancellationToken,
 ) {
     let mut ticker = tokio::time::interval(HEARTBEAT_INTERVAL);
+    ticker.tick().await; // the first tick is immediate
     loop {
         let mut beat = heartbeat.borrow_and_update().clone();
         beat.sent_at_ms = ebb_nats::now_ms();

@@ -1,0 +1,241 @@
+//! Gateway overhead, measured against the raw call it wraps, in one run on
+//! the same servers (this machine is shared and noisy: only the ratios side
+//! by side mean anything).
+//!
+//! 1. cache-hit requests/s through the gateway (driven by `wrk`) vs raw Redis
+//!    GETs/s of the same cache entry (driven by `redis-benchmark`): both C
+//!    load generators in their own process, one request in flight per
+//!    connection, the same number of connections;
+//! 2. accepted questions/s (`wait_seconds: 0`, driven by `wrk`) vs raw
+//!    async-nats JetStream publish-with-ack/s of the same job at the same
+//!    concurrency.
+//!
+//! Rounds alternate between the two sides; medians are reported.
+//!
+//! `cargo bench -p ebb-tests --bench edge` (needs `apt-get install wrk`;
+//! EBB_BENCH_SECONDS, EBB_BENCH_CONNECTIONS)
+
+use std::future::Future;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::message::PublishMessage;
+use ebb_nats::{CachedAnswer, Job, Store, subjects};
+use ebb_tests::{Stack, StackOptions};
+use serde_json::json;
+
+const ROUNDS: usize = 3;
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Runs `concurrency` loops of `call` for `seconds`; returns calls/s.
+async fn throughput<F, Fut>(concurrency: usize, seconds: f64, call: F) -> f64
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let call = Arc::new(call);
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|task| {
+            let (call, done) = (call.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    call((task as u64) << 32 | n).await;
+                    n += 1;
+                }
+                done.fetch_add(n, Ordering::Relaxed);
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("load task");
+    }
+    done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn report(name: &str, ours: &[f64], baseline_name: &str, baseline: &[f64], goal: f64) {
+    let (ours, baseline) = (median(ours.to_vec()), median(baseline.to_vec()));
+    let ratio = ours / baseline;
+    println!(
+        "{name}: {ours:.0}/s vs {baseline_name}: {baseline:.0}/s -> ratio {ratio:.2} (goal >= {goal})"
+    );
+}
+
+/// Runs `wrk` against the gateway; returns requests/s (all must succeed).
+fn wrk(url: &str, script: &str, connections: usize, seconds: f64) -> f64 {
+    let script_path = std::env::temp_dir().join(format!("ebb-wrk-{}.lua", std::process::id()));
+    std::fs::write(&script_path, script).expect("write wrk script");
+    let output = Command::new("wrk")
+        .args([
+            "-t1",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "-s",
+        ])
+        .arg(&script_path)
+        .arg(url)
+        .output()
+        .expect("wrk runs (apt-get install wrk)");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(!text.contains("Non-2xx"), "some requests failed:\n{text}");
+    text.lines()
+        .find_map(|line| line.strip_prefix("Requests/sec:"))
+        .and_then(|rate| rate.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no rate in wrk output:\n{text}"))
+}
+
+/// Runs `redis-benchmark` with one command; returns requests/s.
+fn redis_benchmark(port: u16, connections: usize, requests: usize, command: &[&str]) -> f64 {
+    let output = Command::new("redis-benchmark")
+        .args([
+            "-p",
+            &port.to_string(),
+            "-c",
+            &connections.to_string(),
+            "-n",
+            &requests.to_string(),
+            "--csv",
+        ])
+        .args(command)
+        .output()
+        .expect("redis-benchmark runs");
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines()
+        .last()
+        .and_then(|line| line.split(',').nth(1))
+        .and_then(|rate| rate.trim_matches('"').parse().ok())
+        .unwrap_or_else(|| panic!("no rate in redis-benchmark output:\n{text}"))
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let seconds: f64 = env_or("EBB_BENCH_SECONDS", 4.0);
+    let connections: usize = env_or("EBB_BENCH_CONNECTIONS", 32);
+    let stack = Stack::start(StackOptions {
+        queue_max_messages: 10_000_000,
+        ..StackOptions::default()
+    })
+    .await;
+    println!(
+        "edge benchmark: {connections} connections, {ROUNDS} alternating rounds of ~{seconds} s, {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let url = format!("{}/v1/questions", stack.gateway_url);
+
+    // 1. Cache hits. Prime one answer, then hit it through the gateway.
+    let body = json!({"question": "What is photosynthesis?", "max_tokens": 64});
+    let key = ebb_gateway::question::NewQuestion::from_json(
+        body.to_string().as_bytes(),
+        ebb_gateway::question::Limits {
+            default_max_tokens: 512,
+            max_tokens_limit: 4096,
+        },
+    )
+    .expect("valid")
+    .cache_key("ebb/tiny-qwen2@test")
+    .expect("greedy");
+    let store = Store::connect_lazy(&stack.redis.url()).expect("redis url");
+    let answer = CachedAnswer {
+        answer: "Plants turn light, water and air into sugar and oxygen. ".repeat(10),
+        model: "ebb/tiny-qwen2@test".into(),
+    };
+    store
+        .put_cached_answer(&key, &answer, Duration::from_secs(3600))
+        .await
+        .expect("prime cache");
+    let (code, first) = stack.ask(body.clone()).await;
+    assert_eq!(
+        (code, first["cached"].as_bool()),
+        (200, Some(true)),
+        "{first}"
+    );
+
+    let hit_script = format!(
+        "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = '{body}'\n"
+    );
+    let cache_entry = ebb_nats::store::cache_key(&key);
+    let (mut gateway_hits, mut redis_gets) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        gateway_hits.push(wrk(&url, &hit_script, connections, seconds));
+        let requests = (median(gateway_hits.clone()) * 2.0 * seconds) as usize;
+        redis_gets.push(redis_benchmark(
+            stack.redis.port,
+            connections,
+            requests,
+            &["GET", &cache_entry],
+        ));
+    }
+    report(
+        "gateway cache hits (wrk)",
+        &gateway_hits,
+        "raw Redis GET (redis-benchmark)",
+        &redis_gets,
+        0.5,
+    );
+
+    // 2. Accepted questions vs raw publish-with-ack of the same job.
+    let accept_script = "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\n\
+        counter = 0\nrequest = function()\n  counter = counter + 1\n  return wrk.format(nil, nil, nil, \
+        '{\"question\":\"Question number ' .. counter .. '?\",\"wait_seconds\":0}')\nend\n";
+    let jetstream = ebb_nats::Topology::context(stack.nats_client().await);
+    let stream = stack.questions_stream().await;
+    let (mut gateway_accepts, mut raw_publishes) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        gateway_accepts.push(wrk(&url, accept_script, connections, seconds));
+        stream.purge().await.expect("purge");
+        let jetstream = jetstream.clone();
+        raw_publishes.push(
+            throughput(connections, seconds, move |n| {
+                let job = Job {
+                    id: format!("raw-{n}"),
+                    question: format!("Question number {n}?"),
+                    grade: None,
+                    course: None,
+                    language: None,
+                    max_tokens: 512,
+                    sampling: Default::default(),
+                    priority: Default::default(),
+                    model: "ebb/tiny-qwen2@test".into(),
+                    cache_key: Some("0".repeat(64)),
+                    enqueued_at_ms: 0,
+                };
+                let message = PublishMessage::build()
+                    .payload(serde_json::to_vec(&job).expect("json").into())
+                    .message_id(job.id.clone());
+                let jetstream = jetstream.clone();
+                async move {
+                    let ack = jetstream
+                        .send_publish(subjects::question(job.priority), message)
+                        .await
+                        .expect("publish");
+                    ack.await.expect("ack");
+                }
+            })
+            .await,
+        );
+        stream.purge().await.expect("purge");
+    }
+    report(
+        "gateway accepted questions (wrk)",
+        &gateway_accepts,
+        "raw JetStream publish+ack (async-nats)",
+        &raw_publishes,
+        0.5,
+    );
+}
