@@ -61,14 +61,16 @@ async fn a_worker_killed_mid_answer_loses_nothing() {
 
 #[tokio::test]
 async fn progress_acks_keep_a_long_answer_from_being_redelivered() {
-    // Generation (~4 s) outlasts the ack wait (1.5 s) several times over.
+    // Generation (~4 s) outlasts the ack wait (1.5 s) twice over.
     let stack = Stack::start(StackOptions {
         ack_wait: "1500ms",
         ..StackOptions::default()
     })
     .await;
+    // Both slow, so whichever takes the question holds it past the ack wait
+    // while the other stands by to steal a redelivery.
     let first = stack.worker(&SLOW);
-    let second = stack.worker(&[]);
+    let second = stack.worker(&SLOW);
     stack.wait_ready(&first).await;
     stack.wait_ready(&second).await;
     let (code, body) = stack
