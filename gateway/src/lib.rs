@@ -45,7 +45,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
-    let client = ebb_nats::connect(&config.nats_url, "ebb-gateway").await?;
+    let client = ebb_nats::connect(&config.nats_url, "ebb-gateway", None).await?;
     let topology = ensure_topology(client, &config).await?;
     let store = Store::connect_lazy(&config.redis_url)?;
     let state = Arc::new(routes::AppState::new(
@@ -64,9 +64,7 @@ pub async fn run(
         .with_graceful_shutdown(shutdown)
         .await?;
     let _ = stop_reaper.send(());
-    if let Ok(Err(err)) = reaper.await {
-        tracing::error!(cause = %err, "dead-letter reaper stopped");
-    }
+    let _ = reaper.await;
     Ok(())
 }
 

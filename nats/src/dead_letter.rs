@@ -16,7 +16,7 @@ use serde::Deserialize;
 use crate::messages::{AnswerEvent, DeadLetter, Job};
 use crate::store::{QuestionRecord, QuestionStatus, Store};
 use crate::subjects;
-use crate::topology::{QueueError, Topology};
+use crate::topology::Topology;
 
 /// Marks the question `failed`, keeps a dead letter on `ebb.dead.<id>` and
 /// tells any waiting client. The dead letter is written first: it is the
@@ -84,68 +84,96 @@ pub async fn run_reaper(
     topology: Topology,
     store: Store,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), QueueError> {
-    let advisories = topology
-        .jetstream
-        .get_stream(subjects::ADVISORY_STREAM)
-        .await
-        .map_err(|err| QueueError::Stream {
-            stream: subjects::ADVISORY_STREAM.to_owned(),
-            source: err.into(),
-        })?;
-    let consumer: jetstream::consumer::PullConsumer = advisories
-        .get_consumer(subjects::ADVISORY_CONSUMER)
-        .await
-        .map_err(|err| QueueError::Consumer {
-            consumer: subjects::ADVISORY_CONSUMER.to_owned(),
-            source: err,
-        })?;
+) {
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let mut messages = match consumer.messages().await {
-            Ok(messages) => messages,
+        // (Re)attach on every failure: NATS may be restarting.
+        let messages = match advisory_messages(&topology).await {
+            Ok(messages) => Some(messages),
             Err(err) => {
                 tracing::error!(cause = %err, "dead-letter reaper cannot pull; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    _ = &mut shutdown => return Ok(()),
-                }
+                None
             }
         };
-        loop {
-            let message = tokio::select! {
-                message = messages.next() => message,
-                _ = &mut shutdown => return Ok(()),
-            };
-            let message = match message {
-                Some(Ok(message)) => message,
-                Some(Err(err)) => {
-                    tracing::warn!(cause = %err, "dead-letter reaper pull error");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                        _ = &mut shutdown => return Ok(()),
+        if let Some(mut messages) = messages {
+            loop {
+                let message = tokio::select! {
+                    message = messages.next() => message,
+                    _ = &mut shutdown => return,
+                };
+                match message {
+                    Some(Ok(message)) => handle_advisory(&topology, &store, message).await,
+                    Some(Err(err)) => {
+                        tracing::warn!(cause = %err, "dead-letter reaper pull error");
+                        break;
                     }
-                }
-                None => break,
-            };
-            match reap(&topology, &store, &message.payload).await {
-                Ok(()) => {
-                    if let Err(err) = message.ack().await {
-                        tracing::warn!(cause = %err, "cannot ack max-deliveries advisory");
-                    }
-                }
-                Err(err) => {
-                    tracing::error!(cause = %err, "cannot fail an exhausted question; will retry");
-                    let _ = message
-                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                        .await;
+                    None => break,
                 }
             }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = &mut shutdown => return,
         }
     }
 }
 
-async fn reap(topology: &Topology, store: &Store, payload: &[u8]) -> Result<(), async_nats::Error> {
+async fn advisory_messages(topology: &Topology) -> Result<jetstream::consumer::pull::Stream, async_nats::Error> {
+    let advisories = topology.jetstream.get_stream(subjects::ADVISORY_STREAM).await?;
+    let consumer: jetstream::consumer::PullConsumer =
+        advisories.get_consumer(subjects::ADVISORY_CONSUMER).await?;
+    Ok(consumer.messages().await?)
+}
+
+async fn handle_advisory(topology: &Topology, store: &Store, message: jetstream::Message) {
+    match reap(topology, store, &message.payload).await {
+        Ok(()) => {
+            if let Err(err) = message.ack().await {
+                tracing::warn!(cause = %err, "cannot ack max-deliveries advisory");
+            }
+        }
+        Err(ReapError::Unreadable(err)) => {
+            // Retrying cannot help; keep the advisory out of the way.
+            tracing::error!(cause = %err, "unreadable max-deliveries advisory or job; dropping it");
+            let _ = message.ack_with(AckKind::Term).await;
+        }
+        Err(ReapError::Transient(err)) => {
+            tracing::error!(cause = %err, "cannot fail an exhausted question; will retry");
+            let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReapError {
+    #[error("{0}")]
+    Unreadable(#[from] serde_json::Error),
+    #[error("{0}")]
+    Transient(async_nats::Error),
+}
+
+impl From<async_nats::Error> for ReapError {
+    fn from(err: async_nats::Error) -> Self {
+        ReapError::Transient(err)
+    }
+}
+
+impl From<crate::store::StoreError> for ReapError {
+    fn from(err: crate::store::StoreError) -> Self {
+        ReapError::Transient(err.into())
+    }
+}
+
+async fn delete(topology: &Topology, sequence: u64) -> Result<(), ReapError> {
+    topology
+        .questions
+        .delete_message(sequence)
+        .await
+        .map_err(|err| ReapError::Transient(err.into()))?;
+    Ok(())
+}
+
+async fn reap(topology: &Topology, store: &Store, payload: &[u8]) -> Result<(), ReapError> {
     let advisory: MaxDeliveriesAdvisory = serde_json::from_slice(payload)?;
     let message = match topology
         .questions
@@ -157,17 +185,21 @@ async fn reap(topology: &Topology, store: &Store, payload: &[u8]) -> Result<(), 
         Err(err) if err.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
             return Ok(());
         }
-        Err(err) => return Err(err.into()),
+        Err(err) => return Err(ReapError::Transient(err.into())),
     };
     let job: Job = serde_json::from_slice(&message.payload)?;
+    // The last attempt may have finished and only its ack been lost.
+    if store.record(&job.id).await?.is_some_and(|record| record.status.is_terminal()) {
+        delete(topology, advisory.stream_seq).await?;
+        return Ok(());
+    }
     let reason = format!(
         "no answer after {} deliveries: the worker stopped responding during the last one",
         advisory.deliveries
     );
-    fail_question(topology, store, &job, &reason, advisory.deliveries).await?;
-    topology
-        .questions
-        .delete_message(advisory.stream_seq)
-        .await?;
+    fail_question(topology, store, &job, &reason, advisory.deliveries)
+        .await
+        .map_err(ReapError::Transient)?;
+    delete(topology, advisory.stream_seq).await?;
     Ok(())
 }

@@ -7,11 +7,11 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::stream::DirectGetErrorKind;
+use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
 use serde::Serialize;
 
 use crate::subjects::{self, Priority};
-use crate::topology::{QueueError, Topology};
+use crate::topology::QueueError;
 
 /// Depth of one priority's consumer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -53,12 +53,11 @@ impl QueueDepth {
     }
 }
 
-/// Reads every worker consumer's state from the server.
-pub async fn queue_depth(topology: &Topology) -> Result<QueueDepth, QueueError> {
+/// Reads every worker consumer's state from the question stream.
+pub async fn queue_depth(questions: &Stream) -> Result<QueueDepth, QueueError> {
     let mut priorities = Vec::with_capacity(Priority::ALL.len());
     for priority in Priority::ALL {
-        let info = topology
-            .questions
+        let info = questions
             .consumer_info(subjects::consumer(priority))
             .await
             .map_err(|err| QueueError::Depth(err.into()))?;
@@ -67,8 +66,7 @@ pub async fn queue_depth(topology: &Topology) -> Result<QueueDepth, QueueError> 
         } else {
             // The first question past the consumer's delivered sequence is the
             // oldest one no worker has seen.
-            let first_waiting = topology
-                .questions
+            let first_waiting = questions
                 .direct_get_next_for_subject(
                     subjects::question(priority),
                     Some(info.delivered.stream_sequence + 1),

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use serde::Deserialize as _;
+
 /// Parses `500ms`, `30s`, `5m`, `2h`, `7d` or a bare (fractional) number of seconds.
 pub fn parse(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -22,6 +24,26 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         other => return Err(format!("unknown duration unit `{other}` in `{text}`")),
     };
     Duration::try_from_secs_f64(seconds).map_err(|err| format!("`{text}`: {err}"))
+}
+
+/// Serde support: a duration field written as `"90m"`, `"30s"` or a number
+/// of seconds (`#[serde(deserialize_with = "ebb_nats::duration::deserialize")]`).
+pub fn deserialize<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Seconds(f64),
+        Text(String),
+    }
+    match Written::deserialize(deserializer)? {
+        Written::Seconds(seconds) => Duration::try_from_secs_f64(seconds).map_err(serde::de::Error::custom),
+        Written::Text(text) => parse(&text).map_err(serde::de::Error::custom),
+    }
+}
+
+/// Serde support for writing a duration as seconds.
+pub fn serialize_seconds<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_f64(duration.as_secs_f64())
 }
 
 #[cfg(test)]

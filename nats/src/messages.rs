@@ -96,6 +96,12 @@ pub enum AnswerEvent {
     },
 }
 
+/// Exponentially weighted moving average; weight of the newest sample.
+pub fn moving_average(previous: Option<f64>, sample: f64) -> f64 {
+    const WEIGHT: f64 = 0.2;
+    previous.map_or(sample, |mean| mean + WEIGHT * (sample - mean))
+}
+
 impl AnswerEvent {
     pub fn is_final(&self) -> bool {
         !matches!(self, AnswerEvent::Token { .. })
@@ -127,6 +133,13 @@ pub struct Heartbeat {
     /// Decode speed of the last finished job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_tokens_per_second: Option<f64>,
+    /// Moving average of the time this worker spends per question (ms):
+    /// its service time, which the scaler turns into capacity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_job_ms: Option<f64>,
+    /// Moving average of acceptance-to-answer time (queue + inference, ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_response_ms: Option<f64>,
     pub sent_at_ms: u64,
 }
 

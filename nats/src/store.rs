@@ -141,9 +141,36 @@ impl Store {
         Ok(written.is_some())
     }
 
-    pub async fn put_record(&self, record: &QuestionRecord) -> Result<(), StoreError> {
-        self.set_json(&record_key(&record.id), record, RECORD_TTL)
-            .await
+    /// Writes a worker's view of the question. Records only move forward:
+    /// nothing replaces `done`, and only `done` replaces `failed` (a late
+    /// real answer beats a failure), so a stale or duplicate delivery can
+    /// never turn a finished question back into an unfinished one.
+    /// Returns whether it wrote.
+    pub async fn put_record(&self, record: &QuestionRecord) -> Result<bool, StoreError> {
+        let script = redis::Script::new(
+            r#"
+            local current = redis.call('GET', KEYS[1])
+            if current then
+              local status = cjson.decode(current)['status']
+              if status == 'done' or (status == 'failed' and ARGV[2] ~= 'done') then
+                return 0
+              end
+            end
+            redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+            return 1
+            "#,
+        );
+        let body = serde_json::to_string(record).expect("records serialize");
+        let status = serde_json::to_value(record.status).expect("statuses serialize");
+        let mut connection = self.connection.clone();
+        let written: i64 = script
+            .key(record_key(&record.id))
+            .arg(body)
+            .arg(status.as_str().unwrap_or_default())
+            .arg(RECORD_TTL.as_secs())
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(written == 1)
     }
 
     pub async fn cached_answer(&self, key: &str) -> Result<Option<CachedAnswer>, StoreError> {

@@ -46,7 +46,7 @@ pub struct QueueConfig {
     pub max_bytes: i64,
     /// A question held this long by a worker without an ack or progress ack is
     /// redelivered (workers send progress acks every third of it).
-    #[arg(long = "ack-wait", env = "EBB_ACK_WAIT", default_value = "30s", value_parser = crate::duration::parse)]
+    #[arg(long = "ack-wait", env = "EBB_ACK_WAIT", default_value = "30s", value_parser = parse_ack_wait)]
     pub ack_wait: Duration,
     /// Deliveries of one question before it is failed and dead-lettered.
     #[arg(long = "max-deliver", env = "EBB_MAX_DELIVER", default_value_t = 5, value_parser = clap::value_parser!(i64).range(1..))]
@@ -57,6 +57,14 @@ pub struct QueueConfig {
     /// How long dead letters are kept in the `EBB_DEAD` stream.
     #[arg(long = "dead-letter-max-age", env = "EBB_DEAD_LETTER_MAX_AGE", default_value = "14d", value_parser = crate::duration::parse)]
     pub dead_letter_max_age: Duration,
+}
+
+fn parse_ack_wait(text: &str) -> Result<Duration, String> {
+    let wait = crate::duration::parse(text)?;
+    if wait < Duration::from_secs(1) {
+        return Err("must be at least 1s (workers send progress acks every third of it)".into());
+    }
+    Ok(wait)
 }
 
 impl Default for QueueConfig {
@@ -226,8 +234,19 @@ fn worker_consumer(priority: Priority, config: &QueueConfig) -> consumer::pull::
 /// Connects to NATS the way every ebb process does: named, reconnecting
 /// forever with a short capped backoff (so a restarted server is back in use
 /// within ~2 s), and tolerant of a server that is not up yet.
-pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, QueueError> {
-    async_nats::ConnectOptions::new()
+/// `subscription_capacity` bounds each subscription's buffer (messages past
+/// it are dropped as a slow consumer); `None` keeps the client default.
+pub async fn connect(
+    url: &str,
+    name: &str,
+    subscription_capacity: Option<usize>,
+) -> Result<async_nats::Client, QueueError> {
+    let options = async_nats::ConnectOptions::new();
+    let options = match subscription_capacity {
+        Some(capacity) => options.subscription_capacity(capacity),
+        None => options,
+    };
+    options
         .name(name)
         .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(2))

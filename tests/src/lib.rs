@@ -5,9 +5,12 @@
 //! # Layout
 //! - [`servers`]: [`NatsServer`], [`RedisServer`], [`TempDir`], port helpers.
 //! - [`stack`]: [`Stack`] (servers + gateway + tiny model) and [`WorkerProcess`].
+//! - [`scaler`]: [`ScalerProcess`], an `ebb-scaler` running tiny-model workers.
 
+pub mod scaler;
 pub mod servers;
 pub mod stack;
 
 pub use servers::{NatsServer, RedisServer, TempDir, free_port};
+pub use scaler::{ADMIN_TOKEN, ScalerProcess, scaler_binary};
 pub use stack::{Stack, StackOptions, WorkerProcess, tiny_model_dir, worker_binary};

@@ -62,7 +62,7 @@ pub fn tiny_model_dir() -> PathBuf {
 }
 
 /// `target/<profile>`, found from the running test binary (`.../deps/test-hash`).
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     exe.parent()
         .and_then(|deps| deps.parent())

@@ -81,8 +81,8 @@ async fn progress_acks_keep_a_long_answer_from_being_redelivered() {
     assert_eq!(body["status"], "done");
     let inference_ms = body["timings"]["inference_ms"].as_u64().unwrap();
     assert!(
-        inference_ms > 3 * 1500,
-        "the answer outlasted several ack waits: {body}"
+        inference_ms > 2 * 1500,
+        "the answer outlasted two ack waits: {body}"
     );
     let (_, record) = stack.status_of(id).await;
     assert_eq!(record["attempts"], 1, "never redelivered: {record}");
@@ -110,6 +110,21 @@ async fn sigterm_drains_the_question_in_hand_then_exits_0() {
         record["status"], "queued",
         "not taken while draining: {record}"
     );
+    let pending = stack
+        .questions_stream()
+        .await
+        .consumer_info(ebb_nats::subjects::consumer(ebb_nats::Priority::Normal))
+        .await
+        .unwrap();
+    assert_eq!(
+        (pending.num_pending, pending.num_ack_pending),
+        (1, 0),
+        "still in the queue, untouched"
+    );
+    let next = stack.worker(&[]);
+    let record = stack.wait_terminal(&queued_behind, Duration::from_secs(60)).await;
+    assert_eq!(record["status"], "done", "{record}");
+    drop(next);
 }
 
 #[tokio::test]

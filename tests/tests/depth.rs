@@ -12,7 +12,7 @@ async fn depth_counts_waiting_and_in_flight_questions_and_the_oldest_age() {
     let topology = Topology::ensure(stack.nats_client().await, &QueueConfig::default())
         .await
         .unwrap();
-    let empty = ebb_nats::queue_depth(&topology).await.unwrap();
+    let empty = ebb_nats::queue_depth(&topology.questions).await.unwrap();
     assert_eq!((empty.lag(), empty.oldest_waiting()), (0, Duration::ZERO));
 
     for n in 0..3 {
@@ -22,7 +22,7 @@ async fn depth_counts_waiting_and_in_flight_questions_and_the_oldest_age() {
         assert_eq!(code, 202);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let depth = ebb_nats::queue_depth(&topology).await.unwrap();
+    let depth = ebb_nats::queue_depth(&topology.questions).await.unwrap();
     assert_eq!(depth.lag(), 3);
     let normal = depth
         .priorities
@@ -44,7 +44,7 @@ async fn depth_counts_waiting_and_in_flight_questions_and_the_oldest_age() {
     let mut batch = consumer.fetch().max_messages(1).messages().await.unwrap();
     use futures::StreamExt;
     let _held = batch.next().await.unwrap().unwrap();
-    let depth = ebb_nats::queue_depth(&topology).await.unwrap();
+    let depth = ebb_nats::queue_depth(&topology.questions).await.unwrap();
     let normal = depth
         .priorities
         .iter()

@@ -45,6 +45,6 @@ async fn the_topology_builds_on_a_server_run_from_the_config() {
     );
     assert_eq!(info.config.max_messages, 100_000);
     assert!(info.config.duplicate_window >= std::time::Duration::from_secs(120));
-    let depth = ebb_nats::queue_depth(&topology).await.unwrap();
+    let depth = ebb_nats::queue_depth(&topology.questions).await.unwrap();
     assert_eq!(depth.lag(), 0);
 }

@@ -69,7 +69,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
         .clone()
         .unwrap_or_else(|| format!("worker-{}-{started_at_ms}", std::process::id()));
     let identity = config.model_identity();
-    let client = ebb_nats::connect(&config.nats_url, &worker_id).await?;
+    // Small buffers: the worker's subscriptions are wake-ups and single
+    // pulls, and a busy worker must not hoard every question's payload.
+    let client = ebb_nats::connect(&config.nats_url, &worker_id, Some(64)).await?;
     let topology = Topology::ensure(client.clone(), &config.queue).await?;
     let store = Store::connect_lazy(&config.redis_url)?;
 
@@ -82,6 +84,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
         jobs_done: 0,
         jobs_failed: 0,
         last_tokens_per_second: None,
+        mean_job_ms: None,
+        mean_response_ms: None,
         sent_at_ms: started_at_ms,
     });
     let stop_heartbeats = CancellationToken::new();
@@ -106,8 +110,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
     });
     tracing::info!(cold_start_ms = ready_at_ms - started_at_ms, "ready");
 
+    let consumers = runner::consumers(&topology).await?;
     let worker = runner::Worker {
-        consumers: runner::consumers(&topology).await?,
+        delivery: runner::DeliveryPolicy::of(&consumers[0]),
+        consumers,
         config: Arc::new(config),
         identity,
         topology,

@@ -16,7 +16,8 @@ use ebb_nats::{
     AnswerEvent, CachedAnswer, Heartbeat, Job, Priority, QuestionRecord, QuestionStatus, Store,
     Timings, Topology, WorkerState, dead_letter, subjects, telemetry,
 };
-use futures::StreamExt;
+use ebb_nats::messages::moving_average;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -27,6 +28,8 @@ use crate::generate::{GenerateError, Generation, Generator};
 
 /// How often heartbeats are published.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+/// Longest a single pull request may stay open.
+const PULL_EXPIRY: Duration = Duration::from_secs(2);
 /// Streamed answer pieces buffered between the model thread and NATS.
 const TOKEN_BUFFER: usize = 256;
 
@@ -37,7 +40,27 @@ pub(crate) struct Worker {
     pub topology: Topology,
     pub store: Store,
     pub consumers: Vec<PullConsumer>,
+    /// The consumers' delivery policy as the server holds it (not this
+    /// process's flags: another process may have set it).
+    pub delivery: DeliveryPolicy,
     pub heartbeat: watch::Sender<Heartbeat>,
+}
+
+/// Ack wait and delivery limit of the worker consumers.
+#[derive(Debug, Clone, Copy)]
+pub struct DeliveryPolicy {
+    pub ack_wait: Duration,
+    pub max_deliver: i64,
+}
+
+impl DeliveryPolicy {
+    pub fn of(consumer: &PullConsumer) -> DeliveryPolicy {
+        let config = &consumer.cached_info().config;
+        DeliveryPolicy {
+            ack_wait: config.ack_wait,
+            max_deliver: config.max_deliver,
+        }
+    }
 }
 
 /// Why a job did not produce an answer.
@@ -67,7 +90,13 @@ impl Worker {
         while let Some(message) = self.next_message(&mut arrivals, &shutdown).await {
             self.set_state(WorkerState::Busy);
             generator = self.handle(message, generator).await?;
+            if shutdown.is_cancelled() {
+                break;
+            }
             self.set_state(WorkerState::Ready);
+            // Wake-ups that piled up during the answer say nothing new: the
+            // next pull looks at the queue itself.
+            while arrivals.next().now_or_never().flatten().is_some() {}
         }
         Ok(())
     }
@@ -81,19 +110,25 @@ impl Worker {
         shutdown: &CancellationToken,
     ) -> Option<jetstream::Message> {
         loop {
-            if shutdown.is_cancelled() {
-                return None;
-            }
             for consumer in &self.consumers {
-                match consumer.fetch().max_messages(1).messages().await {
-                    Ok(mut batch) => match batch.next().await {
-                        Some(Ok(message)) => return Some(message),
-                        Some(Err(err)) => {
-                            tracing::debug!(cause = %err, "pull returned no question")
-                        }
-                        None => {}
-                    },
-                    Err(err) => tracing::warn!(cause = %err, "pull failed"),
+                if shutdown.is_cancelled() {
+                    return None;
+                }
+                // Bounded, so a reply lost in a server restart cannot hang the worker.
+                let pull = async {
+                    let mut batch = consumer
+                        .fetch()
+                        .max_messages(1)
+                        .expires(PULL_EXPIRY)
+                        .messages()
+                        .await?;
+                    batch.next().await.transpose().map_err(async_nats::Error::from)
+                };
+                match tokio::time::timeout(PULL_EXPIRY * 2, pull).await {
+                    Ok(Ok(Some(message))) => return Some(message),
+                    Ok(Ok(None)) => {}
+                    Ok(Err(err)) => tracing::debug!(cause = %err, "pull returned no question"),
+                    Err(_) => tracing::warn!("pull timed out; retrying"),
                 }
             }
             tokio::select! {
@@ -195,6 +230,11 @@ impl Worker {
                         self.heartbeat.send_modify(|beat| {
                             beat.jobs_done += 1;
                             beat.last_tokens_per_second = generation.decode_tokens_per_second();
+                            let job_ms = timings.inference_ms as f64;
+                            let response_ms = (timings.queue_ms + timings.inference_ms) as f64;
+                            beat.mean_job_ms = Some(moving_average(beat.mean_job_ms, job_ms));
+                            beat.mean_response_ms =
+                                Some(moving_average(beat.mean_response_ms, response_ms));
                         });
                         tracing::info!(
                             prompt_tokens = generation.prompt_tokens,
@@ -252,7 +292,8 @@ impl Worker {
         });
         let client = self.topology.jetstream.client();
         let answers = subjects::answers(&job.id);
-        let mut progress = tokio::time::interval(self.topology.config.ack_wait / 3);
+        let mut progress =
+            tokio::time::interval((self.delivery.ack_wait / 3).max(Duration::from_millis(100)));
         progress.tick().await;
         loop {
             tokio::select! {
@@ -344,7 +385,7 @@ impl Worker {
     ) {
         self.heartbeat.send_modify(|beat| beat.jobs_failed += 1);
         let permanent = matches!(err, JobError::Generate(err) if err.is_permanent());
-        let max_deliver = self.topology.config.max_deliver;
+        let max_deliver = self.delivery.max_deliver;
         if permanent || deliveries >= max_deliver {
             let reason = format!("{err}");
             match dead_letter::fail_question(&self.topology, &self.store, job, &reason, deliveries)

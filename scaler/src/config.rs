@@ -1,0 +1,448 @@
+//! The scaler's YAML config file, in the shape of the seed's `config.yaml`:
+//! `resources`, `rules.scale_up` / `rules.scale_down`, plus ebb's target
+//! tracking, cooldowns, timetable and backend. Every error names its key.
+//!
+//! YAML is parsed with `serde_norway`, a maintained fork of the archived
+//! `serde_yaml` with the same data model.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::timetable::{Timetable, TimetableEntry, TimetableError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {message}", path.display())]
+    Syntax { path: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+    #[error(transparent)]
+    Timetable(#[from] TimetableError),
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// Everything the scaler is told, from one file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScalerConfig {
+    /// How often signals are read and the decision re-made (arrivals at zero
+    /// workers wake the scaler at once, whatever the tick).
+    #[serde(default = "defaults::tick", deserialize_with = "ebb_nats::duration::deserialize")]
+    pub tick: Duration,
+    pub resources: Resources,
+    /// Seed-style rules; when absent, target tracking decides.
+    #[serde(default)]
+    pub rules: Option<Rules>,
+    #[serde(default)]
+    pub target: TargetTracking,
+    #[serde(default)]
+    pub cooldowns: Cooldowns,
+    #[serde(default)]
+    pub timetable: Vec<TimetableEntry>,
+    /// How early a timetable window starts its workers. Default: the measured
+    /// cold-start p90 (60 s until one is measured).
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub prewarm_lead: Option<Duration>,
+    #[serde(default)]
+    pub health: Health,
+    pub backend: BackendConfig,
+    /// Environment variable holding the bearer token for `POST /scale`.
+    #[serde(default = "defaults::admin_token_env")]
+    pub admin_token_env: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    pub min_instances: u32,
+    pub max_instances: u32,
+    /// What a worker runs on (informational, e.g. `nvidia-a10`).
+    #[serde(default)]
+    pub instance_type: Option<String>,
+}
+
+/// Seed-style rules: scale up when ANY `scale_up` condition has held for its
+/// duration, down when ALL `scale_down` conditions have.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rules {
+    #[serde(default)]
+    pub scale_up: Vec<Condition>,
+    #[serde(default)]
+    pub scale_down: Vec<Condition>,
+    #[serde(default = "defaults::step")]
+    pub step_up: u32,
+    #[serde(default = "defaults::step")]
+    pub step_down: u32,
+}
+
+/// `metric` above (scale_up) or below (scale_down) `threshold` for `duration`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Condition {
+    pub metric: Metric,
+    pub threshold: f64,
+    #[serde(
+        default,
+        deserialize_with = "ebb_nats::duration::deserialize",
+        serialize_with = "ebb_nats::duration::serialize_seconds"
+    )]
+    pub duration: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    /// Arrivals per second (stable window).
+    RequestPerSecond,
+    /// Mean acceptance-to-answer time, seconds.
+    AvgResponseTime,
+    /// Questions waiting or being answered.
+    QueueDepth,
+    /// Age of the oldest question no worker has taken, seconds.
+    QueueAge,
+    /// Busy fraction of ready workers, 0-1.
+    #[serde(alias = "cpu_usage")]
+    WorkerUtilization,
+}
+
+impl Metric {
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::RequestPerSecond => "request_per_second",
+            Metric::AvgResponseTime => "avg_response_time",
+            Metric::QueueDepth => "queue_depth",
+            Metric::QueueAge => "queue_age",
+            Metric::WorkerUtilization => "worker_utilization",
+        }
+    }
+}
+
+/// Target tracking, the default policy: enough workers that the arrival
+/// rate plus draining the backlog keeps them at `utilization`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TargetTracking {
+    /// Busy fraction to aim for, 0-1.
+    pub utilization: f64,
+    /// Time in which a backlog should be drained.
+    #[serde(deserialize_with = "ebb_nats::duration::deserialize", serialize_with = "ebb_nats::duration::serialize_seconds")]
+    pub drain_target: Duration,
+    /// End-to-end latency students should see; an oldest waiting question
+    /// older than half of it means panic.
+    #[serde(deserialize_with = "ebb_nats::duration::deserialize", serialize_with = "ebb_nats::duration::serialize_seconds")]
+    pub latency_goal: Duration,
+    /// Service time per question until workers report one.
+    #[serde(deserialize_with = "ebb_nats::duration::deserialize", serialize_with = "ebb_nats::duration::serialize_seconds")]
+    pub default_service_time: Duration,
+    /// Window of the stable arrival rate.
+    #[serde(deserialize_with = "ebb_nats::duration::deserialize", serialize_with = "ebb_nats::duration::serialize_seconds")]
+    pub stable_window: Duration,
+    /// Window of the panic arrival rate.
+    #[serde(deserialize_with = "ebb_nats::duration::deserialize", serialize_with = "ebb_nats::duration::serialize_seconds")]
+    pub panic_window: Duration,
+}
+
+impl Default for TargetTracking {
+    fn default() -> Self {
+        TargetTracking {
+            utilization: 0.8,
+            drain_target: Duration::from_secs(30),
+            latency_goal: Duration::from_secs(10),
+            default_service_time: Duration::from_secs(10),
+            stable_window: Duration::from_secs(60),
+            panic_window: Duration::from_secs(6),
+        }
+    }
+}
+
+/// Scale-up is immediate. These two windows only slow scale-down, and are
+/// separate on purpose: stepping from N to N-1 workers is cheap to undo,
+/// going from 1 to 0 costs the next student a cold start.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Cooldowns {
+    /// The policy must want fewer workers for this long before each step down
+    /// (never below 1 this way).
+    #[serde(deserialize_with = "ebb_nats::duration::deserialize", serialize_with = "ebb_nats::duration::serialize_seconds")]
+    pub scale_down_stabilization: Duration,
+    /// No question waiting, arriving or being answered for this long before
+    /// the last worker stops (the seed's 5-minute scale-down duration).
+    #[serde(deserialize_with = "ebb_nats::duration::deserialize", serialize_with = "ebb_nats::duration::serialize_seconds")]
+    pub scale_to_zero_idle: Duration,
+}
+
+impl Default for Cooldowns {
+    fn default() -> Self {
+        Cooldowns {
+            scale_down_stabilization: Duration::from_secs(60),
+            scale_to_zero_idle: Duration::from_secs(300),
+        }
+    }
+}
+
+/// When a worker stops counting as capacity.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Health {
+    /// A worker not ready this long after its start is unhealthy and replaced.
+    #[serde(deserialize_with = "ebb_nats::duration::deserialize")]
+    pub init_timeout: Duration,
+    /// A ready worker whose heartbeat is older than this is unhealthy.
+    #[serde(deserialize_with = "ebb_nats::duration::deserialize")]
+    pub heartbeat_timeout: Duration,
+    /// First delay before replacing a crashed worker; doubles per crash in a row (max 5 min).
+    #[serde(deserialize_with = "ebb_nats::duration::deserialize")]
+    pub restart_backoff: Duration,
+    /// How long a stopping worker may drain before it is killed.
+    #[serde(deserialize_with = "ebb_nats::duration::deserialize")]
+    pub stop_grace: Duration,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            init_timeout: Duration::from_secs(600),
+            heartbeat_timeout: Duration::from_secs(10),
+            restart_backoff: Duration::from_secs(1),
+            stop_grace: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Where workers run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum BackendConfig {
+    /// `ebb-worker` processes on this machine.
+    Process(ProcessBackendConfig),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessBackendConfig {
+    /// The worker executable.
+    #[serde(default = "defaults::worker_command")]
+    pub command: PathBuf,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Where the scaler keeps its workers' pid files and logs; a restarted
+    /// scaler adopts the workers recorded here and touches nothing else.
+    #[serde(default = "defaults::state_dir")]
+    pub state_dir: PathBuf,
+    /// Name of this pool (several scalers may share a state directory).
+    #[serde(default = "defaults::pool")]
+    pub pool: String,
+}
+
+mod defaults {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    pub fn tick() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn step() -> u32 {
+        1
+    }
+    pub fn admin_token_env() -> String {
+        "EBB_SCALER_ADMIN_TOKEN".into()
+    }
+    pub fn worker_command() -> PathBuf {
+        "ebb-worker".into()
+    }
+    pub fn state_dir() -> PathBuf {
+        std::env::temp_dir().join("ebb-scaler")
+    }
+    pub fn pool() -> String {
+        "default".into()
+    }
+}
+
+fn optional_duration<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+    ebb_nats::duration::deserialize(deserializer).map(Some)
+}
+
+impl ScalerConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<(ScalerConfig, Timetable), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|err| match err {
+            ConfigError::Syntax { message, .. } => ConfigError::Syntax {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<(ScalerConfig, Timetable), ConfigError> {
+        let config: ScalerConfig = serde_norway::from_str(text).map_err(|err| ConfigError::Syntax {
+            path: PathBuf::from("config"),
+            message: err.to_string(),
+        })?;
+        let timetable = config.validate()?;
+        Ok((config, timetable))
+    }
+
+    fn validate(&self) -> Result<Timetable, ConfigError> {
+        let resources = &self.resources;
+        if resources.max_instances == 0 {
+            return Err(invalid("resources.max_instances", "must be at least 1"));
+        }
+        if resources.min_instances > resources.max_instances {
+            return Err(invalid(
+                "resources.min_instances",
+                format!(
+                    "{} is more than resources.max_instances ({})",
+                    resources.min_instances, resources.max_instances
+                ),
+            ));
+        }
+        if self.tick.is_zero() {
+            return Err(invalid("tick", "must be more than zero"));
+        }
+        let target = &self.target;
+        if !(target.utilization > 0.0 && target.utilization <= 1.0) {
+            return Err(invalid("target.utilization", "must be in (0, 1]"));
+        }
+        for (key, value) in [
+            ("target.drain_target", target.drain_target),
+            ("target.latency_goal", target.latency_goal),
+            ("target.default_service_time", target.default_service_time),
+            ("target.stable_window", target.stable_window),
+            ("target.panic_window", target.panic_window),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(key, "must be more than zero"));
+            }
+        }
+        if let Some(rules) = &self.rules {
+            if rules.scale_up.is_empty() && rules.scale_down.is_empty() {
+                return Err(invalid("rules", "has neither scale_up nor scale_down conditions"));
+            }
+            for (key, step) in [("rules.step_up", rules.step_up), ("rules.step_down", rules.step_down)] {
+                if step == 0 {
+                    return Err(invalid(key, "must be at least 1"));
+                }
+            }
+            for (list, conditions) in [("scale_up", &rules.scale_up), ("scale_down", &rules.scale_down)] {
+                for (index, condition) in conditions.iter().enumerate() {
+                    if !condition.threshold.is_finite() || condition.threshold < 0.0 {
+                        return Err(invalid(
+                            format!("rules.{list}[{index}].threshold"),
+                            "must be a non-negative number",
+                        ));
+                    }
+                }
+            }
+        }
+        for (index, entry) in self.timetable.iter().enumerate() {
+            if entry.min_workers > resources.max_instances {
+                return Err(invalid(
+                    format!("timetable[{index}].min_workers"),
+                    format!("{} is more than resources.max_instances ({})", entry.min_workers, resources.max_instances),
+                ));
+            }
+        }
+        let BackendConfig::Process(process) = &self.backend;
+        if process.pool.is_empty() || !process.pool.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(invalid("backend.pool", "must be letters, digits and '-'"));
+        }
+        Ok(Timetable::new(&self.timetable)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+tick: 1s
+resources:
+  min_instances: 0
+  max_instances: 8
+  instance_type: nvidia-a10
+rules:
+  scale_up:
+    - metric: queue_depth
+      threshold: 10
+      duration: 30s
+    - metric: avg_response_time
+      threshold: 5
+      duration: 1m
+  scale_down:
+    - metric: cpu_usage
+      threshold: 0.3
+      duration: 5m
+cooldowns:
+  scale_to_zero_idle: 5m
+timetable:
+  - name: morning-classes
+    cron: "50 7 * * 1-5"
+    timezone: Asia/Shanghai
+    duration: 90m
+    min_workers: 2
+backend:
+  kind: process
+  command: /usr/local/bin/ebb-worker
+  args: ["--model", "Qwen/Qwen2.5-7B-Instruct"]
+"#;
+
+    fn key_of(text: &str) -> String {
+        match ScalerConfig::parse(text) {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            Err(other) => other.to_string(),
+            Ok(_) => panic!("expected an error"),
+        }
+    }
+
+    #[test]
+    fn the_seed_shaped_config_parses() {
+        let (config, timetable) = ScalerConfig::parse(FULL).unwrap();
+        assert_eq!(config.resources.max_instances, 8);
+        let rules = config.rules.unwrap();
+        assert_eq!(rules.scale_up[1].duration, Duration::from_secs(60));
+        assert_eq!(rules.scale_down[0].metric, Metric::WorkerUtilization, "cpu_usage is an alias");
+        assert_eq!(config.cooldowns.scale_to_zero_idle, Duration::from_secs(300));
+        assert!(!timetable.is_empty());
+    }
+
+    #[test]
+    fn errors_name_the_offending_key() {
+        assert_eq!(key_of(&FULL.replace("min_instances: 0", "min_instances: 9")), "resources.min_instances");
+        assert_eq!(key_of(&FULL.replace("max_instances: 8", "max_instances: 0")), "resources.max_instances");
+        assert_eq!(key_of(&FULL.replace("threshold: 10", "threshold: -1")), "rules.scale_up[0].threshold");
+        assert_eq!(key_of(&FULL.replace("min_workers: 2", "min_workers: 20")), "timetable[0].min_workers");
+        let bad_metric = key_of(&FULL.replace("metric: queue_depth", "metric: queue_length"));
+        assert!(bad_metric.contains("queue_length") && bad_metric.contains("rules.scale_up"), "{bad_metric}");
+        let typo = key_of(&FULL.replace("instance_type", "instance_typo"));
+        assert!(typo.contains("instance_typo"), "{typo}");
+        let bad_cron = key_of(&FULL.replace("50 7 * * 1-5", "50 25 * * 1-5"));
+        assert!(bad_cron.contains("timetable[0].cron"), "{bad_cron}");
+        let bad_zone = key_of(&FULL.replace("Asia/Shanghai", "Asia/Atlantis"));
+        assert!(bad_zone.contains("timetable[0].timezone"), "{bad_zone}");
+        let bad_duration = key_of(&FULL.replace("duration: 90m", "duration: soon"));
+        assert!(bad_duration.contains("duration"), "{bad_duration}");
+    }
+}

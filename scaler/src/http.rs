@@ -1,0 +1,197 @@
+//! The scaler's HTTP API: `GET /status`, `POST /scale` (admin token),
+//! `GET /metrics` (Prometheus text), `GET /healthz`.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::Utc;
+use serde_json::{Value, json};
+
+use crate::policy::Override;
+use crate::scaler::Shared;
+
+/// Longest a manual override may last.
+const MAX_OVERRIDE_TTL_SECONDS: u64 = 7 * 86_400;
+const DEFAULT_OVERRIDE_TTL_SECONDS: u64 = 3_600;
+
+#[derive(Debug)]
+pub struct ApiState {
+    pub shared: Arc<Shared>,
+    /// The bearer token for `POST /scale`; `None` disables manual overrides.
+    pub admin_token: Option<String>,
+    pub max_instances: u32,
+}
+
+/// Errors of the scaler API, as `{"error":{"type","message"}}`.
+#[derive(Debug)]
+enum ApiError {
+    Unauthorized,
+    Disabled,
+    InvalidJson(String),
+    Invalid { field: &'static str, message: String },
+    NotFound,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, error_type, message, field) = match self {
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", "a valid admin bearer token is required".to_owned(), None),
+            ApiError::Disabled => (
+                StatusCode::FORBIDDEN,
+                "overrides_disabled",
+                "manual overrides are disabled: no admin token is configured".to_owned(),
+                None,
+            ),
+            ApiError::InvalidJson(message) => (StatusCode::BAD_REQUEST, "invalid_json", message, None),
+            ApiError::Invalid { field, message } => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", format!("`{field}` {message}"), Some(field))
+            }
+            ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found", "no such route".to_owned(), None),
+        };
+        let mut error = json!({"type": error_type, "message": message});
+        if let Some(field) = field {
+            error["field"] = json!(field);
+        }
+        let mut response = (status, Json(json!({ "error": error }))).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/status", get(status))
+        .route("/scale", post(scale))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { Json(json!({"status": "healthy"})) }))
+        .fallback(|| async { ApiError::NotFound })
+        .with_state(state)
+}
+
+async fn status(State(state): State<Arc<ApiState>>) -> Json<crate::scaler::Status> {
+    Json(state.shared.status())
+}
+
+/// Constant-time comparison, so the token cannot be guessed byte by byte.
+fn same_token(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |diff, (a, b)| diff | (a ^ b)) == 0
+}
+
+async fn scale(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let Some(expected) = &state.admin_token else {
+        return Err(ApiError::Disabled);
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .ok_or(ApiError::Unauthorized)?;
+    if !same_token(given.trim().as_bytes(), expected.as_bytes()) {
+        return Err(ApiError::Unauthorized);
+    }
+    let request: Value = serde_json::from_slice(&body).map_err(|err| ApiError::InvalidJson(err.to_string()))?;
+    let Value::Object(fields) = request else {
+        return Err(ApiError::InvalidJson("the body must be a JSON object".into()));
+    };
+    let invalid = |field: &'static str, message: &str| ApiError::Invalid { field, message: message.to_owned() };
+    let action = fields
+        .get("action")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid("action", "must be \"up\", \"down\" or \"set\""))?;
+    let count = match fields.get("count") {
+        None | Some(Value::Null) if action != "set" => 1,
+        None | Some(Value::Null) => return Err(invalid("count", "is required for \"set\"")),
+        Some(value) => value
+            .as_u64()
+            .filter(|count| *count <= u64::from(state.max_instances).max(1) * 10)
+            .ok_or_else(|| invalid("count", "must be a non-negative integer within reason"))? as u32,
+    };
+    let ttl = match fields.get("ttl_seconds") {
+        None | Some(Value::Null) => DEFAULT_OVERRIDE_TTL_SECONDS,
+        Some(value) => value
+            .as_u64()
+            .filter(|ttl| (1..=MAX_OVERRIDE_TTL_SECONDS).contains(ttl))
+            .ok_or_else(|| invalid("ttl_seconds", "must be an integer from 1 to 604800"))?,
+    };
+    let current = state.shared.status().desired;
+    let target = match action {
+        "up" => current.saturating_add(count),
+        "down" => current.saturating_sub(count),
+        "set" => count,
+        _ => return Err(invalid("action", "must be \"up\", \"down\" or \"set\"")),
+    };
+    let manual = Override {
+        count: target,
+        expires: Utc::now() + chrono::Duration::seconds(ttl as i64),
+    };
+    tracing::info!(action, count = target, ttl_seconds = ttl, "manual override");
+    *state.shared.pending_override.lock().expect("override lock") = Some(manual.clone());
+    state.shared.wake.notify_one();
+    Ok(Json(json!({"accepted": true, "count": target, "expires": manual.expires, "note": "clamped to min/max_instances"})))
+}
+
+async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
+    let status = state.shared.status();
+    let mut text = String::new();
+    let mut gauge = |name: &str, help: &str, samples: &[(String, f64)]| {
+        let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (labels, value) in samples {
+            let _ = writeln!(text, "{name}{labels} {value}");
+        }
+    };
+    let plain = |value: f64| vec![(String::new(), value)];
+    gauge("ebb_scaler_desired_workers", "Workers the scaler wants running.", &plain(status.desired.into()));
+    let actual = status.actual;
+    gauge(
+        "ebb_scaler_workers",
+        "Workers by state.",
+        &[
+            ("starting", actual.starting),
+            ("idle", actual.idle),
+            ("busy", actual.busy),
+            ("draining", actual.draining),
+            ("unhealthy", actual.unhealthy),
+        ]
+        .map(|(state, n)| (format!("{{state=\"{state}\"}}"), n.into())),
+    );
+    gauge("ebb_scaler_queue_lag", "Questions waiting or being answered.", &plain(status.signals.lag as f64));
+    let by_priority: Vec<(String, f64)> = status
+        .lag_by_priority
+        .iter()
+        .map(|depth| (format!("{{priority=\"{}\"}}", depth.priority), depth.lag() as f64))
+        .collect();
+    gauge("ebb_scaler_queue_lag_by_priority", "Questions waiting or being answered, per priority.", &by_priority);
+    gauge(
+        "ebb_scaler_oldest_waiting_seconds",
+        "Age of the oldest question no worker has taken.",
+        &plain(status.signals.oldest_waiting.as_secs_f64()),
+    );
+    gauge("ebb_scaler_arrival_rate", "Questions per second (stable window).", &plain(status.signals.arrival_rate));
+    gauge("ebb_scaler_asleep", "1 while no worker is wanted.", &plain(f64::from(u8::from(state.shared.asleep.load(Ordering::Relaxed)))));
+    let _ = writeln!(text, "# HELP ebb_scaler_decisions_total Changes of the desired count, by reason.\n# TYPE ebb_scaler_decisions_total counter");
+    for (reason, count) in &status.decisions_by_reason {
+        let _ = writeln!(text, "ebb_scaler_decisions_total{{reason=\"{reason}\"}} {count}");
+    }
+    let mut delays: Vec<f64> = status.activation_delays_ms.iter().copied().collect();
+    delays.sort_by(f64::total_cmp);
+    if !delays.is_empty() {
+        let _ = writeln!(text, "# HELP ebb_scaler_activation_delay_seconds First question at zero workers to worker start issued.\n# TYPE ebb_scaler_activation_delay_seconds summary");
+        for quantile in [0.5, 0.99] {
+            let index = ((delays.len() as f64 * quantile).ceil() as usize).clamp(1, delays.len()) - 1;
+            let _ = writeln!(text, "ebb_scaler_activation_delay_seconds{{quantile=\"{quantile}\"}} {}", delays[index] / 1000.0);
+        }
+        let _ = writeln!(text, "ebb_scaler_activation_delay_seconds_count {}", delays.len());
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}

@@ -1,0 +1,134 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use chrono::Utc;
+use clap::Parser;
+use ebb_scaler::config::ScalerConfig;
+
+/// ebb's autoscaler: turns queue depth, latency and the school timetable into
+/// a worker count, and starts and stops workers to match, down to zero.
+#[derive(Debug, Parser)]
+#[command(name = "ebb-scaler", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// The scaler's YAML config file.
+    #[arg(long, env = "EBB_SCALER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address of the HTTP API (/status, /scale, /metrics, /healthz).
+    #[arg(long, env = "EBB_SCALER_LISTEN", default_value = "0.0.0.0:9090")]
+    listen: SocketAddr,
+    /// NATS server with JetStream enabled.
+    #[arg(long, env = "EBB_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Validate a config file; print each error with the key it concerns.
+    CheckConfig {
+        /// The config file to check.
+        file: PathBuf,
+    },
+    /// Print the coming timetable windows in local and UTC time.
+    Timetable {
+        /// The config file whose timetable to print.
+        file: PathBuf,
+        /// How many days ahead to look.
+        #[arg(long, default_value_t = 7)]
+        days: u32,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::CheckConfig { file }) => match ScalerConfig::load(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("error: {err}");
+                ExitCode::FAILURE
+            }
+        },
+        Some(Command::Timetable { file, days }) => print_timetable(&file, days),
+        None => match serve(cli).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("error: {err:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+async fn serve(cli: Cli) -> anyhow::Result<()> {
+    let path = cli
+        .config
+        .ok_or_else(|| anyhow::anyhow!("--config (EBB_SCALER_CONFIG) is required"))?;
+    let (config, timetable) = ScalerConfig::load(&path)?;
+    let _telemetry = ebb_nats::telemetry::init("ebb-scaler")?;
+    let listener = tokio::net::TcpListener::bind(cli.listen)
+        .await
+        .map_err(|err| anyhow::anyhow!("cannot listen on {} (--listen): {err}", cli.listen))?;
+    ebb_scaler::run(config, timetable, &cli.nats_url, listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+fn print_timetable(file: &std::path::Path, days: u32) -> ExitCode {
+    let (config, timetable) = match ScalerConfig::load(file) {
+        Ok(loaded) => loaded,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let now = Utc::now();
+    let windows = timetable.windows_starting_between(now, now + chrono::Duration::days(days.into()));
+    if windows.is_empty() {
+        println!("no timetable windows in the next {days} days");
+    }
+    for window in windows {
+        let zone = config
+            .timetable
+            .iter()
+            .find(|entry| entry.name == window.name)
+            .and_then(|entry| entry.timezone.parse::<chrono_tz::Tz>().ok())
+            .unwrap_or(chrono_tz::UTC);
+        println!(
+            "{:<20} {} -> {} {}  ({} -> {} UTC)  floor {}",
+            window.name,
+            window.start.with_timezone(&zone).format("%a %Y-%m-%d %H:%M"),
+            window.end.with_timezone(&zone).format("%H:%M"),
+            zone,
+            window.start.format("%Y-%m-%d %H:%M"),
+            window.end.format("%H:%M"),
+            window.min_workers,
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+/// First SIGTERM/Ctrl-C stops the scaler (its workers keep running and are
+/// adopted by the next scaler); a second exits at once.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    tracing::info!("stopping the scaler; workers keep running");
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        std::process::exit(130);
+    });
+}

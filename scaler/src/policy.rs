@@ -1,0 +1,386 @@
+//! The decision: how many workers should run, and why. A pure function of
+//! what was observed, what was decided before, the config and the time, so
+//! the live loop and the replay simulator run exactly the same code.
+//!
+//! Order of concerns in [`decide`]:
+//! 1. a manual override, while it lasts, replaces the policy;
+//! 2. the policy (seed-style rules, or target tracking with panic mode)
+//!    proposes a count; questions waiting at zero workers always activate one;
+//! 3. the timetable raises it to its floor; `min`/`max` clamp it;
+//! 4. going up happens at once; going down waits for the stabilization
+//!    window (one step at a time) and, for the last worker, the idle window.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::config::{Condition, Metric, Rules, ScalerConfig};
+use crate::timetable::{Timetable, Window};
+
+/// Workers by state, as the scaler sees them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct WorkerCounts {
+    /// Started, model still loading.
+    pub starting: u32,
+    /// Ready and idle.
+    pub idle: u32,
+    pub busy: u32,
+    /// Finishing their last question before stopping.
+    pub draining: u32,
+    /// Not ready in time, silent, or crash-looping: not capacity.
+    pub unhealthy: u32,
+}
+
+impl WorkerCounts {
+    /// Workers that are or will soon be able to answer.
+    pub fn capacity(&self) -> u32 {
+        self.starting + self.idle + self.busy
+    }
+
+    pub fn ready(&self) -> u32 {
+        self.idle + self.busy
+    }
+
+    /// Busy fraction of ready workers (0 when none is ready).
+    pub fn utilization(&self) -> f64 {
+        match self.ready() {
+            0 => 0.0,
+            ready => self.busy as f64 / ready as f64,
+        }
+    }
+}
+
+/// Signals gathered for one decision.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Observation {
+    /// Questions waiting or being answered (`num_pending + num_ack_pending`).
+    pub lag: u64,
+    /// Age of the oldest question no worker has taken.
+    #[serde(serialize_with = "ebb_nats::duration::serialize_seconds")]
+    pub oldest_waiting: Duration,
+    /// Arrivals per second over the stable window.
+    pub arrival_rate: f64,
+    /// Arrivals per second over the short panic window.
+    pub panic_arrival_rate: f64,
+    /// Answers per second over the stable window.
+    pub completion_rate: f64,
+    /// Questions that arrived since the previous decision.
+    pub new_arrivals: u64,
+    /// Mean time a worker spends per question, once measured.
+    #[serde(serialize_with = "serialize_optional_seconds")]
+    pub service_time: Option<Duration>,
+    /// Mean acceptance-to-answer time, once measured.
+    #[serde(serialize_with = "serialize_optional_seconds")]
+    pub avg_response_time: Option<Duration>,
+    /// 90th percentile of measured worker cold starts.
+    #[serde(serialize_with = "serialize_optional_seconds")]
+    pub cold_start_p90: Option<Duration>,
+    pub workers: WorkerCounts,
+}
+
+fn serialize_optional_seconds<S: serde::Serializer>(value: &Option<Duration>, serializer: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(duration) => serializer.serialize_some(&duration.as_secs_f64()),
+        None => serializer.serialize_none(),
+    }
+}
+
+impl Observation {
+    fn metric(&self, metric: Metric) -> f64 {
+        match metric {
+            Metric::RequestPerSecond => self.arrival_rate,
+            Metric::AvgResponseTime => self.avg_response_time.map_or(0.0, |d| d.as_secs_f64()),
+            Metric::QueueDepth => self.lag as f64,
+            Metric::QueueAge => self.oldest_waiting.as_secs_f64(),
+            Metric::WorkerUtilization => self.workers.utilization(),
+        }
+    }
+
+    /// Nothing waiting, arriving or being answered.
+    fn is_idle(&self) -> bool {
+        self.lag == 0 && self.new_arrivals == 0 && self.workers.busy == 0
+    }
+}
+
+/// A manual `POST /scale`, in force until it expires.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Override {
+    pub count: u32,
+    pub expires: DateTime<Utc>,
+}
+
+/// What one decision hands to the next.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PolicyState {
+    pub desired: u32,
+    /// Since when each rule condition has held (`scale_up` then `scale_down`).
+    pub condition_since: Vec<Option<DateTime<Utc>>>,
+    /// Since when the policy has wanted fewer workers than `desired`.
+    pub lower_since: Option<DateTime<Utc>>,
+    /// Since when there has been no work at all.
+    pub idle_since: Option<DateTime<Utc>>,
+    /// Panic mode lasts until then.
+    pub panic_until: Option<DateTime<Utc>>,
+    pub manual: Option<Override>,
+}
+
+/// The outcome of [`decide`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Decision {
+    pub desired: u32,
+    /// Why `desired` is what it is, for the decision log.
+    pub reason: String,
+    /// When a new decision could differ even without new signals.
+    #[serde(serialize_with = "ebb_nats::duration::serialize_seconds")]
+    pub next_wake: Duration,
+    /// The timetable window holding a floor now, if any.
+    pub floor: Option<Window>,
+    pub state: PolicyState,
+}
+
+/// The config parts the policy reads, with the compiled timetable.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub config: ScalerConfig,
+    pub timetable: Timetable,
+}
+
+/// Pre-warm lead when neither configured nor measured.
+const DEFAULT_PREWARM_LEAD: Duration = Duration::from_secs(60);
+
+impl Policy {
+    pub fn new(config: ScalerConfig, timetable: Timetable) -> Policy {
+        Policy { config, timetable }
+    }
+
+    /// How early timetable windows start their workers.
+    pub fn prewarm_lead(&self, observation: &Observation) -> Duration {
+        self.config
+            .prewarm_lead
+            .or(observation.cold_start_p90)
+            .unwrap_or(DEFAULT_PREWARM_LEAD)
+    }
+}
+
+fn since(now: DateTime<Utc>, start: DateTime<Utc>) -> Duration {
+    (now - start).to_std().unwrap_or_default()
+}
+
+fn seconds(duration: Duration) -> String {
+    format!("{}s", (duration.as_secs_f64() * 10.0).round() / 10.0)
+}
+
+/// Decides the worker count. Pure: no I/O, no clock, no randomness.
+pub fn decide(observation: &Observation, state: &PolicyState, policy: &Policy, now: DateTime<Utc>) -> Decision {
+    let config = &policy.config;
+    let (min, max) = (config.resources.min_instances, config.resources.max_instances);
+    let current = state.desired;
+    let mut next = state.clone();
+    next.idle_since = match (observation.is_idle(), state.idle_since) {
+        (false, _) => None,
+        (true, Some(start)) => Some(start),
+        (true, None) => Some(now),
+    };
+    let floor = policy.timetable.floor_at(now, policy.prewarm_lead(observation));
+    let tick = config.tick;
+
+    if let Some(manual) = state.manual.clone().filter(|manual| manual.expires > now) {
+        let desired = manual.count.clamp(min, max);
+        next.desired = desired;
+        next.lower_since = None;
+        let until = manual.expires.format("%H:%M:%SZ");
+        return Decision {
+            desired,
+            reason: format!("manual override {desired} until {until}"),
+            next_wake: tick.min(since(manual.expires, now)),
+            floor,
+            state: next,
+        };
+    }
+    next.manual = None;
+
+    let (mut wanted, mut reason) = match &config.rules {
+        Some(rules) => apply_rules(rules, observation, state, &mut next, now),
+        None => target_tracking(policy, observation, current, &mut next, now),
+    };
+    if current == 0 && (observation.lag > 0 || observation.new_arrivals > 0) && wanted == 0 {
+        wanted = 1;
+        reason = format!("activation: {} question(s) waiting at zero workers", observation.lag.max(observation.new_arrivals));
+    }
+    if let Some(window) = &floor
+        && window.min_workers > wanted
+    {
+        wanted = window.min_workers;
+        reason = format!("timetable floor '{}' {}", window.name, window.min_workers);
+    }
+    if wanted < min {
+        reason = format!("min_instances {min}");
+    } else if wanted > max {
+        reason = format!("{reason}; capped at max_instances {max}");
+    }
+    let wanted = wanted.clamp(min, max);
+
+    let cooldowns = &config.cooldowns;
+    let (desired, reason) = if wanted >= current {
+        next.lower_since = None;
+        (wanted, reason)
+    } else if current == 1 {
+        // The last worker: only after the idle window.
+        next.lower_since = None;
+        match next.idle_since {
+            Some(idle) if since(now, idle) >= cooldowns.scale_to_zero_idle => {
+                (0, format!("idle {} -> 0", seconds(since(now, idle))))
+            }
+            _ => (current, format!("waiting for {} idle before 0", seconds(cooldowns.scale_to_zero_idle))),
+        }
+    } else {
+        let lower_since = *next.lower_since.get_or_insert(now);
+        if since(now, lower_since) >= cooldowns.scale_down_stabilization {
+            let step = config.rules.as_ref().map_or(1, |rules| rules.step_down);
+            let desired = current.saturating_sub(step).max(wanted).max(1);
+            next.lower_since = (desired > wanted).then_some(now);
+            (desired, format!("{reason}; stable for {} -> {desired}", seconds(cooldowns.scale_down_stabilization)))
+        } else {
+            (current, format!("stabilizing: {reason}"))
+        }
+    };
+    next.desired = desired;
+    let next_wake = if desired == 0 && floor.is_none() {
+        // Arrivals wake the scaler; only the next window needs a timer.
+        policy
+            .timetable
+            .next_window(now)
+            .map(|window| since(window.start, now).saturating_sub(policy.prewarm_lead(observation)))
+            .unwrap_or(Duration::from_secs(60))
+            .clamp(tick, Duration::from_secs(60))
+    } else {
+        tick
+    };
+    Decision {
+        desired,
+        reason,
+        next_wake,
+        floor,
+        state: next,
+    }
+}
+
+/// Seed-style rules: up by `step_up` when any `scale_up` condition has held
+/// for its duration; down by `step_down` when all `scale_down` ones have.
+fn apply_rules(
+    rules: &Rules,
+    observation: &Observation,
+    state: &PolicyState,
+    next: &mut PolicyState,
+    now: DateTime<Utc>,
+) -> (u32, String) {
+    let conditions: Vec<(&Condition, bool)> = rules
+        .scale_up
+        .iter()
+        .map(|c| (c, observation.metric(c.metric) > c.threshold))
+        .chain(rules.scale_down.iter().map(|c| (c, observation.metric(c.metric) < c.threshold)))
+        .collect();
+    next.condition_since = conditions
+        .iter()
+        .enumerate()
+        .map(|(index, (_, holds))| match (holds, state.condition_since.get(index).copied().flatten()) {
+            (false, _) => None,
+            (true, Some(start)) => Some(start),
+            (true, None) => Some(now),
+        })
+        .collect();
+    let held = |index: usize| {
+        let (condition, _) = conditions[index];
+        next.condition_since[index].filter(|start| since(now, *start) >= condition.duration)
+    };
+    let describe = |index: usize, op: &str| {
+        let (condition, _) = conditions[index];
+        let value = observation.metric(condition.metric);
+        let start = next.condition_since[index].unwrap_or(now);
+        format!(
+            "{} {:.2} {op} {} for {}",
+            condition.metric.name(),
+            value,
+            condition.threshold,
+            seconds(since(now, start))
+        )
+    };
+    let current = state.desired;
+    let ups = rules.scale_up.len();
+    if let Some(index) = (0..ups).find(|&index| held(index).is_some()) {
+        return (current.saturating_add(rules.step_up), describe(index, ">"));
+    }
+    let downs: Vec<usize> = (ups..conditions.len()).collect();
+    if !downs.is_empty() && downs.iter().all(|&index| held(index).is_some()) {
+        let reasons: Vec<String> = downs.iter().map(|&index| describe(index, "<")).collect();
+        return (current.saturating_sub(rules.step_down), reasons.join(", "));
+    }
+    (current, "rules: no condition held long enough".to_owned())
+}
+
+/// Target tracking: workers = ceil((arrival rate x service time + lag /
+/// drain target) / target utilization). Panic when the short window asks for
+/// at least twice the ready workers, or the oldest question is older than
+/// half the latency goal: then scale up at once and never down.
+fn target_tracking(
+    policy: &Policy,
+    observation: &Observation,
+    current: u32,
+    next: &mut PolicyState,
+    now: DateTime<Utc>,
+) -> (u32, String) {
+    let target = &policy.config.target;
+    let service = observation.service_time.unwrap_or(target.default_service_time).as_secs_f64();
+    let backlog = observation.lag as f64 / target.drain_target.as_secs_f64();
+    let needed = |rate: f64| ((rate * service + backlog) / target.utilization).ceil().min(u32::MAX as f64) as u32;
+    let stable = needed(observation.arrival_rate);
+    let burst = needed(observation.panic_arrival_rate);
+    let ready = observation.workers.ready();
+
+    let too_old = observation.oldest_waiting > target.latency_goal / 2;
+    // At zero ready workers every need is "twice the ready ones": that case
+    // is activation, not panic.
+    let burst_panic = ready > 0 && burst >= 2 * ready;
+    if too_old || burst_panic {
+        next.panic_until = Some(now + target.stable_window);
+    }
+    let panicking = next.panic_until.is_some_and(|until| until > now);
+    if !panicking {
+        next.panic_until = None;
+    }
+    let reason = if too_old {
+        format!(
+            "panic: queue_age {} > {} (half the latency goal)",
+            seconds(observation.oldest_waiting),
+            seconds(target.latency_goal / 2)
+        )
+    } else if burst_panic {
+        format!(
+            "panic: {:.1} arrivals/s over {} need {burst} workers, {ready} ready",
+            observation.panic_arrival_rate,
+            seconds(target.panic_window)
+        )
+    } else if panicking {
+        "panic: holding workers".to_owned()
+    } else {
+        format!(
+            "target: {:.2} arrivals/s x {} + lag {} / {} at {:.0}% -> {stable}",
+            observation.arrival_rate,
+            seconds(Duration::from_secs_f64(service)),
+            observation.lag,
+            seconds(target.drain_target),
+            target.utilization * 100.0
+        )
+    };
+    // While questions age, add a worker per decision, but only once the
+    // previous one has finished starting (it may be all that is missing).
+    let add_one = too_old && observation.workers.starting == 0;
+    // Panic never scales down: at least the current count while it lasts.
+    let wanted = if panicking { stable.max(burst).max(current + u32::from(add_one)) } else { stable };
+    (wanted, reason)
+}
+
+#[cfg(test)]
+#[path = "policy_tests.rs"]
+mod tests;

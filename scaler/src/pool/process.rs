@@ -1,0 +1,247 @@
+//! The local backend: `ebb-worker` processes.
+//!
+//! Each worker runs in its own process group (a Ctrl-C to the scaler does
+//! not reach it) and is recorded in `<state_dir>/<pool>/<id>.json` with its
+//! pid and the kernel's start time of that pid, so a restarted scaler adopts
+//! exactly the processes it started and cannot mistake a recycled pid for
+//! one of them. Output goes to `<id>.log` beside the record.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::{Phase, PoolError, PoolWorker, WorkerPool};
+use crate::config::ProcessBackendConfig;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    id: String,
+    pid: u32,
+    /// Field 22 of `/proc/<pid>/stat`: distinguishes a recycled pid.
+    proc_start: u64,
+    started_at: DateTime<Utc>,
+}
+
+#[derive(Debug)]
+struct Managed {
+    record: Record,
+    /// `None` for a worker adopted from an earlier scaler run.
+    child: Option<Child>,
+    stopping_since: Option<DateTime<Utc>>,
+    killed: bool,
+}
+
+#[derive(Debug)]
+pub struct ProcessPool {
+    config: ProcessBackendConfig,
+    dir: PathBuf,
+    grace: Duration,
+    workers: BTreeMap<String, Managed>,
+    started: u64,
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> PoolError + '_ {
+    move |source| PoolError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+impl ProcessPool {
+    /// Opens the pool's state directory and adopts the workers recorded there
+    /// that are still alive; records of dead ones are removed.
+    pub fn open(config: ProcessBackendConfig, grace: Duration) -> Result<ProcessPool, PoolError> {
+        let dir = config.state_dir.join(&config.pool);
+        std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        let mut workers = BTreeMap::new();
+        for entry in std::fs::read_dir(&dir).map_err(io_error(&dir))? {
+            let path = entry.map_err(io_error(&dir))?.path();
+            if path.extension().is_none_or(|ext| ext != "json") {
+                continue;
+            }
+            let record: Option<Record> = std::fs::read(&path)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+            match record {
+                Some(record) if process_start(record.pid) == Some(record.proc_start) => {
+                    tracing::info!(worker_id = %record.id, pid = record.pid, "adopted a running worker");
+                    let managed = Managed {
+                        record,
+                        child: None,
+                        stopping_since: None,
+                        killed: false,
+                    };
+                    workers.insert(managed.record.id.clone(), managed);
+                }
+                _ => {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        Ok(ProcessPool {
+            config,
+            dir,
+            grace,
+            workers,
+            started: 0,
+        })
+    }
+
+    /// Pids of the workers this pool tracks (for tests and diagnostics).
+    pub fn pids(&self) -> Vec<u32> {
+        self.workers.values().map(|w| w.record.pid).collect()
+    }
+
+    fn record_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.json"))
+    }
+
+    fn has_exited(managed: &mut Managed) -> Option<String> {
+        match managed.child.as_mut() {
+            Some(child) => match child.try_wait() {
+                Ok(Some(status)) => Some(status.to_string()),
+                Ok(None) => None,
+                Err(err) => Some(format!("unknown ({err})")),
+            },
+            None => (process_start(managed.record.pid) != Some(managed.record.proc_start))
+                .then(|| "exited (adopted worker)".to_owned()),
+        }
+    }
+}
+
+impl WorkerPool for ProcessPool {
+    async fn list(&mut self) -> Result<Vec<PoolWorker>, PoolError> {
+        let now = Utc::now();
+        let mut listed = Vec::with_capacity(self.workers.len());
+        let mut gone = Vec::new();
+        for (id, managed) in &mut self.workers {
+            let phase = if let Some(status) = Self::has_exited(managed) {
+                gone.push(id.clone());
+                Phase::Exited {
+                    status,
+                    requested: managed.stopping_since.is_some(),
+                }
+            } else if let Some(since) = managed.stopping_since {
+                let overdue = (now - since).to_std().unwrap_or_default() > self.grace;
+                if overdue && !managed.killed {
+                    tracing::warn!(worker_id = %id, "still draining after the grace period; killing it");
+                    signal(managed.record.pid, "KILL");
+                    managed.killed = true;
+                }
+                Phase::Stopping { since }
+            } else {
+                Phase::Running
+            };
+            listed.push(PoolWorker {
+                id: id.clone(),
+                started_at: managed.record.started_at,
+                phase,
+            });
+        }
+        for id in gone {
+            self.workers.remove(&id);
+            let _ = std::fs::remove_file(self.record_path(&id));
+        }
+        Ok(listed)
+    }
+
+    async fn start(&mut self) -> Result<String, PoolError> {
+        self.started += 1;
+        let started_at = Utc::now();
+        let id = format!("{}-{}-{}", self.config.pool, started_at.timestamp_millis(), self.started);
+        let log_path = self.dir.join(format!("{id}.log"));
+        let log = std::fs::File::create(&log_path).map_err(io_error(&log_path))?;
+        let child = Command::new(&self.config.command)
+            .args(&self.config.args)
+            .envs(&self.config.env)
+            .env("EBB_WORKER_ID", &id)
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(io_error(&log_path))?)
+            .stderr(log)
+            .spawn()
+            .map_err(|source| PoolError::Spawn {
+                command: self.config.command.display().to_string(),
+                source,
+            })?;
+        let pid = child.id();
+        let record = Record {
+            id: id.clone(),
+            pid,
+            proc_start: process_start(pid).unwrap_or(0),
+            started_at,
+        };
+        let path = self.record_path(&id);
+        let staging = path.with_extension("json.tmp");
+        std::fs::write(&staging, serde_json::to_vec(&record).expect("records serialize"))
+            .and_then(|()| std::fs::rename(&staging, &path))
+            .map_err(io_error(&path))?;
+        tracing::info!(worker_id = %id, pid, "started worker");
+        self.workers.insert(
+            id.clone(),
+            Managed {
+                record,
+                child: Some(child),
+                stopping_since: None,
+                killed: false,
+            },
+        );
+        Ok(id)
+    }
+
+    async fn stop(&mut self, id: &str) -> Result<(), PoolError> {
+        let managed = self
+            .workers
+            .get_mut(id)
+            .ok_or_else(|| PoolError::UnknownWorker(id.to_owned()))?;
+        if managed.stopping_since.is_none() {
+            tracing::info!(worker_id = %id, "stopping worker (drain)");
+            signal(managed.record.pid, "TERM");
+            managed.stopping_since = Some(Utc::now());
+        }
+        Ok(())
+    }
+}
+
+/// The kernel's start time (in clock ticks since boot) of a live process.
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: fields resume
+    // after the last ')', starting with field 3.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_name.split_whitespace();
+    let state = fields.next()?;
+    if state == "Z" {
+        return None; // a zombie has exited
+    }
+    fields.nth(18)?.parse().ok()
+}
+
+fn signal(pid: u32, name: &str) {
+    let sent = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status();
+    if !sent.is_ok_and(|status| status.success()) {
+        tracing::debug!(pid, signal = name, "signal not delivered (already gone?)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_start_time_of_this_process_is_readable_and_stable() {
+        let me = std::process::id();
+        let first = process_start(me).expect("own /proc entry");
+        assert_eq!(process_start(me), Some(first));
+        assert_eq!(process_start(u32::MAX), None);
+    }
+}

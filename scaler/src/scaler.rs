@@ -1,0 +1,301 @@
+//! The thin loop around [`decide`]: gather signals, decide, reconcile the
+//! pool, publish status. Wakes every `tick`, and at once when a question
+//! arrives while no worker runs.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::stream::Stream;
+use chrono::{DateTime, Utc};
+use ebb_nats::{PriorityDepth, QueueDepth};
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use crate::policy::{Decision, Observation, Override, Policy, PolicyState, WorkerCounts, decide};
+use crate::pool::{Phase, WorkerPool};
+use crate::signals::{Condition, Signals, WorkerView};
+use crate::timetable::Window;
+
+/// Decisions kept for `/status`.
+const DECISION_LOG: usize = 50;
+/// Activation delays kept for the percentiles.
+const ACTIVATION_SAMPLES: usize = 200;
+/// Longest wait before replacing a crash-looping worker.
+const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(300);
+
+/// One change of the desired count.
+#[derive(Debug, Clone, Serialize)]
+pub struct DecisionRecord {
+    pub at: DateTime<Utc>,
+    pub from: u32,
+    pub to: u32,
+    pub reason: String,
+}
+
+/// What `/status` and `/metrics` show.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Status {
+    pub desired: u32,
+    pub actual: WorkerCounts,
+    pub workers: Vec<WorkerView>,
+    pub signals: Observation,
+    pub lag_by_priority: Vec<PriorityDepth>,
+    pub reason: String,
+    pub timetable_floor: Option<Window>,
+    pub next_window: Option<Window>,
+    pub manual_override: Option<Override>,
+    pub decisions: VecDeque<DecisionRecord>,
+    /// First question at zero workers -> worker start issued, milliseconds.
+    pub activation_delays_ms: VecDeque<f64>,
+    pub decisions_by_reason: std::collections::BTreeMap<String, u64>,
+    pub last_error: Option<String>,
+}
+
+/// State shared with the HTTP API.
+#[derive(Debug, Default)]
+pub struct Shared {
+    pub status: Mutex<Status>,
+    /// A `POST /scale` waiting for the next decision.
+    pub pending_override: Mutex<Option<Override>>,
+    pub signals: Mutex<Option<Signals>>,
+    /// Set while no worker is wanted: arrivals then wake the loop at once.
+    pub asleep: AtomicBool,
+    pub wake: Notify,
+}
+
+impl Shared {
+    pub fn status(&self) -> Status {
+        self.status.lock().expect("status lock").clone()
+    }
+}
+
+/// The reconcile loop and what it carries between ticks.
+pub struct Scaler<P: WorkerPool> {
+    pub policy: Policy,
+    pub pool: P,
+    pub questions: Stream,
+    pub shared: Arc<Shared>,
+    pub state: PolicyState,
+    crashes_in_a_row: u32,
+    next_start_allowed: DateTime<Utc>,
+    /// Earliest arrival not yet served by any worker, while at zero.
+    waiting_since: Option<DateTime<Utc>>,
+    last_depth: QueueDepth,
+}
+
+impl<P: WorkerPool> std::fmt::Debug for Scaler<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scaler").field("state", &self.state).finish_non_exhaustive()
+    }
+}
+
+impl<P: WorkerPool> Scaler<P> {
+    pub fn new(policy: Policy, pool: P, questions: Stream, shared: Arc<Shared>) -> Self {
+        Scaler {
+            policy,
+            pool,
+            questions,
+            shared,
+            state: PolicyState::default(),
+            crashes_in_a_row: 0,
+            next_start_allowed: DateTime::<Utc>::MIN_UTC,
+            waiting_since: None,
+            last_depth: QueueDepth { priorities: Vec::new() },
+        }
+    }
+
+    /// Runs until `shutdown` resolves. Workers keep running after the scaler
+    /// stops: a restarted scaler adopts them.
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let next_wake = self.tick().await;
+            tokio::select! {
+                _ = tokio::time::sleep(next_wake) => {}
+                _ = self.shared.wake.notified() => {}
+                _ = &mut shutdown => return,
+            }
+        }
+    }
+
+    /// One round: observe, decide, reconcile. Returns when to wake next.
+    pub async fn tick(&mut self) -> Duration {
+        let now = Utc::now();
+        let mut errors = Vec::new();
+        let listed = match self.pool.list().await {
+            Ok(listed) => listed,
+            Err(err) => {
+                errors.push(format!("listing workers: {err}"));
+                Vec::new()
+            }
+        };
+        for worker in &listed {
+            if let Phase::Exited { status, requested: false } = &worker.phase {
+                self.crashed(&worker.id, &format!("exited on its own: {status}"), now);
+            }
+        }
+        match ebb_nats::queue_depth(&self.questions).await {
+            Ok(depth) => self.last_depth = depth,
+            Err(err) => errors.push(format!("queue depth: {err}")),
+        }
+        if let Some(manual) = self.shared.pending_override.lock().expect("override lock").take() {
+            self.state.manual = Some(manual);
+        }
+        let config = &self.policy.config;
+        let (views, observation) = {
+            let mut signals = self.shared.signals.lock().expect("signals lock");
+            let signals = signals.get_or_insert_with(|| Signals::new(&config.target));
+            let views = signals.classify(&listed, &config.health, now);
+            let observation = signals.observe(&self.last_depth, &views, &config.target, now);
+            (views, observation)
+        };
+        if observation.workers.ready() > 0 {
+            self.crashes_in_a_row = 0;
+        }
+        if observation.workers.capacity() == 0 && (observation.new_arrivals > 0 || observation.lag > 0) {
+            self.waiting_since.get_or_insert(now);
+        }
+
+        let decision = decide(&observation, &self.state, &self.policy, now);
+        let previous = self.state.desired;
+        self.state = decision.state.clone();
+        if decision.desired != previous {
+            tracing::info!(from = previous, to = decision.desired, reason = %decision.reason, "desired workers changed");
+        }
+        let activation = self.reconcile(&views, decision.desired, now, &mut errors).await;
+        self.publish(previous, &decision, views, observation, activation, errors, now);
+        self.shared.asleep.store(decision.desired == 0, Ordering::Relaxed);
+        decision.next_wake
+    }
+
+    fn crashed(&mut self, id: &str, why: &str, now: DateTime<Utc>) {
+        self.crashes_in_a_row += 1;
+        let backoff = self
+            .policy
+            .config
+            .health
+            .restart_backoff
+            .saturating_mul(1 << self.crashes_in_a_row.min(16).saturating_sub(1))
+            .min(MAX_RESTART_BACKOFF);
+        self.next_start_allowed = now + backoff;
+        tracing::warn!(worker_id = %id, why, crashes_in_a_row = self.crashes_in_a_row, backoff_ms = backoff.as_millis() as u64, "worker lost; replacing it after a backoff");
+    }
+
+    /// Starts or stops workers to match `desired`; returns the activation
+    /// delay when this round started the first worker for waiting questions.
+    async fn reconcile(
+        &mut self,
+        views: &[WorkerView],
+        desired: u32,
+        now: DateTime<Utc>,
+        errors: &mut Vec<String>,
+    ) -> Option<Duration> {
+        for unhealthy in views.iter().filter(|w| w.condition == Condition::Unhealthy) {
+            let why = unhealthy.why_unhealthy.clone().unwrap_or_default();
+            self.crashed(&unhealthy.id, &format!("unhealthy: {why}"), now);
+            if let Err(err) = self.pool.stop(&unhealthy.id).await {
+                errors.push(format!("stopping {}: {err}", unhealthy.id));
+            }
+        }
+        let healthy: Vec<&WorkerView> = views
+            .iter()
+            .filter(|w| matches!(w.condition, Condition::Starting | Condition::Idle | Condition::Busy))
+            .collect();
+        let count = healthy.len() as u32;
+        let mut activation = None;
+        if desired > count {
+            if now < self.next_start_allowed {
+                errors.push(format!("restart backoff until {}", self.next_start_allowed.format("%H:%M:%S")));
+            } else {
+                for _ in count..desired {
+                    match self.pool.start().await {
+                        Ok(_) => {
+                            if count == 0
+                                && let Some(since) = self.waiting_since.take()
+                            {
+                                activation = Some((Utc::now() - since).to_std().unwrap_or_default());
+                            }
+                        }
+                        Err(err) => {
+                            errors.push(err.to_string());
+                            break;
+                        }
+                    }
+                }
+            }
+        } else if desired < count {
+            // Idle workers first, then ones still loading, busy ones last:
+            // a busy worker drains its question before it stops anyway.
+            let mut victims = healthy.clone();
+            victims.sort_by_key(|w| match w.condition {
+                Condition::Idle => 0,
+                Condition::Starting => 1,
+                _ => 2,
+            });
+            for victim in victims.into_iter().take((count - desired) as usize) {
+                if let Err(err) = self.pool.stop(&victim.id).await {
+                    errors.push(format!("stopping {}: {err}", victim.id));
+                }
+            }
+        }
+        if desired == 0 || count > 0 {
+            self.waiting_since = None;
+        }
+        activation
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn publish(
+        &self,
+        previous: u32,
+        decision: &Decision,
+        workers: Vec<WorkerView>,
+        signals: Observation,
+        activation: Option<Duration>,
+        errors: Vec<String>,
+        now: DateTime<Utc>,
+    ) {
+        let next_window = self.policy.timetable.next_window(now);
+        let mut status = self.shared.status.lock().expect("status lock");
+        if decision.desired != previous {
+            let reason_kind = decision
+                .reason
+                .split([' ', ':'])
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            *status.decisions_by_reason.entry(reason_kind).or_default() += 1;
+            status.decisions.push_back(DecisionRecord {
+                at: now,
+                from: previous,
+                to: decision.desired,
+                reason: decision.reason.clone(),
+            });
+            if status.decisions.len() > DECISION_LOG {
+                status.decisions.pop_front();
+            }
+        }
+        if let Some(delay) = activation {
+            tracing::info!(activation_ms = delay.as_secs_f64() * 1000.0, "started a worker for questions waiting at zero");
+            status.activation_delays_ms.push_back(delay.as_secs_f64() * 1000.0);
+            if status.activation_delays_ms.len() > ACTIVATION_SAMPLES {
+                status.activation_delays_ms.pop_front();
+            }
+        }
+        for error in &errors {
+            tracing::warn!(cause = %error, "scaler round had a problem");
+        }
+        status.desired = decision.desired;
+        status.actual = signals.workers;
+        status.workers = workers;
+        status.signals = signals;
+        status.lag_by_priority = self.last_depth.priorities.clone();
+        status.reason = decision.reason.clone();
+        status.timetable_floor = decision.floor.clone();
+        status.next_window = next_window;
+        status.manual_override = decision.state.manual.clone();
+        status.last_error = errors.into_iter().next().or(status.last_error.take().filter(|_| false));
+    }
+}

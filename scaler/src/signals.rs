@@ -1,0 +1,222 @@
+//! Turning raw events (question arrivals, heartbeats, pool listings, queue
+//! depth) into the [`Observation`] the policy decides on.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use ebb_nats::{Heartbeat, QueueDepth, WorkerState};
+use serde::Serialize;
+
+use crate::config::{Health, TargetTracking};
+use crate::policy::{Observation, WorkerCounts};
+use crate::pool::{Phase, PoolWorker};
+
+/// Cold starts kept for the p90.
+const COLD_START_SAMPLES: usize = 50;
+
+/// Events per second, counted in one-second buckets over a bounded window.
+#[derive(Debug, Default)]
+pub struct RateCounter {
+    buckets: VecDeque<(i64, u64)>,
+    horizon: i64,
+}
+
+impl RateCounter {
+    pub fn new(horizon: Duration) -> RateCounter {
+        RateCounter {
+            buckets: VecDeque::new(),
+            horizon: horizon.as_secs().max(1) as i64,
+        }
+    }
+
+    pub fn add(&mut self, now: DateTime<Utc>, count: u64) {
+        let second = now.timestamp();
+        match self.buckets.back_mut() {
+            Some((last, total)) if *last == second => *total += count,
+            _ => self.buckets.push_back((second, count)),
+        }
+        while self.buckets.front().is_some_and(|(s, _)| *s <= second - self.horizon) {
+            self.buckets.pop_front();
+        }
+    }
+
+    /// Mean rate over the last `window` (at most the horizon).
+    pub fn rate(&self, now: DateTime<Utc>, window: Duration) -> f64 {
+        let seconds = (window.as_secs().max(1) as i64).min(self.horizon);
+        let from = now.timestamp() - seconds;
+        let count: u64 = self.buckets.iter().filter(|(s, _)| *s > from).map(|(_, c)| c).sum();
+        count as f64 / seconds as f64
+    }
+}
+
+/// How the scaler classifies one worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Condition {
+    Starting,
+    Idle,
+    Busy,
+    Draining,
+    Unhealthy,
+}
+
+/// One worker as `/status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerView {
+    pub id: String,
+    pub condition: Condition,
+    pub started_at: DateTime<Utc>,
+    pub ready_at_ms: Option<u64>,
+    pub jobs_done: u64,
+    pub why_unhealthy: Option<String>,
+}
+
+/// Everything the scaler has heard, between decisions.
+#[derive(Debug)]
+pub struct Signals {
+    arrivals: RateCounter,
+    completions: RateCounter,
+    new_arrivals: u64,
+    heartbeats: HashMap<String, (Heartbeat, DateTime<Utc>)>,
+    cold_starts: VecDeque<Duration>,
+}
+
+impl Signals {
+    pub fn new(target: &TargetTracking) -> Signals {
+        let horizon = target.stable_window.max(target.panic_window);
+        Signals {
+            arrivals: RateCounter::new(horizon),
+            completions: RateCounter::new(horizon),
+            new_arrivals: 0,
+            heartbeats: HashMap::new(),
+            cold_starts: VecDeque::new(),
+        }
+    }
+
+    pub fn question_arrived(&mut self, now: DateTime<Utc>) {
+        self.arrivals.add(now, 1);
+        self.new_arrivals += 1;
+    }
+
+    pub fn heartbeat(&mut self, beat: Heartbeat, now: DateTime<Utc>) {
+        let previous = self.heartbeats.get(&beat.worker_id).map(|(b, _)| b);
+        let done_before = previous.map_or(beat.jobs_done, |b| b.jobs_done);
+        self.completions.add(now, beat.jobs_done.saturating_sub(done_before));
+        let newly_ready = previous.is_none_or(|b| b.ready_at_ms.is_none()) && beat.ready_at_ms.is_some();
+        if newly_ready && let Some(ready) = beat.ready_at_ms {
+            self.cold_starts.push_back(Duration::from_millis(ready.saturating_sub(beat.started_at_ms)));
+            if self.cold_starts.len() > COLD_START_SAMPLES {
+                self.cold_starts.pop_front();
+            }
+        }
+        self.heartbeats.insert(beat.worker_id.clone(), (beat, now));
+    }
+
+    fn cold_start_p90(&self) -> Option<Duration> {
+        let mut samples: Vec<Duration> = self.cold_starts.iter().copied().collect();
+        samples.sort();
+        let index = (samples.len() * 9).div_ceil(10).checked_sub(1)?;
+        samples.get(index).copied()
+    }
+
+    /// Classifies each pool worker from its heartbeats and age.
+    pub fn classify(&self, workers: &[PoolWorker], health: &Health, now: DateTime<Utc>) -> Vec<WorkerView> {
+        workers
+            .iter()
+            .filter(|w| !matches!(w.phase, Phase::Exited { .. }))
+            .map(|worker| {
+                let beat = self.heartbeats.get(&worker.id);
+                let age = (now - worker.started_at).to_std().unwrap_or_default();
+                let (condition, why) = match (&worker.phase, beat) {
+                    (Phase::Stopping { .. }, _) => (Condition::Draining, None),
+                    (_, Some((_, heard))) if (now - *heard).to_std().unwrap_or_default() > health.heartbeat_timeout => {
+                        (Condition::Unhealthy, Some(format!("no heartbeat for {:?}", health.heartbeat_timeout)))
+                    }
+                    (_, Some((beat, _))) => match beat.state {
+                        WorkerState::Loading if age > health.init_timeout => {
+                            (Condition::Unhealthy, Some(format!("not ready after {:?}", health.init_timeout)))
+                        }
+                        WorkerState::Loading => (Condition::Starting, None),
+                        WorkerState::Ready => (Condition::Idle, None),
+                        WorkerState::Busy => (Condition::Busy, None),
+                        WorkerState::Draining => (Condition::Draining, None),
+                    },
+                    (_, None) if age > health.init_timeout => {
+                        (Condition::Unhealthy, Some(format!("no heartbeat within {:?}", health.init_timeout)))
+                    }
+                    (_, None) => (Condition::Starting, None),
+                };
+                WorkerView {
+                    id: worker.id.clone(),
+                    condition,
+                    started_at: worker.started_at,
+                    ready_at_ms: beat.and_then(|(b, _)| b.ready_at_ms),
+                    jobs_done: beat.map_or(0, |(b, _)| b.jobs_done),
+                    why_unhealthy: why,
+                }
+            })
+            .collect()
+    }
+
+    /// Builds the observation and resets the per-decision arrival count.
+    /// Heartbeats of workers the pool no longer has are dropped.
+    pub fn observe(
+        &mut self,
+        depth: &QueueDepth,
+        workers: &[WorkerView],
+        target: &TargetTracking,
+        now: DateTime<Utc>,
+    ) -> Observation {
+        self.heartbeats.retain(|id, _| workers.iter().any(|w| &w.id == id));
+        let mut counts = WorkerCounts::default();
+        for worker in workers {
+            match worker.condition {
+                Condition::Starting => counts.starting += 1,
+                Condition::Idle => counts.idle += 1,
+                Condition::Busy => counts.busy += 1,
+                Condition::Draining => counts.draining += 1,
+                Condition::Unhealthy => counts.unhealthy += 1,
+            }
+        }
+        let mean = |field: fn(&Heartbeat) -> Option<f64>| {
+            let values: Vec<f64> = self.heartbeats.values().filter_map(|(b, _)| field(b)).collect();
+            (!values.is_empty()).then(|| Duration::from_secs_f64(values.iter().sum::<f64>() / values.len() as f64 / 1000.0))
+        };
+        let observation = Observation {
+            lag: depth.lag(),
+            oldest_waiting: depth.oldest_waiting(),
+            arrival_rate: self.arrivals.rate(now, target.stable_window),
+            panic_arrival_rate: self.arrivals.rate(now, target.panic_window),
+            completion_rate: self.completions.rate(now, target.stable_window),
+            new_arrivals: std::mem::take(&mut self.new_arrivals),
+            service_time: mean(|b| b.mean_job_ms),
+            avg_response_time: mean(|b| b.mean_response_ms),
+            cold_start_p90: self.cold_start_p90(),
+            workers: counts,
+        };
+        observation
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn rates_cover_their_window_and_forget_the_rest() {
+        let t = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        let mut counter = RateCounter::new(Duration::from_secs(60));
+        for second in 0..60 {
+            counter.add(t + chrono::Duration::seconds(second), if second >= 54 { 10 } else { 1 });
+        }
+        let now = t + chrono::Duration::seconds(59);
+        assert_eq!(counter.rate(now, Duration::from_secs(6)), 10.0);
+        assert!((counter.rate(now, Duration::from_secs(60)) - 114.0 / 60.0).abs() < 1e-9);
+        let later = t + chrono::Duration::seconds(200);
+        counter.add(later, 0);
+        assert_eq!(counter.rate(later, Duration::from_secs(60)), 0.0);
+        assert!(counter.buckets.len() <= 2, "old buckets are dropped");
+    }
+}
