@@ -118,8 +118,13 @@ pub async fn run_reaper(
     }
 }
 
-async fn advisory_messages(topology: &Topology) -> Result<jetstream::consumer::pull::Stream, async_nats::Error> {
-    let advisories = topology.jetstream.get_stream(subjects::ADVISORY_STREAM).await?;
+async fn advisory_messages(
+    topology: &Topology,
+) -> Result<jetstream::consumer::pull::Stream, async_nats::Error> {
+    let advisories = topology
+        .jetstream
+        .get_stream(subjects::ADVISORY_STREAM)
+        .await?;
     let consumer: jetstream::consumer::PullConsumer =
         advisories.get_consumer(subjects::ADVISORY_CONSUMER).await?;
     Ok(consumer.messages().await?)
@@ -139,7 +144,9 @@ async fn handle_advisory(topology: &Topology, store: &Store, message: jetstream:
         }
         Err(ReapError::Transient(err)) => {
             tracing::error!(cause = %err, "cannot fail an exhausted question; will retry");
-            let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            let _ = message
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
         }
     }
 }
@@ -189,7 +196,11 @@ async fn reap(topology: &Topology, store: &Store, payload: &[u8]) -> Result<(), 
     };
     let job: Job = serde_json::from_slice(&message.payload)?;
     // The last attempt may have finished and only its ack been lost.
-    if store.record(&job.id).await?.is_some_and(|record| record.status.is_terminal()) {
+    if store
+        .record(&job.id)
+        .await?
+        .is_some_and(|record| record.status.is_terminal())
+    {
         delete(topology, advisory.stream_seq).await?;
         return Ok(());
     }

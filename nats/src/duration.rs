@@ -28,7 +28,9 @@ pub fn parse(text: &str) -> Result<Duration, String> {
 
 /// Serde support: a duration field written as `"90m"`, `"30s"` or a number
 /// of seconds (`#[serde(deserialize_with = "ebb_nats::duration::deserialize")]`).
-pub fn deserialize<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Duration, D::Error> {
     #[derive(serde::Deserialize)]
     #[serde(untagged)]
     enum Written {
@@ -36,13 +38,18 @@ pub fn deserialize<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<
         Text(String),
     }
     match Written::deserialize(deserializer)? {
-        Written::Seconds(seconds) => Duration::try_from_secs_f64(seconds).map_err(serde::de::Error::custom),
+        Written::Seconds(seconds) => {
+            Duration::try_from_secs_f64(seconds).map_err(serde::de::Error::custom)
+        }
         Written::Text(text) => parse(&text).map_err(serde::de::Error::custom),
     }
 }
 
 /// Serde support for writing a duration as seconds.
-pub fn serialize_seconds<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+pub fn serialize_seconds<S: serde::Serializer>(
+    duration: &Duration,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
     serializer.serialize_f64(duration.as_secs_f64())
 }
 

@@ -41,7 +41,10 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
 pub struct ScalerConfig {
     /// How often signals are read and the decision re-made (arrivals at zero
     /// workers wake the scaler at once, whatever the tick).
-    #[serde(default = "defaults::tick", deserialize_with = "ebb_nats::duration::deserialize")]
+    #[serde(
+        default = "defaults::tick",
+        deserialize_with = "ebb_nats::duration::deserialize"
+    )]
     pub tick: Duration,
     pub resources: Resources,
     /// Seed-style rules; when absent, target tracking decides.
@@ -140,20 +143,35 @@ pub struct TargetTracking {
     /// Busy fraction to aim for, 0-1.
     pub utilization: f64,
     /// Time in which a backlog should be drained.
-    #[serde(deserialize_with = "ebb_nats::duration::deserialize", serialize_with = "ebb_nats::duration::serialize_seconds")]
+    #[serde(
+        deserialize_with = "ebb_nats::duration::deserialize",
+        serialize_with = "ebb_nats::duration::serialize_seconds"
+    )]
     pub drain_target: Duration,
     /// End-to-end latency students should see; an oldest waiting question
     /// older than half of it means panic.
-    #[serde(deserialize_with = "ebb_nats::duration::deserialize", serialize_with = "ebb_nats::duration::serialize_seconds")]
+    #[serde(
+        deserialize_with = "ebb_nats::duration::deserialize",
+        serialize_with = "ebb_nats::duration::serialize_seconds"
+    )]
     pub latency_goal: Duration,
     /// Service time per question until workers report one.
-    #[serde(deserialize_with = "ebb_nats::duration::deserialize", serialize_with = "ebb_nats::duration::serialize_seconds")]
+    #[serde(
+        deserialize_with = "ebb_nats::duration::deserialize",
+        serialize_with = "ebb_nats::duration::serialize_seconds"
+    )]
     pub default_service_time: Duration,
     /// Window of the stable arrival rate.
-    #[serde(deserialize_with = "ebb_nats::duration::deserialize", serialize_with = "ebb_nats::duration::serialize_seconds")]
+    #[serde(
+        deserialize_with = "ebb_nats::duration::deserialize",
+        serialize_with = "ebb_nats::duration::serialize_seconds"
+    )]
     pub stable_window: Duration,
     /// Window of the panic arrival rate.
-    #[serde(deserialize_with = "ebb_nats::duration::deserialize", serialize_with = "ebb_nats::duration::serialize_seconds")]
+    #[serde(
+        deserialize_with = "ebb_nats::duration::deserialize",
+        serialize_with = "ebb_nats::duration::serialize_seconds"
+    )]
     pub panic_window: Duration,
 }
 
@@ -178,11 +196,17 @@ impl Default for TargetTracking {
 pub struct Cooldowns {
     /// The policy must want fewer workers for this long before each step down
     /// (never below 1 this way).
-    #[serde(deserialize_with = "ebb_nats::duration::deserialize", serialize_with = "ebb_nats::duration::serialize_seconds")]
+    #[serde(
+        deserialize_with = "ebb_nats::duration::deserialize",
+        serialize_with = "ebb_nats::duration::serialize_seconds"
+    )]
     pub scale_down_stabilization: Duration,
     /// No question waiting, arriving or being answered for this long before
     /// the last worker stops (the seed's 5-minute scale-down duration).
-    #[serde(deserialize_with = "ebb_nats::duration::deserialize", serialize_with = "ebb_nats::duration::serialize_seconds")]
+    #[serde(
+        deserialize_with = "ebb_nats::duration::deserialize",
+        serialize_with = "ebb_nats::duration::serialize_seconds"
+    )]
     pub scale_to_zero_idle: Duration,
 }
 
@@ -275,7 +299,9 @@ mod defaults {
     }
 }
 
-fn optional_duration<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+fn optional_duration<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
     ebb_nats::duration::deserialize(deserializer).map(Some)
 }
 
@@ -297,10 +323,11 @@ impl ScalerConfig {
 
     /// Parses and validates config text.
     pub fn parse(text: &str) -> Result<(ScalerConfig, Timetable), ConfigError> {
-        let config: ScalerConfig = serde_norway::from_str(text).map_err(|err| ConfigError::Syntax {
-            path: PathBuf::from("config"),
-            message: err.to_string(),
-        })?;
+        let config: ScalerConfig =
+            serde_norway::from_str(text).map_err(|err| ConfigError::Syntax {
+                path: PathBuf::from("config"),
+                message: err.to_string(),
+            })?;
         let timetable = config.validate()?;
         Ok((config, timetable))
     }
@@ -339,14 +366,23 @@ impl ScalerConfig {
         }
         if let Some(rules) = &self.rules {
             if rules.scale_up.is_empty() && rules.scale_down.is_empty() {
-                return Err(invalid("rules", "has neither scale_up nor scale_down conditions"));
+                return Err(invalid(
+                    "rules",
+                    "has neither scale_up nor scale_down conditions",
+                ));
             }
-            for (key, step) in [("rules.step_up", rules.step_up), ("rules.step_down", rules.step_down)] {
+            for (key, step) in [
+                ("rules.step_up", rules.step_up),
+                ("rules.step_down", rules.step_down),
+            ] {
                 if step == 0 {
                     return Err(invalid(key, "must be at least 1"));
                 }
             }
-            for (list, conditions) in [("scale_up", &rules.scale_up), ("scale_down", &rules.scale_down)] {
+            for (list, conditions) in [
+                ("scale_up", &rules.scale_up),
+                ("scale_down", &rules.scale_down),
+            ] {
                 for (index, condition) in conditions.iter().enumerate() {
                     if !condition.threshold.is_finite() || condition.threshold < 0.0 {
                         return Err(invalid(
@@ -361,12 +397,20 @@ impl ScalerConfig {
             if entry.min_workers > resources.max_instances {
                 return Err(invalid(
                     format!("timetable[{index}].min_workers"),
-                    format!("{} is more than resources.max_instances ({})", entry.min_workers, resources.max_instances),
+                    format!(
+                        "{} is more than resources.max_instances ({})",
+                        entry.min_workers, resources.max_instances
+                    ),
                 ));
             }
         }
         let BackendConfig::Process(process) = &self.backend;
-        if process.pool.is_empty() || !process.pool.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        if process.pool.is_empty()
+            || !process
+                .pool
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
             return Err(invalid("backend.pool", "must be letters, digits and '-'"));
         }
         Ok(Timetable::new(&self.timetable)?)
@@ -423,19 +467,41 @@ backend:
         assert_eq!(config.resources.max_instances, 8);
         let rules = config.rules.unwrap();
         assert_eq!(rules.scale_up[1].duration, Duration::from_secs(60));
-        assert_eq!(rules.scale_down[0].metric, Metric::WorkerUtilization, "cpu_usage is an alias");
-        assert_eq!(config.cooldowns.scale_to_zero_idle, Duration::from_secs(300));
+        assert_eq!(
+            rules.scale_down[0].metric,
+            Metric::WorkerUtilization,
+            "cpu_usage is an alias"
+        );
+        assert_eq!(
+            config.cooldowns.scale_to_zero_idle,
+            Duration::from_secs(300)
+        );
         assert!(!timetable.is_empty());
     }
 
     #[test]
     fn errors_name_the_offending_key() {
-        assert_eq!(key_of(&FULL.replace("min_instances: 0", "min_instances: 9")), "resources.min_instances");
-        assert_eq!(key_of(&FULL.replace("max_instances: 8", "max_instances: 0")), "resources.max_instances");
-        assert_eq!(key_of(&FULL.replace("threshold: 10", "threshold: -1")), "rules.scale_up[0].threshold");
-        assert_eq!(key_of(&FULL.replace("min_workers: 2", "min_workers: 20")), "timetable[0].min_workers");
+        assert_eq!(
+            key_of(&FULL.replace("min_instances: 0", "min_instances: 9")),
+            "resources.min_instances"
+        );
+        assert_eq!(
+            key_of(&FULL.replace("max_instances: 8", "max_instances: 0")),
+            "resources.max_instances"
+        );
+        assert_eq!(
+            key_of(&FULL.replace("threshold: 10", "threshold: -1")),
+            "rules.scale_up[0].threshold"
+        );
+        assert_eq!(
+            key_of(&FULL.replace("min_workers: 2", "min_workers: 20")),
+            "timetable[0].min_workers"
+        );
         let bad_metric = key_of(&FULL.replace("metric: queue_depth", "metric: queue_length"));
-        assert!(bad_metric.contains("queue_length") && bad_metric.contains("rules.scale_up"), "{bad_metric}");
+        assert!(
+            bad_metric.contains("queue_length") && bad_metric.contains("rules.scale_up"),
+            "{bad_metric}"
+        );
         let typo = key_of(&FULL.replace("instance_type", "instance_typo"));
         assert!(typo.contains("instance_typo"), "{typo}");
         let bad_cron = key_of(&FULL.replace("50 7 * * 1-5", "50 25 * * 1-5"));

@@ -86,11 +86,13 @@ impl CronSchedule {
     /// [`matches_date`](Self::matches_date), earliest first.
     pub fn times_of_day(&self) -> impl Iterator<Item = NaiveTime> {
         let (hours, minutes) = (self.hours, self.minutes);
-        (0..24).filter(move |&hour| has(hours, hour)).flat_map(move |hour| {
-            (0..60)
-                .filter(move |&minute| has(minutes, minute))
-                .filter_map(move |minute| NaiveTime::from_hms_opt(hour, minute, 0))
-        })
+        (0..24)
+            .filter(move |&hour| has(hours, hour))
+            .flat_map(move |hour| {
+                (0..60)
+                    .filter(move |&minute| has(minutes, minute))
+                    .filter_map(move |minute| NaiveTime::from_hms_opt(hour, minute, 0))
+            })
     }
 
     fn some_listed_day_exists(&self) -> bool {
@@ -225,7 +227,9 @@ impl FieldSpec {
     }
 
     fn name_index(&self, text: &str) -> Option<usize> {
-        self.names.iter().position(|name| name.eq_ignore_ascii_case(text))
+        self.names
+            .iter()
+            .position(|name| name.eq_ignore_ascii_case(text))
     }
 
     fn range_end(&self, text: &str, item: &str) -> Result<u32, CronError> {
@@ -264,7 +268,10 @@ mod tests {
         assert!(!schedule.matches(at(2026, 3, 14, 7, 50))); // a Saturday
         assert!(schedule.matches_date(at(2026, 3, 13, 0, 0).date()));
         assert!(!schedule.matches_date(at(2026, 3, 15, 0, 0).date()));
-        assert_eq!(schedule.times_of_day().collect::<Vec<_>>(), [at(2026, 1, 1, 7, 50).time()]);
+        assert_eq!(
+            schedule.times_of_day().collect::<Vec<_>>(),
+            [at(2026, 1, 1, 7, 50).time()]
+        );
     }
 
     #[test]
@@ -277,7 +284,11 @@ mod tests {
     #[test]
     fn steps_ranges_and_lists_expand_to_the_right_minutes() {
         let schedule = cron("*/15 9-17 * 1,2,3 *");
-        let minutes: Vec<u32> = schedule.times_of_day().take(5).map(|t| t.minute()).collect();
+        let minutes: Vec<u32> = schedule
+            .times_of_day()
+            .take(5)
+            .map(|t| t.minute())
+            .collect();
         assert_eq!(minutes, [0, 15, 30, 45, 0]);
         assert!(schedule.matches(at(2026, 1, 5, 17, 45)));
         assert!(!schedule.matches(at(2026, 1, 5, 18, 0)));
@@ -312,7 +323,10 @@ mod tests {
         for expression in ["0 8 * *", "0 8 * * 1 2026", ""] {
             let message = rejection(expression);
             assert!(message.contains("expected 5"), "{message}");
-            assert!(message.contains("minute hour day-of-month month day-of-week"), "{message}");
+            assert!(
+                message.contains("minute hour day-of-month month day-of-week"),
+                "{message}"
+            );
         }
         assert!(rejection("0 8 * *").contains("got 4"));
     }

@@ -35,25 +35,43 @@ enum ApiError {
     Unauthorized,
     Disabled,
     InvalidJson(String),
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
     NotFound,
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, error_type, message, field) = match self {
-            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", "a valid admin bearer token is required".to_owned(), None),
+            ApiError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a valid admin bearer token is required".to_owned(),
+                None,
+            ),
             ApiError::Disabled => (
                 StatusCode::FORBIDDEN,
                 "overrides_disabled",
                 "manual overrides are disabled: no admin token is configured".to_owned(),
                 None,
             ),
-            ApiError::InvalidJson(message) => (StatusCode::BAD_REQUEST, "invalid_json", message, None),
-            ApiError::Invalid { field, message } => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", format!("`{field}` {message}"), Some(field))
+            ApiError::InvalidJson(message) => {
+                (StatusCode::BAD_REQUEST, "invalid_json", message, None)
             }
-            ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found", "no such route".to_owned(), None),
+            ApiError::Invalid { field, message } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request",
+                format!("`{field}` {message}"),
+                Some(field),
+            ),
+            ApiError::NotFound => (
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such route".to_owned(),
+                None,
+            ),
         };
         let mut error = json!({"type": error_type, "message": message});
         if let Some(field) = field {
@@ -61,9 +79,10 @@ impl IntoResponse for ApiError {
         }
         let mut response = (status, Json(json!({ "error": error }))).into_response();
         if status == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
         }
         response
     }
@@ -74,7 +93,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/status", get(status))
         .route("/scale", post(scale))
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { Json(json!({"status": "healthy"})) }))
+        .route(
+            "/healthz",
+            get(|| async { Json(json!({"status": "healthy"})) }),
+        )
         .fallback(|| async { ApiError::NotFound })
         .with_state(state)
 }
@@ -85,10 +107,19 @@ async fn status(State(state): State<Arc<ApiState>>) -> Json<crate::scaler::Statu
 
 /// Constant-time comparison, so the token cannot be guessed byte by byte.
 fn same_token(given: &[u8], expected: &[u8]) -> bool {
-    given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |diff, (a, b)| diff | (a ^ b)) == 0
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+            == 0
 }
 
-async fn scale(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
+async fn scale(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
     let Some(expected) = &state.admin_token else {
         return Err(ApiError::Disabled);
     };
@@ -100,11 +131,17 @@ async fn scale(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Byt
     if !same_token(given.trim().as_bytes(), expected.as_bytes()) {
         return Err(ApiError::Unauthorized);
     }
-    let request: Value = serde_json::from_slice(&body).map_err(|err| ApiError::InvalidJson(err.to_string()))?;
+    let request: Value =
+        serde_json::from_slice(&body).map_err(|err| ApiError::InvalidJson(err.to_string()))?;
     let Value::Object(fields) = request else {
-        return Err(ApiError::InvalidJson("the body must be a JSON object".into()));
+        return Err(ApiError::InvalidJson(
+            "the body must be a JSON object".into(),
+        ));
     };
-    let invalid = |field: &'static str, message: &str| ApiError::Invalid { field, message: message.to_owned() };
+    let invalid = |field: &'static str, message: &str| ApiError::Invalid {
+        field,
+        message: message.to_owned(),
+    };
     let action = fields
         .get("action")
         .and_then(Value::as_str)
@@ -115,7 +152,8 @@ async fn scale(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Byt
         Some(value) => value
             .as_u64()
             .filter(|count| *count <= u64::from(state.max_instances).max(1) * 10)
-            .ok_or_else(|| invalid("count", "must be a non-negative integer within reason"))? as u32,
+            .ok_or_else(|| invalid("count", "must be a non-negative integer within reason"))?
+            as u32,
     };
     let ttl = match fields.get("ttl_seconds") {
         None | Some(Value::Null) => DEFAULT_OVERRIDE_TTL_SECONDS,
@@ -138,7 +176,9 @@ async fn scale(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Byt
     tracing::info!(action, count = target, ttl_seconds = ttl, "manual override");
     *state.shared.pending_override.lock().expect("override lock") = Some(manual.clone());
     state.shared.wake.notify_one();
-    Ok(Json(json!({"accepted": true, "count": target, "expires": manual.expires, "note": "clamped to min/max_instances"})))
+    Ok(Json(
+        json!({"accepted": true, "count": target, "expires": manual.expires, "note": "clamped to min/max_instances"}),
+    ))
 }
 
 async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
@@ -151,7 +191,11 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
         }
     };
     let plain = |value: f64| vec![(String::new(), value)];
-    gauge("ebb_scaler_desired_workers", "Workers the scaler wants running.", &plain(status.desired.into()));
+    gauge(
+        "ebb_scaler_desired_workers",
+        "Workers the scaler wants running.",
+        &plain(status.desired.into()),
+    );
     let actual = status.actual;
     gauge(
         "ebb_scaler_workers",
@@ -165,33 +209,74 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
         ]
         .map(|(state, n)| (format!("{{state=\"{state}\"}}"), n.into())),
     );
-    gauge("ebb_scaler_queue_lag", "Questions waiting or being answered.", &plain(status.signals.lag as f64));
+    gauge(
+        "ebb_scaler_queue_lag",
+        "Questions waiting or being answered.",
+        &plain(status.signals.lag as f64),
+    );
     let by_priority: Vec<(String, f64)> = status
         .lag_by_priority
         .iter()
-        .map(|depth| (format!("{{priority=\"{}\"}}", depth.priority), depth.lag() as f64))
+        .map(|depth| {
+            (
+                format!("{{priority=\"{}\"}}", depth.priority),
+                depth.lag() as f64,
+            )
+        })
         .collect();
-    gauge("ebb_scaler_queue_lag_by_priority", "Questions waiting or being answered, per priority.", &by_priority);
+    gauge(
+        "ebb_scaler_queue_lag_by_priority",
+        "Questions waiting or being answered, per priority.",
+        &by_priority,
+    );
     gauge(
         "ebb_scaler_oldest_waiting_seconds",
         "Age of the oldest question no worker has taken.",
         &plain(status.signals.oldest_waiting.as_secs_f64()),
     );
-    gauge("ebb_scaler_arrival_rate", "Questions per second (stable window).", &plain(status.signals.arrival_rate));
-    gauge("ebb_scaler_asleep", "1 while no worker is wanted.", &plain(f64::from(u8::from(state.shared.asleep.load(Ordering::Relaxed)))));
-    let _ = writeln!(text, "# HELP ebb_scaler_decisions_total Changes of the desired count, by reason.\n# TYPE ebb_scaler_decisions_total counter");
+    gauge(
+        "ebb_scaler_arrival_rate",
+        "Questions per second (stable window).",
+        &plain(status.signals.arrival_rate),
+    );
+    gauge(
+        "ebb_scaler_asleep",
+        "1 while no worker is wanted.",
+        &plain(f64::from(u8::from(
+            state.shared.asleep.load(Ordering::Relaxed),
+        ))),
+    );
+    let _ = writeln!(
+        text,
+        "# HELP ebb_scaler_decisions_total Changes of the desired count, by reason.\n# TYPE ebb_scaler_decisions_total counter"
+    );
     for (reason, count) in &status.decisions_by_reason {
-        let _ = writeln!(text, "ebb_scaler_decisions_total{{reason=\"{reason}\"}} {count}");
+        let _ = writeln!(
+            text,
+            "ebb_scaler_decisions_total{{reason=\"{reason}\"}} {count}"
+        );
     }
     let mut delays: Vec<f64> = status.activation_delays_ms.iter().copied().collect();
     delays.sort_by(f64::total_cmp);
     if !delays.is_empty() {
-        let _ = writeln!(text, "# HELP ebb_scaler_activation_delay_seconds First question at zero workers to worker start issued.\n# TYPE ebb_scaler_activation_delay_seconds summary");
+        let _ = writeln!(
+            text,
+            "# HELP ebb_scaler_activation_delay_seconds First question at zero workers to worker start issued.\n# TYPE ebb_scaler_activation_delay_seconds summary"
+        );
         for quantile in [0.5, 0.99] {
-            let index = ((delays.len() as f64 * quantile).ceil() as usize).clamp(1, delays.len()) - 1;
-            let _ = writeln!(text, "ebb_scaler_activation_delay_seconds{{quantile=\"{quantile}\"}} {}", delays[index] / 1000.0);
+            let index =
+                ((delays.len() as f64 * quantile).ceil() as usize).clamp(1, delays.len()) - 1;
+            let _ = writeln!(
+                text,
+                "ebb_scaler_activation_delay_seconds{{quantile=\"{quantile}\"}} {}",
+                delays[index] / 1000.0
+            );
         }
-        let _ = writeln!(text, "ebb_scaler_activation_delay_seconds_count {}", delays.len());
+        let _ = writeln!(
+            text,
+            "ebb_scaler_activation_delay_seconds_count {}",
+            delays.len()
+        );
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

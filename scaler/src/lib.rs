@@ -65,7 +65,9 @@ pub async fn run(
     let BackendConfig::Process(process) = config.backend.clone();
     let pool = ProcessPool::open(process, config.health.stop_grace)?;
     let shared = Arc::new(Shared::default());
-    let admin_token = std::env::var(&config.admin_token_env).ok().filter(|token| !token.is_empty());
+    let admin_token = std::env::var(&config.admin_token_env)
+        .ok()
+        .filter(|token| !token.is_empty());
     if admin_token.is_none() {
         tracing::warn!(variable = %config.admin_token_env, "no admin token: POST /scale is disabled");
     }
@@ -82,7 +84,9 @@ pub async fn run(
         let _ = stopped.await;
     }));
     tracing::info!(address = %listener.local_addr()?, "scaler listening");
-    let served = axum::serve(listener, http::router(api)).with_graceful_shutdown(shutdown).await;
+    let served = axum::serve(listener, http::router(api))
+        .with_graceful_shutdown(shutdown)
+        .await;
     let _ = stop.send(());
     let _ = scaling.await;
     Ok(served?)
@@ -90,7 +94,9 @@ pub async fn run(
 
 /// The scaler only reads the queue; it waits for the gateway or a worker to
 /// create it rather than imposing limits of its own.
-async fn wait_for_queue(client: &async_nats::Client) -> Result<async_nats::jetstream::stream::Stream, ScalerError> {
+async fn wait_for_queue(
+    client: &async_nats::Client,
+) -> Result<async_nats::jetstream::stream::Stream, ScalerError> {
     let jetstream = ebb_nats::Topology::context(client.clone());
     let mut logged = false;
     loop {
@@ -108,7 +114,11 @@ async fn wait_for_queue(client: &async_nats::Client) -> Result<async_nats::jetst
 
 /// Feeds question arrivals and heartbeats into the shared signals. An
 /// arrival while no worker is wanted wakes the loop at once.
-async fn listen_for_signals(client: &async_nats::Client, shared: &Arc<Shared>, config: &ScalerConfig) -> Result<(), ScalerError> {
+async fn listen_for_signals(
+    client: &async_nats::Client,
+    shared: &Arc<Shared>,
+    config: &ScalerConfig,
+) -> Result<(), ScalerError> {
     *shared.signals.lock().expect("signals lock") = Some(signals::Signals::new(&config.target));
     let mut arrivals = client
         .subscribe(subjects::QUESTIONS_WILDCARD)
@@ -134,7 +144,9 @@ async fn listen_for_signals(client: &async_nats::Client, shared: &Arc<Shared>, c
         while let Some(message) = heartbeats.next().await {
             match serde_json::from_slice::<Heartbeat>(&message.payload) {
                 Ok(beat) => {
-                    if let Some(signals) = on_heartbeat.signals.lock().expect("signals lock").as_mut() {
+                    if let Some(signals) =
+                        on_heartbeat.signals.lock().expect("signals lock").as_mut()
+                    {
                         signals.heartbeat(beat, Utc::now());
                     }
                 }

@@ -75,7 +75,14 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
         .map_err(|err| anyhow::anyhow!("cannot listen on {} (--listen): {err}", cli.listen))?;
-    ebb_scaler::run(config, timetable, &cli.nats_url, listener, shutdown_signal()).await?;
+    ebb_scaler::run(
+        config,
+        timetable,
+        &cli.nats_url,
+        listener,
+        shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }
 
@@ -88,7 +95,8 @@ fn print_timetable(file: &std::path::Path, days: u32) -> ExitCode {
         }
     };
     let now = Utc::now();
-    let windows = timetable.windows_starting_between(now, now + chrono::Duration::days(days.into()));
+    let windows =
+        timetable.windows_starting_between(now, now + chrono::Duration::days(days.into()));
     if windows.is_empty() {
         println!("no timetable windows in the next {days} days");
     }
@@ -102,7 +110,10 @@ fn print_timetable(file: &std::path::Path, days: u32) -> ExitCode {
         println!(
             "{:<20} {} -> {} {}  ({} -> {} UTC)  floor {}",
             window.name,
-            window.start.with_timezone(&zone).format("%a %Y-%m-%d %H:%M"),
+            window
+                .start
+                .with_timezone(&zone)
+                .format("%a %Y-%m-%d %H:%M"),
             window.end.with_timezone(&zone).format("%H:%M"),
             zone,
             window.start.format("%Y-%m-%d %H:%M"),

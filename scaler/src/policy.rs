@@ -79,7 +79,10 @@ pub struct Observation {
     pub workers: WorkerCounts,
 }
 
-fn serialize_optional_seconds<S: serde::Serializer>(value: &Option<Duration>, serializer: S) -> Result<S::Ok, S::Error> {
+fn serialize_optional_seconds<S: serde::Serializer>(
+    value: &Option<Duration>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
     match value {
         Some(duration) => serializer.serialize_some(&duration.as_secs_f64()),
         None => serializer.serialize_none(),
@@ -172,9 +175,17 @@ fn seconds(duration: Duration) -> String {
 }
 
 /// Decides the worker count. Pure: no I/O, no clock, no randomness.
-pub fn decide(observation: &Observation, state: &PolicyState, policy: &Policy, now: DateTime<Utc>) -> Decision {
+pub fn decide(
+    observation: &Observation,
+    state: &PolicyState,
+    policy: &Policy,
+    now: DateTime<Utc>,
+) -> Decision {
     let config = &policy.config;
-    let (min, max) = (config.resources.min_instances, config.resources.max_instances);
+    let (min, max) = (
+        config.resources.min_instances,
+        config.resources.max_instances,
+    );
     let current = state.desired;
     let mut next = state.clone();
     next.idle_since = match (observation.is_idle(), state.idle_since) {
@@ -182,7 +193,9 @@ pub fn decide(observation: &Observation, state: &PolicyState, policy: &Policy, n
         (true, Some(start)) => Some(start),
         (true, None) => Some(now),
     };
-    let floor = policy.timetable.floor_at(now, policy.prewarm_lead(observation));
+    let floor = policy
+        .timetable
+        .floor_at(now, policy.prewarm_lead(observation));
     let tick = config.tick;
 
     if let Some(manual) = state.manual.clone().filter(|manual| manual.expires > now) {
@@ -206,7 +219,10 @@ pub fn decide(observation: &Observation, state: &PolicyState, policy: &Policy, n
     };
     if current == 0 && (observation.lag > 0 || observation.new_arrivals > 0) && wanted == 0 {
         wanted = 1;
-        reason = format!("activation: {} question(s) waiting at zero workers", observation.lag.max(observation.new_arrivals));
+        reason = format!(
+            "activation: {} question(s) waiting at zero workers",
+            observation.lag.max(observation.new_arrivals)
+        );
     }
     if let Some(window) = &floor
         && window.min_workers > wanted
@@ -232,7 +248,13 @@ pub fn decide(observation: &Observation, state: &PolicyState, policy: &Policy, n
             Some(idle) if since(now, idle) >= cooldowns.scale_to_zero_idle => {
                 (0, format!("idle {} -> 0", seconds(since(now, idle))))
             }
-            _ => (current, format!("waiting for {} idle before 0", seconds(cooldowns.scale_to_zero_idle))),
+            _ => (
+                current,
+                format!(
+                    "waiting for {} idle before 0",
+                    seconds(cooldowns.scale_to_zero_idle)
+                ),
+            ),
         }
     } else {
         let lower_since = *next.lower_since.get_or_insert(now);
@@ -240,13 +262,20 @@ pub fn decide(observation: &Observation, state: &PolicyState, policy: &Policy, n
             let step = config.rules.as_ref().map_or(1, |rules| rules.step_down);
             let desired = current.saturating_sub(step).max(wanted).max(1);
             next.lower_since = (desired > wanted).then_some(now);
-            (desired, format!("{reason}; stable for {} -> {desired}", seconds(cooldowns.scale_down_stabilization)))
+            (
+                desired,
+                format!(
+                    "{reason}; stable for {} -> {desired}",
+                    seconds(cooldowns.scale_down_stabilization)
+                ),
+            )
         } else {
             (current, format!("stabilizing: {reason}"))
         }
     };
     next.desired = desired;
-    let next_wake = if desired == 0 && floor.is_none() {
+    let nothing_running = observation.workers == WorkerCounts::default();
+    let next_wake = if desired == 0 && floor.is_none() && nothing_running {
         // Arrivals wake the scaler; only the next window needs a timer.
         policy
             .timetable
@@ -279,15 +308,22 @@ fn apply_rules(
         .scale_up
         .iter()
         .map(|c| (c, observation.metric(c.metric) > c.threshold))
-        .chain(rules.scale_down.iter().map(|c| (c, observation.metric(c.metric) < c.threshold)))
+        .chain(
+            rules
+                .scale_down
+                .iter()
+                .map(|c| (c, observation.metric(c.metric) < c.threshold)),
+        )
         .collect();
     next.condition_since = conditions
         .iter()
         .enumerate()
-        .map(|(index, (_, holds))| match (holds, state.condition_since.get(index).copied().flatten()) {
-            (false, _) => None,
-            (true, Some(start)) => Some(start),
-            (true, None) => Some(now),
+        .map(|(index, (_, holds))| {
+            match (holds, state.condition_since.get(index).copied().flatten()) {
+                (false, _) => None,
+                (true, Some(start)) => Some(start),
+                (true, None) => Some(now),
+            }
         })
         .collect();
     let held = |index: usize| {
@@ -331,9 +367,16 @@ fn target_tracking(
     now: DateTime<Utc>,
 ) -> (u32, String) {
     let target = &policy.config.target;
-    let service = observation.service_time.unwrap_or(target.default_service_time).as_secs_f64();
+    let service = observation
+        .service_time
+        .unwrap_or(target.default_service_time)
+        .as_secs_f64();
     let backlog = observation.lag as f64 / target.drain_target.as_secs_f64();
-    let needed = |rate: f64| ((rate * service + backlog) / target.utilization).ceil().min(u32::MAX as f64) as u32;
+    let needed = |rate: f64| {
+        ((rate * service + backlog) / target.utilization)
+            .ceil()
+            .min(u32::MAX as f64) as u32
+    };
     let stable = needed(observation.arrival_rate);
     let burst = needed(observation.panic_arrival_rate);
     let ready = observation.workers.ready();
@@ -377,7 +420,11 @@ fn target_tracking(
     // previous one has finished starting (it may be all that is missing).
     let add_one = too_old && observation.workers.starting == 0;
     // Panic never scales down: at least the current count while it lasts.
-    let wanted = if panicking { stable.max(burst).max(current + u32::from(add_one)) } else { stable };
+    let wanted = if panicking {
+        stable.max(burst).max(current + u32::from(add_one))
+    } else {
+        stable
+    };
     (wanted, reason)
 }
 

@@ -29,16 +29,29 @@ fn at(seconds: i64) -> DateTime<Utc> {
 }
 
 fn workers(idle: u32, busy: u32) -> WorkerCounts {
-    WorkerCounts { idle, busy, ..WorkerCounts::default() }
+    WorkerCounts {
+        idle,
+        busy,
+        ..WorkerCounts::default()
+    }
 }
 
 fn state(desired: u32) -> PolicyState {
-    PolicyState { desired, ..PolicyState::default() }
+    PolicyState {
+        desired,
+        ..PolicyState::default()
+    }
 }
 
 /// Runs `decide` once a second from `from` to `to` (inclusive) with the same
 /// observation; returns the last decision.
-fn run(policy: &Policy, observation: &Observation, mut state: PolicyState, from: i64, to: i64) -> Decision {
+fn run(
+    policy: &Policy,
+    observation: &Observation,
+    mut state: PolicyState,
+    from: i64,
+    to: i64,
+) -> Decision {
     let mut decision = None;
     for second in from..=to {
         let made = decide(observation, &state, policy, at(second));
@@ -51,43 +64,95 @@ fn run(policy: &Policy, observation: &Observation, mut state: PolicyState, from:
 #[test]
 fn a_question_at_zero_workers_activates_one_at_once() {
     let policy = policy("");
-    let observation = Observation { lag: 1, new_arrivals: 1, ..Observation::default() };
+    let observation = Observation {
+        lag: 1,
+        new_arrivals: 1,
+        ..Observation::default()
+    };
     let decision = decide(&observation, &state(0), &policy, t0());
     assert_eq!(decision.desired, 1);
-    assert!(decision.reason.contains("activation") || decision.reason.contains("target"), "{}", decision.reason);
+    assert!(
+        decision.reason.contains("activation") || decision.reason.contains("target"),
+        "{}",
+        decision.reason
+    );
 }
 
 #[test]
 fn target_tracking_covers_arrivals_and_the_backlog() {
     let policy = policy("");
     // 2/s x 2 s = 4 busy workers; lag 30 over a 30 s drain = 1 more; at 80% -> ceil(6.25) = 7, max 6.
-    let observation = Observation { arrival_rate: 2.0, panic_arrival_rate: 2.0, lag: 30, workers: workers(4, 2), ..Observation::default() };
+    let observation = Observation {
+        arrival_rate: 2.0,
+        panic_arrival_rate: 2.0,
+        lag: 30,
+        workers: workers(4, 2),
+        ..Observation::default()
+    };
     let decision = decide(&observation, &state(6), &policy, t0());
     assert_eq!(decision.desired, 6);
-    assert!(decision.reason.contains("capped at max_instances 6"), "{}", decision.reason);
+    assert!(
+        decision.reason.contains("capped at max_instances 6"),
+        "{}",
+        decision.reason
+    );
     // Measured service time replaces the default: 1/s x 4 s / 0.8 = 5.
-    let observation = Observation { arrival_rate: 1.0, panic_arrival_rate: 1.0, service_time: Some(Duration::from_secs(4)), workers: workers(2, 3), ..Observation::default() };
-    assert_eq!(decide(&observation, &state(2), &policy, t0()).desired, 5, "scale-up is immediate");
+    let observation = Observation {
+        arrival_rate: 1.0,
+        panic_arrival_rate: 1.0,
+        service_time: Some(Duration::from_secs(4)),
+        workers: workers(2, 3),
+        ..Observation::default()
+    };
+    assert_eq!(
+        decide(&observation, &state(2), &policy, t0()).desired,
+        5,
+        "scale-up is immediate"
+    );
 }
 
 #[test]
 fn scale_down_waits_for_the_stabilization_window_one_step_at_a_time() {
     let policy = policy("");
-    let quiet = Observation { arrival_rate: 0.4, panic_arrival_rate: 0.4, workers: workers(3, 1), ..Observation::default() };
+    let quiet = Observation {
+        arrival_rate: 0.4,
+        panic_arrival_rate: 0.4,
+        workers: workers(3, 1),
+        ..Observation::default()
+    };
     // Wants ceil(0.4 x 2 / 0.8) = 1 of 4.
-    assert_eq!(run(&policy, &quiet, state(4), 0, 59).desired, 4, "not before 60 s");
+    assert_eq!(
+        run(&policy, &quiet, state(4), 0, 59).desired,
+        4,
+        "not before 60 s"
+    );
     let decision = run(&policy, &quiet, state(4), 0, 60);
     assert_eq!(decision.desired, 3);
-    assert!(decision.reason.contains("stable for 60s -> 3"), "{}", decision.reason);
-    assert_eq!(run(&policy, &quiet, state(4), 0, 119).desired, 3, "each step waits again");
+    assert!(
+        decision.reason.contains("stable for 60s -> 3"),
+        "{}",
+        decision.reason
+    );
+    assert_eq!(
+        run(&policy, &quiet, state(4), 0, 119).desired,
+        3,
+        "each step waits again"
+    );
     assert_eq!(run(&policy, &quiet, state(4), 0, 120).desired, 2);
-    assert_eq!(run(&policy, &quiet, state(4), 0, 600).desired, 1, "never below what is wanted");
+    assert_eq!(
+        run(&policy, &quiet, state(4), 0, 600).desired,
+        1,
+        "never below what is wanted"
+    );
 }
 
 #[test]
 fn the_last_worker_stops_only_after_the_idle_window() {
     let policy = policy("");
-    let idle = Observation { workers: workers(1, 0), ..Observation::default() };
+    let idle = Observation {
+        workers: workers(1, 0),
+        ..Observation::default()
+    };
     assert_eq!(run(&policy, &idle, state(1), 0, 299).desired, 1);
     let decision = run(&policy, &idle, state(1), 0, 300);
     assert_eq!(decision.desired, 0);
@@ -95,9 +160,17 @@ fn the_last_worker_stops_only_after_the_idle_window() {
 
     // Any work restarts the idle clock.
     let mut state = run(&policy, &idle, state(1), 0, 200).state;
-    let busy = Observation { workers: workers(0, 1), lag: 1, ..Observation::default() };
+    let busy = Observation {
+        workers: workers(0, 1),
+        lag: 1,
+        ..Observation::default()
+    };
     state = decide(&busy, &state, &policy, at(201)).state;
-    assert_eq!(run(&policy, &idle, state.clone(), 202, 500).desired, 1, "idle since 202 only");
+    assert_eq!(
+        run(&policy, &idle, state.clone(), 202, 500).desired,
+        1,
+        "idle since 202 only"
+    );
     assert_eq!(run(&policy, &idle, state, 202, 502).desired, 0);
 }
 
@@ -106,7 +179,10 @@ fn scale_to_zero_and_stabilization_are_separate_windows() {
     let mut policy = policy("");
     policy.config.cooldowns.scale_down_stabilization = Duration::from_secs(10);
     policy.config.cooldowns.scale_to_zero_idle = Duration::from_secs(100);
-    let idle = Observation { workers: workers(3, 0), ..Observation::default() };
+    let idle = Observation {
+        workers: workers(3, 0),
+        ..Observation::default()
+    };
     let mut state = state(3);
     let mut reached_one_at = None;
     for second in 0..=200 {
@@ -127,16 +203,35 @@ fn scale_to_zero_and_stabilization_are_separate_windows() {
 #[test]
 fn an_old_question_means_panic_up_at_once_and_no_scale_down_while_it_lasts() {
     let policy = policy("");
-    let stuck = Observation { lag: 3, oldest_waiting: Duration::from_secs(6), workers: workers(0, 2), ..Observation::default() };
+    let stuck = Observation {
+        lag: 3,
+        oldest_waiting: Duration::from_secs(6),
+        workers: workers(0, 2),
+        ..Observation::default()
+    };
     let panic = decide(&stuck, &state(2), &policy, t0());
     assert_eq!(panic.desired, 3, "one more worker at once");
-    assert!(panic.reason.starts_with("panic: queue_age 6s > 5s"), "{}", panic.reason);
+    assert!(
+        panic.reason.starts_with("panic: queue_age 6s > 5s"),
+        "{}",
+        panic.reason
+    );
     // Still stuck while the new worker starts: no pile-up of starts.
-    let starting = Observation { workers: WorkerCounts { starting: 1, busy: 2, ..Default::default() }, ..stuck.clone() };
+    let starting = Observation {
+        workers: WorkerCounts {
+            starting: 1,
+            busy: 2,
+            ..Default::default()
+        },
+        ..stuck.clone()
+    };
     assert_eq!(decide(&starting, &panic.state, &policy, at(1)).desired, 3);
 
     // Load vanishes: panic holds the workers for the stable window...
-    let calm = Observation { workers: workers(3, 0), ..Observation::default() };
+    let calm = Observation {
+        workers: workers(3, 0),
+        ..Observation::default()
+    };
     let held = run(&policy, &calm, panic.state.clone(), 1, 59);
     assert_eq!(held.desired, 3);
     assert_eq!(held.reason, "panic: holding workers");
@@ -149,10 +244,20 @@ fn an_old_question_means_panic_up_at_once_and_no_scale_down_while_it_lasts() {
 fn a_burst_in_the_short_window_panics() {
     let policy = policy("");
     // Stable rate still low, but the last 6 s ran at 4/s: 4 x 2 / 0.8 = 10 -> max 6, vs 1 ready.
-    let burst = Observation { arrival_rate: 0.2, panic_arrival_rate: 4.0, lag: 5, workers: workers(0, 1), ..Observation::default() };
+    let burst = Observation {
+        arrival_rate: 0.2,
+        panic_arrival_rate: 4.0,
+        lag: 5,
+        workers: workers(0, 1),
+        ..Observation::default()
+    };
     let decision = decide(&burst, &state(1), &policy, t0());
     assert_eq!(decision.desired, 6);
-    assert!(decision.reason.contains("panic: 4.0 arrivals/s"), "{}", decision.reason);
+    assert!(
+        decision.reason.contains("panic: 4.0 arrivals/s"),
+        "{}",
+        decision.reason
+    );
     assert!(decision.state.panic_until.is_some());
 }
 
@@ -160,13 +265,25 @@ fn a_burst_in_the_short_window_panics() {
 fn min_and_max_clamp_every_outcome() {
     let policy = policy("").config;
     let policy = Policy::new(
-        ScalerConfig { resources: crate::config::Resources { min_instances: 2, max_instances: 3, instance_type: None }, ..policy },
+        ScalerConfig {
+            resources: crate::config::Resources {
+                min_instances: 2,
+                max_instances: 3,
+                instance_type: None,
+            },
+            ..policy
+        },
         Timetable::new(&[]).unwrap(),
     );
     let idle = Observation::default();
     let decision = run(&policy, &idle, state(2), 0, 1000);
     assert_eq!(decision.desired, 2);
-    let flood = Observation { lag: 10_000, arrival_rate: 100.0, panic_arrival_rate: 100.0, ..Observation::default() };
+    let flood = Observation {
+        lag: 10_000,
+        arrival_rate: 100.0,
+        panic_arrival_rate: 100.0,
+        ..Observation::default()
+    };
     assert_eq!(decide(&flood, &state(2), &policy, t0()).desired, 3);
 }
 
@@ -174,29 +291,59 @@ fn min_and_max_clamp_every_outcome() {
 fn a_manual_override_holds_until_it_expires_and_is_clamped() {
     let policy = policy("");
     let idle = Observation::default();
-    let manual = PolicyState { manual: Some(Override { count: 4, expires: at(30) }), ..state(0) };
+    let manual = PolicyState {
+        manual: Some(Override {
+            count: 4,
+            expires: at(30),
+        }),
+        ..state(0)
+    };
     let during = decide(&idle, &manual, &policy, at(10));
     assert_eq!(during.desired, 4);
-    assert!(during.reason.starts_with("manual override 4 until"), "{}", during.reason);
+    assert!(
+        during.reason.starts_with("manual override 4 until"),
+        "{}",
+        during.reason
+    );
     assert!(during.next_wake <= Duration::from_secs(20));
     let after = decide(&idle, &during.state, &policy, at(30));
     assert_eq!(after.state.manual, None, "expired overrides are dropped");
     assert_eq!(after.desired, 4, "then ordinary scale-down rules apply");
-    let too_many = PolicyState { manual: Some(Override { count: 99, expires: at(30) }), ..state(0) };
+    let too_many = PolicyState {
+        manual: Some(Override {
+            count: 99,
+            expires: at(30),
+        }),
+        ..state(0)
+    };
     assert_eq!(decide(&idle, &too_many, &policy, at(0)).desired, 6);
 }
 
 #[test]
 fn a_timetable_window_is_a_floor_and_starts_early_by_the_cold_start() {
     // Weekdays 10:05 UTC for 30 minutes, floor 2; t0 is Wednesday 10:00 UTC.
-    let policy = policy("timetable:\n  - {name: period-2, cron: \"5 10 * * 1-5\", timezone: UTC, duration: 30m, min_workers: 2}\n");
-    let slow_start = Observation { cold_start_p90: Some(Duration::from_secs(120)), ..Observation::default() };
-    assert_eq!(decide(&slow_start, &state(0), &policy, at(179)).desired, 0, "more than the lead before");
+    let policy = policy(
+        "timetable:\n  - {name: period-2, cron: \"5 10 * * 1-5\", timezone: UTC, duration: 30m, min_workers: 2}\n",
+    );
+    let slow_start = Observation {
+        cold_start_p90: Some(Duration::from_secs(120)),
+        ..Observation::default()
+    };
+    assert_eq!(
+        decide(&slow_start, &state(0), &policy, at(179)).desired,
+        0,
+        "more than the lead before"
+    );
     let prewarm = decide(&slow_start, &state(0), &policy, at(180));
     assert_eq!(prewarm.desired, 2, "120 s lead before 10:05");
     assert_eq!(prewarm.reason, "timetable floor 'period-2' 2");
     // A floor, not a setpoint: more load still scales above it.
-    let busy = Observation { arrival_rate: 2.0, panic_arrival_rate: 2.0, workers: workers(0, 2), ..slow_start.clone() };
+    let busy = Observation {
+        arrival_rate: 2.0,
+        panic_arrival_rate: 2.0,
+        workers: workers(0, 2),
+        ..slow_start.clone()
+    };
     assert_eq!(decide(&busy, &state(2), &policy, at(400)).desired, 5);
     // After the window, the floor goes and ordinary scale-down follows.
     let after = run(&policy, &Observation::default(), state(2), 2101, 2101 + 61);
@@ -206,10 +353,16 @@ fn a_timetable_window_is_a_floor_and_starts_early_by_the_cold_start() {
 
 #[test]
 fn asleep_at_zero_the_next_wake_is_the_next_prewarm() {
-    let policy = policy("prewarm_lead: 60s\ntimetable:\n  - {name: later, cron: \"0 11 * * *\", timezone: UTC, duration: 10m, min_workers: 1}\n");
+    let policy = policy(
+        "prewarm_lead: 60s\ntimetable:\n  - {name: later, cron: \"0 11 * * *\", timezone: UTC, duration: 10m, min_workers: 1}\n",
+    );
     let decision = decide(&Observation::default(), &state(0), &policy, t0());
     assert_eq!(decision.desired, 0);
-    assert_eq!(decision.next_wake, Duration::from_secs(60), "capped at a minute");
+    assert_eq!(
+        decision.next_wake,
+        Duration::from_secs(60),
+        "capped at a minute"
+    );
     let decision = decide(&Observation::default(), &state(0), &policy, at(3600 - 90));
     assert_eq!(decision.next_wake, Duration::from_secs(30));
 }
@@ -228,24 +381,54 @@ rules:
 #[test]
 fn rules_scale_up_when_any_condition_held_long_enough() {
     let policy = policy(RULES);
-    let deep = Observation { lag: 12, workers: workers(0, 2), ..Observation::default() };
+    let deep = Observation {
+        lag: 12,
+        workers: workers(0, 2),
+        ..Observation::default()
+    };
     assert_eq!(run(&policy, &deep, state(2), 0, 29).desired, 2);
     let decision = run(&policy, &deep, state(2), 0, 30);
     assert_eq!(decision.desired, 4, "step_up 2");
     assert_eq!(decision.reason, "queue_depth 12.00 > 10 for 30s");
-    let old = Observation { oldest_waiting: Duration::from_secs(25), workers: workers(0, 2), ..Observation::default() };
-    assert_eq!(decide(&old, &state(2), &policy, t0()).desired, 4, "a zero duration fires at once");
+    let old = Observation {
+        oldest_waiting: Duration::from_secs(25),
+        workers: workers(0, 2),
+        ..Observation::default()
+    };
+    assert_eq!(
+        decide(&old, &state(2), &policy, t0()).desired,
+        4,
+        "a zero duration fires at once"
+    );
 }
 
 #[test]
 fn rules_scale_down_only_when_all_conditions_held() {
     let policy = policy(RULES);
-    let quiet_but_busy = Observation { arrival_rate: 0.1, workers: workers(1, 3), ..Observation::default() };
-    assert_eq!(run(&policy, &quiet_but_busy, state(4), 0, 400).desired, 4, "utilization 0.75 is not < 0.3");
-    let quiet = Observation { arrival_rate: 0.1, workers: workers(4, 0), ..Observation::default() };
+    let quiet_but_busy = Observation {
+        arrival_rate: 0.1,
+        workers: workers(1, 3),
+        ..Observation::default()
+    };
+    assert_eq!(
+        run(&policy, &quiet_but_busy, state(4), 0, 400).desired,
+        4,
+        "utilization 0.75 is not < 0.3"
+    );
+    let quiet = Observation {
+        arrival_rate: 0.1,
+        workers: workers(4, 0),
+        ..Observation::default()
+    };
     // Conditions hold from 0, fire at 120; the stabilization window then starts.
     assert_eq!(run(&policy, &quiet, state(4), 0, 179).desired, 4);
     let decision = run(&policy, &quiet, state(4), 0, 180);
     assert_eq!(decision.desired, 3);
-    assert!(decision.reason.starts_with("worker_utilization 0.00 < 0.3 for 180s, request_per_second 0.10 < 0.5"), "{}", decision.reason);
+    assert!(
+        decision
+            .reason
+            .starts_with("worker_utilization 0.00 < 0.3 for 180s, request_per_second 0.10 < 0.5"),
+        "{}",
+        decision.reason
+    );
 }

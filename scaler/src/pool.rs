@@ -37,9 +37,14 @@ pub enum PoolError {
 pub enum Phase {
     Running,
     /// Asked to drain; killed if still there after the grace period.
-    Stopping { since: DateTime<Utc> },
+    Stopping {
+        since: DateTime<Utc>,
+    },
     /// Gone. Reported once, then forgotten.
-    Exited { status: String, requested: bool },
+    Exited {
+        status: String,
+        requested: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -37,6 +37,8 @@ pub struct DecisionRecord {
 /// What `/status` and `/metrics` show.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Status {
+    /// When this status was made (the end of the last decision round).
+    pub updated_at: Option<DateTime<Utc>>,
     pub desired: u32,
     pub actual: WorkerCounts,
     pub workers: Vec<WorkerView>,
@@ -87,7 +89,9 @@ pub struct Scaler<P: WorkerPool> {
 
 impl<P: WorkerPool> std::fmt::Debug for Scaler<P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Scaler").field("state", &self.state).finish_non_exhaustive()
+        f.debug_struct("Scaler")
+            .field("state", &self.state)
+            .finish_non_exhaustive()
     }
 }
 
@@ -102,7 +106,9 @@ impl<P: WorkerPool> Scaler<P> {
             crashes_in_a_row: 0,
             next_start_allowed: DateTime::<Utc>::MIN_UTC,
             waiting_since: None,
-            last_depth: QueueDepth { priorities: Vec::new() },
+            last_depth: QueueDepth {
+                priorities: Vec::new(),
+            },
         }
     }
 
@@ -132,7 +138,11 @@ impl<P: WorkerPool> Scaler<P> {
             }
         };
         for worker in &listed {
-            if let Phase::Exited { status, requested: false } = &worker.phase {
+            if let Phase::Exited {
+                status,
+                requested: false,
+            } = &worker.phase
+            {
                 self.crashed(&worker.id, &format!("exited on its own: {status}"), now);
             }
         }
@@ -140,7 +150,13 @@ impl<P: WorkerPool> Scaler<P> {
             Ok(depth) => self.last_depth = depth,
             Err(err) => errors.push(format!("queue depth: {err}")),
         }
-        if let Some(manual) = self.shared.pending_override.lock().expect("override lock").take() {
+        if let Some(manual) = self
+            .shared
+            .pending_override
+            .lock()
+            .expect("override lock")
+            .take()
+        {
             self.state.manual = Some(manual);
         }
         let config = &self.policy.config;
@@ -154,7 +170,9 @@ impl<P: WorkerPool> Scaler<P> {
         if observation.workers.ready() > 0 {
             self.crashes_in_a_row = 0;
         }
-        if observation.workers.capacity() == 0 && (observation.new_arrivals > 0 || observation.lag > 0) {
+        if observation.workers.capacity() == 0
+            && (observation.new_arrivals > 0 || observation.lag > 0)
+        {
             self.waiting_since.get_or_insert(now);
         }
 
@@ -164,9 +182,26 @@ impl<P: WorkerPool> Scaler<P> {
         if decision.desired != previous {
             tracing::info!(from = previous, to = decision.desired, reason = %decision.reason, "desired workers changed");
         }
-        let activation = self.reconcile(&views, decision.desired, now, &mut errors).await;
-        self.publish(previous, &decision, views, observation, activation, errors, now);
-        self.shared.asleep.store(decision.desired == 0, Ordering::Relaxed);
+        let activation = self
+            .reconcile(&views, decision.desired, now, &mut errors)
+            .await;
+        self.publish(
+            previous,
+            &decision,
+            views,
+            observation,
+            activation,
+            errors,
+            now,
+        );
+        self.shared
+            .asleep
+            .store(decision.desired == 0, Ordering::Relaxed);
+        tracing::debug!(
+            desired = decision.desired,
+            next_wake_ms = decision.next_wake.as_millis() as u64,
+            "decision round done"
+        );
         decision.next_wake
     }
 
@@ -201,13 +236,21 @@ impl<P: WorkerPool> Scaler<P> {
         }
         let healthy: Vec<&WorkerView> = views
             .iter()
-            .filter(|w| matches!(w.condition, Condition::Starting | Condition::Idle | Condition::Busy))
+            .filter(|w| {
+                matches!(
+                    w.condition,
+                    Condition::Starting | Condition::Idle | Condition::Busy
+                )
+            })
             .collect();
         let count = healthy.len() as u32;
         let mut activation = None;
         if desired > count {
             if now < self.next_start_allowed {
-                errors.push(format!("restart backoff until {}", self.next_start_allowed.format("%H:%M:%S")));
+                errors.push(format!(
+                    "restart backoff until {}",
+                    self.next_start_allowed.format("%H:%M:%S")
+                ));
             } else {
                 for _ in count..desired {
                     match self.pool.start().await {
@@ -215,7 +258,8 @@ impl<P: WorkerPool> Scaler<P> {
                             if count == 0
                                 && let Some(since) = self.waiting_since.take()
                             {
-                                activation = Some((Utc::now() - since).to_std().unwrap_or_default());
+                                activation =
+                                    Some((Utc::now() - since).to_std().unwrap_or_default());
                             }
                         }
                         Err(err) => {
@@ -278,8 +322,13 @@ impl<P: WorkerPool> Scaler<P> {
             }
         }
         if let Some(delay) = activation {
-            tracing::info!(activation_ms = delay.as_secs_f64() * 1000.0, "started a worker for questions waiting at zero");
-            status.activation_delays_ms.push_back(delay.as_secs_f64() * 1000.0);
+            tracing::info!(
+                activation_ms = delay.as_secs_f64() * 1000.0,
+                "started a worker for questions waiting at zero"
+            );
+            status
+                .activation_delays_ms
+                .push_back(delay.as_secs_f64() * 1000.0);
             if status.activation_delays_ms.len() > ACTIVATION_SAMPLES {
                 status.activation_delays_ms.pop_front();
             }
@@ -287,6 +336,7 @@ impl<P: WorkerPool> Scaler<P> {
         for error in &errors {
             tracing::warn!(cause = %error, "scaler round had a problem");
         }
+        status.updated_at = Some(now);
         status.desired = decision.desired;
         status.actual = signals.workers;
         status.workers = workers;
@@ -296,6 +346,9 @@ impl<P: WorkerPool> Scaler<P> {
         status.timetable_floor = decision.floor.clone();
         status.next_window = next_window;
         status.manual_override = decision.state.manual.clone();
-        status.last_error = errors.into_iter().next().or(status.last_error.take().filter(|_| false));
+        status.last_error = errors
+            .into_iter()
+            .next()
+            .or(status.last_error.take().filter(|_| false));
     }
 }

@@ -36,7 +36,11 @@ impl RateCounter {
             Some((last, total)) if *last == second => *total += count,
             _ => self.buckets.push_back((second, count)),
         }
-        while self.buckets.front().is_some_and(|(s, _)| *s <= second - self.horizon) {
+        while self
+            .buckets
+            .front()
+            .is_some_and(|(s, _)| *s <= second - self.horizon)
+        {
             self.buckets.pop_front();
         }
     }
@@ -45,7 +49,12 @@ impl RateCounter {
     pub fn rate(&self, now: DateTime<Utc>, window: Duration) -> f64 {
         let seconds = (window.as_secs().max(1) as i64).min(self.horizon);
         let from = now.timestamp() - seconds;
-        let count: u64 = self.buckets.iter().filter(|(s, _)| *s > from).map(|(_, c)| c).sum();
+        let count: u64 = self
+            .buckets
+            .iter()
+            .filter(|(s, _)| *s > from)
+            .map(|(_, c)| c)
+            .sum();
         count as f64 / seconds as f64
     }
 }
@@ -102,10 +111,14 @@ impl Signals {
     pub fn heartbeat(&mut self, beat: Heartbeat, now: DateTime<Utc>) {
         let previous = self.heartbeats.get(&beat.worker_id).map(|(b, _)| b);
         let done_before = previous.map_or(beat.jobs_done, |b| b.jobs_done);
-        self.completions.add(now, beat.jobs_done.saturating_sub(done_before));
-        let newly_ready = previous.is_none_or(|b| b.ready_at_ms.is_none()) && beat.ready_at_ms.is_some();
+        self.completions
+            .add(now, beat.jobs_done.saturating_sub(done_before));
+        let newly_ready =
+            previous.is_none_or(|b| b.ready_at_ms.is_none()) && beat.ready_at_ms.is_some();
         if newly_ready && let Some(ready) = beat.ready_at_ms {
-            self.cold_starts.push_back(Duration::from_millis(ready.saturating_sub(beat.started_at_ms)));
+            self.cold_starts.push_back(Duration::from_millis(
+                ready.saturating_sub(beat.started_at_ms),
+            ));
             if self.cold_starts.len() > COLD_START_SAMPLES {
                 self.cold_starts.pop_front();
             }
@@ -121,7 +134,12 @@ impl Signals {
     }
 
     /// Classifies each pool worker from its heartbeats and age.
-    pub fn classify(&self, workers: &[PoolWorker], health: &Health, now: DateTime<Utc>) -> Vec<WorkerView> {
+    pub fn classify(
+        &self,
+        workers: &[PoolWorker],
+        health: &Health,
+        now: DateTime<Utc>,
+    ) -> Vec<WorkerView> {
         workers
             .iter()
             .filter(|w| !matches!(w.phase, Phase::Exited { .. }))
@@ -130,21 +148,29 @@ impl Signals {
                 let age = (now - worker.started_at).to_std().unwrap_or_default();
                 let (condition, why) = match (&worker.phase, beat) {
                     (Phase::Stopping { .. }, _) => (Condition::Draining, None),
-                    (_, Some((_, heard))) if (now - *heard).to_std().unwrap_or_default() > health.heartbeat_timeout => {
-                        (Condition::Unhealthy, Some(format!("no heartbeat for {:?}", health.heartbeat_timeout)))
+                    (_, Some((_, heard)))
+                        if (now - *heard).to_std().unwrap_or_default()
+                            > health.heartbeat_timeout =>
+                    {
+                        (
+                            Condition::Unhealthy,
+                            Some(format!("no heartbeat for {:?}", health.heartbeat_timeout)),
+                        )
                     }
                     (_, Some((beat, _))) => match beat.state {
-                        WorkerState::Loading if age > health.init_timeout => {
-                            (Condition::Unhealthy, Some(format!("not ready after {:?}", health.init_timeout)))
-                        }
+                        WorkerState::Loading if age > health.init_timeout => (
+                            Condition::Unhealthy,
+                            Some(format!("not ready after {:?}", health.init_timeout)),
+                        ),
                         WorkerState::Loading => (Condition::Starting, None),
                         WorkerState::Ready => (Condition::Idle, None),
                         WorkerState::Busy => (Condition::Busy, None),
                         WorkerState::Draining => (Condition::Draining, None),
                     },
-                    (_, None) if age > health.init_timeout => {
-                        (Condition::Unhealthy, Some(format!("no heartbeat within {:?}", health.init_timeout)))
-                    }
+                    (_, None) if age > health.init_timeout => (
+                        Condition::Unhealthy,
+                        Some(format!("no heartbeat within {:?}", health.init_timeout)),
+                    ),
                     (_, None) => (Condition::Starting, None),
                 };
                 WorkerView {
@@ -168,7 +194,8 @@ impl Signals {
         target: &TargetTracking,
         now: DateTime<Utc>,
     ) -> Observation {
-        self.heartbeats.retain(|id, _| workers.iter().any(|w| &w.id == id));
+        self.heartbeats
+            .retain(|id, _| workers.iter().any(|w| &w.id == id));
         let mut counts = WorkerCounts::default();
         for worker in workers {
             match worker.condition {
@@ -180,8 +207,14 @@ impl Signals {
             }
         }
         let mean = |field: fn(&Heartbeat) -> Option<f64>| {
-            let values: Vec<f64> = self.heartbeats.values().filter_map(|(b, _)| field(b)).collect();
-            (!values.is_empty()).then(|| Duration::from_secs_f64(values.iter().sum::<f64>() / values.len() as f64 / 1000.0))
+            let values: Vec<f64> = self
+                .heartbeats
+                .values()
+                .filter_map(|(b, _)| field(b))
+                .collect();
+            (!values.is_empty()).then(|| {
+                Duration::from_secs_f64(values.iter().sum::<f64>() / values.len() as f64 / 1000.0)
+            })
         };
         let observation = Observation {
             lag: depth.lag(),
@@ -209,7 +242,10 @@ mod tests {
         let t = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
         let mut counter = RateCounter::new(Duration::from_secs(60));
         for second in 0..60 {
-            counter.add(t + chrono::Duration::seconds(second), if second >= 54 { 10 } else { 1 });
+            counter.add(
+                t + chrono::Duration::seconds(second),
+                if second >= 54 { 10 } else { 1 },
+            );
         }
         let now = t + chrono::Duration::seconds(59);
         assert_eq!(counter.rate(now, Duration::from_secs(6)), 10.0);

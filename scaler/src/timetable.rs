@@ -152,7 +152,9 @@ impl Timetable {
         self.entries
             .iter()
             .filter_map(|entry| {
-                let start = entry.openings_between(now, horizon).find(|start| *start > now)?;
+                let start = entry
+                    .openings_between(now, horizon)
+                    .find(|start| *start > now)?;
                 Some(entry.window(start))
             })
             .min_by(|a, b| a.start.cmp(&b.start).then_with(|| a.name.cmp(&b.name)))
@@ -171,10 +173,13 @@ impl Entry {
         }
         let schedule = CronSchedule::parse(&entry.cron)
             .map_err(|problem| TimetableError::Cron { index, problem })?;
-        let zone = entry.timezone.parse::<Tz>().map_err(|_| TimetableError::TimeZone {
-            index,
-            zone: entry.timezone.clone(),
-        })?;
+        let zone = entry
+            .timezone
+            .parse::<Tz>()
+            .map_err(|_| TimetableError::TimeZone {
+                index,
+                zone: entry.timezone.clone(),
+            })?;
         if entry.duration.is_zero() {
             return Err(invalid("duration", "must be more than zero"));
         }
@@ -216,7 +221,9 @@ impl Entry {
             .take_while(move |date| *date <= last)
             .filter(move |date| self.schedule.matches_date(*date))
             .flat_map(move |date: NaiveDate| {
-                self.schedule.times_of_day().map(move |time| date.and_time(time))
+                self.schedule
+                    .times_of_day()
+                    .map(move |time| date.and_time(time))
             })
             .filter_map(move |local| open_at(self.zone, local))
             .filter(move |start| (from..=to).contains(start))
@@ -229,9 +236,7 @@ impl Entry {
 fn open_at(zone: Tz, local: NaiveDateTime) -> Option<DateTime<Utc>> {
     (0..=LONGEST_GAP_MINUTES).find_map(|shift| {
         match zone.from_local_datetime(&(local + TimeDelta::minutes(shift))) {
-            LocalResult::Single(at) | LocalResult::Ambiguous(at, _) => {
-                Some(at.with_timezone(&Utc))
-            }
+            LocalResult::Single(at) | LocalResult::Ambiguous(at, _) => Some(at.with_timezone(&Utc)),
             LocalResult::None => None,
         }
     })
@@ -263,7 +268,10 @@ mod tests {
     }
 
     fn shanghai(d: u32, h: u32, mi: u32) -> DateTime<Utc> {
-        Shanghai.with_ymd_and_hms(2026, 3, d, h, mi, 0).unwrap().with_timezone(&Utc)
+        Shanghai
+            .with_ymd_and_hms(2026, 3, d, h, mi, 0)
+            .unwrap()
+            .with_timezone(&Utc)
     }
 
     fn starts(windows: &[Window]) -> Vec<DateTime<Utc>> {
@@ -271,7 +279,9 @@ mod tests {
     }
 
     fn floor_of(table: &Timetable, now: DateTime<Utc>, lead: Duration) -> Option<(String, u32)> {
-        table.floor_at(now, lead).map(|window| (window.name, window.min_workers))
+        table
+            .floor_at(now, lead)
+            .map(|window| (window.name, window.min_workers))
     }
 
     #[test]
@@ -283,14 +293,30 @@ mod tests {
             end: utc(2026, 3, 9, 1, 30),
             min_workers: 3,
         };
-        assert_eq!(table.floor_at(shanghai(9, 7, 59), LEAD), Some(expected.clone()));
-        assert_eq!(table.floor_at(shanghai(9, 7, 58), LEAD), Some(expected.clone()));
+        assert_eq!(
+            table.floor_at(shanghai(9, 7, 59), LEAD),
+            Some(expected.clone())
+        );
+        assert_eq!(
+            table.floor_at(shanghai(9, 7, 58), LEAD),
+            Some(expected.clone())
+        );
         assert_eq!(table.floor_at(shanghai(9, 7, 57), LEAD), None);
         assert_eq!(table.floor_at(shanghai(9, 9, 0), LEAD), Some(expected));
-        assert_eq!(table.floor_at(shanghai(9, 9, 30), LEAD), None, "the end is exclusive");
+        assert_eq!(
+            table.floor_at(shanghai(9, 9, 30), LEAD),
+            None,
+            "the end is exclusive"
+        );
         assert_eq!(table.floor_at(shanghai(14, 8, 30), LEAD), None, "Saturday");
-        assert_eq!(table.next_window(shanghai(9, 8, 0)).unwrap().start, utc(2026, 3, 10, 0, 0));
-        assert_eq!(table.next_window(shanghai(13, 9, 0)).unwrap().start, utc(2026, 3, 16, 0, 0));
+        assert_eq!(
+            table.next_window(shanghai(9, 8, 0)).unwrap().start,
+            utc(2026, 3, 10, 0, 0)
+        );
+        assert_eq!(
+            table.next_window(shanghai(13, 9, 0)).unwrap().start,
+            utc(2026, 3, 16, 0, 0)
+        );
     }
 
     #[test]
@@ -303,29 +329,59 @@ mod tests {
         let morning = Some(("morning-classes".to_string(), 2));
         let exams = Some(("exam-week".to_string(), 5));
         assert_eq!(floor_of(&table, shanghai(9, 7, 50), lead), morning);
-        assert_eq!(floor_of(&table, shanghai(9, 7, 59), lead), exams, "exams pre-warm");
+        assert_eq!(
+            floor_of(&table, shanghai(9, 7, 59), lead),
+            exams,
+            "exams pre-warm"
+        );
         assert_eq!(floor_of(&table, shanghai(9, 9, 0), lead), exams);
-        assert_eq!(floor_of(&table, shanghai(9, 11, 0), lead), exams, "classes closed at 9:20");
+        assert_eq!(
+            floor_of(&table, shanghai(9, 11, 0), lead),
+            exams,
+            "classes closed at 9:20"
+        );
         assert_eq!(floor_of(&table, shanghai(9, 12, 0), lead), None);
-        assert_eq!(floor_of(&table, shanghai(16, 8, 30), lead), morning, "exam week is over");
+        assert_eq!(
+            floor_of(&table, shanghai(16, 8, 30), lead),
+            morning,
+            "exam week is over"
+        );
         // Equal floors: the window that opened first sets it.
         let tie = timetable(&[
             entry("second", "30 8 * * *", "Asia/Shanghai", "2h", 2),
             entry("first", "0 8 * * *", "Asia/Shanghai", "2h", 2),
         ]);
-        assert_eq!(floor_of(&tie, shanghai(9, 9, 0), lead), Some(("first".to_string(), 2)));
+        assert_eq!(
+            floor_of(&tie, shanghai(9, 9, 0), lead),
+            Some(("first".to_string(), 2))
+        );
     }
 
     #[test]
     fn a_time_in_the_spring_forward_gap_opens_when_the_gap_ends() {
         let (from, to) = (utc(2026, 3, 7, 0, 0), utc(2026, 3, 10, 0, 0));
         let night = timetable(&[entry("night", "30 2 * * *", "America/New_York", "1h", 1)]);
-        let expected = [utc(2026, 3, 7, 7, 30), utc(2026, 3, 8, 7, 0), utc(2026, 3, 9, 6, 30)];
+        let expected = [
+            utc(2026, 3, 7, 7, 30),
+            utc(2026, 3, 8, 7, 0),
+            utc(2026, 3, 9, 6, 30),
+        ];
         assert_eq!(starts(&night.windows_starting_between(from, to)), expected);
-        assert!(night.floor_at(utc(2026, 3, 8, 7, 30), Duration::ZERO).is_some());
+        assert!(
+            night
+                .floor_at(utc(2026, 3, 8, 7, 30), Duration::ZERO)
+                .is_some()
+        );
         let morning = timetable(&[entry("morning", "0 8 * * *", "America/New_York", "1h", 1)]);
-        let expected = [utc(2026, 3, 7, 13, 0), utc(2026, 3, 8, 12, 0), utc(2026, 3, 9, 12, 0)];
-        assert_eq!(starts(&morning.windows_starting_between(from, to)), expected);
+        let expected = [
+            utc(2026, 3, 7, 13, 0),
+            utc(2026, 3, 8, 12, 0),
+            utc(2026, 3, 9, 12, 0),
+        ];
+        assert_eq!(
+            starts(&morning.windows_starting_between(from, to)),
+            expected
+        );
         // 02:00-02:45 all open at 03:00 EDT: one window, not four.
         let quarters = timetable(&[entry("q", "*/15 2 * * *", "America/New_York", "1h", 1)]);
         let gap_day =
@@ -349,10 +405,22 @@ mod tests {
             entry("assembly", "0 8 * * MON", "Asia/Shanghai", "30m", 1),
         ]);
         let week = table.windows_starting_between(shanghai(9, 0, 0), shanghai(16, 0, 0));
-        assert_eq!(starts(&week), [9, 9, 10, 11, 12, 13].map(|day| utc(2026, 3, day, 0, 0)));
+        assert_eq!(
+            starts(&week),
+            [9, 9, 10, 11, 12, 13].map(|day| utc(2026, 3, day, 0, 0))
+        );
         let names: Vec<&str> = week.iter().map(|window| window.name.as_str()).collect();
-        assert_eq!(names, ["assembly", "morning", "morning", "morning", "morning", "morning"]);
-        assert!(table.windows_starting_between(shanghai(16, 0, 0), shanghai(9, 0, 0)).is_empty());
+        assert_eq!(
+            names,
+            [
+                "assembly", "morning", "morning", "morning", "morning", "morning"
+            ]
+        );
+        assert!(
+            table
+                .windows_starting_between(shanghai(16, 0, 0), shanghai(9, 0, 0))
+                .is_empty()
+        );
     }
 
     #[test]

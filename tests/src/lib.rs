@@ -11,6 +11,6 @@ pub mod scaler;
 pub mod servers;
 pub mod stack;
 
-pub use servers::{NatsServer, RedisServer, TempDir, free_port};
 pub use scaler::{ADMIN_TOKEN, ScalerProcess, scaler_binary};
+pub use servers::{NatsServer, RedisServer, TempDir, free_port};
 pub use stack::{Stack, StackOptions, WorkerProcess, tiny_model_dir, worker_binary};

@@ -26,14 +26,21 @@ pub struct ScalerProcess {
 /// The `ebb-scaler` binary of this build.
 pub fn scaler_binary() -> PathBuf {
     let path = target_dir().join("ebb-scaler");
-    assert!(path.is_file(), "{} is missing: run `cargo build --workspace --bins`", path.display());
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace --bins`",
+        path.display()
+    );
     path
 }
 
 /// Backend section running tiny-model workers against `stack`.
 pub fn process_backend(stack: &Stack, state_dir: &std::path::Path, worker_args: &[&str]) -> String {
     let mut args = stack.shared_args();
-    args.extend(["--model-dir".to_owned(), tiny_model_dir().display().to_string()]);
+    args.extend([
+        "--model-dir".to_owned(),
+        tiny_model_dir().display().to_string(),
+    ]);
     args.extend(worker_args.iter().map(|a| a.to_string()));
     format!(
         "backend:\n  kind: process\n  command: {}\n  state_dir: {}\n  pool: test\n  args: {}\n",
@@ -71,7 +78,10 @@ impl ScalerProcess {
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
             .args(["--nats-url", &self.nats_url])
             .env("EBB_SCALER_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .spawn()
             .expect("start ebb-scaler");
@@ -97,14 +107,22 @@ impl ScalerProcess {
     }
 
     /// Polls `/status` until `done` holds; returns that status.
-    pub async fn wait_status(&self, within: Duration, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    pub async fn wait_status(
+        &self,
+        within: Duration,
+        what: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = Instant::now() + within;
         loop {
             let status = self.status().await;
             if done(&status) {
                 return status;
             }
-            assert!(Instant::now() < deadline, "scaler never reached: {what}; last status: {status:#}");
+            assert!(
+                Instant::now() < deadline,
+                "scaler never reached: {what}; last status: {status:#}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -112,7 +130,9 @@ impl ScalerProcess {
     /// Pids of the workers recorded in the state directory.
     pub fn worker_pids(&self) -> Vec<u32> {
         let dir = self.state.path().join("workers").join("test");
-        let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
         entries
             .filter_map(|entry| entry.ok())
             .filter(|entry| entry.path().extension().is_some_and(|ext| ext == "json"))
@@ -127,7 +147,9 @@ impl Drop for ScalerProcess {
     fn drop(&mut self) {
         self.kill();
         for pid in self.worker_pids() {
-            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
         }
     }
 }

@@ -122,7 +122,9 @@ async fn sigterm_drains_the_question_in_hand_then_exits_0() {
         "still in the queue, untouched"
     );
     let next = stack.worker(&[]);
-    let record = stack.wait_terminal(&queued_behind, Duration::from_secs(60)).await;
+    let record = stack
+        .wait_terminal(&queued_behind, Duration::from_secs(60))
+        .await;
     assert_eq!(record["status"], "done", "{record}");
     drop(next);
 }

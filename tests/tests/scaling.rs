@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 const ELASTIC: &str = r#"
 tick: 200ms
 resources: {min_instances: 0, max_instances: 3}
-target: {utilization: 1.0, drain_target: 2s, latency_goal: 60s, default_service_time: 1s}
+target: {utilization: 1.0, drain_target: 2s, latency_goal: 60s, default_service_time: 1s, stable_window: 5s, panic_window: 2s}
 cooldowns: {scale_down_stabilization: 1s, scale_to_zero_idle: 3s}
 health: {init_timeout: 30s, restart_backoff: 200ms, stop_grace: 20s}
 "#;
@@ -22,14 +22,21 @@ fn workers(status: &Value, state: &str) -> u64 {
 }
 
 fn running(status: &Value) -> u64 {
-    ["starting", "idle", "busy", "draining", "unhealthy"].iter().map(|s| workers(status, s)).sum()
+    ["starting", "idle", "busy", "draining", "unhealthy"]
+        .iter()
+        .map(|s| workers(status, s))
+        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_scales_from_zero_to_max_answers_everything_and_returns_to_zero() {
     let stack = Stack::start(StackOptions::default()).await;
     let scaler = ScalerProcess::start(&stack, ELASTIC, &["--debug-token-delay", "40ms"]);
-    let idle = scaler.wait_status(Duration::from_secs(10), "zero workers at rest", |s| s["desired"] == 0).await;
+    let idle = scaler
+        .wait_status(Duration::from_secs(10), "zero workers at rest", |s| {
+            s["desired"] == 0
+        })
+        .await;
     assert_eq!(running(&idle), 0);
 
     let mut ids = Vec::new();
@@ -41,26 +48,65 @@ async fn a_burst_scales_from_zero_to_max_answers_everything_and_returns_to_zero(
         ids.push(body["id"].as_str().unwrap().to_owned());
     }
     let started = scaler
-        .wait_status(Duration::from_secs(5), "a worker started", |s| !s["activation_delays_ms"].as_array().unwrap().is_empty())
+        .wait_status(Duration::from_secs(5), "a worker started", |s| {
+            !s["activation_delays_ms"].as_array().unwrap().is_empty()
+        })
         .await;
     let activation_ms = started["activation_delays_ms"][0].as_f64().unwrap();
-    assert!(activation_ms < 1000.0, "first worker start issued {activation_ms} ms after the first question");
+    assert!(
+        activation_ms < 1000.0,
+        "first worker start issued {activation_ms} ms after the first question"
+    );
 
-    scaler.wait_status(Duration::from_secs(10), "scaled to max under backlog", |s| s["desired"] == 3).await;
+    scaler
+        .wait_status(
+            Duration::from_secs(10),
+            "scaled to max under backlog",
+            |s| s["desired"] == 3,
+        )
+        .await;
     for id in &ids {
         let record = stack.wait_terminal(id, Duration::from_secs(120)).await;
         assert_eq!(record["status"], "done", "{record}");
     }
     let asleep = scaler
-        .wait_status(Duration::from_secs(60), "back to zero running workers", |s| s["desired"] == 0 && running(s) == 0)
+        .wait_status(
+            Duration::from_secs(60),
+            "back to zero running workers",
+            |s| s["desired"] == 0 && running(s) == 0,
+        )
         .await;
-    let reasons: Vec<&str> = asleep["decisions"].as_array().unwrap().iter().filter_map(|d| d["reason"].as_str()).collect();
-    assert!(reasons.iter().any(|r| r.starts_with("idle ") && r.ends_with("-> 0")), "{reasons:?}");
-    assert!(scaler.worker_pids().is_empty(), "every worker process exited");
+    let reasons: Vec<&str> = asleep["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|d| d["reason"].as_str())
+        .collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.starts_with("idle ") && r.ends_with("-> 0")),
+        "{reasons:?}"
+    );
+    assert!(
+        scaler.worker_pids().is_empty(),
+        "every worker process exited"
+    );
 
-    let metrics = reqwest::get(format!("{}/metrics", scaler.url)).await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("ebb_scaler_desired_workers 0"), "{metrics}");
-    assert!(metrics.contains("ebb_scaler_activation_delay_seconds{quantile=\"0.99\"}"), "{metrics}");
+    let metrics = reqwest::get(format!("{}/metrics", scaler.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("ebb_scaler_desired_workers 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ebb_scaler_activation_delay_seconds{quantile=\"0.99\"}"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,7 +115,8 @@ async fn a_timetable_window_prewarms_workers_before_it_opens() {
     // The next minute boundary at least 15 s away opens a 1-minute window; the
     // lead makes pre-warm start ~3 s from now.
     let now = Utc::now();
-    let mut opens = now.with_second(0).unwrap().with_nanosecond(0).unwrap() + chrono::Duration::minutes(1);
+    let mut opens =
+        now.with_second(0).unwrap().with_nanosecond(0).unwrap() + chrono::Duration::minutes(1);
     if (opens - now).num_seconds() < 15 {
         opens += chrono::Duration::minutes(1);
     }
@@ -81,9 +128,14 @@ async fn a_timetable_window_prewarms_workers_before_it_opens() {
     );
     let scaler = ScalerProcess::start(&stack, &policy, &[]);
     let warm = scaler
-        .wait_status(Duration::from_secs(30), "two ready workers", |s| workers(s, "idle") == 2)
+        .wait_status(Duration::from_secs(30), "two ready workers", |s| {
+            workers(s, "idle") == 2
+        })
         .await;
-    assert!(Utc::now() < opens, "ready before the window opens at {opens}");
+    assert!(
+        Utc::now() < opens,
+        "ready before the window opens at {opens}"
+    );
     assert_eq!(warm["reason"], "timetable floor 'period-1' 2");
     assert_eq!(warm["timetable_floor"]["name"], "period-1");
 }
@@ -105,7 +157,11 @@ async fn the_scaler_adopts_its_workers_replaces_crashed_ones_and_obeys_overrides
     let stack = Stack::start(StackOptions::default()).await;
     let policy = ELASTIC.replace("min_instances: 0", "min_instances: 1");
     let mut scaler = ScalerProcess::start(&stack, &policy, &[]);
-    let one = scaler.wait_status(Duration::from_secs(30), "one ready worker", |s| workers(s, "idle") == 1).await;
+    let one = scaler
+        .wait_status(Duration::from_secs(30), "one ready worker", |s| {
+            workers(s, "idle") == 1
+        })
+        .await;
     let first_id = one["workers"][0]["id"].as_str().unwrap().to_owned();
     let first_pids = scaler.worker_pids();
     assert_eq!(first_pids.len(), 1);
@@ -113,13 +169,20 @@ async fn the_scaler_adopts_its_workers_replaces_crashed_ones_and_obeys_overrides
     // Restarted scaler: same worker, no duplicate.
     scaler.kill();
     scaler.restart();
-    let adopted = scaler.wait_status(Duration::from_secs(15), "the worker adopted", |s| workers(s, "idle") == 1).await;
+    let adopted = scaler
+        .wait_status(Duration::from_secs(15), "the worker adopted", |s| {
+            workers(s, "idle") == 1
+        })
+        .await;
     assert_eq!(adopted["workers"][0]["id"], first_id.as_str());
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(scaler.worker_pids(), first_pids, "nothing new started");
 
     // A worker killed behind the scaler's back is replaced.
-    Command::new("kill").args(["-KILL", &first_pids[0].to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-KILL", &first_pids[0].to_string()])
+        .status()
+        .unwrap();
     let replaced = scaler
         .wait_status(Duration::from_secs(30), "a replacement", |s| {
             workers(s, "idle") == 1 && s["workers"][0]["id"] != first_id.as_str()
@@ -129,7 +192,10 @@ async fn the_scaler_adopts_its_workers_replaces_crashed_ones_and_obeys_overrides
 
     // Admin API: authentication, validation, then an override with a TTL.
     let (code, body) = scale(&scaler, None, r#"{"action":"set","count":2}"#).await;
-    assert_eq!((code, body["error"]["type"].as_str()), (401, Some("unauthorized")));
+    assert_eq!(
+        (code, body["error"]["type"].as_str()),
+        (401, Some("unauthorized"))
+    );
     let (code, _) = scale(&scaler, Some("wrong"), r#"{"action":"set","count":2}"#).await;
     assert_eq!(code, 401);
     for (bad, field) in [
@@ -139,17 +205,43 @@ async fn the_scaler_adopts_its_workers_replaces_crashed_ones_and_obeys_overrides
         (r#"{"action":"up","ttl_seconds":0}"#, "ttl_seconds"),
     ] {
         let (code, body) = scale(&scaler, Some(ADMIN_TOKEN), bad).await;
-        assert_eq!((code, body["error"]["field"].as_str()), (422, Some(field)), "{bad}: {body}");
+        assert_eq!(
+            (code, body["error"]["field"].as_str()),
+            (422, Some(field)),
+            "{bad}: {body}"
+        );
     }
     let (code, body) = scale(&scaler, Some(ADMIN_TOKEN), "not json").await;
-    assert_eq!((code, body["error"]["type"].as_str()), (400, Some("invalid_json")));
-    let (code, body) = scale(&scaler, Some(ADMIN_TOKEN), r#"{"action":"set","count":2,"ttl_seconds":4}"#).await;
+    assert_eq!(
+        (code, body["error"]["type"].as_str()),
+        (400, Some("invalid_json"))
+    );
+    let (code, body) = scale(
+        &scaler,
+        Some(ADMIN_TOKEN),
+        r#"{"action":"set","count":2,"ttl_seconds":4}"#,
+    )
+    .await;
     assert_eq!(code, 200, "{body}");
-    let forced = scaler.wait_status(Duration::from_secs(30), "two workers by override", |s| workers(s, "idle") == 2).await;
-    assert!(forced["reason"].as_str().unwrap().starts_with("manual override 2"), "{forced}");
+    let forced = scaler
+        .wait_status(Duration::from_secs(30), "two workers by override", |s| {
+            workers(s, "idle") == 2
+        })
+        .await;
+    assert!(
+        forced["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("manual override 2"),
+        "{forced}"
+    );
     let started = Instant::now();
     scaler
-        .wait_status(Duration::from_secs(30), "override expired, back to min 1", |s| s["desired"] == 1 && running(s) == 1)
+        .wait_status(
+            Duration::from_secs(30),
+            "override expired, back to min 1",
+            |s| s["desired"] == 1 && running(s) == 1,
+        )
         .await;
     assert!(started.elapsed() >= Duration::from_secs(1));
 }
@@ -158,20 +250,36 @@ async fn the_scaler_adopts_its_workers_replaces_crashed_ones_and_obeys_overrides
 fn a_bad_config_exits_non_zero_naming_the_key() {
     let dir = ebb_tests::TempDir::new("bad-config");
     let path = dir.path().join("scaler.yaml");
-    std::fs::write(&path, "resources: {min_instances: 5, max_instances: 2}\nbackend: {kind: process}\n").unwrap();
-    for args in [vec!["check-config", path.to_str().unwrap()], vec!["--config", path.to_str().unwrap()]] {
+    std::fs::write(
+        &path,
+        "resources: {min_instances: 5, max_instances: 2}\nbackend: {kind: process}\n",
+    )
+    .unwrap();
+    for args in [
+        vec!["check-config", path.to_str().unwrap()],
+        vec!["--config", path.to_str().unwrap()],
+    ] {
         let output = Command::new(scaler_binary()).args(&args).output().unwrap();
         assert!(!output.status.success(), "{args:?} must fail");
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(stderr.contains("resources.min_instances"), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("resources.min_instances"),
+            "{args:?}: {stderr}"
+        );
     }
     std::fs::write(&path, "resources: {min_instances: 0, max_instances: 2}\nbackend: {kind: process}\ntimetable:\n  - {name: x, cron: \"0 8 * * 1-5\", timezone: Europe/Atlantis, duration: 1h, min_workers: 1}\n").unwrap();
-    let output = Command::new(scaler_binary()).args(["check-config", path.to_str().unwrap()]).output().unwrap();
+    let output = Command::new(scaler_binary())
+        .args(["check-config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("timetable[0].timezone"));
     let output = Command::new(scaler_binary()).output().unwrap();
     assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("--config"), "a missing config is named");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("--config"),
+        "a missing config is named"
+    );
 }
 
 #[test]
@@ -183,12 +291,24 @@ fn the_timetable_command_prints_local_and_utc_times() {
         "resources: {min_instances: 0, max_instances: 4}\nbackend: {kind: process}\ntimetable:\n  - {name: morning-classes, cron: \"50 7 * * 1-5\", timezone: Asia/Shanghai, duration: 90m, min_workers: 2}\n",
     )
     .unwrap();
-    let output = Command::new(scaler_binary()).args(["timetable", path.to_str().unwrap(), "--days", "7"]).output().unwrap();
+    let output = Command::new(scaler_binary())
+        .args(["timetable", path.to_str().unwrap(), "--days", "7"])
+        .output()
+        .unwrap();
     assert!(output.status.success());
     let text = String::from_utf8_lossy(&output.stdout);
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 5, "five weekday windows in any 7 days:\n{text}");
+    assert_eq!(
+        lines.len(),
+        5,
+        "five weekday windows in any 7 days:\n{text}"
+    );
     for line in lines {
-        assert!(line.contains("07:50 -> 09:20 Asia/Shanghai") && line.contains("(") && line.contains("23:50 -> 01:20 UTC"), "{line}");
+        assert!(
+            line.contains("07:50 -> 09:20 Asia/Shanghai")
+                && line.contains("(")
+                && line.contains("23:50 -> 01:20 UTC"),
+            "{line}"
+        );
     }
 }

@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use bytes::Bytes;
+use ebb_nats::messages::moving_average;
 use ebb_nats::{
     AnswerEvent, CachedAnswer, Heartbeat, Job, Priority, QuestionRecord, QuestionStatus, Store,
     Timings, Topology, WorkerState, dead_letter, subjects, telemetry,
 };
-use ebb_nats::messages::moving_average;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -122,7 +122,11 @@ impl Worker {
                         .expires(PULL_EXPIRY)
                         .messages()
                         .await?;
-                    batch.next().await.transpose().map_err(async_nats::Error::from)
+                    batch
+                        .next()
+                        .await
+                        .transpose()
+                        .map_err(async_nats::Error::from)
                 };
                 match tokio::time::timeout(PULL_EXPIRY * 2, pull).await {
                     Ok(Ok(Some(message))) => return Some(message),

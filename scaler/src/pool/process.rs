@@ -153,7 +153,12 @@ impl WorkerPool for ProcessPool {
     async fn start(&mut self) -> Result<String, PoolError> {
         self.started += 1;
         let started_at = Utc::now();
-        let id = format!("{}-{}-{}", self.config.pool, started_at.timestamp_millis(), self.started);
+        let id = format!(
+            "{}-{}-{}",
+            self.config.pool,
+            started_at.timestamp_millis(),
+            self.started
+        );
         let log_path = self.dir.join(format!("{id}.log"));
         let log = std::fs::File::create(&log_path).map_err(io_error(&log_path))?;
         let child = Command::new(&self.config.command)
@@ -178,9 +183,12 @@ impl WorkerPool for ProcessPool {
         };
         let path = self.record_path(&id);
         let staging = path.with_extension("json.tmp");
-        std::fs::write(&staging, serde_json::to_vec(&record).expect("records serialize"))
-            .and_then(|()| std::fs::rename(&staging, &path))
-            .map_err(io_error(&path))?;
+        std::fs::write(
+            &staging,
+            serde_json::to_vec(&record).expect("records serialize"),
+        )
+        .and_then(|()| std::fs::rename(&staging, &path))
+        .map_err(io_error(&path))?;
         tracing::info!(worker_id = %id, pid, "started worker");
         self.workers.insert(
             id.clone(),
