@@ -72,6 +72,11 @@ impl AppState {
                 }
                 Some(value)
             }
+            Err(err @ ebb_nats::StoreError::Corrupt { .. }) => {
+                // Redis answered: treat the unreadable entry as a miss.
+                tracing::warn!(cause = %err, "ignoring an unreadable Redis entry");
+                None
+            }
             Err(err) => {
                 if !self.store_degraded.swap(true, Ordering::Relaxed) {
                     tracing::error!(cause = %err, "redis unavailable: answering without cache or status records");

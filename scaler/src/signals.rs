@@ -216,7 +216,7 @@ impl Signals {
                 Duration::from_secs_f64(values.iter().sum::<f64>() / values.len() as f64 / 1000.0)
             })
         };
-        let observation = Observation {
+        Observation {
             lag: depth.lag(),
             oldest_waiting: depth.oldest_waiting(),
             arrival_rate: self.arrivals.rate(now, target.stable_window),
@@ -227,8 +227,7 @@ impl Signals {
             avg_response_time: mean(|b| b.mean_response_ms),
             cold_start_p90: self.cold_start_p90(),
             workers: counts,
-        };
-        observation
+        }
     }
 }
 

@@ -172,7 +172,13 @@ impl Stack {
 
     /// Starts an `ebb-worker` process on the tiny model.
     pub fn worker(&self, extra_args: &[&str]) -> WorkerProcess {
-        WorkerProcess::spawn(self, extra_args)
+        WorkerProcess::spawn(self, extra_args, Stdio::inherit())
+    }
+
+    /// Starts a worker whose logs (stderr) go to `log`.
+    pub fn worker_logging_to(&self, extra_args: &[&str], log: &std::path::Path) -> WorkerProcess {
+        let file = std::fs::File::create(log).expect("create the worker log");
+        WorkerProcess::spawn(self, extra_args, Stdio::from(file))
     }
 
     /// A NATS client of the test's own.
@@ -268,7 +274,7 @@ pub struct WorkerProcess {
 }
 
 impl WorkerProcess {
-    fn spawn(stack: &Stack, extra_args: &[&str]) -> WorkerProcess {
+    fn spawn(stack: &Stack, extra_args: &[&str], stderr: Stdio) -> WorkerProcess {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let id = format!(
             "test-worker-{}-{}",
@@ -287,6 +293,7 @@ impl WorkerProcess {
             )
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .stdin(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("start ebb-worker");
         WorkerProcess {

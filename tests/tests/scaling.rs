@@ -312,3 +312,27 @@ fn the_timetable_command_prints_local_and_utc_times() {
         );
     }
 }
+
+#[test]
+fn the_readme_config_example_is_valid() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let example = readme
+        .split("A full config")
+        .nth(1)
+        .and_then(|rest| rest.split("```yaml\n").nth(1))
+        .and_then(|block| block.split("```").next())
+        .expect("README has the full config example");
+    let dir = ebb_tests::TempDir::new("readme-config");
+    let path = dir.path().join("scaler.yaml");
+    std::fs::write(&path, example).unwrap();
+    let output = Command::new(scaler_binary())
+        .args(["check-config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

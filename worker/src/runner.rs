@@ -122,11 +122,9 @@ impl Worker {
                         .expires(PULL_EXPIRY)
                         .messages()
                         .await?;
-                    batch
-                        .next()
-                        .await
-                        .transpose()
-                        .map_err(async_nats::Error::from)
+                    let next: Result<Option<jetstream::Message>, async_nats::Error> =
+                        batch.next().await.transpose();
+                    next
                 };
                 match tokio::time::timeout(PULL_EXPIRY * 2, pull).await {
                     Ok(Ok(Some(message))) => return Some(message),
