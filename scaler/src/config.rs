@@ -346,8 +346,24 @@ impl ScalerConfig {
                 ),
             ));
         }
-        if self.tick.is_zero() {
-            return Err(invalid("tick", "must be more than zero"));
+        if self.tick.is_zero() || self.tick > Duration::from_secs(60) {
+            return Err(invalid("tick", "must be more than zero and at most 60s"));
+        }
+        let health = &self.health;
+        // Workers beat every 2 s: anything shorter would call healthy ones dead.
+        if health.heartbeat_timeout < Duration::from_secs(5) {
+            return Err(invalid(
+                "health.heartbeat_timeout",
+                "must be at least 5s (workers beat every 2s)",
+            ));
+        }
+        for (key, value) in [
+            ("health.init_timeout", health.init_timeout),
+            ("health.restart_backoff", health.restart_backoff),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(key, "must be more than zero"));
+            }
         }
         let target = &self.target;
         if !(target.utilization > 0.0 && target.utilization <= 1.0) {

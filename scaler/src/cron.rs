@@ -185,11 +185,18 @@ impl FieldSpec {
                     }
                 },
             };
+            // Open-ended steps over day-of-week stop at Saturday (6): 7 is only
+            // an alias of Sunday, so `1/2` is Mon, Wed, Fri as in robfig/cron.
+            let step_end = if self.name == DAY_OF_WEEK.name {
+                6
+            } else {
+                self.max
+            };
             let (low, high) = if range == "*" {
                 // As in robfig/cron v3 (behind KEDA and Kubernetes), `*/2` is
                 // a restriction for the day rule; only `*` and `*/1` are not.
                 parsed.star |= step == 1;
-                (self.min, self.max)
+                (self.min, if step > 1 { step_end } else { self.max })
             } else if let Some((low, high)) = range.split_once('-') {
                 let (low, high) = (self.value(low, item)?, self.range_end(high, item)?);
                 if low > high {
@@ -199,7 +206,7 @@ impl FieldSpec {
             } else {
                 let value = self.value(range, item)?;
                 // `a/n` means from a to the field's maximum, every n.
-                (value, if item.contains('/') { self.max } else { value })
+                (value, if item.contains('/') { step_end } else { value })
             };
             for value in (low..=high).step_by(step as usize) {
                 parsed.bits |= 1u64 << value;
@@ -296,6 +303,18 @@ mod tests {
         assert_eq!(cron("10-30/10 * * * *"), cron("10,20,30 * * * *"));
         assert_eq!(cron("50/5 * * * *"), cron("50,55 * * * *"));
         assert_eq!(cron("*/1 * * * *"), cron("* * * * *"));
+    }
+
+    #[test]
+    fn day_of_week_steps_stop_at_saturday() {
+        let schedule = CronSchedule::parse("0 8 * * 1/2").unwrap();
+        let sunday = chrono::NaiveDate::from_ymd_opt(2026, 11, 29).unwrap();
+        let monday = chrono::NaiveDate::from_ymd_opt(2026, 11, 30).unwrap();
+        assert!(
+            !schedule.matches_date(sunday),
+            "7 is only an alias of Sunday"
+        );
+        assert!(schedule.matches_date(monday));
     }
 
     #[test]

@@ -40,6 +40,8 @@ enum ApiError {
         message: String,
     },
     NotFound,
+    MethodNotAllowed,
+    TooLarge,
 }
 
 impl IntoResponse for ApiError {
@@ -72,6 +74,18 @@ impl IntoResponse for ApiError {
                 "no such route".to_owned(),
                 None,
             ),
+            ApiError::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed".to_owned(),
+                None,
+            ),
+            ApiError::TooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "the body is larger than 4 KiB".to_owned(),
+                None,
+            ),
         };
         let mut error = json!({"type": error_type, "message": message});
         if let Some(field) = field {
@@ -98,6 +112,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
             get(|| async { Json(json!({"status": "healthy"})) }),
         )
         .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(axum::extract::DefaultBodyLimit::max(4096))
         .with_state(state)
 }
 
@@ -105,20 +121,21 @@ async fn status(State(state): State<Arc<ApiState>>) -> Json<crate::scaler::Statu
     Json(state.shared.status())
 }
 
-/// Constant-time comparison, so the token cannot be guessed byte by byte.
+/// Constant-time comparison (in content and length), so the token cannot be
+/// guessed byte by byte.
 fn same_token(given: &[u8], expected: &[u8]) -> bool {
-    given.len() == expected.len()
-        && given
-            .iter()
-            .zip(expected)
-            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
-            == 0
+    let length = given.len().max(expected.len());
+    let byte = |bytes: &[u8], i: usize| bytes.get(i).copied().unwrap_or(0);
+    let diff = (0..length).fold(given.len() ^ expected.len(), |diff, i| {
+        diff | usize::from(byte(given, i) ^ byte(expected, i))
+    });
+    diff == 0
 }
 
 async fn scale(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Some(expected) = &state.admin_token else {
         return Err(ApiError::Disabled);
@@ -126,13 +143,15 @@ async fn scale(
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
+        .and_then(|value| value.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token)
         .ok_or(ApiError::Unauthorized)?;
     if !same_token(given.trim().as_bytes(), expected.as_bytes()) {
         return Err(ApiError::Unauthorized);
     }
-    let request: Value =
-        serde_json::from_slice(&body).map_err(|err| ApiError::InvalidJson(err.to_string()))?;
+    let request: Value = serde_json::from_slice(&body.map_err(|_| ApiError::TooLarge)?)
+        .map_err(|err| ApiError::InvalidJson(err.to_string()))?;
     let Value::Object(fields) = request else {
         return Err(ApiError::InvalidJson(
             "the body must be a JSON object".into(),
@@ -279,4 +298,17 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
         );
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_token;
+
+    #[test]
+    fn tokens_match_only_exactly() {
+        assert!(same_token(b"secret", b"secret"));
+        assert!(!same_token(b"secreT", b"secret"));
+        assert!(!same_token(b"secret-and-more", b"secret"));
+        assert!(!same_token(b"", b"secret"));
+    }
 }

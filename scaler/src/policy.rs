@@ -149,6 +149,8 @@ pub struct Policy {
     pub timetable: Timetable,
 }
 
+/// Longest the scaler sleeps at zero workers (arrivals wake it anyway).
+const MAX_SLEEP: Duration = Duration::from_secs(60);
 /// Pre-warm lead when neither configured nor measured.
 const DEFAULT_PREWARM_LEAD: Duration = Duration::from_secs(60);
 
@@ -281,8 +283,8 @@ pub fn decide(
             .timetable
             .next_window(now)
             .map(|window| since(window.start, now).saturating_sub(policy.prewarm_lead(observation)))
-            .unwrap_or(Duration::from_secs(60))
-            .clamp(tick, Duration::from_secs(60))
+            .unwrap_or(MAX_SLEEP)
+            .clamp(tick.min(MAX_SLEEP), MAX_SLEEP)
     } else {
         tick
     };
@@ -345,7 +347,13 @@ fn apply_rules(
     let current = state.desired;
     let ups = rules.scale_up.len();
     if let Some(index) = (0..ups).find(|&index| held(index).is_some()) {
-        return (current.saturating_add(rules.step_up), describe(index, ">"));
+        let reason = describe(index, ">");
+        // Each step must be earned anew: the next one waits a full duration
+        // again, giving the new workers time to start.
+        for since in next.condition_since.iter_mut().take(ups).flatten() {
+            *since = now;
+        }
+        return (current.saturating_add(rules.step_up), reason);
     }
     let downs: Vec<usize> = (ups..conditions.len()).collect();
     if !downs.is_empty() && downs.iter().all(|&index| held(index).is_some()) {
@@ -419,9 +427,14 @@ fn target_tracking(
     // While questions age, add a worker per decision, but only once the
     // previous one has finished starting (it may be all that is missing).
     let add_one = too_old && observation.workers.starting == 0;
-    // Panic never scales down: at least the current count while it lasts.
+    // Panic never scales down (at least the current count while it lasts),
+    // and adds to what actually runs, not to what was merely wanted.
+    let capacity = observation.workers.capacity();
     let wanted = if panicking {
-        stable.max(burst).max(current + u32::from(add_one))
+        stable
+            .max(burst)
+            .max(current)
+            .max(capacity + u32::from(add_one))
     } else {
         stable
     };

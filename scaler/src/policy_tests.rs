@@ -71,10 +71,14 @@ fn a_question_at_zero_workers_activates_one_at_once() {
     };
     let decision = decide(&observation, &state(0), &policy, t0());
     assert_eq!(decision.desired, 1);
-    assert!(
-        decision.reason.contains("activation") || decision.reason.contains("target"),
-        "{}",
-        decision.reason
+    assert!(decision.reason.starts_with("target"), "{}", decision.reason);
+    // Rules that would never fire on one question still activate a worker.
+    let rules = self::policy(RULES);
+    let decision = decide(&observation, &state(0), &rules, t0());
+    assert_eq!(decision.desired, 1);
+    assert_eq!(
+        decision.reason,
+        "activation: 1 question(s) waiting at zero workers"
     );
 }
 
@@ -390,6 +394,12 @@ fn rules_scale_up_when_any_condition_held_long_enough() {
     let decision = run(&policy, &deep, state(2), 0, 30);
     assert_eq!(decision.desired, 4, "step_up 2");
     assert_eq!(decision.reason, "queue_depth 12.00 > 10 for 30s");
+    assert_eq!(
+        run(&policy, &deep, state(2), 0, 59).desired,
+        4,
+        "the next step waits a full duration"
+    );
+    assert_eq!(run(&policy, &deep, state(2), 0, 60).desired, 6);
     let old = Observation {
         oldest_waiting: Duration::from_secs(25),
         workers: workers(0, 2),

@@ -82,8 +82,9 @@ pub struct Scaler<P: WorkerPool> {
     pub state: PolicyState,
     crashes_in_a_row: u32,
     next_start_allowed: DateTime<Utc>,
-    /// Earliest arrival not yet served by any worker, while at zero.
-    waiting_since: Option<DateTime<Utc>>,
+    last_crash_at: Option<DateTime<Utc>>,
+    /// Whether the first round has taken over the workers already running.
+    adopted: bool,
     last_depth: QueueDepth,
 }
 
@@ -105,7 +106,8 @@ impl<P: WorkerPool> Scaler<P> {
             state: PolicyState::default(),
             crashes_in_a_row: 0,
             next_start_allowed: DateTime::<Utc>::MIN_UTC,
-            waiting_since: None,
+            last_crash_at: None,
+            adopted: false,
             last_depth: QueueDepth {
                 priorities: Vec::new(),
             },
@@ -129,12 +131,20 @@ impl<P: WorkerPool> Scaler<P> {
     /// One round: observe, decide, reconcile. Returns when to wake next.
     pub async fn tick(&mut self) -> Duration {
         let now = Utc::now();
+        // Set before observing, so an arrival during this round still wakes
+        // the next one at once.
+        self.shared
+            .asleep
+            .store(self.state.desired == 0, Ordering::Relaxed);
         let mut errors = Vec::new();
         let listed = match self.pool.list().await {
             Ok(listed) => listed,
             Err(err) => {
-                errors.push(format!("listing workers: {err}"));
-                Vec::new()
+                // Without the list, "no workers" would start a fleet: skip the round.
+                let error = format!("listing workers: {err}");
+                tracing::warn!(cause = %error, "skipping this round");
+                self.shared.status.lock().expect("status lock").last_error = Some(error);
+                return self.policy.config.tick;
             }
         };
         for worker in &listed {
@@ -160,20 +170,30 @@ impl<P: WorkerPool> Scaler<P> {
             self.state.manual = Some(manual);
         }
         let config = &self.policy.config;
-        let (views, observation) = {
+        let (views, observation, first_unserved) = {
             let mut signals = self.shared.signals.lock().expect("signals lock");
             let signals = signals.get_or_insert_with(|| Signals::new(&config.target));
             let views = signals.classify(&listed, &config.health, now);
             let observation = signals.observe(&self.last_depth, &views, &config.target, now);
-            (views, observation)
+            if observation.workers.capacity() > 0 {
+                signals.first_unserved_arrival = None;
+            }
+            (views, observation, signals.first_unserved_arrival)
         };
-        if observation.workers.ready() > 0 {
-            self.crashes_in_a_row = 0;
+        if !self.adopted {
+            // A restarted scaler continues from the workers it finds, so any
+            // scale-down still goes through the cooldowns.
+            self.adopted = true;
+            self.state.desired = observation.workers.capacity();
         }
-        if observation.workers.capacity() == 0
-            && (observation.new_arrivals > 0 || observation.lag > 0)
-        {
-            self.waiting_since.get_or_insert(now);
+        let last_crash = self.last_crash_at;
+        if views.iter().any(|w| {
+            matches!(w.condition, Condition::Idle | Condition::Busy)
+                && last_crash.is_some_and(|at| w.started_at > at)
+        }) {
+            // A worker started after the last loss came up: the loop is broken.
+            self.crashes_in_a_row = 0;
+            self.last_crash_at = None;
         }
 
         let decision = decide(&observation, &self.state, &self.policy, now);
@@ -183,7 +203,7 @@ impl<P: WorkerPool> Scaler<P> {
             tracing::info!(from = previous, to = decision.desired, reason = %decision.reason, "desired workers changed");
         }
         let activation = self
-            .reconcile(&views, decision.desired, now, &mut errors)
+            .reconcile(&views, decision.desired, first_unserved, now, &mut errors)
             .await;
         self.publish(
             previous,
@@ -215,6 +235,7 @@ impl<P: WorkerPool> Scaler<P> {
             .saturating_mul(1 << self.crashes_in_a_row.min(16).saturating_sub(1))
             .min(MAX_RESTART_BACKOFF);
         self.next_start_allowed = now + backoff;
+        self.last_crash_at = Some(now);
         tracing::warn!(worker_id = %id, why, crashes_in_a_row = self.crashes_in_a_row, backoff_ms = backoff.as_millis() as u64, "worker lost; replacing it after a backoff");
     }
 
@@ -224,6 +245,7 @@ impl<P: WorkerPool> Scaler<P> {
         &mut self,
         views: &[WorkerView],
         desired: u32,
+        first_unserved: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
         errors: &mut Vec<String>,
     ) -> Option<Duration> {
@@ -256,13 +278,17 @@ impl<P: WorkerPool> Scaler<P> {
                     match self.pool.start().await {
                         Ok(_) => {
                             if count == 0
-                                && let Some(since) = self.waiting_since.take()
+                                && activation.is_none()
+                                && let Some(since) = first_unserved
                             {
                                 activation =
                                     Some((Utc::now() - since).to_std().unwrap_or_default());
                             }
                         }
                         Err(err) => {
+                            // A start that fails backs off like a crash, so a
+                            // bad command is not retried every round.
+                            self.crashed("(not started)", &err.to_string(), now);
                             errors.push(err.to_string());
                             break;
                         }
@@ -283,9 +309,6 @@ impl<P: WorkerPool> Scaler<P> {
                     errors.push(format!("stopping {}: {err}", victim.id));
                 }
             }
-        }
-        if desired == 0 || count > 0 {
-            self.waiting_since = None;
         }
         activation
     }

@@ -14,6 +14,8 @@ use crate::pool::{Phase, PoolWorker};
 
 /// Cold starts kept for the p90.
 const COLD_START_SAMPLES: usize = 50;
+/// A ready time this recent (two heartbeat intervals) is a new cold start.
+const FRESH_READY_MS: u64 = 5_000;
 
 /// Events per second, counted in one-second buckets over a bounded window.
 #[derive(Debug, Default)]
@@ -88,7 +90,12 @@ pub struct Signals {
     completions: RateCounter,
     new_arrivals: u64,
     heartbeats: HashMap<String, (Heartbeat, DateTime<Utc>)>,
+    /// When this scaler first listed each worker: an adopted worker's
+    /// silence is timed from here, not from its (old) start.
+    first_seen: HashMap<String, DateTime<Utc>>,
     cold_starts: VecDeque<Duration>,
+    /// The first question no worker has been there to take.
+    pub first_unserved_arrival: Option<DateTime<Utc>>,
 }
 
 impl Signals {
@@ -99,13 +106,16 @@ impl Signals {
             completions: RateCounter::new(horizon),
             new_arrivals: 0,
             heartbeats: HashMap::new(),
+            first_seen: HashMap::new(),
             cold_starts: VecDeque::new(),
+            first_unserved_arrival: None,
         }
     }
 
     pub fn question_arrived(&mut self, now: DateTime<Utc>) {
         self.arrivals.add(now, 1);
         self.new_arrivals += 1;
+        self.first_unserved_arrival.get_or_insert(now);
     }
 
     pub fn heartbeat(&mut self, beat: Heartbeat, now: DateTime<Utc>) {
@@ -113,8 +123,12 @@ impl Signals {
         let done_before = previous.map_or(beat.jobs_done, |b| b.jobs_done);
         self.completions
             .add(now, beat.jobs_done.saturating_sub(done_before));
-        let newly_ready =
-            previous.is_none_or(|b| b.ready_at_ms.is_none()) && beat.ready_at_ms.is_some();
+        // A cold start counts once, while fresh: a worker whose entry was
+        // pruned (another pool's, or one already gone) must not count again.
+        let fresh = beat
+            .ready_at_ms
+            .is_some_and(|ready| beat.sent_at_ms.saturating_sub(ready) <= FRESH_READY_MS);
+        let newly_ready = previous.is_none_or(|b| b.ready_at_ms.is_none()) && fresh;
         if newly_ready && let Some(ready) = beat.ready_at_ms {
             self.cold_starts.push_back(Duration::from_millis(
                 ready.saturating_sub(beat.started_at_ms),
@@ -135,17 +149,26 @@ impl Signals {
 
     /// Classifies each pool worker from its heartbeats and age.
     pub fn classify(
-        &self,
+        &mut self,
         workers: &[PoolWorker],
         health: &Health,
         now: DateTime<Utc>,
     ) -> Vec<WorkerView> {
+        for worker in workers {
+            self.first_seen.entry(worker.id.clone()).or_insert(now);
+        }
+        self.first_seen
+            .retain(|id, _| workers.iter().any(|w| &w.id == id));
         workers
             .iter()
             .filter(|w| !matches!(w.phase, Phase::Exited { .. }))
             .map(|worker| {
                 let beat = self.heartbeats.get(&worker.id);
-                let age = (now - worker.started_at).to_std().unwrap_or_default();
+                let known_since = self
+                    .first_seen
+                    .get(&worker.id)
+                    .map_or(worker.started_at, |seen| (*seen).max(worker.started_at));
+                let age = (now - known_since).to_std().unwrap_or_default();
                 let (condition, why) = match (&worker.phase, beat) {
                     (Phase::Stopping { .. }, _) => (Condition::Draining, None),
                     (_, Some((_, heard)))

@@ -3,7 +3,7 @@
 //! pre-warm, restart adoption, crash replacement and the admin API.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{Timelike, Utc};
 use ebb_tests::{ADMIN_TOKEN, ScalerProcess, Stack, StackOptions, scaler_binary};
@@ -152,45 +152,32 @@ async fn scale(scaler: &ScalerProcess, token: Option<&str>, body: &str) -> (u16,
     (response.status().as_u16(), response.json().await.unwrap())
 }
 
+/// Long cooldowns (nothing scales down by itself during the test) and a
+/// short init timeout (adopted workers are older than it).
+const STEADY: &str = r#"
+tick: 200ms
+resources: {min_instances: 0, max_instances: 3}
+cooldowns: {scale_down_stabilization: 10m, scale_to_zero_idle: 10m}
+health: {init_timeout: 2s, restart_backoff: 200ms, stop_grace: 20s}
+"#;
+
+fn ids(status: &Value) -> Vec<String> {
+    let mut ids: Vec<String> = status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|w| w["id"].as_str().map(str::to_owned))
+        .collect();
+    ids.sort();
+    ids
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_scaler_adopts_its_workers_replaces_crashed_ones_and_obeys_overrides() {
     let stack = Stack::start(StackOptions::default()).await;
-    let policy = ELASTIC.replace("min_instances: 0", "min_instances: 1");
-    let mut scaler = ScalerProcess::start(&stack, &policy, &[]);
-    let one = scaler
-        .wait_status(Duration::from_secs(30), "one ready worker", |s| {
-            workers(s, "idle") == 1
-        })
-        .await;
-    let first_id = one["workers"][0]["id"].as_str().unwrap().to_owned();
-    let first_pids = scaler.worker_pids();
-    assert_eq!(first_pids.len(), 1);
+    let mut scaler = ScalerProcess::start(&stack, STEADY, &[]);
 
-    // Restarted scaler: same worker, no duplicate.
-    scaler.kill();
-    scaler.restart();
-    let adopted = scaler
-        .wait_status(Duration::from_secs(15), "the worker adopted", |s| {
-            workers(s, "idle") == 1
-        })
-        .await;
-    assert_eq!(adopted["workers"][0]["id"], first_id.as_str());
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(scaler.worker_pids(), first_pids, "nothing new started");
-
-    // A worker killed behind the scaler's back is replaced.
-    Command::new("kill")
-        .args(["-KILL", &first_pids[0].to_string()])
-        .status()
-        .unwrap();
-    let replaced = scaler
-        .wait_status(Duration::from_secs(30), "a replacement", |s| {
-            workers(s, "idle") == 1 && s["workers"][0]["id"] != first_id.as_str()
-        })
-        .await;
-    assert_ne!(replaced["workers"][0]["id"], first_id.as_str());
-
-    // Admin API: authentication, validation, then an override with a TTL.
+    // Admin API: authentication and validation first.
     let (code, body) = scale(&scaler, None, r#"{"action":"set","count":2}"#).await;
     assert_eq!(
         (code, body["error"]["type"].as_str()),
@@ -216,6 +203,8 @@ async fn the_scaler_adopts_its_workers_replaces_crashed_ones_and_obeys_overrides
         (code, body["error"]["type"].as_str()),
         (400, Some("invalid_json"))
     );
+
+    // Two workers by override, with a TTL.
     let (code, body) = scale(
         &scaler,
         Some(ADMIN_TOKEN),
@@ -223,27 +212,68 @@ async fn the_scaler_adopts_its_workers_replaces_crashed_ones_and_obeys_overrides
     )
     .await;
     assert_eq!(code, 200, "{body}");
-    let forced = scaler
+    let two = scaler
         .wait_status(Duration::from_secs(30), "two workers by override", |s| {
             workers(s, "idle") == 2
         })
         .await;
     assert!(
-        forced["reason"]
+        two["reason"]
             .as_str()
             .unwrap()
             .starts_with("manual override 2"),
-        "{forced}"
+        "{two}"
     );
-    let started = Instant::now();
+    let before = ids(&two);
+    let pids = scaler.worker_pids();
+    assert_eq!(pids.len(), 2);
     scaler
-        .wait_status(
-            Duration::from_secs(30),
-            "override expired, back to min 1",
-            |s| s["desired"] == 1 && running(s) == 1,
-        )
+        .wait_status(Duration::from_secs(10), "the override expired", |s| {
+            s["manual_override"].is_null()
+        })
         .await;
-    assert!(started.elapsed() >= Duration::from_secs(1));
+
+    // A restarted scaler (its override gone, older workers than init_timeout)
+    // adopts both and stops neither: scale-down waits for the cooldowns.
+    scaler.kill();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    scaler.restart();
+    let adopted = scaler
+        .wait_status(Duration::from_secs(15), "both adopted", |s| {
+            workers(s, "idle") == 2
+        })
+        .await;
+    assert_eq!(ids(&adopted), before);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let later = scaler.status().await;
+    assert_eq!(
+        (later["desired"].as_u64(), workers(&later, "idle")),
+        (Some(2), 2),
+        "{later}"
+    );
+    assert_eq!(
+        scaler.worker_pids().len(),
+        2,
+        "nothing stopped, nothing new started"
+    );
+
+    // A worker killed behind the scaler's back is replaced.
+    Command::new("kill")
+        .args(["-KILL", &pids[0].to_string()])
+        .status()
+        .unwrap();
+    let replaced = scaler
+        .wait_status(Duration::from_secs(30), "a replacement", |s| {
+            workers(s, "idle") == 2 && ids(s) != before
+        })
+        .await;
+    assert_eq!(
+        ids(&replaced)
+            .iter()
+            .filter(|id| before.contains(id))
+            .count(),
+        1
+    );
 }
 
 #[test]

@@ -25,6 +25,10 @@ struct Record {
     /// Field 22 of `/proc/<pid>/stat`: distinguishes a recycled pid.
     proc_start: u64,
     started_at: DateTime<Utc>,
+    /// Set once the worker was asked to drain, so a restarted scaler still
+    /// enforces the grace period and does not count the exit as a crash.
+    #[serde(default)]
+    stopping_since: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug)]
@@ -71,9 +75,9 @@ impl ProcessPool {
                 Some(record) if process_start(record.pid) == Some(record.proc_start) => {
                     tracing::info!(worker_id = %record.id, pid = record.pid, "adopted a running worker");
                     let managed = Managed {
+                        stopping_since: record.stopping_since,
                         record,
                         child: None,
-                        stopping_since: None,
                         killed: false,
                     };
                     workers.insert(managed.record.id.clone(), managed);
@@ -99,6 +103,18 @@ impl ProcessPool {
 
     fn record_path(&self, id: &str) -> PathBuf {
         self.dir.join(format!("{id}.json"))
+    }
+
+    /// Writes a record atomically (write, then rename).
+    fn write_record(&self, record: &Record) -> Result<(), PoolError> {
+        let path = self.record_path(&record.id);
+        let staging = path.with_extension("json.tmp");
+        std::fs::write(
+            &staging,
+            serde_json::to_vec(record).expect("records serialize"),
+        )
+        .and_then(|()| std::fs::rename(&staging, &path))
+        .map_err(io_error(&path))
     }
 
     fn has_exited(managed: &mut Managed) -> Option<String> {
@@ -130,7 +146,7 @@ impl WorkerPool for ProcessPool {
                 let overdue = (now - since).to_std().unwrap_or_default() > self.grace;
                 if overdue && !managed.killed {
                     tracing::warn!(worker_id = %id, "still draining after the grace period; killing it");
-                    signal(managed.record.pid, "KILL");
+                    signal(managed, "KILL");
                     managed.killed = true;
                 }
                 Phase::Stopping { since }
@@ -180,15 +196,15 @@ impl WorkerPool for ProcessPool {
             pid,
             proc_start: process_start(pid).unwrap_or(0),
             started_at,
+            stopping_since: None,
         };
-        let path = self.record_path(&id);
-        let staging = path.with_extension("json.tmp");
-        std::fs::write(
-            &staging,
-            serde_json::to_vec(&record).expect("records serialize"),
-        )
-        .and_then(|()| std::fs::rename(&staging, &path))
-        .map_err(io_error(&path))?;
+        if let Err(err) = self.write_record(&record) {
+            // Untracked workers are what adoption must never produce.
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(err);
+        }
         tracing::info!(worker_id = %id, pid, "started worker");
         self.workers.insert(
             id.clone(),
@@ -209,8 +225,16 @@ impl WorkerPool for ProcessPool {
             .ok_or_else(|| PoolError::UnknownWorker(id.to_owned()))?;
         if managed.stopping_since.is_none() {
             tracing::info!(worker_id = %id, "stopping worker (drain)");
-            signal(managed.record.pid, "TERM");
-            managed.stopping_since = Some(Utc::now());
+            signal(managed, "TERM");
+            let since = Utc::now();
+            managed.stopping_since = Some(since);
+            managed.record.stopping_since = Some(since);
+            let path = self.dir.join(format!("{id}.json"));
+            std::fs::write(
+                &path,
+                serde_json::to_vec(&managed.record).expect("records serialize"),
+            )
+            .map_err(io_error(&path))?;
         }
         Ok(())
     }
@@ -230,14 +254,25 @@ fn process_start(pid: u32) -> Option<u64> {
     fields.nth(18)?.parse().ok()
 }
 
-fn signal(pid: u32, name: &str) {
+/// Signals the worker's whole process group (a wrapper script's children
+/// too), after checking the pid still belongs to the process we started.
+fn signal(managed: &Managed, name: &str) {
+    let pid = managed.record.pid;
+    if managed.child.is_none() && process_start(pid) != Some(managed.record.proc_start) {
+        return; // an adopted worker that is already gone; its pid may be reused
+    }
     let sent = Command::new("kill")
         .arg(format!("-{name}"))
-        .arg(pid.to_string())
+        .arg("--")
+        .arg(format!("-{pid}"))
         .stderr(Stdio::null())
         .status();
     if !sent.is_ok_and(|status| status.success()) {
-        tracing::debug!(pid, signal = name, "signal not delivered (already gone?)");
+        tracing::warn!(
+            pid,
+            signal = name,
+            "could not signal the worker's process group"
+        );
     }
 }
 
