@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 
-use ebb_nats::QueueConfig;
+use ebb_nats::{ModelArgs, QueueConfig, ServiceArgs};
 
 /// ebb's HTTP API: answers hot questions from the cache and queues the rest
 /// for the workers.
@@ -12,19 +12,10 @@ pub struct Config {
     /// Address the HTTP API listens on.
     #[arg(long, env = "EBB_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
-    /// NATS server with JetStream enabled.
-    #[arg(long, env = "EBB_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
-    /// Redis server for status records and the answer cache.
-    #[arg(long, env = "EBB_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
-    pub redis_url: String,
-    /// Model the workers serve (Hugging Face repo id): reported in answers and
-    /// part of the cache key. Must match the workers' `--model`.
-    #[arg(long, env = "EBB_MODEL", default_value = "Qwen/Qwen2.5-7B-Instruct")]
-    pub model: String,
-    /// Revision of that model; part of the cache key. Must match the workers'.
-    #[arg(long, env = "EBB_MODEL_REVISION", default_value = "main")]
-    pub model_revision: String,
+    #[command(flatten)]
+    pub services: ServiceArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// `max_tokens` for questions that do not set it.
     #[arg(long, env = "EBB_DEFAULT_MAX_TOKENS", default_value_t = 512)]
     pub default_max_tokens: u32,
@@ -37,11 +28,4 @@ pub struct Config {
     pub max_waiting: usize,
     #[command(flatten)]
     pub queue: QueueConfig,
-}
-
-impl Config {
-    /// `id@revision`: the model identity stamped on jobs and cache keys.
-    pub fn model_identity(&self) -> String {
-        format!("{}@{}", self.model, self.model_revision)
-    }
 }

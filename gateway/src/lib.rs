@@ -45,9 +45,9 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
-    let client = ebb_nats::connect(&config.nats_url, "ebb-gateway", None).await?;
+    let client = ebb_nats::connect(&config.services.nats_url, "ebb-gateway", None).await?;
     let topology = ensure_topology(client, &config).await?;
-    let store = Store::connect_lazy(&config.redis_url)?;
+    let store = Store::connect_lazy(&config.services.redis_url)?;
     let state = Arc::new(routes::AppState::new(
         config,
         topology.clone(),

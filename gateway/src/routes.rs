@@ -46,8 +46,8 @@ pub struct AppState {
 impl AppState {
     pub fn new(config: Config, topology: Topology, store: Store) -> Self {
         AppState {
-            model_identity: config.model_identity(),
-            model: config.model,
+            model_identity: config.model.identity(),
+            model: config.model.repo,
             limits: Limits {
                 default_max_tokens: config.default_max_tokens,
                 max_tokens_limit: config.max_tokens_limit,

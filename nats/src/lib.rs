@@ -18,7 +18,9 @@
 //! - [`telemetry`]: tracing/OpenTelemetry setup and W3C `traceparent`
 //!   propagation through message headers.
 //! - [`duration`]: the `30s` / `500ms` syntax every duration flag accepts.
+//! - [`args`]: flags every process shares ([`ServiceArgs`], [`ModelArgs`]).
 
+pub mod args;
 pub mod dead_letter;
 pub mod depth;
 pub mod duration;
@@ -28,6 +30,7 @@ pub mod subjects;
 pub mod telemetry;
 pub mod topology;
 
+pub use args::{ModelArgs, ServiceArgs};
 pub use depth::{PriorityDepth, QueueDepth, queue_depth};
 pub use messages::{AnswerEvent, DeadLetter, Heartbeat, Job, Sampling, Timings, WorkerState};
 pub use store::{CachedAnswer, QuestionRecord, QuestionStatus, Store, StoreError};

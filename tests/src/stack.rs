@@ -248,6 +248,29 @@ impl Stack {
         }
     }
 
+    /// Questions stored in the queue right now.
+    pub async fn queued_messages(&self) -> u64 {
+        let info = self
+            .questions_stream()
+            .await
+            .get_info()
+            .await
+            .expect("stream info");
+        info.state.messages
+    }
+
+    /// The dead letter kept for a question, if any.
+    pub async fn dead_letter(&self, id: &str) -> Option<ebb_nats::DeadLetter> {
+        let letter = async_nats::jetstream::new(self.nats_client().await)
+            .get_stream(subjects::DEAD_STREAM)
+            .await
+            .expect("dead-letter stream exists")
+            .direct_get_last_for_subject(subjects::dead_letter(id))
+            .await
+            .ok()?;
+        Some(serde_json::from_slice(&letter.payload).expect("dead letters are JSON"))
+    }
+
     /// Stream handle of the question queue.
     pub async fn questions_stream(&self) -> async_nats::jetstream::stream::Stream {
         async_nats::jetstream::new(self.nats_client().await)

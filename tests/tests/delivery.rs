@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use ebb_nats::subjects;
 use ebb_tests::{Stack, StackOptions};
 use serde_json::json;
 
@@ -152,26 +151,9 @@ async fn a_poison_question_fails_after_max_deliver_and_is_dead_lettered() {
         "{record}"
     );
 
-    let dead = async_nats::jetstream::new(stack.nats_client().await)
-        .get_stream(subjects::DEAD_STREAM)
-        .await
-        .unwrap()
-        .direct_get_last_for_subject(subjects::dead_letter(id))
-        .await
-        .expect("a dead letter is kept");
-    let letter: ebb_nats::DeadLetter = serde_json::from_slice(&dead.payload).unwrap();
+    let letter = stack.dead_letter(id).await.expect("a dead letter is kept");
     assert_eq!((letter.job.id.as_str(), letter.deliveries), (id, 3));
-    assert_eq!(
-        stack
-            .questions_stream()
-            .await
-            .get_info()
-            .await
-            .unwrap()
-            .state
-            .messages,
-        0
-    );
+    assert_eq!(stack.queued_messages().await, 0);
 
     // The worker survives poison and answers the next question.
     let (code, body) = stack
@@ -212,24 +194,9 @@ async fn a_worker_lost_on_the_last_delivery_still_gives_a_failed_status() {
             .contains("stopped responding"),
         "{record}"
     );
-    let dead = async_nats::jetstream::new(stack.nats_client().await)
-        .get_stream(subjects::DEAD_STREAM)
-        .await
-        .unwrap()
-        .direct_get_last_for_subject(subjects::dead_letter(&id))
-        .await;
-    assert!(dead.is_ok(), "dead letter kept");
-    assert_eq!(
-        stack
-            .questions_stream()
-            .await
-            .get_info()
-            .await
-            .unwrap()
-            .state
-            .messages,
-        0
-    );
+    let letter = stack.dead_letter(&id).await.expect("a dead letter is kept");
+    assert!(letter.reason.contains("stopped responding"), "{letter:?}");
+    assert_eq!(stack.queued_messages().await, 0);
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ebb_nats::QueueConfig;
+use ebb_nats::{ModelArgs, QueueConfig, ServiceArgs};
 
 /// ebb's worker: pulls questions from JetStream and answers them with a
 /// Qwen2 model on candle.
@@ -52,19 +52,10 @@ pub enum DTypeChoice {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
-    /// NATS server with JetStream enabled.
-    #[arg(long, env = "EBB_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
-    /// Redis server for status records and the answer cache.
-    #[arg(long, env = "EBB_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
-    pub redis_url: String,
-    /// Hugging Face repo id of the model; also the model identity reported in
-    /// answers and cache keys (must match the gateway's `--model`).
-    #[arg(long, env = "EBB_MODEL", default_value = "Qwen/Qwen2.5-7B-Instruct")]
-    pub model: String,
-    /// Revision (branch, tag or commit) of the model repo.
-    #[arg(long, env = "EBB_MODEL_REVISION", default_value = "main")]
-    pub model_revision: String,
+    #[command(flatten)]
+    pub services: ServiceArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Load the model from this local directory instead of the Hub
     /// (config.json, tokenizer.json and *.safetensors or one *.gguf).
     #[arg(long, env = "EBB_MODEL_DIR")]
@@ -108,11 +99,4 @@ pub struct Config {
     pub debug_token_delay: Option<Duration>,
     #[command(flatten)]
     pub queue: QueueConfig,
-}
-
-impl Config {
-    /// `id@revision`: the model identity stamped on answers and cache keys.
-    pub fn model_identity(&self) -> String {
-        format!("{}@{}", self.model, self.model_revision)
-    }
 }

@@ -41,8 +41,8 @@ pub enum WorkerError {
 /// Finds, downloads if needed, and loads the configured model.
 pub async fn load_generator(config: &Config) -> Result<Generator, WorkerError> {
     let request = ModelRequest {
-        repo: &config.model,
-        revision: &config.model_revision,
+        repo: &config.model.repo,
+        revision: &config.model.revision,
         dir: config.model_dir.as_deref(),
         gguf_file: config.gguf_file.as_deref(),
         tokenizer_repo: config.tokenizer_repo.as_deref(),
@@ -68,12 +68,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
         .worker_id
         .clone()
         .unwrap_or_else(|| format!("worker-{}-{started_at_ms}", std::process::id()));
-    let identity = config.model_identity();
+    let identity = config.model.identity();
     // Small buffers: the worker's subscriptions are wake-ups and single
     // pulls, and a busy worker must not hoard every question's payload.
-    let client = ebb_nats::connect(&config.nats_url, &worker_id, Some(64)).await?;
+    let client = ebb_nats::connect(&config.services.nats_url, &worker_id, Some(64)).await?;
     let topology = Topology::ensure(client.clone(), &config.queue).await?;
-    let store = Store::connect_lazy(&config.redis_url)?;
+    let store = Store::connect_lazy(&config.services.redis_url)?;
 
     let (heartbeat, beats) = watch::channel(Heartbeat {
         worker_id: worker_id.clone(),
