@@ -369,9 +369,6 @@ impl<P: WorkerPool> Scaler<P> {
         status.timetable_floor = decision.floor.clone();
         status.next_window = next_window;
         status.manual_override = decision.state.manual.clone();
-        status.last_error = errors
-            .into_iter()
-            .next()
-            .or(status.last_error.take().filter(|_| false));
+        status.last_error = errors.into_iter().next();
     }
 }
