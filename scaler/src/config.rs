@@ -254,6 +254,8 @@ impl Default for Health {
 pub enum BackendConfig {
     /// `ebb-worker` processes on this machine.
     Process(ProcessBackendConfig),
+    /// Worker containers on the local Docker engine.
+    Docker(crate::pool::docker::DockerBackendConfig),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -420,13 +422,11 @@ impl ScalerConfig {
                 ));
             }
         }
-        let BackendConfig::Process(process) = &self.backend;
-        if process.pool.is_empty()
-            || !process
-                .pool
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-')
-        {
+        let pool = match &self.backend {
+            BackendConfig::Process(process) => &process.pool,
+            BackendConfig::Docker(docker) => &docker.pool,
+        };
+        if pool.is_empty() || !pool.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
             return Err(invalid("backend.pool", "must be letters, digits and '-'"));
         }
         Ok(Timetable::new(&self.timetable)?)

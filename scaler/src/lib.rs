@@ -35,6 +35,8 @@ use tokio::net::TcpListener;
 
 use config::{BackendConfig, ScalerConfig};
 use policy::Policy;
+use pool::WorkerPool;
+use pool::docker::DockerPool;
 use pool::process::ProcessPool;
 use scaler::{Scaler, Shared};
 use timetable::Timetable;
@@ -62,8 +64,35 @@ pub async fn run(
 ) -> Result<(), ScalerError> {
     let client = ebb_nats::connect(nats_url, "ebb-scaler", None).await?;
     let questions = wait_for_queue(&client).await?;
-    let BackendConfig::Process(process) = config.backend.clone();
-    let pool = ProcessPool::open(process, config.health.stop_grace)?;
+    let grace = config.health.stop_grace;
+    match config.backend.clone() {
+        BackendConfig::Process(process) => {
+            let pool = ProcessPool::open(process, grace)?;
+            serve(
+                config, timetable, client, questions, pool, listener, shutdown,
+            )
+            .await
+        }
+        BackendConfig::Docker(docker) => {
+            let pool = DockerPool::connect(docker, grace).await?;
+            serve(
+                config, timetable, client, questions, pool, listener, shutdown,
+            )
+            .await
+        }
+    }
+}
+
+/// Runs the loop over `pool` and the HTTP API until `shutdown`.
+async fn serve<P: WorkerPool + 'static>(
+    config: ScalerConfig,
+    timetable: Timetable,
+    client: async_nats::Client,
+    questions: async_nats::jetstream::stream::Stream,
+    pool: P,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ScalerError> {
     let shared = Arc::new(Shared::default());
     let admin_token = std::env::var(&config.admin_token_env)
         .ok()

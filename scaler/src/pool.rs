@@ -4,10 +4,11 @@
 //! it started, start one, stop one gracefully. Implementations must be
 //! idempotent and must never touch a worker they did not start; after a
 //! scaler restart they adopt the workers they started before. The process
-//! backend lives in [`process`]; a Docker backend (labels, images, GPU
-//! requests) and a Kubernetes one (a Deployment's scale subresource) fit the
-//! same three calls.
+//! backend lives in [`process`], the Docker one (labels, images, GPU
+//! requests) in [`docker`]; a Kubernetes one (a Deployment's scale
+//! subresource) fits the same three calls.
 
+pub mod docker;
 pub mod process;
 
 use std::future::Future;
@@ -29,6 +30,8 @@ pub enum PoolError {
     },
     #[error("no worker `{0}` in this pool")]
     UnknownWorker(String),
+    #[error("docker: {0}")]
+    Engine(String),
 }
 
 /// Where a worker is in its life, as far as the backend can tell.

@@ -1,0 +1,315 @@
+//! The Docker backend: worker containers on the local engine (`DOCKER_HOST`
+//! honoured), through the Engine API.
+//!
+//! Every container it creates carries `io.ebb.pool=<pool>` and
+//! `io.ebb.worker-id=<id>`; it lists, signals and removes only containers
+//! with its pool label, so a restarted scaler adopts its own workers and
+//! never touches anything else. Stopping sends SIGTERM (the worker drains),
+//! then SIGKILL after the grace period; exited containers are removed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::models::{
+    ContainerCreateBody, ContainerSummaryStateEnum, DeviceRequest, HostConfig, RestartPolicy,
+    RestartPolicyNameEnum,
+};
+use bollard::query_parameters::{
+    CreateContainerOptions, KillContainerOptions, ListContainersOptions, RemoveContainerOptions,
+    StartContainerOptions,
+};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+
+use super::{Phase, PoolError, PoolWorker, WorkerPool};
+
+pub const POOL_LABEL: &str = "io.ebb.pool";
+pub const WORKER_LABEL: &str = "io.ebb.worker-id";
+
+/// `backend: {kind: docker, ...}` in the scaler config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DockerBackendConfig {
+    /// Worker image, e.g. `ebb-worker:latest`.
+    pub image: String,
+    /// Network the workers join (e.g. the compose network).
+    #[serde(default)]
+    pub network: Option<String>,
+    /// Overrides the image's command (the worker's flags).
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Bind mounts and volumes, `source:target[:ro]` (e.g. the shared
+    /// `HF_HOME` model cache, so a new worker does not download again).
+    #[serde(default)]
+    pub volumes: Vec<String>,
+    /// GPUs per worker: a count (`-1` = all) or device ids.
+    #[serde(default)]
+    pub gpus: Option<GpuRequest>,
+    /// CPU limit in cores.
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    /// Memory limit in bytes.
+    #[serde(default)]
+    pub memory_bytes: Option<i64>,
+    #[serde(default = "default_pool")]
+    pub pool: String,
+}
+
+fn default_pool() -> String {
+    "default".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum GpuRequest {
+    Count { count: i64 },
+    Devices { device_ids: Vec<String> },
+}
+
+#[derive(Debug)]
+pub struct DockerPool {
+    docker: Docker,
+    config: DockerBackendConfig,
+    grace: Duration,
+    /// Workers asked to drain, by id; forgotten once their container is gone.
+    stopping: HashMap<String, (DateTime<Utc>, bool)>,
+    started: u64,
+}
+
+fn engine_error(what: &str, err: bollard::errors::Error) -> PoolError {
+    PoolError::Engine(format!("{what}: {err}"))
+}
+
+impl DockerPool {
+    /// Connects to the local engine (`DOCKER_HOST` or the default socket)
+    /// and agrees on an API version with it.
+    pub async fn connect(
+        config: DockerBackendConfig,
+        grace: Duration,
+    ) -> Result<DockerPool, PoolError> {
+        let docker = Docker::connect_with_local_defaults()
+            .map_err(|err| engine_error("cannot reach the Docker engine", err))?
+            .negotiate_version()
+            .await
+            .map_err(|err| {
+                engine_error(
+                    "cannot reach the Docker engine (is DOCKER_HOST right and the daemon running?)",
+                    err,
+                )
+            })?;
+        Ok(DockerPool {
+            docker,
+            config,
+            grace,
+            stopping: HashMap::new(),
+            started: 0,
+        })
+    }
+
+    fn container_body(&self, id: &str) -> ContainerCreateBody {
+        let mut env: Vec<String> = self
+            .config
+            .env
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        env.push(format!("EBB_WORKER_ID={id}"));
+        let device_requests = self.config.gpus.as_ref().map(|gpus| {
+            let (count, device_ids) = match gpus {
+                GpuRequest::Count { count } => (Some(*count), None),
+                GpuRequest::Devices { device_ids } => (None, Some(device_ids.clone())),
+            };
+            vec![DeviceRequest {
+                driver: Some("nvidia".into()),
+                count,
+                device_ids,
+                capabilities: Some(vec![vec!["gpu".into()]]),
+                ..Default::default()
+            }]
+        });
+        ContainerCreateBody {
+            image: Some(self.config.image.clone()),
+            cmd: self.config.command.clone(),
+            env: Some(env),
+            labels: Some(HashMap::from([
+                (POOL_LABEL.to_owned(), self.config.pool.clone()),
+                (WORKER_LABEL.to_owned(), id.to_owned()),
+            ])),
+            host_config: Some(HostConfig {
+                network_mode: self.config.network.clone(),
+                binds: (!self.config.volumes.is_empty()).then(|| self.config.volumes.clone()),
+                device_requests,
+                nano_cpus: self.config.cpus.map(|cpus| (cpus * 1e9) as i64),
+                memory: self.config.memory_bytes,
+                // The scaler replaces crashed workers itself, with backoff.
+                restart_policy: Some(RestartPolicy {
+                    name: Some(RestartPolicyNameEnum::NO),
+                    maximum_retry_count: None,
+                }),
+                // A tiny init as PID 1 forwards SIGTERM to the worker.
+                init: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    async fn signal(&self, container: &str, signal: &str) -> Result<(), PoolError> {
+        let options = KillContainerOptions {
+            signal: signal.to_owned(),
+        };
+        match self.docker.kill_container(container, Some(options)).await {
+            Ok(()) => Ok(()),
+            // Already stopped (409) or gone (404): the goal is reached.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404 | 409,
+                ..
+            }) => Ok(()),
+            Err(err) => Err(engine_error(&format!("signalling {container}"), err)),
+        }
+    }
+
+    fn container_name(&self, id: &str) -> String {
+        format!("ebb-{id}")
+    }
+}
+
+impl WorkerPool for DockerPool {
+    async fn list(&mut self) -> Result<Vec<PoolWorker>, PoolError> {
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            vec![format!("{POOL_LABEL}={}", self.config.pool)],
+        )]);
+        let options = ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        };
+        let containers = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|err| engine_error("listing worker containers", err))?;
+        let now = Utc::now();
+        let mut listed = Vec::with_capacity(containers.len());
+        let mut present = Vec::new();
+        for container in containers {
+            let labels = container.labels.unwrap_or_default();
+            // The filter already did this; never act on a container without our label.
+            if labels.get(POOL_LABEL) != Some(&self.config.pool) {
+                continue;
+            }
+            let Some(id) = labels.get(WORKER_LABEL).cloned() else {
+                continue;
+            };
+            let started_at =
+                DateTime::from_timestamp(container.created.unwrap_or_default(), 0).unwrap_or(now);
+            let name = self.container_name(&id);
+            let phase = match container.state {
+                Some(ContainerSummaryStateEnum::EXITED | ContainerSummaryStateEnum::DEAD) => {
+                    let requested = self.stopping.remove(&id).is_some();
+                    let options = RemoveContainerOptions {
+                        force: true,
+                        ..Default::default()
+                    };
+                    if let Err(err) = self.docker.remove_container(&name, Some(options)).await {
+                        tracing::warn!(worker_id = %id, cause = %err, "cannot remove an exited worker container");
+                    }
+                    Phase::Exited {
+                        status: container.status.unwrap_or_default(),
+                        requested,
+                    }
+                }
+                _ => match self.stopping.get(&id).copied() {
+                    Some((since, killed)) => {
+                        let overdue = (now - since).to_std().unwrap_or_default() > self.grace;
+                        if overdue && !killed {
+                            tracing::warn!(worker_id = %id, "still draining after the grace period; killing it");
+                            self.signal(&name, "SIGKILL").await?;
+                            self.stopping.insert(id.clone(), (since, true));
+                        }
+                        Phase::Stopping { since }
+                    }
+                    None => Phase::Running,
+                },
+            };
+            present.push(id.clone());
+            listed.push(PoolWorker {
+                id,
+                started_at,
+                phase,
+            });
+        }
+        self.stopping.retain(|id, _| present.contains(id));
+        Ok(listed)
+    }
+
+    async fn start(&mut self) -> Result<String, PoolError> {
+        self.started += 1;
+        let id = format!(
+            "{}-{}-{}",
+            self.config.pool,
+            Utc::now().timestamp_millis(),
+            self.started
+        );
+        let name = self.container_name(&id);
+        let options = CreateContainerOptions {
+            name: Some(name.clone()),
+            ..Default::default()
+        };
+        match self
+            .docker
+            .create_container(Some(options), self.container_body(&id))
+            .await
+        {
+            Ok(_) => {}
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404,
+                message,
+            }) => {
+                return Err(PoolError::Engine(format!(
+                    "worker image `{}` not found ({message}); build it first (see README: Containers)",
+                    self.config.image
+                )));
+            }
+            Err(err) => return Err(engine_error(&format!("creating {name}"), err)),
+        }
+        if let Err(err) = self
+            .docker
+            .start_container(&name, None::<StartContainerOptions>)
+            .await
+        {
+            let _ = self
+                .docker
+                .remove_container(
+                    &name,
+                    Some(RemoveContainerOptions {
+                        force: true,
+                        ..Default::default()
+                    }),
+                )
+                .await;
+            let hint = if self.config.gpus.is_some() && err.to_string().contains("gpu") {
+                " (GPUs requested: is the NVIDIA container runtime installed?)"
+            } else {
+                ""
+            };
+            return Err(engine_error(&format!("starting {name}{hint}"), err));
+        }
+        tracing::info!(worker_id = %id, image = %self.config.image, "started worker container");
+        Ok(id)
+    }
+
+    async fn stop(&mut self, id: &str) -> Result<(), PoolError> {
+        if self.stopping.contains_key(id) {
+            return Ok(());
+        }
+        tracing::info!(worker_id = %id, "stopping worker container (drain)");
+        self.signal(&self.container_name(id), "SIGTERM").await?;
+        self.stopping.insert(id.to_owned(), (Utc::now(), false));
+        Ok(())
+    }
+}
