@@ -93,7 +93,18 @@ pub fn write_random_model(
     let weights = random_weights(shape, seed, dtype)?;
     let path = dir.join("model.safetensors");
     candle_core::safetensors::save(&weights, &path).map_err(|err| err.with_path(&path))?;
-    Ok(())
+    // Weights are not secrets, and a container worker runs as another user.
+    make_readable(&path)
+}
+
+fn make_readable(path: &Path) -> Result<(), ModelError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).map_err(|source| {
+        ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
 }
 
 /// Writes the same random model as a Q8_0-quantized GGUF file (plus
@@ -154,7 +165,7 @@ pub fn write_random_gguf(dir: &Path, shape: Shape, seed: u64) -> Result<(), Mode
     let metadata: Vec<(&str, &gguf_file::Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
     let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     gguf_file::write(&mut file, &metadata, &tensors).map_err(|err| err.with_path(&path))?;
-    Ok(())
+    make_readable(&path)
 }
 
 /// Hugging Face tensor name -> llama.cpp GGUF tensor name.

@@ -1,0 +1,212 @@
+//! `compose.yaml` end to end on the real Docker engine, offline: images from
+//! `scripts/build-images`, the tiny model mounted read-only. A question to the
+//! gateway makes the scaler create a worker container, the answer arrives,
+//! and after the idle window the container is gone; `docker-compose down -v`
+//! leaves nothing behind, also when the test fails.
+//!
+//! `scripts/test` builds the images first, and skips this test, saying so,
+//! when no Docker engine answers.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ebb_scaler::pool::docker::POOL_LABEL;
+use ebb_tests::{TempDir, free_port};
+use serde_json::{Value, json};
+
+const IMAGES: [&str; 5] = [
+    "ebb-gateway",
+    "ebb-worker",
+    "ebb-scaler",
+    "ebb-nats",
+    "ebb-redis",
+];
+
+fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn output(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).output().expect("runs");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Runs docker-compose for one project with the test's environment.
+struct Compose {
+    project: String,
+    env: Vec<(String, String)>,
+}
+
+impl Compose {
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new("docker-compose")
+            .current_dir(repo_root())
+            .args(["-f", "compose.yaml", "-p", &self.project])
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .expect("docker-compose runs")
+    }
+
+    fn worker_containers(&self) -> String {
+        output(
+            "docker",
+            &[
+                "ps",
+                "-aq",
+                "--filter",
+                &format!("label={POOL_LABEL}={}", self.project),
+            ],
+        )
+    }
+}
+
+impl Drop for Compose {
+    fn drop(&mut self) {
+        // Workers belong to the scaler, not to compose: remove them first, or
+        // the network cannot go.
+        let workers = self.worker_containers();
+        if !workers.is_empty() {
+            let _ = Command::new("docker")
+                .args(["rm", "-f"])
+                .args(workers.lines())
+                .output();
+        }
+        let _ = self.run(&["down", "-v", "--remove-orphans"]);
+    }
+}
+
+async fn get_json(url: &str) -> Option<(u16, Value)> {
+    let response = reqwest::get(url).await.ok()?;
+    let code = response.status().as_u16();
+    Some((code, response.json().await.ok()?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_compose_runs_the_stack_and_scales_workers_from_zero_and_back() {
+    for image in IMAGES {
+        let found = Command::new("docker")
+            .args(["image", "inspect", &format!("{image}:latest")])
+            .output();
+        assert!(
+            found.is_ok_and(|o| o.status.success()),
+            "image {image}:latest is missing: run scripts/build-images"
+        );
+    }
+    let started = Instant::now();
+    let project = format!("ebbtest{}", std::process::id());
+    let dir = TempDir::new("compose");
+    // A fresh copy: the shared test model may predate world-readable weights.
+    let model = dir.path().join("tiny");
+    ebb_worker::tiny::write_random_model(
+        &model,
+        ebb_worker::tiny::Shape::TINY,
+        42,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    let config = dir.path().join("scaler.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "tick: 200ms\nresources: {{min_instances: 0, max_instances: 1}}\n\
+             target: {{stable_window: 3s, panic_window: 2s, default_service_time: 1s}}\n\
+             cooldowns: {{scale_down_stabilization: 1s, scale_to_zero_idle: 3s}}\n\
+             backend:\n  kind: docker\n  image: ebb-worker:latest\n  network: {project}\n  pool: {project}\n\
+             \x20 env: {{EBB_NATS_URL: \"nats://nats:4222\", EBB_REDIS_URL: \"redis://redis:6379\", EBB_MODEL: ebb/tiny-qwen2, EBB_MODEL_DIR: /model, HF_HUB_OFFLINE: \"1\"}}\n\
+             \x20 volumes: [\"{}:/model:ro\"]\n",
+            model.display()
+        ),
+    )
+    .unwrap();
+    let (gateway_port, scaler_port) = (free_port(), free_port());
+    let compose = Compose {
+        project: project.clone(),
+        env: vec![
+            (
+                "EBB_SCALER_CONFIG_FILE".into(),
+                config.display().to_string(),
+            ),
+            ("EBB_NETWORK".into(), project.clone()),
+            ("EBB_MODEL".into(), "ebb/tiny-qwen2".into()),
+            ("EBB_GATEWAY_PORT".into(), gateway_port.to_string()),
+            ("EBB_SCALER_PORT".into(), scaler_port.to_string()),
+            ("EBB_NATS_MONITOR_PORT".into(), free_port().to_string()),
+        ],
+    };
+    let up = compose.run(&["up", "-d", "--no-build"]);
+    assert!(
+        up.status.success(),
+        "compose up: {}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let gateway = format!("http://127.0.0.1:{gateway_port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get_json(&format!("{gateway}/healthz"))
+        .await
+        .is_none_or(|(code, _)| code != 200)
+    {
+        assert!(Instant::now() < deadline, "gateway never healthy");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        compose.worker_containers().is_empty(),
+        "no worker before the first question"
+    );
+
+    let response = reqwest::Client::new()
+        .post(format!("{gateway}/v1/questions"))
+        .json(&json!({"question": "Why is the sky blue?", "max_tokens": 8, "wait_seconds": 60}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], "done", "{body}");
+    assert!(
+        !compose.worker_containers().is_empty(),
+        "the scaler created a worker container"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !compose.worker_containers().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the worker container never went away"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, status) = get_json(&format!("http://127.0.0.1:{scaler_port}/status"))
+        .await
+        .expect("scaler status");
+    assert_eq!(status["desired"], 0, "{status}");
+
+    drop(compose);
+    let leftovers = [
+        output(
+            "docker",
+            &["ps", "-aq", "--filter", &format!("name={project}")],
+        ),
+        output(
+            "docker",
+            &[
+                "network",
+                "ls",
+                "-q",
+                "--filter",
+                &format!("name={project}"),
+            ],
+        ),
+        output(
+            "docker",
+            &["volume", "ls", "-q", "--filter", &format!("name={project}")],
+        ),
+    ];
+    assert!(
+        leftovers.iter().all(String::is_empty),
+        "left behind: {leftovers:?}"
+    );
+    println!(
+        "compose end-to-end took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
