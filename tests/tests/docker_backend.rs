@@ -259,3 +259,35 @@ fn docker_readme_backend_example_is_valid() {
         Some(ebb_scaler::pool::docker::GpuRequest::Count { count: 1 })
     ));
 }
+
+#[tokio::test]
+async fn docker_backend_explains_gpus_without_a_gpu_runtime() {
+    ensure_test_image();
+    let pool_name = format!("gpu{}", std::process::id());
+    let _cleanup = Cleanup {
+        pool: pool_name.clone(),
+        names: Vec::new(),
+    };
+    let mut config = config(&pool_name);
+    config.gpus = Some(ebb_scaler::pool::docker::GpuRequest::Count { count: 1 });
+    let mut pool = DockerPool::connect(config, Duration::from_secs(1))
+        .await
+        .unwrap();
+    match pool.start().await {
+        // This engine has no NVIDIA runtime: the error must say what to install.
+        Err(err) => assert!(
+            err.to_string().contains("NVIDIA container runtime"),
+            "{err}"
+        ),
+        // A machine with GPUs starts it; then it must be a labelled container of the pool.
+        Ok(id) => assert_eq!(
+            pool.list()
+                .await
+                .unwrap()
+                .iter()
+                .filter(|w| w.id == id)
+                .count(),
+            1
+        ),
+    }
+}

@@ -85,21 +85,22 @@ fn engine_error(what: &str, err: bollard::errors::Error) -> PoolError {
 
 impl DockerPool {
     /// Connects to the local engine (`DOCKER_HOST` or the default socket)
-    /// and agrees on an API version with it.
+    /// and agrees on an API version with it when it answers.
     pub async fn connect(
         config: DockerBackendConfig,
         grace: Duration,
     ) -> Result<DockerPool, PoolError> {
         let docker = Docker::connect_with_local_defaults()
-            .map_err(|err| engine_error("cannot reach the Docker engine", err))?
-            .negotiate_version()
-            .await
-            .map_err(|err| {
-                engine_error(
-                    "cannot reach the Docker engine (is DOCKER_HOST right and the daemon running?)",
-                    err,
-                )
-            })?;
+            .map_err(|err| engine_error("cannot reach the Docker engine", err))?;
+        // An engine that is down now may be up later: keep the default API
+        // version, and let each round report the error in /status.
+        let docker = match docker.clone().negotiate_version().await {
+            Ok(negotiated) => negotiated,
+            Err(err) => {
+                tracing::error!(cause = %err, "cannot reach the Docker engine (is DOCKER_HOST right and the daemon running?)");
+                docker
+            }
+        };
         Ok(DockerPool {
             docker,
             config,
