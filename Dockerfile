@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # ebb's images, built from source (needs a registry for the base images).
 # On machines without one, scripts/build-images makes equivalent images from
 # local artefacts.
@@ -18,9 +17,9 @@ ARG CUDA_VERSION=12.4.1
 FROM rust:${RUST_VERSION}-${DEBIAN} AS build
 WORKDIR /src
 COPY . .
-RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin ebb-gateway --bin ebb-worker --bin ebb-scaler \
+# Plain RUN (no BuildKit cache mounts), so docker-compose 1.29's legacy
+# builder builds it too.
+RUN cargo build --release --locked --bin ebb-gateway --bin ebb-worker --bin ebb-scaler \
  && mkdir -p /out && cp target/release/ebb-gateway target/release/ebb-worker target/release/ebb-scaler /out/
 
 FROM debian:${DEBIAN}-slim AS runtime
