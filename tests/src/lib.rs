@@ -14,3 +14,14 @@ pub mod stack;
 pub use scaler::{ADMIN_TOKEN, ScalerProcess, scaler_binary};
 pub use servers::{NatsServer, RedisServer, TempDir, free_port};
 pub use stack::{Stack, StackOptions, WorkerProcess, tiny_model_dir, worker_binary};
+
+/// The text of README.md after `marker` up to the end of that code block,
+/// so documentation examples are checked by the tests.
+pub fn readme_block_after(marker: &str) -> String {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md at the repo root");
+    let (_, rest) = readme
+        .split_once(marker)
+        .unwrap_or_else(|| panic!("README.md has no `{marker}`"));
+    rest.split("```").next().unwrap_or_default().to_owned()
+}

@@ -240,13 +240,7 @@ async fn docker_backend_names_a_missing_image() {
 
 #[test]
 fn docker_readme_backend_example_is_valid() {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-    let example = readme
-        .split("```yaml\nbackend:\n  kind: docker\n")
-        .nth(1)
-        .and_then(|block| block.split("```").next())
-        .expect("README has the docker backend example");
+    let example = ebb_tests::readme_block_after("```yaml\nbackend:\n  kind: docker\n");
     let yaml = example
         .lines()
         .map(|line| line.trim_start_matches("  "))

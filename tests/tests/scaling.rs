@@ -345,14 +345,7 @@ fn the_timetable_command_prints_local_and_utc_times() {
 
 #[test]
 fn the_readme_config_example_is_valid() {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-    let example = readme
-        .split("A full config")
-        .nth(1)
-        .and_then(|rest| rest.split("```yaml\n").nth(1))
-        .and_then(|block| block.split("```").next())
-        .expect("README has the full config example");
+    let example = ebb_tests::readme_block_after("or seconds):\n\n```yaml\n");
     let dir = ebb_tests::TempDir::new("readme-config");
     let path = dir.path().join("scaler.yaml");
     std::fs::write(&path, example).unwrap();
