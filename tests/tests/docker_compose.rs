@@ -210,3 +210,39 @@ async fn docker_compose_runs_the_stack_and_scales_workers_from_zero_and_back() {
         started.elapsed().as_secs_f64()
     );
 }
+
+#[test]
+fn docker_compose_gpu_override_switches_the_scaler_config_and_worker_image() {
+    let merged = Command::new("docker-compose")
+        .current_dir(repo_root())
+        .args(["-f", "compose.yaml", "-f", "compose.gpu.yaml", "config"])
+        .output()
+        .expect("docker-compose runs");
+    assert!(
+        merged.status.success(),
+        "{}",
+        String::from_utf8_lossy(&merged.stderr)
+    );
+    let text = String::from_utf8_lossy(&merged.stdout);
+    assert_eq!(
+        text.matches(":/etc/ebb/scaler.yaml:ro").count(),
+        1,
+        "one scaler config:\n{text}"
+    );
+    assert!(
+        text.contains("deploy/scaler.gpu.yaml:/etc/ebb/scaler.yaml:ro"),
+        "{text}"
+    );
+    assert!(
+        text.contains("target: worker-cuda") && text.contains("ebb-worker:cuda"),
+        "{text}"
+    );
+    let (config, _) =
+        ebb_scaler::config::ScalerConfig::load(&repo_root().join("deploy/scaler.gpu.yaml"))
+            .expect("valid");
+    assert!(
+        matches!(config.backend, ebb_scaler::config::BackendConfig::Docker(ref docker) if docker.gpus.is_some())
+    );
+    ebb_scaler::config::ScalerConfig::load(&repo_root().join("deploy/scaler.cpu.yaml"))
+        .expect("valid");
+}
