@@ -216,7 +216,12 @@ async fn post_question(
         return Ok(Json(answered_from_event(id, event, &state.model)).into_response());
     }
     // Timed out (or no slot to wait in): report what the record says now.
-    let record = state.degradable(state.store.record(&id)).await.flatten();
+    // Not waiting at all, the question was queued a moment ago: skip the read.
+    let record = if question.wait.is_zero() {
+        None
+    } else {
+        state.degradable(state.store.record(&id)).await.flatten()
+    };
     match record {
         Some(record) if record.status.is_terminal() => {
             Ok(Json(answered_from_record(record, &state.model)).into_response())
