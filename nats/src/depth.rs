@@ -45,6 +45,11 @@ impl QueueDepth {
     }
 
     /// The oldest waiting question of any priority.
+    /// `num_pending` over every priority: questions no worker has taken.
+    pub fn waiting(&self) -> u64 {
+        self.priorities.iter().map(|p| p.pending).sum()
+    }
+
     pub fn oldest_waiting(&self) -> Duration {
         self.priorities
             .iter()

@@ -213,7 +213,7 @@ pub struct Cooldowns {
 impl Default for Cooldowns {
     fn default() -> Self {
         Cooldowns {
-            scale_down_stabilization: Duration::from_secs(60),
+            scale_down_stabilization: Duration::from_secs(120),
             scale_to_zero_idle: Duration::from_secs(300),
         }
     }

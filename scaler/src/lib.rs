@@ -11,6 +11,8 @@
 //! - [`pool`]: the [`pool::WorkerPool`] trait and the process backend.
 //! - [`scaler`]: the loop: observe, decide, reconcile.
 //! - [`http`]: `/status`, `/scale`, `/metrics`, `/healthz`.
+//! - [`simulate`]: the trace replay (`simulate`) and school-day trace
+//!   generator (`gen-trace`), running the same [`policy::decide`].
 //!
 //! [`run`] serves until `shutdown` resolves; `main` only parses flags.
 
@@ -21,6 +23,7 @@ pub mod policy;
 pub mod pool;
 pub mod scaler;
 pub mod signals;
+pub mod simulate;
 pub mod timetable;
 
 use std::future::Future;
@@ -148,7 +151,8 @@ async fn listen_for_signals(
     shared: &Arc<Shared>,
     config: &ScalerConfig,
 ) -> Result<(), ScalerError> {
-    *shared.signals.lock().expect("signals lock") = Some(signals::Signals::new(&config.target));
+    *shared.signals.lock().expect("signals lock") =
+        Some(signals::Signals::new(&config.target, Utc::now()));
     let mut arrivals = client
         .subscribe(subjects::QUESTIONS_WILDCARD)
         .await

@@ -39,6 +39,12 @@ enum Command {
         #[arg(long, default_value_t = 7)]
         days: u32,
     },
+    /// Replay a trace on a virtual clock against several scaling policies
+    /// and report cost and SLO attainment for each.
+    Simulate(ebb_scaler::simulate::SimulateArgs),
+    /// Write a synthetic school's questions (ebb's trace CSV) from a
+    /// config's timetable.
+    GenTrace(ebb_scaler::simulate::school::GenTraceArgs),
 }
 
 #[tokio::main]
@@ -56,6 +62,8 @@ async fn main() -> ExitCode {
             }
         },
         Some(Command::Timetable { file, days }) => print_timetable(&file, days),
+        Some(Command::Simulate(args)) => simulate(&args),
+        Some(Command::GenTrace(args)) => gen_trace(&args),
         None => match serve(cli).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
@@ -84,6 +92,51 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
     )
     .await?;
     Ok(())
+}
+
+fn simulate(args: &ebb_scaler::simulate::SimulateArgs) -> ExitCode {
+    use ebb_scaler::simulate;
+    let result = simulate::run(args).and_then(|simulation| {
+        if let Some(dir) = &args.out {
+            simulate::write(&simulation, dir)?;
+        }
+        Ok(simulation)
+    });
+    match result {
+        Ok(simulation) => {
+            print!("{}", simulation.report.markdown());
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn gen_trace(args: &ebb_scaler::simulate::school::GenTraceArgs) -> ExitCode {
+    use std::io::Write;
+    let result = match &args.out {
+        Some(path) => std::fs::File::create(path)
+            .map_err(Into::into)
+            .and_then(|file| {
+                let mut out = std::io::BufWriter::new(file);
+                let count = ebb_scaler::simulate::school::generate(args, &mut out)?;
+                out.flush()?;
+                Ok(count)
+            }),
+        None => ebb_scaler::simulate::school::generate(args, &mut std::io::stdout().lock()),
+    };
+    match result {
+        Ok(count) => {
+            eprintln!("{count} questions");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn print_timetable(file: &std::path::Path, days: u32) -> ExitCode {

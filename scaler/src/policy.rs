@@ -6,17 +6,20 @@
 //! 1. a manual override, while it lasts, replaces the policy;
 //! 2. the policy (seed-style rules, or target tracking with panic mode)
 //!    proposes a count; questions waiting at zero workers always activate one;
-//! 3. the timetable raises it to its floor; `min`/`max` clamp it;
+//! 3. the timetable raises it to its floor (for `learn` entries, at least
+//!    what the entry's previous opening needed); `min`/`max` clamp it;
 //! 4. going up happens at once; going down waits for the stabilization
-//!    window (one step at a time) and, for the last worker, the idle window.
+//!    window, then goes to the most the policy wanted during it (rules: one
+//!    `step_down`), and, for the last worker, waits for the idle window.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::config::{Condition, Metric, Rules, ScalerConfig};
-use crate::timetable::{Timetable, Window};
+use crate::timetable::{Timetable, Window, highest_floor};
 
 /// Workers by state, as the scaler sees them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -56,6 +59,8 @@ impl WorkerCounts {
 pub struct Observation {
     /// Questions waiting or being answered (`num_pending + num_ack_pending`).
     pub lag: u64,
+    /// Of those, the questions no worker has taken yet (`num_pending`).
+    pub waiting: u64,
     /// Age of the oldest question no worker has taken.
     #[serde(serialize_with = "ebb_nats::duration::serialize_seconds")]
     pub oldest_waiting: Duration,
@@ -121,11 +126,18 @@ pub struct PolicyState {
     pub condition_since: Vec<Option<DateTime<Utc>>>,
     /// Since when the policy has wanted fewer workers than `desired`.
     pub lower_since: Option<DateTime<Utc>>,
+    /// The most it has wanted since `lower_since`.
+    pub lower_peak: Option<u32>,
     /// Since when there has been no work at all.
     pub idle_since: Option<DateTime<Utc>>,
     /// Panic mode lasts until then.
     pub panic_until: Option<DateTime<Utc>>,
     pub manual: Option<Override>,
+    /// Per `learn` timetable entry: the most workers its last finished
+    /// opening needed (lost when the scaler restarts).
+    pub learned_floors: BTreeMap<String, u32>,
+    /// Per `learn` entry: the opening being watched and the most it needed so far.
+    pub openings: BTreeMap<String, (DateTime<Utc>, u32)>,
 }
 
 /// The outcome of [`decide`].
@@ -195,15 +207,25 @@ pub fn decide(
         (true, Some(start)) => Some(start),
         (true, None) => Some(now),
     };
-    let floor = policy
+    let active = policy
         .timetable
-        .floor_at(now, policy.prewarm_lead(observation));
+        .active_windows(now, policy.prewarm_lead(observation));
+    open_learning_windows(&active, &mut next);
+    let floor = highest_floor(active.iter().cloned().map(|mut window| {
+        if window.learn
+            && let Some(&learned) = next.learned_floors.get(&window.name)
+        {
+            window.min_workers = window.min_workers.max(learned);
+        }
+        window
+    }));
     let tick = config.tick;
 
     if let Some(manual) = state.manual.clone().filter(|manual| manual.expires > now) {
         let desired = manual.count.clamp(min, max);
         next.desired = desired;
         next.lower_since = None;
+        next.lower_peak = None;
         let until = manual.expires.format("%H:%M:%SZ");
         return Decision {
             desired,
@@ -215,10 +237,18 @@ pub fn decide(
     }
     next.manual = None;
 
-    let (mut wanted, mut reason) = match &config.rules {
-        Some(rules) => apply_rules(rules, observation, state, &mut next, now),
+    let (mut wanted, mut reason, demand) = match &config.rules {
+        Some(rules) => {
+            let (wanted, reason) = apply_rules(rules, observation, state, &mut next, now);
+            (wanted, reason, wanted)
+        }
         None => target_tracking(policy, observation, current, &mut next, now),
     };
+    for window in active.iter().filter(|window| window.learn) {
+        if let Some((_, peak)) = next.openings.get_mut(&window.name) {
+            *peak = (*peak).max(demand);
+        }
+    }
     if current == 0 && (observation.lag > 0 || observation.new_arrivals > 0) && wanted == 0 {
         wanted = 1;
         reason = format!(
@@ -242,10 +272,12 @@ pub fn decide(
     let cooldowns = &config.cooldowns;
     let (desired, reason) = if wanted >= current {
         next.lower_since = None;
+        next.lower_peak = None;
         (wanted, reason)
     } else if current == 1 {
         // The last worker: only after the idle window.
         next.lower_since = None;
+        next.lower_peak = None;
         match next.idle_since {
             Some(idle) if since(now, idle) >= cooldowns.scale_to_zero_idle => {
                 (0, format!("idle {} -> 0", seconds(since(now, idle))))
@@ -260,10 +292,19 @@ pub fn decide(
         }
     } else {
         let lower_since = *next.lower_since.get_or_insert(now);
+        let peak = next.lower_peak.map_or(wanted, |peak| peak.max(wanted));
+        next.lower_peak = Some(peak);
         if since(now, lower_since) >= cooldowns.scale_down_stabilization {
-            let step = config.rules.as_ref().map_or(1, |rules| rules.step_down);
-            let desired = current.saturating_sub(step).max(wanted).max(1);
+            // Target tracking drops to the most it wanted in the window (a
+            // big fleet shrinks in one go once the load has really gone);
+            // rules move one step_down at a time.
+            let desired = match &config.rules {
+                Some(rules) => current.saturating_sub(rules.step_down).max(wanted),
+                None => peak,
+            }
+            .max(1);
             next.lower_since = (desired > wanted).then_some(now);
+            next.lower_peak = (desired > wanted).then_some(wanted);
             (
                 desired,
                 format!(
@@ -294,6 +335,21 @@ pub fn decide(
         next_wake,
         floor,
         state: next,
+    }
+}
+
+/// Starts watching each active `learn` window; a new opening of an entry
+/// first files what its previous opening needed as the entry's floor.
+fn open_learning_windows(active: &[Window], next: &mut PolicyState) {
+    for window in active.iter().filter(|window| window.learn) {
+        let previous = next.openings.get(&window.name).copied();
+        if previous.is_some_and(|(start, _)| start == window.start) {
+            continue;
+        }
+        if let Some((_, peak)) = previous {
+            next.learned_floors.insert(window.name.clone(), peak);
+        }
+        next.openings.insert(window.name.clone(), (window.start, 0));
     }
 }
 
@@ -363,23 +419,26 @@ fn apply_rules(
     (current, "rules: no condition held long enough".to_owned())
 }
 
-/// Target tracking: workers = ceil((arrival rate x service time + lag /
-/// drain target) / target utilization). Panic when the short window asks for
+/// Target tracking: workers = ceil((arrival rate x service time + waiting /
+/// drain target) / target utilization). Questions already being answered
+/// are in the first term: counting them in the backlog too would pay for
+/// them twice. Panic when the short window asks for
 /// at least twice the ready workers, or the oldest question is older than
-/// half the latency goal: then scale up at once and never down.
+/// half the latency goal: then scale up at once and never down. Also returns
+/// the load's own demand (the larger of the two rates' needs).
 fn target_tracking(
     policy: &Policy,
     observation: &Observation,
     current: u32,
     next: &mut PolicyState,
     now: DateTime<Utc>,
-) -> (u32, String) {
+) -> (u32, String, u32) {
     let target = &policy.config.target;
     let service = observation
         .service_time
         .unwrap_or(target.default_service_time)
         .as_secs_f64();
-    let backlog = observation.lag as f64 / target.drain_target.as_secs_f64();
+    let backlog = observation.waiting as f64 / target.drain_target.as_secs_f64();
     let needed = |rate: f64| {
         ((rate * service + backlog) / target.utilization)
             .ceil()
@@ -416,10 +475,10 @@ fn target_tracking(
         "panic: holding workers".to_owned()
     } else {
         format!(
-            "target: {:.2} arrivals/s x {} + lag {} / {} at {:.0}% -> {stable}",
+            "target: {:.2} arrivals/s x {} + waiting {} / {} at {:.0}% -> {stable}",
             observation.arrival_rate,
             seconds(Duration::from_secs_f64(service)),
-            observation.lag,
+            observation.waiting,
             seconds(target.drain_target),
             target.utilization * 100.0
         )
@@ -438,7 +497,9 @@ fn target_tracking(
     } else {
         stable
     };
-    (wanted, reason)
+    // What the load itself asks for, without panic's holding: what a
+    // learning timetable window remembers.
+    (wanted, reason, stable.max(burst))
 }
 
 #[cfg(test)]

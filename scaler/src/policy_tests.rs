@@ -66,6 +66,7 @@ fn a_question_at_zero_workers_activates_one_at_once() {
     let policy = policy("");
     let observation = Observation {
         lag: 1,
+        waiting: 1,
         new_arrivals: 1,
         ..Observation::default()
     };
@@ -85,11 +86,12 @@ fn a_question_at_zero_workers_activates_one_at_once() {
 #[test]
 fn target_tracking_covers_arrivals_and_the_backlog() {
     let policy = policy("");
-    // 2/s x 2 s = 4 busy workers; lag 30 over a 30 s drain = 1 more; at 80% -> ceil(6.25) = 7, max 6.
+    // 2/s x 2 s = 4 busy workers; 30 waiting over a 30 s drain = 1 more; at 80% -> ceil(6.25) = 7, max 6.
     let observation = Observation {
         arrival_rate: 2.0,
         panic_arrival_rate: 2.0,
-        lag: 30,
+        lag: 32,
+        waiting: 30,
         workers: workers(4, 2),
         ..Observation::default()
     };
@@ -113,10 +115,17 @@ fn target_tracking_covers_arrivals_and_the_backlog() {
         5,
         "scale-up is immediate"
     );
+    // Questions being answered are already in the first term.
+    let answering = Observation {
+        lag: 3,
+        waiting: 0,
+        ..observation
+    };
+    assert_eq!(decide(&answering, &state(2), &policy, t0()).desired, 5);
 }
 
 #[test]
-fn scale_down_waits_for_the_stabilization_window_one_step_at_a_time() {
+fn scale_down_waits_for_the_stabilization_window_then_takes_its_peak() {
     let policy = policy("");
     let quiet = Observation {
         arrival_rate: 0.4,
@@ -131,23 +140,31 @@ fn scale_down_waits_for_the_stabilization_window_one_step_at_a_time() {
         "not before 60 s"
     );
     let decision = run(&policy, &quiet, state(4), 0, 60);
-    assert_eq!(decision.desired, 3);
+    assert_eq!(decision.desired, 1, "straight to what was wanted all along");
     assert!(
-        decision.reason.contains("stable for 60s -> 3"),
+        decision.reason.contains("stable for 60s -> 1"),
         "{}",
         decision.reason
     );
+
+    // A busier moment inside the window sets how far it may go.
+    let busier = Observation {
+        arrival_rate: 0.8,
+        ..quiet.clone()
+    };
+    let mut state = run(&policy, &quiet, state(4), 0, 29).state;
+    state = decide(&busier, &state, &policy, at(30)).state;
+    let decision = run(&policy, &quiet, state, 31, 60);
     assert_eq!(
-        run(&policy, &quiet, state(4), 0, 119).desired,
-        3,
-        "each step waits again"
+        decision.desired, 2,
+        "the window's peak: ceil(0.8 x 2 / 0.8)"
     );
-    assert_eq!(run(&policy, &quiet, state(4), 0, 120).desired, 2);
     assert_eq!(
-        run(&policy, &quiet, state(4), 0, 600).desired,
-        1,
-        "never below what is wanted"
+        run(&policy, &quiet, decision.state.clone(), 61, 119).desired,
+        2,
+        "the rest waits a new window"
     );
+    assert_eq!(run(&policy, &quiet, decision.state, 61, 120).desired, 1);
 }
 
 #[test]
@@ -197,7 +214,7 @@ fn scale_to_zero_and_stabilization_are_separate_windows() {
         state = decision.state;
         if state.desired == 0 {
             assert!(second >= 100, "1 -> 0 waits the idle window, got {second}");
-            assert_eq!(reached_one_at, Some(20), "3 -> 2 -> 1 each after 10 s");
+            assert_eq!(reached_one_at, Some(10), "3 -> 1 after 10 s");
             return;
         }
     }
@@ -209,6 +226,7 @@ fn an_old_question_means_panic_up_at_once_and_no_scale_down_while_it_lasts() {
     let policy = policy("");
     let stuck = Observation {
         lag: 3,
+        waiting: 1,
         oldest_waiting: Duration::from_secs(6),
         workers: workers(0, 2),
         ..Observation::default()
@@ -241,7 +259,7 @@ fn an_old_question_means_panic_up_at_once_and_no_scale_down_while_it_lasts() {
     assert_eq!(held.reason, "panic: holding workers");
     // ...then normal scale-down resumes, with its own stabilization.
     assert_eq!(run(&policy, &calm, panic.state.clone(), 1, 61).desired, 3);
-    assert_eq!(run(&policy, &calm, panic.state, 1, 121).desired, 2);
+    assert_eq!(run(&policy, &calm, panic.state, 1, 121).desired, 1);
 }
 
 #[test]
@@ -252,6 +270,7 @@ fn a_burst_in_the_short_window_panics() {
         arrival_rate: 0.2,
         panic_arrival_rate: 4.0,
         lag: 5,
+        waiting: 4,
         workers: workers(0, 1),
         ..Observation::default()
     };
@@ -284,6 +303,7 @@ fn min_and_max_clamp_every_outcome() {
     assert_eq!(decision.desired, 2);
     let flood = Observation {
         lag: 10_000,
+        waiting: 10_000,
         arrival_rate: 100.0,
         panic_arrival_rate: 100.0,
         ..Observation::default()
@@ -441,4 +461,44 @@ fn rules_scale_down_only_when_all_conditions_held() {
         "{}",
         decision.reason
     );
+}
+
+#[test]
+fn a_learning_window_prewarms_to_what_its_last_opening_needed() {
+    let policy = policy(
+        "prewarm_lead: 60s\ntimetable:\n  - {name: break, cron: \"0 10 * * *\", timezone: UTC, duration: 10m, min_workers: 1, learn: true}\n",
+    );
+    let quiet = Observation::default();
+    let burst = Observation {
+        arrival_rate: 1.0,
+        panic_arrival_rate: 1.0,
+        workers: workers(0, 1),
+        ..Observation::default()
+    };
+    let day = 86_400;
+    let at_zero = |state: &PolicyState| PolicyState {
+        desired: 0,
+        ..state.clone()
+    };
+    // First opening: nothing learned yet, the configured floor of 1.
+    let first = decide(&quiet, &state(0), &policy, at(-30));
+    assert_eq!(first.desired, 1);
+    // The break's load needs ceil(1/s x 2 s / 0.8) = 3.
+    let during = run(&policy, &burst, first.state, 0, 120);
+    assert_eq!(during.desired, 3);
+
+    // Next day, a lead before the opening and with no load yet: 3 ready.
+    let second = decide(&quiet, &at_zero(&during.state), &policy, at(day - 30));
+    assert_eq!(second.desired, 3);
+    assert_eq!(second.reason, "timetable floor 'break' 3");
+    assert_eq!(second.floor.as_ref().map(|w| w.min_workers), Some(3));
+    // A quiet opening teaches the next one that 1 is enough.
+    let quiet_break = run(&policy, &quiet, second.state, day, day + 60);
+    let third = decide(
+        &quiet,
+        &at_zero(&quiet_break.state),
+        &policy,
+        at(2 * day - 30),
+    );
+    assert_eq!(third.desired, 1);
 }

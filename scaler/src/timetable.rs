@@ -45,6 +45,10 @@ pub struct TimetableEntry {
     pub duration: Duration,
     /// Workers kept running while a window is open.
     pub min_workers: u32,
+    /// Pre-warm to what the previous opening of this entry needed, when more
+    /// than `min_workers`: a break's burst sizes the next break's floor.
+    #[serde(default)]
+    pub learn: bool,
 }
 
 /// One opening of a timetable entry in real time: `[start, end)`.
@@ -54,6 +58,7 @@ pub struct Window {
     pub start: DateTime<Utc>,
     pub end: DateTime<Utc>,
     pub min_workers: u32,
+    pub learn: bool,
 }
 
 /// A timetable entry that cannot be used; the message starts with its key path.
@@ -84,6 +89,7 @@ struct Entry {
     zone: Tz,
     duration: TimeDelta,
     min_workers: u32,
+    learn: bool,
 }
 
 impl Timetable {
@@ -120,11 +126,16 @@ impl Timetable {
         windows
     }
 
-    /// The window that sets the floor at `now`: among windows with
-    /// `start - lead <= now < end` (lead = pre-warm time, so workers are ready
-    /// when the window opens), the one with the highest `min_workers` (ties:
-    /// earliest start). `None` when no window is active.
+    /// The window that sets the floor at `now`: among the
+    /// [active](Timetable::active_windows) ones, the one with the highest
+    /// `min_workers` (ties: earliest start). `None` when none is active.
     pub fn floor_at(&self, now: DateTime<Utc>, lead: Duration) -> Option<Window> {
+        highest_floor(self.active_windows(now, lead))
+    }
+
+    /// Windows with `start - lead <= now < end` (lead = pre-warm time, so
+    /// workers are ready when the window opens).
+    pub fn active_windows(&self, now: DateTime<Utc>, lead: Duration) -> Vec<Window> {
         // A lead past the horizon means nothing; capping keeps the arithmetic in range.
         let lead =
             TimeDelta::from_std(lead.min(LONGEST_WINDOW)).unwrap_or_else(|_| TimeDelta::zero());
@@ -138,12 +149,7 @@ impl Timetable {
                     .filter(move |start| *start > closed_if_opened_by)
                     .map(move |start| entry.window(start))
             })
-            .max_by(|a, b| {
-                a.min_workers
-                    .cmp(&b.min_workers)
-                    .then_with(|| b.start.cmp(&a.start))
-                    .then_with(|| b.name.cmp(&a.name))
-            })
+            .collect()
     }
 
     /// The first window starting after `now` (within the next 366 days).
@@ -159,6 +165,16 @@ impl Timetable {
             })
             .min_by(|a, b| a.start.cmp(&b.start).then_with(|| a.name.cmp(&b.name)))
     }
+}
+
+/// The window with the highest `min_workers` (ties: earliest start, then name).
+pub fn highest_floor(windows: impl IntoIterator<Item = Window>) -> Option<Window> {
+    windows.into_iter().max_by(|a, b| {
+        a.min_workers
+            .cmp(&b.min_workers)
+            .then_with(|| b.start.cmp(&a.start))
+            .then_with(|| b.name.cmp(&a.name))
+    })
 }
 
 impl Entry {
@@ -193,6 +209,7 @@ impl Entry {
             zone,
             duration,
             min_workers: entry.min_workers,
+            learn: entry.learn,
         })
     }
 
@@ -202,6 +219,7 @@ impl Entry {
             start,
             end: start + self.duration,
             min_workers: self.min_workers,
+            learn: self.learn,
         }
     }
 
@@ -256,6 +274,7 @@ mod tests {
             timezone: zone.into(),
             duration: ebb_nats::duration::parse(duration).unwrap(),
             min_workers: workers,
+            learn: false,
         }
     }
 
@@ -292,6 +311,7 @@ mod tests {
             start: utc(2026, 3, 9, 0, 0), // Monday 08:00 in Shanghai
             end: utc(2026, 3, 9, 1, 30),
             min_workers: 3,
+            learn: false,
         };
         assert_eq!(
             table.floor_at(shanghai(9, 7, 59), LEAD),

@@ -1,0 +1,142 @@
+//! The reference no real policy can beat by much: it knows every arrival,
+//! so each question starts the moment it arrives, on a worker that was
+//! started exactly one (mean) cold start earlier. A worker stops as soon as
+//! it is idle unless its next question comes within a cold start: stopping
+//! and starting again would cost more worker-seconds than waiting.
+
+use std::collections::HashSet;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::engine::{Fate, Outcome, PLOT_BUCKETS, Sample, WorkerModel};
+use super::trace::Trace;
+
+#[derive(Debug)]
+struct Life {
+    requested_at: f64,
+    /// When each slot frees.
+    slots: Vec<f64>,
+    busy_until: f64,
+}
+
+/// Replays `trace` with perfect foresight; cache draws match [`super::engine::replay`]'s for `seed`.
+pub fn replay(trace: &Trace, model: &WorkerModel, seed: u64) -> Outcome {
+    let cold_start = model.mean_cold_start();
+    let mut cache_rng = ChaCha8Rng::seed_from_u64(seed);
+    cache_rng.set_stream(2);
+    let mut fates = Vec::with_capacity(trace.arrivals.len());
+    let mut running: Vec<Life> = Vec::new();
+    let mut lives: Vec<(f64, f64)> = Vec::new();
+    let mut in_service: Vec<(f64, f64)> = Vec::new();
+    // Answers finish out of order: an id is cached once its first answer is done.
+    let mut answered: Vec<(f64, &str)> = Vec::new();
+    let mut cached_ids: HashSet<&str> = HashSet::new();
+    for arrival in &trace.arrivals {
+        let now = arrival.at;
+        let drawn_hit =
+            model.cache_hit_ratio > 0.0 && cache_rng.random::<f64>() < model.cache_hit_ratio;
+        answered.retain(|(done, id)| {
+            let finished = *done <= now;
+            if finished {
+                cached_ids.insert(id);
+            }
+            !finished
+        });
+        if drawn_hit
+            || arrival
+                .question_id
+                .as_deref()
+                .is_some_and(|id| cached_ids.contains(id))
+        {
+            fates.push(Fate::Cached);
+            continue;
+        }
+        // Workers idle for longer than a cold start have stopped.
+        running.retain(|life| {
+            let keep = life.busy_until + cold_start >= now;
+            if !keep {
+                lives.push((life.requested_at, life.busy_until));
+            }
+            keep
+        });
+        let (first, total) = model.service(arrival);
+        let done = now + total;
+        let chosen = running
+            .iter_mut()
+            .filter(|life| life.slots.iter().any(|free| *free <= now))
+            .max_by(|a, b| a.busy_until.total_cmp(&b.busy_until));
+        let life = match chosen {
+            Some(life) => life,
+            None => {
+                running.push(Life {
+                    requested_at: now - cold_start,
+                    slots: vec![f64::NEG_INFINITY; model.concurrency as usize],
+                    busy_until: now,
+                });
+                running.last_mut().expect("just pushed")
+            }
+        };
+        let slot = life
+            .slots
+            .iter_mut()
+            .find(|free| **free <= now)
+            .expect("a free slot");
+        *slot = done;
+        life.busy_until = life.busy_until.max(done);
+        in_service.push((now, done));
+        if let Some(id) = arrival.question_id.as_deref() {
+            answered.push((done, id));
+        }
+        fates.push(Fate::Answered {
+            first_token: first as f32,
+            total: total as f32,
+        });
+    }
+    lives.extend(
+        running
+            .iter()
+            .map(|life| (life.requested_at, life.busy_until)),
+    );
+    let last_done = in_service.iter().map(|(_, done)| *done).fold(0.0, f64::max);
+    let horizon = trace.duration.max(last_done);
+    let bucket_seconds = (trace.duration / PLOT_BUCKETS as f64).max(1.0);
+    let mut samples = vec![Sample::default(); PLOT_BUCKETS + 1];
+    let bucket = |at: f64| ((at.max(0.0) / bucket_seconds) as usize).min(PLOT_BUCKETS);
+    for arrival in &trace.arrivals {
+        samples[bucket(arrival.at)].arrivals += 1;
+    }
+    for (at, level) in running_maximum(&in_service) {
+        samples[bucket(at)].lag = samples[bucket(at)].lag.max(level);
+    }
+    for (at, level) in running_maximum(&lives) {
+        samples[bucket(at)].workers = samples[bucket(at)].workers.max(level as u32);
+    }
+    samples.truncate(((horizon / bucket_seconds).ceil() as usize).clamp(1, PLOT_BUCKETS + 1));
+    Outcome {
+        fates,
+        worker_seconds: lives.iter().map(|(from, to)| to - from).sum(),
+        cold_starts: lives.len() as u64,
+        scale_events: 2 * lives.len() as u64,
+        horizon,
+        bucket_seconds,
+        samples,
+    }
+}
+
+/// How many `[from, to)` intervals overlap, after each change.
+fn running_maximum(intervals: &[(f64, f64)]) -> Vec<(f64, u64)> {
+    let mut changes: Vec<(f64, i64)> = intervals
+        .iter()
+        .flat_map(|&(from, to)| [(from, 1), (to, -1)])
+        .collect();
+    changes.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let mut level = 0i64;
+    changes
+        .into_iter()
+        .map(|(at, change)| {
+            level += change;
+            (at, level.max(0) as u64)
+        })
+        .collect()
+}

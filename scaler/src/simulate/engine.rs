@@ -1,0 +1,612 @@
+//! The discrete-event replay: arrivals from a trace, a FIFO queue per
+//! priority, workers with cold starts, per-worker concurrency and graceful
+//! drain, and one [`Autoscaler`] asked on its own schedule. Time is virtual
+//! (seconds since the trace's start) and every random draw comes from the
+//! seed, so a replay is a pure function of its inputs.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashSet, VecDeque};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use ebb_nats::Priority;
+use ebb_nats::messages::moving_average;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, LogNormal};
+use serde::{Deserialize, Serialize};
+
+use super::trace::{Arrival, Trace};
+use crate::policy::{Observation, WorkerCounts};
+use crate::signals::RateCounter;
+
+/// What a worker costs and how fast it answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerModel {
+    /// Median seconds from start request to ready (log-normal).
+    pub cold_start_median_s: f64,
+    /// 90th percentile of the cold start; equal to the median for a fixed one.
+    pub cold_start_p90_s: f64,
+    /// Prompt tokens per second, per question in service.
+    pub prefill_tokens_per_s: f64,
+    /// Answer tokens per second, per question in service.
+    pub decode_tokens_per_s: f64,
+    /// Questions one worker answers at once.
+    pub concurrency: u32,
+    /// Money per worker-hour.
+    pub price_per_hour: f64,
+    /// Waiting plus in-service questions beyond which new ones are rejected.
+    pub queue_max: u64,
+    /// Fraction of questions answered from the cache (drawn per question).
+    pub cache_hit_ratio: f64,
+}
+
+impl WorkerModel {
+    /// Seconds from service start to the first token, and to the last.
+    pub fn service(&self, arrival: &Arrival) -> (f64, f64) {
+        let prefill = arrival.input_tokens as f64 / self.prefill_tokens_per_s;
+        let first = prefill + 1.0 / self.decode_tokens_per_s;
+        let total = prefill + arrival.output_tokens.max(1) as f64 / self.decode_tokens_per_s;
+        (first, total)
+    }
+
+    fn cold_start(&self) -> ColdStart {
+        let median = self.cold_start_median_s.max(0.0);
+        // p90 = median * exp(1.2816 sigma) for a log-normal.
+        let sigma = (self.cold_start_p90_s / median.max(f64::MIN_POSITIVE))
+            .ln()
+            .max(0.0)
+            / 1.281_551_565_545;
+        match LogNormal::new(median.max(f64::MIN_POSITIVE).ln(), sigma) {
+            Ok(distribution) if sigma > 0.0 => ColdStart::LogNormal(distribution),
+            _ => ColdStart::Fixed(median),
+        }
+    }
+
+    /// Mean cold start (of the log-normal), for the clairvoyant reference.
+    pub fn mean_cold_start(&self) -> f64 {
+        match self.cold_start() {
+            ColdStart::Fixed(seconds) => seconds,
+            ColdStart::LogNormal(_) => {
+                let sigma =
+                    (self.cold_start_p90_s / self.cold_start_median_s).ln() / 1.281_551_565_545;
+                self.cold_start_median_s * (sigma * sigma / 2.0).exp()
+            }
+        }
+    }
+}
+
+enum ColdStart {
+    Fixed(f64),
+    LogNormal(LogNormal<f64>),
+}
+
+/// A scaling policy as the replay sees it.
+pub trait Autoscaler {
+    /// Workers wanted now, and when to be asked again.
+    fn decide(&mut self, observation: &Observation, now: DateTime<Utc>) -> (u32, Duration);
+    /// Whether a question arriving while no worker is wanted asks at once
+    /// (ebb's wake-up, Knative's activator) rather than at the next poll.
+    fn wakes_on_arrival(&self) -> bool;
+    /// Windows of the stable and the panic arrival rates it reads.
+    fn rate_windows(&self) -> (Duration, Duration) {
+        (Duration::from_secs(60), Duration::from_secs(6))
+    }
+}
+
+/// One question's fate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Fate {
+    /// Seconds to the first token and to the whole answer.
+    Answered {
+        first_token: f32,
+        total: f32,
+    },
+    Cached,
+    Rejected,
+}
+
+/// A point of the plot: the maxima over one bucket of time.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Sample {
+    pub arrivals: u32,
+    pub lag: u64,
+    pub workers: u32,
+}
+
+/// Everything a replay measured.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub fates: Vec<Fate>,
+    /// Start request to exit, summed over workers, up to `horizon`.
+    pub worker_seconds: f64,
+    pub cold_starts: u64,
+    /// Changes of the desired count.
+    pub scale_events: u64,
+    /// Seconds replayed: the trace, or the last answer if later.
+    pub horizon: f64,
+    pub bucket_seconds: f64,
+    pub samples: Vec<Sample>,
+}
+
+/// Plot resolution.
+pub const PLOT_BUCKETS: usize = 600;
+/// Cold starts kept for the p90 the policy sees (as live).
+const COLD_START_SAMPLES: usize = 50;
+
+#[derive(Debug)]
+struct Worker {
+    requested_at: f64,
+    ready: bool,
+    active: u32,
+    stopping: bool,
+    exited_at: Option<f64>,
+    /// Moving averages as its heartbeats would report them.
+    mean_job: Option<f64>,
+    mean_response: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Event {
+    Ready(usize),
+    /// Worker, arrival index.
+    Done(usize, usize),
+    Decide,
+}
+
+/// Min-heap key: time, then insertion order, so ties replay the same way.
+#[derive(Debug, PartialEq)]
+struct Scheduled(f64, u64, Event);
+
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0).then(self.1.cmp(&other.1))
+    }
+}
+
+/// Replays `trace` against `autoscaler`, starting with `initial_workers`
+/// ready, as if they had been answering the trace's first questions (their
+/// reported service time is the mean of the first five minutes'). `seed`
+/// fixes cold starts and cache draws: the same seed gives every policy the
+/// same draws.
+pub fn replay(
+    trace: &Trace,
+    model: &WorkerModel,
+    autoscaler: &mut dyn Autoscaler,
+    initial_workers: u32,
+    seed: u64,
+) -> Outcome {
+    let mut sim = Sim::new(trace, model, autoscaler, seed);
+    let early: Vec<f64> = trace
+        .arrivals
+        .iter()
+        .take_while(|a| a.at < 300.0)
+        .map(|a| model.service(a).1)
+        .collect();
+    let early_mean = (!early.is_empty()).then(|| early.iter().sum::<f64>() / early.len() as f64);
+    for _ in 0..initial_workers {
+        let worker = sim.add_worker(true);
+        sim.workers[worker].mean_job = early_mean;
+        sim.workers[worker].mean_response = early_mean;
+    }
+    sim.desired = initial_workers;
+    sim.schedule(0.0, Event::Decide);
+    sim.run();
+    sim.finish()
+}
+
+struct Sim<'a> {
+    trace: &'a Trace,
+    model: &'a WorkerModel,
+    autoscaler: &'a mut dyn Autoscaler,
+    cold_start: ColdStart,
+    cold_start_rng: ChaCha8Rng,
+    cache_rng: ChaCha8Rng,
+    now: f64,
+    events: BinaryHeap<Reverse<Scheduled>>,
+    sequence: u64,
+    next_arrival: usize,
+    queues: [VecDeque<usize>; 3],
+    in_service: u64,
+    /// Every worker ever started (their cost counts), and the ones not exited.
+    workers: Vec<Worker>,
+    alive: Vec<usize>,
+    desired: u32,
+    /// The next Decide already scheduled, if any.
+    decide_at: Option<f64>,
+    fates: Vec<Option<Fate>>,
+    answered_ids: HashSet<&'a str>,
+    arrivals: RateCounter,
+    completions: RateCounter,
+    new_arrivals: u64,
+    cold_starts: VecDeque<f64>,
+    started: u64,
+    scale_events: u64,
+    last_done: f64,
+    bucket_seconds: f64,
+    samples: Vec<Sample>,
+}
+
+impl<'a> Sim<'a> {
+    fn new(
+        trace: &'a Trace,
+        model: &'a WorkerModel,
+        autoscaler: &'a mut dyn Autoscaler,
+        seed: u64,
+    ) -> Sim<'a> {
+        let (stable, panic) = autoscaler.rate_windows();
+        let stream = |id: u64| {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            rng.set_stream(id);
+            rng
+        };
+        Sim {
+            trace,
+            model,
+            autoscaler,
+            cold_start: model.cold_start(),
+            cold_start_rng: stream(1),
+            cache_rng: stream(2),
+            now: 0.0,
+            events: BinaryHeap::new(),
+            sequence: 0,
+            next_arrival: 0,
+            queues: Default::default(),
+            in_service: 0,
+            workers: Vec::new(),
+            alive: Vec::new(),
+            desired: 0,
+            decide_at: None,
+            fates: vec![None; trace.arrivals.len()],
+            answered_ids: HashSet::new(),
+            arrivals: RateCounter::new(stable.max(panic), trace.start),
+            completions: RateCounter::new(stable.max(panic), trace.start),
+            new_arrivals: 0,
+            cold_starts: VecDeque::new(),
+            started: 0,
+            scale_events: 0,
+            last_done: 0.0,
+            bucket_seconds: (trace.duration / PLOT_BUCKETS as f64).max(1.0),
+            samples: vec![Sample::default(); PLOT_BUCKETS + 1],
+        }
+    }
+
+    fn schedule(&mut self, at: f64, event: Event) {
+        if event == Event::Decide {
+            self.decide_at = Some(at);
+        }
+        self.sequence += 1;
+        self.events
+            .push(Reverse(Scheduled(at, self.sequence, event)));
+    }
+
+    fn waiting(&self) -> u64 {
+        self.queues.iter().map(|q| q.len() as u64).sum()
+    }
+
+    fn work_left(&self) -> bool {
+        self.next_arrival < self.trace.arrivals.len() || self.waiting() + self.in_service > 0
+    }
+
+    fn run(&mut self) {
+        loop {
+            let arrival_at = self.trace.arrivals.get(self.next_arrival).map(|a| a.at);
+            let event_at = self.events.peek().map(|Reverse(s)| s.0);
+            // Arrivals go first on ties: a decision at the same instant sees them.
+            let take_arrival = match (arrival_at, event_at) {
+                (Some(a), Some(e)) => a <= e,
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            if take_arrival {
+                self.now = arrival_at.unwrap_or(self.now);
+                self.arrive();
+            } else {
+                let Some(Reverse(Scheduled(at, _, event))) = self.events.pop() else {
+                    break;
+                };
+                if !self.work_left() && at > self.trace.duration {
+                    break;
+                }
+                self.now = at;
+                match event {
+                    Event::Ready(worker) => self.ready(worker),
+                    Event::Done(worker, question) => self.done(worker, question),
+                    Event::Decide => self.decide(),
+                }
+            }
+            self.dispatch();
+            self.sample();
+        }
+        self.now = self.now.max(self.trace.duration).max(self.last_done);
+    }
+
+    fn arrive(&mut self) {
+        let index = self.next_arrival;
+        self.next_arrival += 1;
+        let arrival = &self.trace.arrivals[index];
+        self.bucket().arrivals += 1;
+        let drawn_hit = self.model.cache_hit_ratio > 0.0
+            && self.cache_rng.random::<f64>() < self.model.cache_hit_ratio;
+        let repeated = arrival
+            .question_id
+            .as_deref()
+            .is_some_and(|id| self.answered_ids.contains(id));
+        if drawn_hit || repeated {
+            self.fates[index] = Some(Fate::Cached);
+            return;
+        }
+        if self.waiting() + self.in_service >= self.model.queue_max {
+            self.fates[index] = Some(Fate::Rejected);
+            return;
+        }
+        let at = self.virtual_time(self.now);
+        self.arrivals.add(at, 1);
+        self.new_arrivals += 1;
+        let lane = Priority::ALL
+            .iter()
+            .position(|p| *p == arrival.priority)
+            .unwrap_or(1);
+        self.queues[lane].push_back(index);
+        if self.desired == 0
+            && self.autoscaler.wakes_on_arrival()
+            && self.decide_at != Some(self.now)
+        {
+            self.schedule(self.now, Event::Decide);
+        }
+    }
+
+    fn ready(&mut self, worker: usize) {
+        let worker = &mut self.workers[worker];
+        if worker.exited_at.is_some() {
+            return;
+        }
+        worker.ready = true;
+        self.cold_starts.push_back(self.now - worker.requested_at);
+        if self.cold_starts.len() > COLD_START_SAMPLES {
+            self.cold_starts.pop_front();
+        }
+    }
+
+    fn done(&mut self, worker_index: usize, question: usize) {
+        let arrival = &self.trace.arrivals[question];
+        let (_, service) = self.model.service(arrival);
+        self.in_service -= 1;
+        self.last_done = self.now;
+        let at = self.virtual_time(self.now);
+        self.completions.add(at, 1);
+        if let Some(id) = arrival.question_id.as_deref() {
+            self.answered_ids.insert(id);
+        }
+        let response = self.now - arrival.at;
+        let worker = &mut self.workers[worker_index];
+        worker.mean_job = Some(moving_average(worker.mean_job, service));
+        worker.mean_response = Some(moving_average(worker.mean_response, response));
+        worker.active -= 1;
+        if worker.stopping && worker.active == 0 {
+            worker.exited_at = Some(self.now);
+        }
+    }
+
+    /// Hands waiting questions, most urgent first, to free ready workers.
+    fn dispatch(&mut self) {
+        let concurrency = self.model.concurrency;
+        let mut position = 0;
+        while self.queues.iter().any(|q| !q.is_empty()) {
+            let Some(offset) = self.alive[position..].iter().position(|&i| {
+                let w = &self.workers[i];
+                w.ready && !w.stopping && w.exited_at.is_none() && w.active < concurrency
+            }) else {
+                return;
+            };
+            position += offset;
+            let worker_index = self.alive[position];
+            let question = self
+                .queues
+                .iter_mut()
+                .find_map(VecDeque::pop_front)
+                .expect("a queue is not empty");
+            let arrival = &self.trace.arrivals[question];
+            let (first, total) = self.model.service(arrival);
+            let waited = self.now - arrival.at;
+            self.fates[question] = Some(Fate::Answered {
+                first_token: (waited + first) as f32,
+                total: (waited + total) as f32,
+            });
+            self.workers[worker_index].active += 1;
+            self.in_service += 1;
+            self.schedule(self.now + total, Event::Done(worker_index, question));
+        }
+    }
+
+    fn decide(&mut self) {
+        if self.decide_at == Some(self.now) {
+            self.decide_at = None;
+        }
+        let observation = self.observe();
+        let now = self.virtual_time(self.now);
+        let (desired, next) = self.autoscaler.decide(&observation, now);
+        if desired != self.desired {
+            self.scale_events += 1;
+            self.desired = desired;
+        }
+        self.reconcile();
+        // A decision already due sooner (an arrival's wake-up) stands.
+        let at = self.now + next.as_secs_f64().max(1e-3);
+        if self.decide_at.is_none_or(|due| due > at) {
+            self.schedule(at, Event::Decide);
+        }
+    }
+
+    fn observe(&mut self) -> Observation {
+        let now = self.virtual_time(self.now);
+        let (stable, panic) = self.autoscaler.rate_windows();
+        let concurrency = self.model.concurrency as f64;
+        let mut counts = WorkerCounts::default();
+        let mut active_slots = 0;
+        self.prune();
+        for worker in self.alive.iter().map(|&i| &self.workers[i]) {
+            if worker.stopping {
+                counts.draining += 1;
+            } else if worker.ready {
+                counts.idle += 1;
+                active_slots += worker.active;
+            } else {
+                counts.starting += 1;
+            }
+        }
+        // Busy in slot-equivalents, so utilisation means the same at any concurrency.
+        counts.busy = ((active_slots as f64 / concurrency).ceil() as u32).min(counts.idle);
+        counts.idle -= counts.busy;
+        let oldest = self
+            .queues
+            .iter()
+            .filter_map(|q| q.front())
+            .map(|&i| self.trace.arrivals[i].at)
+            .fold(f64::INFINITY, f64::min);
+        let mut cold_starts: Vec<f64> = self.cold_starts.iter().copied().collect();
+        cold_starts.sort_by(f64::total_cmp);
+        let p90 = (cold_starts.len() * 9)
+            .div_ceil(10)
+            .checked_sub(1)
+            .map(|i| Duration::from_secs_f64(cold_starts[i]));
+        // As live: the mean over the workers there now of what each reports.
+        let mean = |field: fn(&Worker) -> Option<f64>| {
+            let values: Vec<f64> = self
+                .alive
+                .iter()
+                .filter_map(|&i| field(&self.workers[i]))
+                .collect();
+            (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+        };
+        let mean_job = mean(|w| w.mean_job);
+        let mean_response = mean(|w| w.mean_response);
+        Observation {
+            lag: self.waiting() + self.in_service,
+            waiting: self.waiting(),
+            oldest_waiting: Duration::from_secs_f64((self.now - oldest).max(0.0)),
+            arrival_rate: self.arrivals.rate(now, stable),
+            panic_arrival_rate: self.arrivals.rate(now, panic),
+            completion_rate: self.completions.rate(now, stable),
+            new_arrivals: std::mem::take(&mut self.new_arrivals),
+            // Worker time per question: what one worker gives each answer.
+            service_time: mean_job.map(|s| Duration::from_secs_f64(s / concurrency)),
+            avg_response_time: mean_response.map(Duration::from_secs_f64),
+            cold_start_p90: p90,
+            workers: counts,
+        }
+    }
+
+    /// Starts or stops workers to match the desired count: idle ones stop
+    /// first, then ones still starting, busy ones last (they drain).
+    fn reconcile(&mut self) {
+        self.prune();
+        let running: Vec<usize> = self
+            .alive
+            .iter()
+            .copied()
+            .filter(|&i| !self.workers[i].stopping)
+            .collect();
+        let count = running.len() as u32;
+        if self.desired > count {
+            for _ in count..self.desired {
+                let delay = match &self.cold_start {
+                    ColdStart::Fixed(seconds) => *seconds,
+                    ColdStart::LogNormal(d) => d.sample(&mut self.cold_start_rng),
+                };
+                let worker = self.add_worker(false);
+                self.started += 1;
+                self.schedule(self.now + delay, Event::Ready(worker));
+            }
+        } else if self.desired < count {
+            let mut victims = running;
+            victims.sort_by_key(|&i| {
+                let worker = &self.workers[i];
+                match (worker.ready, worker.active) {
+                    (true, 0) => (0, 0, Reverse(i)),
+                    (false, _) => (1, 0, Reverse(i)),
+                    (true, active) => (2, active, Reverse(i)),
+                }
+            });
+            for i in victims.into_iter().take((count - self.desired) as usize) {
+                let worker = &mut self.workers[i];
+                worker.stopping = true;
+                if worker.active == 0 {
+                    worker.exited_at = Some(self.now);
+                }
+            }
+        }
+    }
+
+    fn add_worker(&mut self, ready: bool) -> usize {
+        self.workers.push(Worker {
+            requested_at: self.now,
+            ready,
+            active: 0,
+            stopping: false,
+            exited_at: None,
+            mean_job: None,
+            mean_response: None,
+        });
+        self.alive.push(self.workers.len() - 1);
+        self.workers.len() - 1
+    }
+
+    fn prune(&mut self) {
+        let workers = &self.workers;
+        self.alive.retain(|&i| workers[i].exited_at.is_none());
+    }
+
+    fn virtual_time(&self, seconds: f64) -> DateTime<Utc> {
+        self.trace.start + chrono::Duration::nanoseconds((seconds * 1e9) as i64)
+    }
+
+    fn bucket(&mut self) -> &mut Sample {
+        let index = ((self.now / self.bucket_seconds) as usize).min(PLOT_BUCKETS);
+        &mut self.samples[index]
+    }
+
+    fn sample(&mut self) {
+        let lag = self.waiting() + self.in_service;
+        let workers = self
+            .alive
+            .iter()
+            .filter(|&&i| self.workers[i].exited_at.is_none())
+            .count() as u32;
+        let bucket = self.bucket();
+        bucket.lag = bucket.lag.max(lag);
+        bucket.workers = bucket.workers.max(workers);
+    }
+
+    fn finish(self) -> Outcome {
+        let horizon = self.now;
+        let worker_seconds = self
+            .workers
+            .iter()
+            .map(|w| w.exited_at.unwrap_or(horizon).min(horizon) - w.requested_at)
+            .sum();
+        let buckets = ((horizon / self.bucket_seconds).ceil() as usize).clamp(1, PLOT_BUCKETS + 1);
+        let mut samples = self.samples;
+        samples.truncate(buckets);
+        Outcome {
+            fates: self
+                .fates
+                .into_iter()
+                .map(|fate| fate.expect("every arrival is answered, cached or rejected"))
+                .collect(),
+            worker_seconds,
+            cold_starts: self.started,
+            scale_events: self.scale_events,
+            horizon,
+            bucket_seconds: self.bucket_seconds,
+            samples,
+        }
+    }
+}

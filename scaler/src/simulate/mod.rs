@@ -1,0 +1,461 @@
+//! `ebb-scaler simulate`: replays a real or generated trace on a virtual
+//! clock against several scaling policies at once (the same arrivals, the
+//! same seeded draws) and reports cost and SLO figures for each.
+//!
+//! # Layout
+//! - [`trace`]: trace formats, rate and time scaling, rate-profile expansion.
+//! - [`engine`]: the discrete-event replay and the [`engine::Autoscaler`] trait.
+//! - [`policies`]: ebb's [`crate::policy::decide`], the seed's rules, a fixed
+//!   fleet, KEDA-like and Knative-like models.
+//! - [`clairvoyant`]: the perfect-foresight reference.
+//! - [`report`]: JSON, Markdown and SVG output.
+//! - [`school`]: the school-day trace generator (`ebb-scaler gen-trace`).
+
+pub mod clairvoyant;
+pub mod engine;
+pub mod policies;
+pub mod report;
+pub mod school;
+pub mod trace;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::config::{ConfigError, ScalerConfig};
+use engine::{Fate, Outcome, WorkerModel};
+use policies::{Ebb, Fixed, KedaLike, KnativeLike};
+use report::{PolicyResult, Report, Slo, TraceSummary};
+use trace::{LoadOptions, Trace, TraceError};
+
+/// ebb's default policy, the one `simulate` uses without `--config`.
+pub const DEFAULT_CONFIG: &str = include_str!("../../config/default.yaml");
+
+/// The policies `simulate` can compare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PolicyName {
+    /// The smallest always-on fleet that meets the SLO (found by search).
+    Fixed,
+    /// The seed article's rules (rps, response time, utilisation), min 1, max 10.
+    SeedRules,
+    /// KEDA's NATS JetStream scaler on a Kubernetes HPA, default settings.
+    KedaLike,
+    /// Knative's KPA, default settings.
+    KnativeLike,
+    /// ebb's own policy, from `--config` or the default config.
+    Ebb,
+    /// Knows every arrival: the practical limit.
+    Clairvoyant,
+}
+
+impl PolicyName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyName::Fixed => "fixed",
+            PolicyName::SeedRules => "seed-rules",
+            PolicyName::KedaLike => "keda-like",
+            PolicyName::KnativeLike => "knative-like",
+            PolicyName::Ebb => "ebb",
+            PolicyName::Clairvoyant => "clairvoyant",
+        }
+    }
+}
+
+/// `ebb-scaler simulate` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimulateArgs {
+    /// Trace file: Azure LLM inference CSV, a 10-minute rate profile, or
+    /// ebb's CSV; the header tells which.
+    #[arg(long)]
+    pub trace: PathBuf,
+    /// Scaler config of the `ebb` policy (default: ebb's shipped default).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Policies to compare, comma-separated (default: all six).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "fixed,seed-rules,keda-like,knative-like,ebb,clairvoyant"
+    )]
+    pub policies: Vec<PolicyName>,
+    /// Seed of every random draw; the same seed gives byte-identical JSON.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Directory for report.json, report.md and report.svg.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Multiply arrival rates by this (per-request traces are thinned or copied).
+    #[arg(long, default_value_t = 1.0)]
+    pub rate_scale: f64,
+    /// Stretch time by this (0.5 replays twice as fast).
+    #[arg(long, default_value_t = 1.0)]
+    pub time_scale: f64,
+    /// Coefficient of variation of gaps when expanding a rate profile (1 = Poisson).
+    #[arg(long, default_value_t = 1.0)]
+    pub arrival_cv: f64,
+    /// Time of the trace's start for traces with relative times (RFC 3339).
+    #[arg(long, default_value = "2026-03-02T00:00:00Z")]
+    pub start: DateTime<Utc>,
+    /// Mean prompt tokens drawn for traces without token counts.
+    #[arg(long, default_value_t = 1024.0)]
+    pub mean_input_tokens: f64,
+    /// Mean answer tokens drawn for traces without token counts.
+    #[arg(long, default_value_t = 211.0)]
+    pub mean_output_tokens: f64,
+    /// Median cold start of a worker (start request to ready).
+    #[arg(long, default_value = "30s", value_parser = ebb_nats::duration::parse)]
+    pub cold_start: Duration,
+    /// 90th percentile cold start (log-normal between the two).
+    #[arg(long, default_value = "45s", value_parser = ebb_nats::duration::parse)]
+    pub cold_start_p90: Duration,
+    /// Prompt tokens per second per question in service.
+    #[arg(long, default_value_t = 2000.0)]
+    pub prefill_tokens_per_s: f64,
+    /// Answer tokens per second per question in service.
+    #[arg(long, default_value_t = 21.0)]
+    pub decode_tokens_per_s: f64,
+    /// Questions one worker answers at once.
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: u32,
+    /// Money per worker-hour.
+    #[arg(long, default_value_t = 1.0)]
+    pub price_per_hour: f64,
+    /// Questions waiting or in service beyond which new ones are rejected.
+    #[arg(long, default_value_t = 100_000)]
+    pub queue_max: u64,
+    /// Fraction of questions answered from the cache (repeated
+    /// `question_id`s in ebb's CSV are cache hits anyway).
+    #[arg(long, default_value_t = 0.0)]
+    pub cache_hit_ratio: f64,
+    /// Time to first token a question must get to count as served in time.
+    #[arg(long, default_value = "5s", value_parser = ebb_nats::duration::parse)]
+    pub slo_first_token: Duration,
+    /// Fraction of questions that must meet the SLO (the fixed fleet is sized by it).
+    #[arg(long, default_value_t = 0.999)]
+    pub slo_target: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimulateError {
+    #[error(transparent)]
+    Trace(#[from] TraceError),
+    #[error("--config: {0}")]
+    Config(#[from] ConfigError),
+    #[error("--{option}: {message}")]
+    Option {
+        option: &'static str,
+        message: String,
+    },
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn bad(option: &'static str, message: impl Into<String>) -> SimulateError {
+    SimulateError::Option {
+        option,
+        message: message.into(),
+    }
+}
+
+/// A finished run: the report and each policy's time series for the plot.
+#[derive(Debug)]
+pub struct Simulation {
+    pub report: Report,
+    pub outcomes: Vec<(PolicyName, Outcome)>,
+}
+
+impl SimulateArgs {
+    fn worker_model(&self) -> Result<WorkerModel, SimulateError> {
+        let positive = |option, value: f64| {
+            if value.is_finite() && value > 0.0 {
+                Ok(value)
+            } else {
+                Err(bad(
+                    option,
+                    format!("must be a positive number, got {value}"),
+                ))
+            }
+        };
+        if self.cold_start_p90 < self.cold_start {
+            return Err(bad("cold-start-p90", "must not be below --cold-start"));
+        }
+        if self.concurrency == 0 {
+            return Err(bad("concurrency", "must be at least 1"));
+        }
+        if !(0.0..1.0).contains(&self.cache_hit_ratio) {
+            return Err(bad("cache-hit-ratio", "must be in [0, 1)"));
+        }
+        if !(self.slo_target > 0.0 && self.slo_target <= 1.0) {
+            return Err(bad("slo-target", "must be in (0, 1]"));
+        }
+        Ok(WorkerModel {
+            cold_start_median_s: self.cold_start.as_secs_f64(),
+            cold_start_p90_s: self.cold_start_p90.as_secs_f64(),
+            prefill_tokens_per_s: positive("prefill-tokens-per-s", self.prefill_tokens_per_s)?,
+            decode_tokens_per_s: positive("decode-tokens-per-s", self.decode_tokens_per_s)?,
+            concurrency: self.concurrency,
+            price_per_hour: positive("price-per-hour", self.price_per_hour)?,
+            queue_max: self.queue_max.max(1),
+            cache_hit_ratio: self.cache_hit_ratio,
+        })
+    }
+
+    fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            rate_scale: self.rate_scale,
+            time_scale: self.time_scale,
+            arrival_cv: self.arrival_cv,
+            mean_input_tokens: self.mean_input_tokens,
+            mean_output_tokens: self.mean_output_tokens,
+            start: self.start,
+        }
+    }
+}
+
+/// Loads the trace and config, replays every policy asked for, and reports.
+pub fn run(args: &SimulateArgs) -> Result<Simulation, SimulateError> {
+    let model = args.worker_model()?;
+    let (config, timetable) = match &args.config {
+        Some(path) => ScalerConfig::load(path)?,
+        None => ScalerConfig::parse(DEFAULT_CONFIG)?,
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+    let trace = Trace::load(&args.trace, &args.load_options(), &mut rng)?;
+    let slo = Slo {
+        first_token_s: args.slo_first_token.as_secs_f64(),
+        target: args.slo_target,
+    };
+    let seed = args.seed;
+    let concurrency = model.concurrency;
+
+    // The clairvoyant replay is also the yardstick: its answers are pure
+    // service work, and its peak bounds the fixed fleet's search.
+    let reference = clairvoyant::replay(&trace, &model, seed);
+    let work: f64 = reference
+        .fates
+        .iter()
+        .map(|fate| match fate {
+            Fate::Answered { total, .. } => *total as f64,
+            _ => 0.0,
+        })
+        .sum();
+    let lower_bound = work / concurrency as f64;
+    let served = reference
+        .fates
+        .iter()
+        .filter(|f| matches!(f, Fate::Answered { .. }))
+        .count()
+        .max(1) as f64;
+    let mean_service = work / served;
+    let initial = initial_workers(&trace, &model);
+
+    let mut results = Vec::new();
+    let mut outcomes = Vec::new();
+    for &name in &args.policies {
+        let (detail, outcome) = match name {
+            PolicyName::Clairvoyant => (
+                format!(
+                    "perfect foresight; keeps a worker through gaps shorter than the mean cold start ({:.1} s)",
+                    model.mean_cold_start()
+                ),
+                reference.clone(),
+            ),
+            PolicyName::Fixed => {
+                let peak = reference
+                    .samples
+                    .iter()
+                    .map(|s| s.workers)
+                    .max()
+                    .unwrap_or(1);
+                let (size, outcome) = smallest_fixed_fleet(&trace, &model, &slo, seed, peak);
+                (
+                    format!("{size} workers always on (the fewest meeting the SLO target)"),
+                    outcome,
+                )
+            }
+            PolicyName::SeedRules => {
+                let text =
+                    policies::seed_rules_config(concurrency as f64 / mean_service, mean_service);
+                let (seed_config, seed_timetable) = ScalerConfig::parse(&text)?;
+                let rules = seed_config.rules.as_ref().expect("seed config has rules");
+                let detail = format!(
+                    "up if rps > {:.3} or avg response > {:.2} s for 120 s, down if utilization < 30% for 300 s, 1..10 workers",
+                    rules.scale_up[0].threshold, rules.scale_up[1].threshold
+                );
+                let start = initial.clamp(1, 10);
+                let mut policy = Ebb::new(seed_config, seed_timetable, start);
+                (
+                    detail,
+                    engine::replay(&trace, &model, &mut policy, start, seed),
+                )
+            }
+            PolicyName::KedaLike => {
+                let max = config.resources.max_instances;
+                let mut policy = KedaLike::new(max, initial.min(max));
+                (
+                    format!(
+                        "lagThreshold {}, polling {} s, HPA sync {} s, cooldown {} s, stabilization {} s, max {max}",
+                        KedaLike::LAG_THRESHOLD,
+                        KedaLike::POLLING.as_secs(),
+                        KedaLike::HPA_SYNC.as_secs(),
+                        KedaLike::COOLDOWN.as_secs(),
+                        KedaLike::STABILIZATION.as_secs()
+                    ),
+                    engine::replay(&trace, &model, &mut policy, initial.min(max), seed),
+                )
+            }
+            PolicyName::KnativeLike => {
+                let max = config.resources.max_instances;
+                let mut policy = KnativeLike::new(max, concurrency, initial.min(max));
+                (
+                    format!(
+                        "KPA: stable {} s, panic {} s at {}%, target {}% of concurrency {concurrency}, tick {} s, scale-to-zero grace {} s, max {max}",
+                        KnativeLike::STABLE_WINDOW.as_secs(),
+                        KnativeLike::PANIC_WINDOW.as_secs(),
+                        KnativeLike::PANIC_THRESHOLD * 100.0,
+                        KnativeLike::TARGET_UTILIZATION * 100.0,
+                        KnativeLike::TICK.as_secs(),
+                        KnativeLike::SCALE_TO_ZERO_GRACE.as_secs()
+                    ),
+                    engine::replay(&trace, &model, &mut policy, initial.min(max), seed),
+                )
+            }
+            PolicyName::Ebb => {
+                let max = config.resources.max_instances;
+                let detail = format!(
+                    "{}: target {}% utilization, panic, {} timetable entries, {}..{max} workers",
+                    args.config
+                        .as_deref()
+                        .map_or("default config".to_owned(), |p| p.display().to_string()),
+                    config.target.utilization * 100.0,
+                    config.timetable.len(),
+                    config.resources.min_instances
+                );
+                let start = initial.clamp(config.resources.min_instances, max);
+                let mut policy = Ebb::new(config.clone(), timetable.clone(), start);
+                (
+                    detail,
+                    engine::replay(&trace, &model, &mut policy, start, seed),
+                )
+            }
+        };
+        results.push(PolicyResult::new(
+            name.as_str(),
+            detail,
+            &outcome,
+            &model,
+            &slo,
+            lower_bound,
+        ));
+        outcomes.push((name, outcome));
+    }
+    let mut report = Report {
+        trace: summarize(&trace, args),
+        seed,
+        worker: model,
+        slo,
+        lower_bound_worker_seconds: (lower_bound * 10.0).round() / 10.0,
+        policies: results,
+    };
+    report.compare();
+    Ok(Simulation { report, outcomes })
+}
+
+/// A replay starts as if the service had been running: every dynamic policy
+/// begins with enough ready workers for the busiest of the trace's first
+/// five minutes (offered load: arrivals x service time). A trace cut from a
+/// busy hour would otherwise charge every policy a cold start and a backlog
+/// the real service never had.
+pub fn initial_workers(trace: &Trace, model: &WorkerModel) -> u32 {
+    let mut per_minute = [0.0f64; 5];
+    for arrival in trace.arrivals.iter().take_while(|a| a.at < 300.0) {
+        per_minute[(arrival.at / 60.0) as usize] += model.service(arrival).1;
+    }
+    let busiest = per_minute.into_iter().fold(0.0, f64::max);
+    (busiest / 60.0 / model.concurrency as f64).ceil() as u32
+}
+
+/// The smallest always-on fleet meeting the SLO target, by doubling then
+/// bisection (more workers never make FIFO waits longer).
+fn smallest_fixed_fleet(
+    trace: &Trace,
+    model: &WorkerModel,
+    slo: &Slo,
+    seed: u64,
+    clairvoyant_peak: u32,
+) -> (u32, Outcome) {
+    let attempt = |size: u32| {
+        let outcome = engine::replay(trace, model, &mut Fixed(size), size, seed);
+        let result = PolicyResult::new("fixed", String::new(), &outcome, model, slo, 0.0);
+        (result.slo_attainment >= slo.target, outcome)
+    };
+    let mut high = clairvoyant_peak.max(1);
+    let mut best = loop {
+        let (meets, outcome) = attempt(high);
+        if meets || high >= 1 << 16 {
+            break (high, outcome);
+        }
+        high *= 2;
+    };
+    let mut low = 0; // does not meet (or not tried below 1)
+    while best.0 - low > 1 {
+        let middle = low + (best.0 - low) / 2;
+        match attempt(middle) {
+            (true, outcome) => best = (middle, outcome),
+            (false, _) => low = middle,
+        }
+    }
+    best
+}
+
+fn summarize(trace: &Trace, args: &SimulateArgs) -> TraceSummary {
+    let mut per_minute = std::collections::BTreeMap::<u64, u64>::new();
+    for arrival in &trace.arrivals {
+        *per_minute.entry((arrival.at / 60.0) as u64).or_default() += 1;
+    }
+    let peak = per_minute.values().copied().max().unwrap_or(0);
+    TraceSummary {
+        file: args.trace.file_name().map_or_else(
+            || args.trace.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        ),
+        format: trace.format,
+        start: trace.start.to_rfc3339(),
+        duration_s: (trace.duration * 1000.0).round() / 1000.0,
+        questions: trace.arrivals.len() as u64,
+        mean_rate_rps: ((trace.arrivals.len() as f64 / trace.duration.max(1.0)) * 1000.0).round()
+            / 1000.0,
+        peak_minute_rate_rps: ((peak as f64 / 60.0) * 1000.0).round() / 1000.0,
+        rate_scale: args.rate_scale,
+        time_scale: args.time_scale,
+        arrival_cv: args.arrival_cv,
+    }
+}
+
+/// Writes report.json, report.md and report.svg into `dir`.
+pub fn write(simulation: &Simulation, dir: &Path) -> Result<(), SimulateError> {
+    let write = |name: &str, contents: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, contents).map_err(|source| SimulateError::Write { path, source })
+    };
+    std::fs::create_dir_all(dir).map_err(|source| SimulateError::Write {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let json = serde_json::to_string_pretty(&simulation.report).expect("the report serializes");
+    write("report.json", json + "\n")?;
+    write("report.md", simulation.report.markdown())?;
+    let panels: Vec<(&str, &Outcome)> = simulation
+        .outcomes
+        .iter()
+        .map(|(name, outcome)| (name.as_str(), outcome))
+        .collect();
+    write("report.svg", report::svg(&panels))
+}

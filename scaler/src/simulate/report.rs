@@ -1,0 +1,318 @@
+//! What a simulation run prints: per-policy cost and SLO figures as JSON
+//! (typed, so the schema is this file), a Markdown table and an SVG plot.
+
+use std::fmt::Write;
+
+use serde::{Deserialize, Serialize};
+
+use super::engine::{Fate, Outcome, WorkerModel};
+use super::trace::TraceFormat;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Report {
+    pub trace: TraceSummary,
+    pub seed: u64,
+    pub worker: WorkerModel,
+    pub slo: Slo,
+    /// Total service work / per-worker concurrency: no idle, no cold start.
+    pub lower_bound_worker_seconds: f64,
+    pub policies: Vec<PolicyResult>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TraceSummary {
+    pub file: String,
+    pub format: TraceFormat,
+    /// Wall-clock time of the first instant replayed (RFC 3339).
+    pub start: String,
+    pub duration_s: f64,
+    pub questions: u64,
+    pub mean_rate_rps: f64,
+    /// Highest arrival rate over any aligned minute.
+    pub peak_minute_rate_rps: f64,
+    pub rate_scale: f64,
+    pub time_scale: f64,
+    pub arrival_cv: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Slo {
+    /// A question meets the SLO when its first token comes within this.
+    pub first_token_s: f64,
+    /// Fraction of questions that must meet it.
+    pub target: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyResult {
+    pub name: String,
+    /// Parameters worth knowing (the fixed fleet's size, derived thresholds).
+    pub detail: String,
+    /// Start request to exit, cold starts and drains included.
+    pub worker_seconds: f64,
+    pub cost: f64,
+    /// 1 - worker_seconds / fixed's; absent when `fixed` did not run.
+    pub saving_vs_fixed: Option<f64>,
+    /// worker_seconds / clairvoyant's; absent when `clairvoyant` did not run.
+    pub vs_clairvoyant: Option<f64>,
+    /// lower_bound_worker_seconds / worker_seconds.
+    pub utilization: f64,
+    pub answered: u64,
+    pub cached: u64,
+    pub rejected: u64,
+    /// Fraction of all questions (rejected ones count as missed) whose
+    /// first token came within the SLO.
+    pub slo_attainment: f64,
+    /// Seconds from arrival to the first token (cache hits: 0).
+    pub first_token_s: Percentiles,
+    /// Seconds from arrival to the whole answer.
+    pub total_s: Percentiles,
+    pub cold_starts: u64,
+    pub scale_events: u64,
+}
+
+fn round(value: f64, decimals: i32) -> f64 {
+    let factor = 10f64.powi(decimals);
+    (value * factor).round() / factor
+}
+
+fn percentiles(mut values: Vec<f32>) -> Percentiles {
+    values.sort_by(f32::total_cmp);
+    let at = |quantile: f64| {
+        if values.is_empty() {
+            return 0.0;
+        }
+        let index = ((values.len() as f64 * quantile).ceil() as usize).clamp(1, values.len()) - 1;
+        round(values[index] as f64, 3)
+    };
+    Percentiles {
+        p50: at(0.5),
+        p95: at(0.95),
+        p99: at(0.99),
+    }
+}
+
+impl PolicyResult {
+    /// Figures of one replay; comparisons are filled in by [`Report::compare`].
+    pub fn new(
+        name: &str,
+        detail: String,
+        outcome: &Outcome,
+        model: &WorkerModel,
+        slo: &Slo,
+        lower_bound: f64,
+    ) -> PolicyResult {
+        let (mut answered, mut cached, mut rejected, mut met) = (0, 0, 0, 0);
+        let mut first_tokens = Vec::with_capacity(outcome.fates.len());
+        let mut totals = Vec::with_capacity(outcome.fates.len());
+        for fate in &outcome.fates {
+            match *fate {
+                Fate::Answered { first_token, total } => {
+                    answered += 1;
+                    met += u64::from(first_token as f64 <= slo.first_token_s);
+                    first_tokens.push(first_token);
+                    totals.push(total);
+                }
+                Fate::Cached => {
+                    cached += 1;
+                    met += 1;
+                    first_tokens.push(0.0);
+                    totals.push(0.0);
+                }
+                Fate::Rejected => rejected += 1,
+            }
+        }
+        let questions = outcome.fates.len().max(1) as f64;
+        PolicyResult {
+            name: name.to_owned(),
+            detail,
+            worker_seconds: round(outcome.worker_seconds, 1),
+            cost: round(outcome.worker_seconds / 3600.0 * model.price_per_hour, 2),
+            saving_vs_fixed: None,
+            vs_clairvoyant: None,
+            utilization: round(lower_bound / outcome.worker_seconds.max(1e-9), 4),
+            answered,
+            cached,
+            rejected,
+            slo_attainment: round(met as f64 / questions, 6),
+            first_token_s: percentiles(first_tokens),
+            total_s: percentiles(totals),
+            cold_starts: outcome.cold_starts,
+            scale_events: outcome.scale_events,
+        }
+    }
+}
+
+impl Report {
+    /// Fills in each policy's saving against `fixed` and ratio to `clairvoyant`.
+    pub fn compare(&mut self) {
+        let seconds_of = |name: &str| {
+            self.policies
+                .iter()
+                .find(|p| p.name == name)
+                .map(|p| p.worker_seconds)
+        };
+        let (fixed, clairvoyant) = (seconds_of("fixed"), seconds_of("clairvoyant"));
+        for policy in &mut self.policies {
+            policy.saving_vs_fixed =
+                fixed.map(|fixed| round(1.0 - policy.worker_seconds / fixed.max(1e-9), 4));
+            policy.vs_clairvoyant =
+                clairvoyant.map(|best| round(policy.worker_seconds / best.max(1e-9), 3));
+        }
+    }
+
+    pub fn markdown(&self) -> String {
+        let trace = &self.trace;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "Trace `{}` ({:?}): {} questions over {:.1} h from {}, mean {:.2}/s, peak minute {:.2}/s; rate x{}, time x{}, arrival cv {}, seed {}.",
+            trace.file,
+            trace.format,
+            trace.questions,
+            trace.duration_s / 3600.0,
+            trace.start,
+            trace.mean_rate_rps,
+            trace.peak_minute_rate_rps,
+            trace.rate_scale,
+            trace.time_scale,
+            trace.arrival_cv,
+            self.seed
+        );
+        let worker = &self.worker;
+        let _ = writeln!(
+            out,
+            "Worker: cold start median {} s (p90 {} s), prefill {} tok/s, decode {} tok/s, concurrency {}, {}/worker-hour. SLO: first token <= {} s for {}% of questions. Lower bound: {:.1} worker-hours.\n",
+            worker.cold_start_median_s,
+            worker.cold_start_p90_s,
+            worker.prefill_tokens_per_s,
+            worker.decode_tokens_per_s,
+            worker.concurrency,
+            worker.price_per_hour,
+            self.slo.first_token_s,
+            self.slo.target * 100.0,
+            self.lower_bound_worker_seconds / 3600.0
+        );
+        out.push_str("| policy | worker-hours | cost | saving vs fixed | x clairvoyant | utilization | SLO met | first token p50 / p95 / p99 (s) | answer p99 (s) | rejected | cold starts | scale events |\n");
+        out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        let optional = |value: Option<f64>, percent: bool| match value {
+            Some(v) if percent => format!("{:.1}%", v * 100.0),
+            Some(v) => format!("{v:.2}"),
+            None => "-".to_owned(),
+        };
+        for p in &self.policies {
+            let _ = writeln!(
+                out,
+                "| {} | {:.1} | {:.2} | {} | {} | {:.1}% | {:.3}% | {:.2} / {:.2} / {:.2} | {:.1} | {} | {} | {} |",
+                p.name,
+                p.worker_seconds / 3600.0,
+                p.cost,
+                optional(p.saving_vs_fixed, true),
+                optional(p.vs_clairvoyant, false),
+                p.utilization * 100.0,
+                p.slo_attainment * 100.0,
+                p.first_token_s.p50,
+                p.first_token_s.p95,
+                p.first_token_s.p99,
+                p.total_s.p99,
+                p.rejected,
+                p.cold_starts,
+                p.scale_events
+            );
+        }
+        out.push('\n');
+        for p in &self.policies {
+            let _ = writeln!(out, "- `{}`: {}", p.name, p.detail);
+        }
+        out
+    }
+}
+
+/// One panel per policy: arrivals per second (grey area), questions in the
+/// system (orange) and workers running (blue), each bucket's maximum.
+pub fn svg(panels: &[(&str, &Outcome)]) -> String {
+    const WIDTH: f64 = 960.0;
+    const PANEL: f64 = 150.0;
+    const LEFT: f64 = 60.0;
+    let plot_width = WIDTH - LEFT - 20.0;
+    let max_of = |f: &dyn Fn(&super::engine::Sample) -> f64| {
+        panels
+            .iter()
+            .flat_map(|(_, o)| o.samples.iter().map(f))
+            .fold(1e-9, f64::max)
+    };
+    let bucket = panels.first().map_or(1.0, |(_, o)| o.bucket_seconds);
+    let max_rate = max_of(&|s| s.arrivals as f64 / bucket);
+    let max_lag = max_of(&|s| s.lag as f64);
+    let max_workers = max_of(&|s| s.workers as f64);
+    let buckets = panels
+        .iter()
+        .map(|(_, o)| o.samples.len())
+        .max()
+        .unwrap_or(1)
+        .max(2);
+    let height = PANEL * panels.len() as f64 + 40.0;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = writeln!(
+        out,
+        r##"<text x="{LEFT}" y="16">grey: arrivals/s (max {max_rate:.1}) · orange: questions in system (max {max_lag:.0}) · blue: workers (max {max_workers:.0}) · x: {:.1} h</text>"##,
+        bucket * buckets as f64 / 3600.0
+    );
+    for (index, (name, outcome)) in panels.iter().enumerate() {
+        let top = 30.0 + index as f64 * PANEL;
+        let bottom = top + PANEL - 20.0;
+        let x = |i: usize| LEFT + plot_width * i as f64 / (buckets - 1) as f64;
+        let y = |value: f64, max: f64| bottom - (PANEL - 30.0) * value / max;
+        let line = |f: &dyn Fn(&super::engine::Sample) -> f64, max: f64| {
+            outcome
+                .samples
+                .iter()
+                .enumerate()
+                .map(|(i, s)| format!("{:.1},{:.1}", x(i), y(f(s), max)))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let _ = writeln!(
+            out,
+            r##"<text x="4" y="{:.0}" font-weight="bold">{name}</text><line x1="{LEFT}" y1="{bottom}" x2="{:.0}" y2="{bottom}" stroke="#999"/>"##,
+            top + 12.0,
+            LEFT + plot_width
+        );
+        let last = outcome.samples.len().saturating_sub(1);
+        let _ = writeln!(
+            out,
+            r##"<polygon fill="#ccc" points="{:.1},{bottom} {} {:.1},{bottom}"/>"##,
+            x(0),
+            line(&|s| s.arrivals as f64 / bucket, max_rate),
+            x(last)
+        );
+        let _ = writeln!(
+            out,
+            r##"<polyline fill="none" stroke="#e67e22" points="{}"/>"##,
+            line(&|s| s.lag as f64, max_lag)
+        );
+        let _ = writeln!(
+            out,
+            r##"<polyline fill="none" stroke="#1f5fbf" stroke-width="1.5" points="{}"/>"##,
+            line(&|s| s.workers as f64, max_workers)
+        );
+    }
+    out.push_str("</svg>\n");
+    out
+}

@@ -1,0 +1,208 @@
+//! `ebb-scaler gen-trace`: a synthetic school's questions, in ebb's CSV.
+//!
+//! The class periods are the windows of a scaler config's timetable (so the
+//! replay can judge pre-warming on the very timetable that placed the
+//! load); everything else is a fixed, documented shape, the same whatever
+//! the policy. Rates are per 1,000 students, in the timetable's time zone:
+//! - in class (a timetable window is open): 0.01 questions/s;
+//! - each window's end is a break: 30 questions, decaying exponentially
+//!   with a 120 s time constant;
+//! - daytime (07:00-22:00) outside classes: 0.003/s; night: 0.0003/s;
+//! - homework: a bell around 20:00 (sigma 60 min) peaking at 0.08/s on
+//!   school nights (Sunday-Thursday), 40 % of that on Friday and Saturday;
+//! - exam week (`--exam-week`): every rate x2.5, and grade 12 asks with
+//!   priority `high`;
+//! - prompts and answers are exponential with means 300 and 250 tokens;
+//!   grades uniform 7-12; 10 % of questions are one of 200 popular ones
+//!   (Zipf, s = 1), which the cache can answer once one has been.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use chrono::{
+    DateTime, Datelike, Duration as TimeDelta, NaiveDate, TimeZone, Timelike, Utc, Weekday,
+};
+use chrono_tz::Tz;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Exp, Poisson, Zipf};
+
+use crate::config::{ConfigError, ScalerConfig};
+
+/// `ebb-scaler gen-trace` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GenTraceArgs {
+    /// Scaler config whose timetable gives the class periods and time zone.
+    #[arg(long)]
+    pub timetable: PathBuf,
+    /// Output file (ebb's CSV); standard output when absent.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// First local date of the trace.
+    #[arg(long, default_value = "2026-03-02")]
+    pub start: NaiveDate,
+    /// Days to generate.
+    #[arg(long, default_value_t = 14)]
+    pub days: u32,
+    /// Which week (1 = the first) is exam week; 0 for none.
+    #[arg(long, default_value_t = 2)]
+    pub exam_week: u32,
+    /// Students using the tutor; every rate scales with it.
+    #[arg(long, default_value_t = 1000)]
+    pub students: u32,
+    /// Seed of every draw.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenTraceError {
+    #[error("--timetable: {0}")]
+    Config(#[from] ConfigError),
+    #[error("--timetable: the config has no timetable entries to place classes by")]
+    NoTimetable,
+    #[error("--{option}: {message}")]
+    Option {
+        option: &'static str,
+        message: String,
+    },
+    #[error("cannot write the trace: {0}")]
+    Write(#[from] std::io::Error),
+}
+
+const CLASS_RATE: f64 = 0.01;
+const BREAK_QUESTIONS: f64 = 30.0;
+const BREAK_DECAY_S: f64 = 120.0;
+const DAY_RATE: f64 = 0.003;
+const NIGHT_RATE: f64 = 0.0003;
+const HOMEWORK_PEAK_RATE: f64 = 0.08;
+const HOMEWORK_PEAK_HOUR: f64 = 20.0;
+const HOMEWORK_SIGMA_H: f64 = 1.0;
+const WEEKEND_HOMEWORK: f64 = 0.4;
+const EXAM_FACTOR: f64 = 2.5;
+const MEAN_INPUT_TOKENS: f64 = 300.0;
+const MEAN_OUTPUT_TOKENS: f64 = 250.0;
+const POPULAR_SHARE: f64 = 0.1;
+const POPULAR_QUESTIONS: f64 = 200.0;
+
+/// Questions per second (per 1,000 students) at `local` time, without breaks.
+fn base_rate(local: DateTime<Tz>, in_class: bool) -> f64 {
+    let hour = local.hour() as f64 + local.minute() as f64 / 60.0 + local.second() as f64 / 3600.0;
+    let weekday = local.weekday();
+    let school_night = !matches!(weekday, Weekday::Fri | Weekday::Sat);
+    let homework = HOMEWORK_PEAK_RATE
+        * if school_night { 1.0 } else { WEEKEND_HOMEWORK }
+        * (-((hour - HOMEWORK_PEAK_HOUR) / HOMEWORK_SIGMA_H).powi(2) / 2.0).exp();
+    let background = if in_class {
+        CLASS_RATE
+    } else if (7.0..22.0).contains(&hour) {
+        DAY_RATE
+    } else {
+        NIGHT_RATE
+    };
+    background + homework
+}
+
+/// Writes the trace; returns how many questions it holds.
+pub fn generate(args: &GenTraceArgs, out: &mut dyn Write) -> Result<u64, GenTraceError> {
+    let (config, timetable) = ScalerConfig::load(&args.timetable)?;
+    let zone: Tz = config
+        .timetable
+        .first()
+        .ok_or(GenTraceError::NoTimetable)?
+        .timezone
+        .parse()
+        .map_err(|_| GenTraceError::NoTimetable)?;
+    if args.days == 0 || args.students == 0 {
+        return Err(GenTraceError::Option {
+            option: if args.days == 0 { "days" } else { "students" },
+            message: "must be at least 1".into(),
+        });
+    }
+    let midnight = |date: NaiveDate| {
+        zone.from_local_datetime(&date.and_hms_opt(0, 0, 0).expect("midnight exists"))
+            .earliest()
+            .expect("midnight is not skipped in this zone")
+            .with_timezone(&Utc)
+    };
+    let start = midnight(args.start);
+    let end = midnight(args.start + TimeDelta::days(args.days.into()));
+    let windows = timetable.windows_starting_between(start - TimeDelta::days(1), end);
+    let scale = args.students as f64 / 1000.0;
+    let exam = (args.exam_week > 0).then(|| {
+        let from = midnight(args.start + TimeDelta::weeks(args.exam_week as i64 - 1));
+        (from, from + TimeDelta::weeks(1))
+    });
+
+    let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+    let input = Exp::new(1.0 / MEAN_INPUT_TOKENS).expect("positive");
+    let output = Exp::new(1.0 / MEAN_OUTPUT_TOKENS).expect("positive");
+    let popular = Zipf::new(POPULAR_QUESTIONS, 1.0).expect("valid Zipf");
+    writeln!(out, "# start={}", start.to_rfc3339())?;
+    writeln!(
+        out,
+        "# ebb-scaler gen-trace: {} students, {} days from {} ({zone}), exam week {}, seed {}",
+        args.students, args.days, args.start, args.exam_week, args.seed
+    )?;
+    writeln!(
+        out,
+        "arrival_s,input_tokens,output_tokens,grade,question_id,priority"
+    )?;
+    let mut count = 0u64;
+    let seconds = (end - start).num_seconds();
+    let mut window_index = 0;
+    for second in 0..seconds {
+        let now = start + TimeDelta::seconds(second);
+        while windows
+            .get(window_index)
+            .is_some_and(|w| w.end + TimeDelta::seconds((BREAK_DECAY_S * 10.0) as i64) < now)
+        {
+            window_index += 1;
+        }
+        let mut in_class = false;
+        let mut breaks = 0.0;
+        for window in windows[window_index..]
+            .iter()
+            .take_while(|w| w.start <= now)
+        {
+            if now < window.end {
+                in_class = true;
+            } else {
+                let since = (now - window.end).num_seconds() as f64;
+                breaks += BREAK_QUESTIONS / BREAK_DECAY_S * (-since / BREAK_DECAY_S).exp();
+            }
+        }
+        let in_exam = exam.is_some_and(|(from, to)| (from..to).contains(&now));
+        let rate = scale
+            * (base_rate(now.with_timezone(&zone), in_class) + breaks)
+            * if in_exam { EXAM_FACTOR } else { 1.0 };
+        let arrivals = match Poisson::new(rate) {
+            Ok(poisson) => poisson.sample(&mut rng) as u64,
+            Err(_) => 0,
+        };
+        let mut offsets: Vec<f64> = (0..arrivals).map(|_| rng.random::<f64>()).collect();
+        offsets.sort_by(f64::total_cmp);
+        for offset in offsets {
+            count += 1;
+            let grade: u8 = rng.random_range(7..=12);
+            let id = if rng.random::<f64>() < POPULAR_SHARE {
+                format!("popular-{}", popular.sample(&mut rng) as u32)
+            } else {
+                format!("q{count}")
+            };
+            let priority = if in_exam && grade == 12 {
+                "high"
+            } else {
+                "normal"
+            };
+            writeln!(
+                out,
+                "{:.3},{},{},{grade},{id},{priority}",
+                second as f64 + offset,
+                (input.sample(&mut rng).round() as u32).max(1),
+                (output.sample(&mut rng).round() as u32).max(1),
+            )?;
+        }
+    }
+    Ok(count)
+}
