@@ -140,8 +140,13 @@ impl Metric {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TargetTracking {
-    /// Busy fraction to aim for, 0-1.
+    /// Highest busy fraction to plan for, 0-1.
     pub utilization: f64,
+    /// Fraction of questions that should wait at most half the latency goal
+    /// for a worker. Workers are planned for it with the M/M/N (Erlang C)
+    /// queue, which small fleets need (a few workers at 80 % busy make many
+    /// students wait); 0 plans by `utilization` alone.
+    pub attainment: f64,
     /// Time in which a backlog should be drained.
     #[serde(
         deserialize_with = "ebb_nats::duration::deserialize",
@@ -179,6 +184,7 @@ impl Default for TargetTracking {
     fn default() -> Self {
         TargetTracking {
             utilization: 0.8,
+            attainment: 0.999,
             drain_target: Duration::from_secs(30),
             latency_goal: Duration::from_secs(10),
             default_service_time: Duration::from_secs(10),
@@ -370,6 +376,9 @@ impl ScalerConfig {
         let target = &self.target;
         if !(target.utilization > 0.0 && target.utilization <= 1.0) {
             return Err(invalid("target.utilization", "must be in (0, 1]"));
+        }
+        if !(0.0..1.0).contains(&target.attainment) {
+            return Err(invalid("target.attainment", "must be in [0, 1)"));
         }
         for (key, value) in [
             ("target.drain_target", target.drain_target),

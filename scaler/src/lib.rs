@@ -6,7 +6,8 @@
 //! - [`config`]: the YAML config file, validated with errors naming the key.
 //! - [`cron`] and [`timetable`]: 5-field cron in IANA time zones; windows
 //!   that put a floor under the worker count.
-//! - [`policy`]: the pure [`policy::decide`] and its inputs and outputs.
+//! - [`policy`]: the pure [`policy::decide`] and its inputs and outputs;
+//!   [`learned`]: timetable windows that learn their floor.
 //! - [`signals`]: arrivals, heartbeats and pool listings into an observation.
 //! - [`pool`]: the [`pool::WorkerPool`] trait and the process backend.
 //! - [`scaler`]: the loop: observe, decide, reconcile.
@@ -19,6 +20,7 @@
 pub mod config;
 pub mod cron;
 pub mod http;
+pub mod learned;
 pub mod policy;
 pub mod pool;
 pub mod scaler;

@@ -12,13 +12,13 @@
 //!    window, then goes to the most the policy wanted during it (rules: one
 //!    `step_down`), and, for the last worker, waits for the idle window.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::config::{Condition, Metric, Rules, ScalerConfig};
+use crate::learned::LearnedFloors;
 use crate::timetable::{Timetable, Window, highest_floor};
 
 /// Workers by state, as the scaler sees them.
@@ -133,11 +133,8 @@ pub struct PolicyState {
     /// Panic mode lasts until then.
     pub panic_until: Option<DateTime<Utc>>,
     pub manual: Option<Override>,
-    /// Per `learn` timetable entry: the most workers its last finished
-    /// opening needed (lost when the scaler restarts).
-    pub learned_floors: BTreeMap<String, u32>,
-    /// Per `learn` entry: the opening being watched and the most it needed so far.
-    pub openings: BTreeMap<String, (DateTime<Utc>, u32)>,
+    /// What the timetable's `learn` windows needed last time.
+    pub learned: LearnedFloors,
 }
 
 /// The outcome of [`decide`].
@@ -207,15 +204,12 @@ pub fn decide(
         (true, Some(start)) => Some(start),
         (true, None) => Some(now),
     };
-    let active = policy
-        .timetable
-        .active_windows(now, policy.prewarm_lead(observation));
-    open_learning_windows(&active, &mut next);
+    let lead = policy.prewarm_lead(observation);
+    let active = policy.timetable.active_windows(now, lead);
+    next.learned.open(&active);
     let floor = highest_floor(active.iter().cloned().map(|mut window| {
-        if window.learn
-            && let Some(&learned) = next.learned_floors.get(&window.name)
-        {
-            window.min_workers = window.min_workers.max(learned);
+        if window.learn {
+            window.min_workers = next.learned.floor(&window, now, lead);
         }
         window
     }));
@@ -244,11 +238,7 @@ pub fn decide(
         }
         None => target_tracking(policy, observation, current, &mut next, now),
     };
-    for window in active.iter().filter(|window| window.learn) {
-        if let Some((_, peak)) = next.openings.get_mut(&window.name) {
-            *peak = (*peak).max(demand);
-        }
-    }
+    next.learned.record(&active, now, demand);
     if current == 0 && (observation.lag > 0 || observation.new_arrivals > 0) && wanted == 0 {
         wanted = 1;
         reason = format!(
@@ -338,21 +328,6 @@ pub fn decide(
     }
 }
 
-/// Starts watching each active `learn` window; a new opening of an entry
-/// first files what its previous opening needed as the entry's floor.
-fn open_learning_windows(active: &[Window], next: &mut PolicyState) {
-    for window in active.iter().filter(|window| window.learn) {
-        let previous = next.openings.get(&window.name).copied();
-        if previous.is_some_and(|(start, _)| start == window.start) {
-            continue;
-        }
-        if let Some((_, peak)) = previous {
-            next.learned_floors.insert(window.name.clone(), peak);
-        }
-        next.openings.insert(window.name.clone(), (window.start, 0));
-    }
-}
-
 /// Seed-style rules: up by `step_up` when any `scale_up` condition has held
 /// for its duration; down by `step_down` when all `scale_down` ones have.
 fn apply_rules(
@@ -419,13 +394,15 @@ fn apply_rules(
     (current, "rules: no condition held long enough".to_owned())
 }
 
-/// Target tracking: workers = ceil((arrival rate x service time + waiting /
-/// drain target) / target utilization). Questions already being answered
-/// are in the first term: counting them in the backlog too would pay for
-/// them twice. Panic when the short window asks for
-/// at least twice the ready workers, or the oldest question is older than
-/// half the latency goal: then scale up at once and never down. Also returns
-/// the load's own demand (the larger of the two rates' needs).
+/// Target tracking. The load, in busy workers, is arrival rate x service
+/// time plus the waiting questions' work spread over the drain target
+/// (questions being answered are in the first term: counting them in the
+/// backlog too would pay for them twice). Workers = the more of
+/// load / utilization and what the Erlang C queue needs for `attainment`.
+/// Panic when the short window asks for at least twice the ready workers
+/// (and is no mere noise), or the oldest question is older than half the
+/// latency goal: then scale up at once and never down. Also returns the
+/// stable window's need, which learning timetable windows remember.
 fn target_tracking(
     policy: &Policy,
     observation: &Observation,
@@ -438,20 +415,32 @@ fn target_tracking(
         .service_time
         .unwrap_or(target.default_service_time)
         .as_secs_f64();
-    let backlog = observation.waiting as f64 / target.drain_target.as_secs_f64();
+    // Worker-seconds per second: arrivals, plus the backlog spread over the drain target.
+    let backlog = observation.waiting as f64 * service / target.drain_target.as_secs_f64();
+    let wait_goal = (target.latency_goal / 2).as_secs_f64();
     let needed = |rate: f64| {
-        ((rate * service + backlog) / target.utilization)
-            .ceil()
-            .min(u32::MAX as f64) as u32
+        let load = rate * service + backlog;
+        let by_utilization = (load / target.utilization).ceil().min(u32::MAX as f64) as u32;
+        let by_waiting = match target.attainment {
+            0.0 => 0,
+            attainment => erlang_staffing(load, service, wait_goal, 1.0 - attainment),
+        };
+        by_utilization.max(by_waiting)
     };
     let stable = needed(observation.arrival_rate);
     let burst = needed(observation.panic_arrival_rate);
     let ready = observation.workers.ready();
 
     let too_old = observation.oldest_waiting > target.latency_goal / 2;
+    // A burst must stand out from the stable rate's own noise: at a few
+    // questions a minute, three in six seconds is chance, not a burst.
+    let panic_seconds = target.panic_window.as_secs_f64();
+    let expected = observation.arrival_rate * panic_seconds;
+    let seen = observation.panic_arrival_rate * panic_seconds;
+    let surprising = seen > expected + 3.0 * expected.sqrt() + 1.0;
     // At zero ready workers every need is "twice the ready ones": that case
     // is activation, not panic.
-    let burst_panic = ready > 0 && burst >= 2 * ready;
+    let burst_panic = ready > 0 && burst >= 2 * ready && surprising;
     if too_old || burst_panic {
         next.panic_until = Some(now + target.stable_window);
     }
@@ -497,9 +486,36 @@ fn target_tracking(
     } else {
         stable
     };
-    // What the load itself asks for, without panic's holding: what a
-    // learning timetable window remembers.
-    (wanted, reason, stable.max(burst))
+    // What the load itself asks for over the stable window, without
+    // panic's holding or the short window's spikes: what a learning
+    // timetable window remembers.
+    (wanted, reason, stable)
+}
+
+/// The fewest workers for which an M/M/N queue with `load` erlangs and mean
+/// service time `service` s keeps P(wait > `wait_goal`) within `miss`:
+/// P(wait > t) = C(N, load) exp(-(N - load) t / service), with Erlang C from
+/// the Erlang B recursion.
+pub fn erlang_staffing(load: f64, service: f64, wait_goal: f64, miss: f64) -> u32 {
+    if !(load > 0.0 && service > 0.0) {
+        return 0;
+    }
+    // Far past any fleet worth planning; stops a pathological load looping.
+    let limit = load + 20.0 * load.sqrt() + 100.0;
+    let mut blocking = 1.0;
+    let mut workers = 0.0;
+    loop {
+        workers += 1.0;
+        blocking = load * blocking / (workers + load * blocking);
+        if workers <= load {
+            continue;
+        }
+        let waits = workers * blocking / (workers - load * (1.0 - blocking));
+        let late = waits * (-(workers - load) * wait_goal / service).exp();
+        if late <= miss || workers >= limit {
+            return workers.min(u32::MAX as f64) as u32;
+        }
+    }
 }
 
 #[cfg(test)]

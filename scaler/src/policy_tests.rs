@@ -10,7 +10,7 @@ use super::*;
 const BASE: &str = r#"
 resources: {min_instances: 0, max_instances: 6}
 cooldowns: {scale_down_stabilization: 60s, scale_to_zero_idle: 300s}
-target: {utilization: 0.8, drain_target: 30s, latency_goal: 10s, default_service_time: 2s, stable_window: 60s, panic_window: 6s}
+target: {utilization: 0.8, attainment: 0, drain_target: 30s, latency_goal: 10s, default_service_time: 2s, stable_window: 60s, panic_window: 6s}
 backend: {kind: process}
 "#;
 
@@ -86,7 +86,7 @@ fn a_question_at_zero_workers_activates_one_at_once() {
 #[test]
 fn target_tracking_covers_arrivals_and_the_backlog() {
     let policy = policy("");
-    // 2/s x 2 s = 4 busy workers; 30 waiting over a 30 s drain = 1 more; at 80% -> ceil(6.25) = 7, max 6.
+    // 2/s x 2 s = 4 busy workers; 30 waiting x 2 s over a 30 s drain = 2 more; at 80% -> 8, max 6.
     let observation = Observation {
         arrival_rate: 2.0,
         panic_arrival_rate: 2.0,
@@ -501,4 +501,52 @@ fn a_learning_window_prewarms_to_what_its_last_opening_needed() {
         at(2 * day - 30),
     );
     assert_eq!(third.desired, 1);
+}
+
+#[test]
+fn erlang_staffing_matches_the_textbook_and_keeps_small_fleets_roomy() {
+    // 10 erlangs, 10 s service: P(wait > 0) <= 20 % needs 14 servers
+    // (C(13, 10) = 0.22, C(14, 10) = 0.13 from the Erlang C tables).
+    assert_eq!(erlang_staffing(10.0, 10.0, 0.0, 0.2), 14);
+    // Waiting may last 4 s at most for 99.9 % of questions.
+    let small = erlang_staffing(2.0, 10.0, 4.0, 0.001);
+    assert!(small >= 6, "2 erlangs need room: {small}");
+    let large = erlang_staffing(100.0, 10.0, 4.0, 0.001);
+    assert!((110..=130).contains(&large), "economies of scale: {large}");
+    assert_eq!(erlang_staffing(0.0, 10.0, 4.0, 0.001), 0);
+}
+
+#[test]
+fn target_tracking_plans_for_the_waiting_goal_on_small_fleets() {
+    let policy = policy("");
+    let mut with_goal = policy.clone();
+    with_goal.config.target.attainment = 0.999;
+    with_goal.config.resources.max_instances = 20;
+    // 0.2/s x 10 s = 2 erlangs: 80 % utilization says 3, the 5 s wait goal more.
+    let observation = Observation {
+        arrival_rate: 0.2,
+        panic_arrival_rate: 0.2,
+        service_time: Some(Duration::from_secs(10)),
+        workers: workers(2, 1),
+        ..Observation::default()
+    };
+    assert_eq!(decide(&observation, &state(3), &policy, t0()).desired, 3);
+    let planned = decide(&observation, &state(3), &with_goal, t0()).desired;
+    assert_eq!(planned, erlang_staffing(2.0, 10.0, 5.0, 0.001));
+    assert!(planned > 3);
+}
+
+#[test]
+fn a_few_questions_in_the_short_window_are_noise_not_a_burst() {
+    let policy = policy("");
+    // 0.2/s stable; 3 questions in 6 s (0.5/s) wants 2 >= 2 x 1 ready, but
+    // that many arrive by chance every few minutes.
+    let noise = Observation {
+        arrival_rate: 0.2,
+        panic_arrival_rate: 0.5,
+        workers: workers(0, 1),
+        ..Observation::default()
+    };
+    let decision = decide(&noise, &state(1), &policy, t0());
+    assert!(decision.state.panic_until.is_none(), "{}", decision.reason);
 }

@@ -9,8 +9,7 @@ use std::collections::HashSet;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::engine::{Fate, Outcome, PLOT_BUCKETS, Sample, WorkerModel};
-use super::trace::Trace;
+use super::engine::{Fate, Outcome, PLOT_BUCKETS, Sample, Setup, measured_seconds};
 
 #[derive(Debug)]
 struct Life {
@@ -20,8 +19,10 @@ struct Life {
     busy_until: f64,
 }
 
-/// Replays `trace` with perfect foresight; cache draws match [`super::engine::replay`]'s for `seed`.
-pub fn replay(trace: &Trace, model: &WorkerModel, seed: u64) -> Outcome {
+/// Replays the trace with perfect foresight; cache draws match
+/// [`super::engine::replay`]'s for the same seed.
+pub fn replay(setup: &Setup) -> Outcome {
+    let (trace, model, seed) = (setup.trace, setup.model, setup.seed);
     let cold_start = model.mean_cold_start();
     let mut cache_rng = ChaCha8Rng::seed_from_u64(seed);
     cache_rng.set_stream(2);
@@ -113,11 +114,21 @@ pub fn replay(trace: &Trace, model: &WorkerModel, seed: u64) -> Outcome {
         samples[bucket(at)].workers = samples[bucket(at)].workers.max(level as u32);
     }
     samples.truncate(((horizon / bucket_seconds).ceil() as usize).clamp(1, PLOT_BUCKETS + 1));
+    let measured_lives = lives
+        .iter()
+        .filter(|(from, _)| *from >= setup.measure_from)
+        .count() as u64;
     Outcome {
         fates,
-        worker_seconds: lives.iter().map(|(from, to)| to - from).sum(),
-        cold_starts: lives.len() as u64,
-        scale_events: 2 * lives.len() as u64,
+        first_measured: trace
+            .arrivals
+            .partition_point(|a| a.at < setup.measure_from),
+        worker_seconds: lives
+            .iter()
+            .map(|&(from, to)| measured_seconds(from, to, setup.measure_from, horizon))
+            .sum(),
+        cold_starts: measured_lives,
+        scale_events: 2 * measured_lives,
         horizon,
         bucket_seconds,
         samples,

@@ -82,6 +82,18 @@ enum ColdStart {
     LogNormal(LogNormal<f64>),
 }
 
+/// What every replay of one run shares.
+#[derive(Debug, Clone, Copy)]
+pub struct Setup<'a> {
+    pub trace: &'a Trace,
+    pub model: &'a WorkerModel,
+    /// Fixes cold starts and cache draws: every policy gets the same draws.
+    pub seed: u64,
+    /// Seconds into the trace from which cost and questions count; the
+    /// warm-up before only teaches the policy.
+    pub measure_from: f64,
+}
+
 /// A scaling policy as the replay sees it.
 pub trait Autoscaler {
     /// Workers wanted now, and when to be asked again.
@@ -118,11 +130,16 @@ pub struct Sample {
 /// Everything a replay measured.
 #[derive(Debug, Clone)]
 pub struct Outcome {
+    /// Per arrival, in trace order.
     pub fates: Vec<Fate>,
-    /// Start request to exit, summed over workers, up to `horizon`.
+    /// The first arrival measured (the warm-up's are not).
+    pub first_measured: usize,
+    /// Start request to exit, summed over workers, from the measurement's
+    /// start up to `horizon`.
     pub worker_seconds: f64,
+    /// Worker starts after the warm-up.
     pub cold_starts: u64,
-    /// Changes of the desired count.
+    /// Changes of the desired count after the warm-up.
     pub scale_events: u64,
     /// Seconds replayed: the trace, or the last answer if later.
     pub horizon: f64,
@@ -171,19 +188,12 @@ impl Ord for Scheduled {
     }
 }
 
-/// Replays `trace` against `autoscaler`, starting with `initial_workers`
+/// Replays the trace against `autoscaler`, starting with `initial_workers`
 /// ready, as if they had been answering the trace's first questions (their
-/// reported service time is the mean of the first five minutes'). `seed`
-/// fixes cold starts and cache draws: the same seed gives every policy the
-/// same draws.
-pub fn replay(
-    trace: &Trace,
-    model: &WorkerModel,
-    autoscaler: &mut dyn Autoscaler,
-    initial_workers: u32,
-    seed: u64,
-) -> Outcome {
-    let mut sim = Sim::new(trace, model, autoscaler, seed);
+/// reported service time is the mean of the first five minutes').
+pub fn replay(setup: &Setup, autoscaler: &mut dyn Autoscaler, initial_workers: u32) -> Outcome {
+    let (trace, model) = (setup.trace, setup.model);
+    let mut sim = Sim::new(setup, autoscaler);
     let early: Vec<f64> = trace
         .arrivals
         .iter()
@@ -204,6 +214,7 @@ pub fn replay(
 
 struct Sim<'a> {
     trace: &'a Trace,
+    measure_from: f64,
     model: &'a WorkerModel,
     autoscaler: &'a mut dyn Autoscaler,
     cold_start: ColdStart,
@@ -235,12 +246,8 @@ struct Sim<'a> {
 }
 
 impl<'a> Sim<'a> {
-    fn new(
-        trace: &'a Trace,
-        model: &'a WorkerModel,
-        autoscaler: &'a mut dyn Autoscaler,
-        seed: u64,
-    ) -> Sim<'a> {
+    fn new(setup: &Setup<'a>, autoscaler: &'a mut dyn Autoscaler) -> Sim<'a> {
+        let (trace, model, seed) = (setup.trace, setup.model, setup.seed);
         let (stable, panic) = autoscaler.rate_windows();
         let stream = |id: u64| {
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -249,6 +256,7 @@ impl<'a> Sim<'a> {
         };
         Sim {
             trace,
+            measure_from: setup.measure_from,
             model,
             autoscaler,
             cold_start: model.cold_start(),
@@ -434,7 +442,7 @@ impl<'a> Sim<'a> {
         let now = self.virtual_time(self.now);
         let (desired, next) = self.autoscaler.decide(&observation, now);
         if desired != self.desired {
-            self.scale_events += 1;
+            self.scale_events += u64::from(self.now >= self.measure_from);
             self.desired = desired;
         }
         self.reconcile();
@@ -522,7 +530,7 @@ impl<'a> Sim<'a> {
                     ColdStart::LogNormal(d) => d.sample(&mut self.cold_start_rng),
                 };
                 let worker = self.add_worker(false);
-                self.started += 1;
+                self.started += u64::from(self.now >= self.measure_from);
                 self.schedule(self.now + delay, Event::Ready(worker));
             }
         } else if self.desired < count {
@@ -590,7 +598,8 @@ impl<'a> Sim<'a> {
         let worker_seconds = self
             .workers
             .iter()
-            .map(|w| w.exited_at.unwrap_or(horizon).min(horizon) - w.requested_at)
+            .map(|w| (w.requested_at, w.exited_at.unwrap_or(horizon)))
+            .map(|(from, to)| measured_seconds(from, to, self.measure_from, horizon))
             .sum();
         let buckets = ((horizon / self.bucket_seconds).ceil() as usize).clamp(1, PLOT_BUCKETS + 1);
         let mut samples = self.samples;
@@ -601,6 +610,10 @@ impl<'a> Sim<'a> {
                 .into_iter()
                 .map(|fate| fate.expect("every arrival is answered, cached or rejected"))
                 .collect(),
+            first_measured: self
+                .trace
+                .arrivals
+                .partition_point(|a| a.at < self.measure_from),
             worker_seconds,
             cold_starts: self.started,
             scale_events: self.scale_events,
@@ -609,4 +622,9 @@ impl<'a> Sim<'a> {
             samples,
         }
     }
+}
+
+/// The part of `[from, to)` inside `[measure_from, horizon)`, in seconds.
+pub fn measured_seconds(from: f64, to: f64, measure_from: f64, horizon: f64) -> f64 {
+    (to.min(horizon) - from.max(measure_from)).max(0.0)
 }

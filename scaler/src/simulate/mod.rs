@@ -26,7 +26,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::{ConfigError, ScalerConfig};
-use engine::{Fate, Outcome, WorkerModel};
+use engine::{Fate, Outcome, Setup, WorkerModel};
 use policies::{Ebb, Fixed, KedaLike, KnativeLike};
 use report::{PolicyResult, Report, Slo, TraceSummary};
 use trace::{LoadOptions, Trace, TraceError};
@@ -88,6 +88,10 @@ pub struct SimulateArgs {
     /// Directory for report.json, report.md and report.svg.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Replay this much of the trace first without counting it: policies
+    /// that learn (timetable floors) start from what they would know.
+    #[arg(long, default_value = "0s", value_parser = ebb_nats::duration::parse)]
+    pub warm_up: Duration,
     /// Multiply arrival rates by this (per-request traces are thinned or copied).
     #[arg(long, default_value_t = 1.0)]
     pub rate_scale: f64,
@@ -232,14 +236,29 @@ pub fn run(args: &SimulateArgs) -> Result<Simulation, SimulateError> {
         first_token_s: args.slo_first_token.as_secs_f64(),
         target: args.slo_target,
     };
-    let seed = args.seed;
     let concurrency = model.concurrency;
+    let warm_up = args.warm_up.as_secs_f64();
+    if warm_up >= trace.duration {
+        return Err(bad(
+            "warm-up",
+            format!(
+                "{warm_up}s is not shorter than the trace ({:.0}s)",
+                trace.duration
+            ),
+        ));
+    }
+    let setup = Setup {
+        trace: &trace,
+        model: &model,
+        seed: args.seed,
+        measure_from: warm_up,
+    };
 
     // The clairvoyant replay is also the yardstick: its answers are pure
     // service work, and its peak bounds the fixed fleet's search.
-    let reference = clairvoyant::replay(&trace, &model, seed);
-    let work: f64 = reference
-        .fates
+    let reference = clairvoyant::replay(&setup);
+    let measured = &reference.fates[reference.first_measured..];
+    let work: f64 = measured
         .iter()
         .map(|fate| match fate {
             Fate::Answered { total, .. } => *total as f64,
@@ -247,8 +266,7 @@ pub fn run(args: &SimulateArgs) -> Result<Simulation, SimulateError> {
         })
         .sum();
     let lower_bound = work / concurrency as f64;
-    let served = reference
-        .fates
+    let served = measured
         .iter()
         .filter(|f| matches!(f, Fate::Answered { .. }))
         .count()
@@ -274,7 +292,7 @@ pub fn run(args: &SimulateArgs) -> Result<Simulation, SimulateError> {
                     .map(|s| s.workers)
                     .max()
                     .unwrap_or(1);
-                let (size, outcome) = smallest_fixed_fleet(&trace, &model, &slo, seed, peak);
+                let (size, outcome) = smallest_fixed_fleet(&setup, &slo, peak);
                 (
                     format!("{size} workers always on (the fewest meeting the SLO target)"),
                     outcome,
@@ -291,10 +309,7 @@ pub fn run(args: &SimulateArgs) -> Result<Simulation, SimulateError> {
                 );
                 let start = initial.clamp(1, 10);
                 let mut policy = Ebb::new(seed_config, seed_timetable, start);
-                (
-                    detail,
-                    engine::replay(&trace, &model, &mut policy, start, seed),
-                )
+                (detail, engine::replay(&setup, &mut policy, start))
             }
             PolicyName::KedaLike => {
                 let max = config.resources.max_instances;
@@ -308,7 +323,7 @@ pub fn run(args: &SimulateArgs) -> Result<Simulation, SimulateError> {
                         KedaLike::COOLDOWN.as_secs(),
                         KedaLike::STABILIZATION.as_secs()
                     ),
-                    engine::replay(&trace, &model, &mut policy, initial.min(max), seed),
+                    engine::replay(&setup, &mut policy, initial.min(max)),
                 )
             }
             PolicyName::KnativeLike => {
@@ -324,7 +339,7 @@ pub fn run(args: &SimulateArgs) -> Result<Simulation, SimulateError> {
                         KnativeLike::TICK.as_secs(),
                         KnativeLike::SCALE_TO_ZERO_GRACE.as_secs()
                     ),
-                    engine::replay(&trace, &model, &mut policy, initial.min(max), seed),
+                    engine::replay(&setup, &mut policy, initial.min(max)),
                 )
             }
             PolicyName::Ebb => {
@@ -340,10 +355,7 @@ pub fn run(args: &SimulateArgs) -> Result<Simulation, SimulateError> {
                 );
                 let start = initial.clamp(config.resources.min_instances, max);
                 let mut policy = Ebb::new(config.clone(), timetable.clone(), start);
-                (
-                    detail,
-                    engine::replay(&trace, &model, &mut policy, start, seed),
-                )
+                (detail, engine::replay(&setup, &mut policy, start))
             }
         };
         results.push(PolicyResult::new(
@@ -358,8 +370,8 @@ pub fn run(args: &SimulateArgs) -> Result<Simulation, SimulateError> {
     }
     let mut report = Report {
         trace: summarize(&trace, args),
-        seed,
-        worker: model,
+        seed: args.seed,
+        worker: model.clone(),
         slo,
         lower_bound_worker_seconds: (lower_bound * 10.0).round() / 10.0,
         policies: results,
@@ -384,16 +396,10 @@ pub fn initial_workers(trace: &Trace, model: &WorkerModel) -> u32 {
 
 /// The smallest always-on fleet meeting the SLO target, by doubling then
 /// bisection (more workers never make FIFO waits longer).
-fn smallest_fixed_fleet(
-    trace: &Trace,
-    model: &WorkerModel,
-    slo: &Slo,
-    seed: u64,
-    clairvoyant_peak: u32,
-) -> (u32, Outcome) {
+fn smallest_fixed_fleet(setup: &Setup, slo: &Slo, clairvoyant_peak: u32) -> (u32, Outcome) {
     let attempt = |size: u32| {
-        let outcome = engine::replay(trace, model, &mut Fixed(size), size, seed);
-        let result = PolicyResult::new("fixed", String::new(), &outcome, model, slo, 0.0);
+        let outcome = engine::replay(setup, &mut Fixed(size), size);
+        let result = PolicyResult::new("fixed", String::new(), &outcome, setup.model, slo, 0.0);
         (result.slo_attainment >= slo.target, outcome)
     };
     let mut high = clairvoyant_peak.max(1);
@@ -416,8 +422,10 @@ fn smallest_fixed_fleet(
 }
 
 fn summarize(trace: &Trace, args: &SimulateArgs) -> TraceSummary {
+    let warm_up = args.warm_up.as_secs_f64();
+    let measured = &trace.arrivals[trace.arrivals.partition_point(|a| a.at < warm_up)..];
     let mut per_minute = std::collections::BTreeMap::<u64, u64>::new();
-    for arrival in &trace.arrivals {
+    for arrival in measured {
         *per_minute.entry((arrival.at / 60.0) as u64).or_default() += 1;
     }
     let peak = per_minute.values().copied().max().unwrap_or(0);
@@ -429,8 +437,10 @@ fn summarize(trace: &Trace, args: &SimulateArgs) -> TraceSummary {
         format: trace.format,
         start: trace.start.to_rfc3339(),
         duration_s: (trace.duration * 1000.0).round() / 1000.0,
-        questions: trace.arrivals.len() as u64,
-        mean_rate_rps: ((trace.arrivals.len() as f64 / trace.duration.max(1.0)) * 1000.0).round()
+        questions: measured.len() as u64,
+        warm_up_s: warm_up,
+        mean_rate_rps: ((measured.len() as f64 / (trace.duration - warm_up).max(1.0)) * 1000.0)
+            .round()
             / 1000.0,
         peak_minute_rate_rps: ((peak as f64 / 60.0) * 1000.0).round() / 1000.0,
         rate_scale: args.rate_scale,

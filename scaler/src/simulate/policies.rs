@@ -34,17 +34,6 @@ impl Ebb {
 impl Autoscaler for Ebb {
     fn decide(&mut self, observation: &Observation, now: DateTime<Utc>) -> (u32, Duration) {
         let decision = decide(observation, &self.state, &self.policy, now);
-        if std::env::var("EBB_SIM_DEBUG").is_ok() && decision.desired != self.state.desired {
-            eprintln!(
-                "{now} {} -> {} lag {} ready {} starting {}: {}",
-                self.state.desired,
-                decision.desired,
-                observation.lag,
-                observation.workers.ready(),
-                observation.workers.starting,
-                decision.reason
-            );
-        }
         self.state = decision.state;
         (decision.desired, decision.next_wake)
     }

@@ -29,6 +29,8 @@ pub struct TraceSummary {
     pub start: String,
     pub duration_s: f64,
     pub questions: u64,
+    /// Seconds replayed before measuring (the policy learns, nothing counts).
+    pub warm_up_s: f64,
     pub mean_rate_rps: f64,
     /// Highest arrival rate over any aligned minute.
     pub peak_minute_rate_rps: f64,
@@ -117,7 +119,8 @@ impl PolicyResult {
         let (mut answered, mut cached, mut rejected, mut met) = (0, 0, 0, 0);
         let mut first_tokens = Vec::with_capacity(outcome.fates.len());
         let mut totals = Vec::with_capacity(outcome.fates.len());
-        for fate in &outcome.fates {
+        let measured = &outcome.fates[outcome.first_measured..];
+        for fate in measured {
             match *fate {
                 Fate::Answered { first_token, total } => {
                     answered += 1;
@@ -134,7 +137,7 @@ impl PolicyResult {
                 Fate::Rejected => rejected += 1,
             }
         }
-        let questions = outcome.fates.len().max(1) as f64;
+        let questions = measured.len().max(1) as f64;
         PolicyResult {
             name: name.to_owned(),
             detail,
@@ -178,12 +181,13 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "Trace `{}` ({:?}): {} questions over {:.1} h from {}, mean {:.2}/s, peak minute {:.2}/s; rate x{}, time x{}, arrival cv {}, seed {}.",
+            "Trace `{}` ({:?}): {} questions measured over {:.1} h from {} after a {:.1} h warm-up, mean {:.2}/s, peak minute {:.2}/s; rate x{}, time x{}, arrival cv {}, seed {}.",
             trace.file,
             trace.format,
             trace.questions,
-            trace.duration_s / 3600.0,
+            (trace.duration_s - trace.warm_up_s) / 3600.0,
             trace.start,
+            trace.warm_up_s / 3600.0,
             trace.mean_rate_rps,
             trace.peak_minute_rate_rps,
             trace.rate_scale,

@@ -1,13 +1,14 @@
 //! `ebb-scaler gen-trace`: a synthetic school's questions, in ebb's CSV.
 //!
-//! The class periods are the windows of a scaler config's timetable (so the
-//! replay can judge pre-warming on the very timetable that placed the
-//! load); everything else is a fixed, documented shape, the same whatever
-//! the policy. Rates are per 1,000 students, in the timetable's time zone:
-//! - in class (a timetable window is open): 0.01 questions/s;
-//! - each window's end is a break: 30 questions, decaying exponentially
+//! The breaks are the windows of a scaler config's timetable (so the replay
+//! judges pre-warming on the very timetable that placed the load);
+//! everything else is a fixed, documented shape, the same whatever the
+//! policy. Rates are per 1,000 students, in the timetable's time zone:
+//! - school hours are 08:00-15:00 on weekdays; outside the timetable's
+//!   windows that is class time: 0.01 questions/s;
+//! - each window's start is a break: 30 questions, decaying exponentially
 //!   with a 120 s time constant;
-//! - daytime (07:00-22:00) outside classes: 0.003/s; night: 0.0003/s;
+//! - other daytime (07:00-22:00): 0.003/s; night: 0.0003/s;
 //! - homework: a bell around 20:00 (sigma 60 min) peaking at 0.08/s on
 //!   school nights (Sunday-Thursday), 40 % of that on Friday and Saturday;
 //! - exam week (`--exam-week`): every rate x2.5, and grade 12 asks with
@@ -32,7 +33,7 @@ use crate::config::{ConfigError, ScalerConfig};
 /// `ebb-scaler gen-trace` flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct GenTraceArgs {
-    /// Scaler config whose timetable gives the class periods and time zone.
+    /// Scaler config whose timetable gives the breaks and the time zone.
     #[arg(long)]
     pub timetable: PathBuf,
     /// Output file (ebb's CSV); standard output when absent.
@@ -48,7 +49,7 @@ pub struct GenTraceArgs {
     #[arg(long, default_value_t = 2)]
     pub exam_week: u32,
     /// Students using the tutor; every rate scales with it.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 20_000)]
     pub students: u32,
     /// Seed of every draw.
     #[arg(long, default_value_t = 1)]
@@ -59,7 +60,7 @@ pub struct GenTraceArgs {
 pub enum GenTraceError {
     #[error("--timetable: {0}")]
     Config(#[from] ConfigError),
-    #[error("--timetable: the config has no timetable entries to place classes by")]
+    #[error("--timetable: the config has no timetable entries to place breaks by")]
     NoTimetable,
     #[error("--{option}: {message}")]
     Option {
@@ -70,6 +71,7 @@ pub enum GenTraceError {
     Write(#[from] std::io::Error),
 }
 
+const SCHOOL_HOURS: std::ops::Range<f64> = 8.0..15.0;
 const CLASS_RATE: f64 = 0.01;
 const BREAK_QUESTIONS: f64 = 30.0;
 const BREAK_DECAY_S: f64 = 120.0;
@@ -85,10 +87,13 @@ const MEAN_OUTPUT_TOKENS: f64 = 250.0;
 const POPULAR_SHARE: f64 = 0.1;
 const POPULAR_QUESTIONS: f64 = 200.0;
 
-/// Questions per second (per 1,000 students) at `local` time, without breaks.
-fn base_rate(local: DateTime<Tz>, in_class: bool) -> f64 {
+/// Questions per second (per 1,000 students) at `local` time, without
+/// break bursts.
+fn base_rate(local: DateTime<Tz>, in_break: bool) -> f64 {
     let hour = local.hour() as f64 + local.minute() as f64 / 60.0 + local.second() as f64 / 3600.0;
     let weekday = local.weekday();
+    let school_day = !matches!(weekday, Weekday::Sat | Weekday::Sun);
+    let in_class = school_day && SCHOOL_HOURS.contains(&hour) && !in_break;
     let school_night = !matches!(weekday, Weekday::Fri | Weekday::Sat);
     let homework = HOMEWORK_PEAK_RATE
         * if school_night { 1.0 } else { WEEKEND_HOMEWORK }
@@ -155,26 +160,23 @@ pub fn generate(args: &GenTraceArgs, out: &mut dyn Write) -> Result<u64, GenTrac
         let now = start + TimeDelta::seconds(second);
         while windows
             .get(window_index)
-            .is_some_and(|w| w.end + TimeDelta::seconds((BREAK_DECAY_S * 10.0) as i64) < now)
+            .is_some_and(|w| w.start + TimeDelta::seconds((BREAK_DECAY_S * 10.0) as i64) < now)
         {
             window_index += 1;
         }
-        let mut in_class = false;
-        let mut breaks = 0.0;
+        let mut in_break = false;
+        let mut bursts = 0.0;
         for window in windows[window_index..]
             .iter()
             .take_while(|w| w.start <= now)
         {
-            if now < window.end {
-                in_class = true;
-            } else {
-                let since = (now - window.end).num_seconds() as f64;
-                breaks += BREAK_QUESTIONS / BREAK_DECAY_S * (-since / BREAK_DECAY_S).exp();
-            }
+            in_break |= now < window.end;
+            let since = (now - window.start).num_seconds() as f64;
+            bursts += BREAK_QUESTIONS / BREAK_DECAY_S * (-since / BREAK_DECAY_S).exp();
         }
         let in_exam = exam.is_some_and(|(from, to)| (from..to).contains(&now));
         let rate = scale
-            * (base_rate(now.with_timezone(&zone), in_class) + breaks)
+            * (base_rate(now.with_timezone(&zone), in_break) + bursts)
             * if in_exam { EXAM_FACTOR } else { 1.0 };
         let arrivals = match Poisson::new(rate) {
             Ok(poisson) => poisson.sample(&mut rng) as u64,
