@@ -13,74 +13,12 @@ use ebb_nats::Priority;
 use ebb_nats::messages::moving_average;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, LogNormal};
-use serde::{Deserialize, Serialize};
 
-use super::trace::{Arrival, Trace};
+use super::trace::Trace;
+use super::worker::ColdStart;
+pub use super::worker::WorkerModel;
 use crate::policy::{Observation, WorkerCounts};
 use crate::signals::RateCounter;
-
-/// What a worker costs and how fast it answers.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WorkerModel {
-    /// Median seconds from start request to ready (log-normal).
-    pub cold_start_median_s: f64,
-    /// 90th percentile of the cold start; equal to the median for a fixed one.
-    pub cold_start_p90_s: f64,
-    /// Prompt tokens per second, per question in service.
-    pub prefill_tokens_per_s: f64,
-    /// Answer tokens per second, per question in service.
-    pub decode_tokens_per_s: f64,
-    /// Questions one worker answers at once.
-    pub concurrency: u32,
-    /// Money per worker-hour.
-    pub price_per_hour: f64,
-    /// Waiting plus in-service questions beyond which new ones are rejected.
-    pub queue_max: u64,
-    /// Fraction of questions answered from the cache (drawn per question).
-    pub cache_hit_ratio: f64,
-}
-
-impl WorkerModel {
-    /// Seconds from service start to the first token, and to the last.
-    pub fn service(&self, arrival: &Arrival) -> (f64, f64) {
-        let prefill = arrival.input_tokens as f64 / self.prefill_tokens_per_s;
-        let first = prefill + 1.0 / self.decode_tokens_per_s;
-        let total = prefill + arrival.output_tokens.max(1) as f64 / self.decode_tokens_per_s;
-        (first, total)
-    }
-
-    fn cold_start(&self) -> ColdStart {
-        let median = self.cold_start_median_s.max(0.0);
-        // p90 = median * exp(1.2816 sigma) for a log-normal.
-        let sigma = (self.cold_start_p90_s / median.max(f64::MIN_POSITIVE))
-            .ln()
-            .max(0.0)
-            / 1.281_551_565_545;
-        match LogNormal::new(median.max(f64::MIN_POSITIVE).ln(), sigma) {
-            Ok(distribution) if sigma > 0.0 => ColdStart::LogNormal(distribution),
-            _ => ColdStart::Fixed(median),
-        }
-    }
-
-    /// Mean cold start (of the log-normal), for the clairvoyant reference.
-    pub fn mean_cold_start(&self) -> f64 {
-        match self.cold_start() {
-            ColdStart::Fixed(seconds) => seconds,
-            ColdStart::LogNormal(_) => {
-                let sigma =
-                    (self.cold_start_p90_s / self.cold_start_median_s).ln() / 1.281_551_565_545;
-                self.cold_start_median_s * (sigma * sigma / 2.0).exp()
-            }
-        }
-    }
-}
-
-enum ColdStart {
-    Fixed(f64),
-    LogNormal(LogNormal<f64>),
-}
 
 /// What every replay of one run shares.
 #[derive(Debug, Clone, Copy)]
@@ -525,10 +463,7 @@ impl<'a> Sim<'a> {
         let count = running.len() as u32;
         if self.desired > count {
             for _ in count..self.desired {
-                let delay = match &self.cold_start {
-                    ColdStart::Fixed(seconds) => *seconds,
-                    ColdStart::LogNormal(d) => d.sample(&mut self.cold_start_rng),
-                };
+                let delay = self.cold_start.sample(&mut self.cold_start_rng);
                 let worker = self.add_worker(false);
                 self.started += u64::from(self.now >= self.measure_from);
                 self.schedule(self.now + delay, Event::Ready(worker));

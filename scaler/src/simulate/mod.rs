@@ -4,7 +4,8 @@
 //!
 //! # Layout
 //! - [`trace`]: trace formats, rate and time scaling, rate-profile expansion.
-//! - [`engine`]: the discrete-event replay and the [`engine::Autoscaler`] trait.
+//! - [`engine`]: the discrete-event replay and the [`engine::Autoscaler`] trait;
+//!   [`worker`]: the simulated worker's cost and speed.
 //! - [`policies`]: ebb's [`crate::policy::decide`], the seed's rules, a fixed
 //!   fleet, KEDA-like and Knative-like models.
 //! - [`clairvoyant`]: the perfect-foresight reference.
@@ -17,6 +18,7 @@ pub mod policies;
 pub mod report;
 pub mod school;
 pub mod trace;
+pub mod worker;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -469,3 +471,6 @@ pub fn write(simulation: &Simulation, dir: &Path) -> Result<(), SimulateError> {
         .collect();
     write("report.svg", report::svg(&panels))
 }
+
+#[cfg(test)]
+mod tests;

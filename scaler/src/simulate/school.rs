@@ -208,3 +208,109 @@ pub fn generate(args: &GenTraceArgs, out: &mut dyn Write) -> Result<u64, GenTrac
     }
     Ok(count)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simulate::DEFAULT_CONFIG;
+
+    fn school_config() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/school.yaml")
+    }
+
+    fn args(days: u32, exam_week: u32) -> GenTraceArgs {
+        GenTraceArgs {
+            timetable: school_config(),
+            out: None,
+            start: NaiveDate::from_ymd_opt(2026, 3, 2).unwrap(),
+            days,
+            exam_week,
+            students: 20_000,
+            seed: 7,
+        }
+    }
+
+    fn generate_text(args: &GenTraceArgs) -> String {
+        let mut out = Vec::new();
+        generate(args, &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    /// Arrival times (seconds) of a generated trace.
+    fn times(text: &str) -> Vec<f64> {
+        text.lines()
+            .skip(3)
+            .map(|line| line.split(',').next().unwrap().parse().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn breaks_burst_nights_are_quiet_and_exam_week_is_busier() {
+        let text = generate_text(&args(7, 0));
+        assert!(
+            text.starts_with("# start=2026-03-02T05:00:00+00:00\n"),
+            "New York midnight"
+        );
+        let arrivals = times(&text);
+        let count = |from_h: f64, to_h: f64| {
+            arrivals
+                .iter()
+                .filter(|t| (from_h * 3600.0..to_h * 3600.0).contains(*t))
+                .count() as f64
+        };
+        // Monday: the 10 minutes after break-1 (08:45) vs the 10 before it.
+        let after_break = count(8.75, 8.75 + 10.0 / 60.0);
+        let in_class = count(8.75 - 10.0 / 60.0, 8.75);
+        // About 600 break questions against 120 in class.
+        assert!(after_break > 3.0 * in_class, "{after_break} vs {in_class}");
+        // 03:00-04:00 is far quieter than 19:30-20:30 (homework).
+        assert!(count(19.5, 20.5) > 50.0 * count(3.0, 4.0).max(1.0));
+
+        let exam = times(&generate_text(&args(7, 1))).len() as f64;
+        let ratio = exam / arrivals.len() as f64;
+        assert!((2.3..2.7).contains(&ratio), "exam week x2.5, got {ratio}");
+        assert!(
+            generate_text(&args(7, 1)).contains(",12,")
+                && generate_text(&args(7, 1)).contains(",high")
+        );
+    }
+
+    #[test]
+    fn the_same_seed_writes_the_same_trace() {
+        assert_eq!(generate_text(&args(2, 0)), generate_text(&args(2, 0)));
+        let other = GenTraceArgs {
+            seed: 8,
+            ..args(2, 0)
+        };
+        assert_ne!(generate_text(&args(2, 0)), generate_text(&other));
+    }
+
+    #[test]
+    fn a_config_without_a_timetable_is_refused() {
+        let dir = std::env::temp_dir().join(format!("ebb-gen-trace-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("no-timetable.yaml");
+        std::fs::write(&path, DEFAULT_CONFIG).unwrap();
+        let args = GenTraceArgs {
+            timetable: path,
+            ..args(1, 0)
+        };
+        let err = generate(&args, &mut Vec::new()).unwrap_err();
+        assert!(err.to_string().starts_with("--timetable"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_school_config_is_the_default_policy_plus_a_timetable() {
+        let (default, _) = ScalerConfig::parse(DEFAULT_CONFIG).unwrap();
+        let (school, timetable) = ScalerConfig::load(&school_config()).unwrap();
+        let policy = |c: &ScalerConfig| {
+            format!(
+                "{:?} {:?} {:?} {:?} {:?}",
+                c.tick, c.resources, c.target, c.cooldowns, c.rules
+            )
+        };
+        assert_eq!(policy(&default), policy(&school));
+        assert!(!timetable.is_empty() && school.timetable.iter().all(|e| e.learn));
+    }
+}
