@@ -138,7 +138,7 @@ impl Autoscaler for KedaLike {
             self.last_active = Some(now);
         }
         // Every other 15 s sync is also a 30 s KEDA poll.
-        let keda_poll = self.elapsed_polls % 2 == 0;
+        let keda_poll = self.elapsed_polls.is_multiple_of(2);
         self.elapsed_polls += 1;
         if self.replicas == 0 {
             if keda_poll && active {
