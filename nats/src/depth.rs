@@ -44,12 +44,12 @@ impl QueueDepth {
         self.priorities.iter().map(PriorityDepth::lag).sum()
     }
 
-    /// The oldest waiting question of any priority.
     /// `num_pending` over every priority: questions no worker has taken.
     pub fn waiting(&self) -> u64 {
         self.priorities.iter().map(|p| p.pending).sum()
     }
 
+    /// The oldest waiting question of any priority.
     pub fn oldest_waiting(&self) -> Duration {
         self.priorities
             .iter()

@@ -200,8 +200,9 @@ impl Default for TargetTracking {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Cooldowns {
-    /// The policy must want fewer workers for this long before each step down
-    /// (never below 1 this way).
+    /// The policy must want fewer workers for this long before scaling down
+    /// (never below 1 this way). Longer than `target.stable_window`, a
+    /// just-started scaler cannot scale down on its half-empty rate window.
     #[serde(
         deserialize_with = "ebb_nats::duration::deserialize",
         serialize_with = "ebb_nats::duration::serialize_seconds"

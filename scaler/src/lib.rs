@@ -153,8 +153,7 @@ async fn listen_for_signals(
     shared: &Arc<Shared>,
     config: &ScalerConfig,
 ) -> Result<(), ScalerError> {
-    *shared.signals.lock().expect("signals lock") =
-        Some(signals::Signals::new(&config.target, Utc::now()));
+    *shared.signals.lock().expect("signals lock") = Some(signals::Signals::new(&config.target));
     let mut arrivals = client
         .subscribe(subjects::QUESTIONS_WILDCARD)
         .await

@@ -172,7 +172,7 @@ impl<P: WorkerPool> Scaler<P> {
         let config = &self.policy.config;
         let (views, observation, first_unserved) = {
             let mut signals = self.shared.signals.lock().expect("signals lock");
-            let signals = signals.get_or_insert_with(|| Signals::new(&config.target, now));
+            let signals = signals.get_or_insert_with(|| Signals::new(&config.target));
             let views = signals.classify(&listed, &config.health, now);
             let observation = signals.observe(&self.last_depth, &views, &config.target, now);
             if observation.workers.capacity() > 0 {

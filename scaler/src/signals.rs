@@ -22,16 +22,13 @@ const FRESH_READY_MS: u64 = 5_000;
 pub struct RateCounter {
     buckets: VecDeque<(i64, u64)>,
     horizon: i64,
-    /// When counting began: a window reaching further back has not been seen.
-    since: i64,
 }
 
 impl RateCounter {
-    pub fn new(horizon: Duration, since: DateTime<Utc>) -> RateCounter {
+    pub fn new(horizon: Duration) -> RateCounter {
         RateCounter {
             buckets: VecDeque::new(),
             horizon: horizon.as_secs().max(1) as i64,
-            since: since.timestamp(),
         }
     }
 
@@ -50,13 +47,9 @@ impl RateCounter {
         }
     }
 
-    /// Mean rate over the last `window` (at most the horizon), or over the
-    /// time since counting began if that is shorter: a scaler that has just
-    /// started must not read its own blindness as a quiet minute.
+    /// Mean rate over the last `window` (at most the horizon).
     pub fn rate(&self, now: DateTime<Utc>, window: Duration) -> f64 {
-        let seconds = (window.as_secs().max(1) as i64)
-            .min(self.horizon)
-            .min((now.timestamp() - self.since).max(1));
+        let seconds = (window.as_secs().max(1) as i64).min(self.horizon);
         let from = now.timestamp() - seconds;
         let count: u64 = self
             .buckets
@@ -106,11 +99,11 @@ pub struct Signals {
 }
 
 impl Signals {
-    pub fn new(target: &TargetTracking, now: DateTime<Utc>) -> Signals {
+    pub fn new(target: &TargetTracking) -> Signals {
         let horizon = target.stable_window.max(target.panic_window);
         Signals {
-            arrivals: RateCounter::new(horizon, now),
-            completions: RateCounter::new(horizon, now),
+            arrivals: RateCounter::new(horizon),
+            completions: RateCounter::new(horizon),
             new_arrivals: 0,
             heartbeats: HashMap::new(),
             first_seen: HashMap::new(),
@@ -270,8 +263,7 @@ mod tests {
     #[test]
     fn rates_cover_their_window_and_forget_the_rest() {
         let t = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
-        let mut counter =
-            RateCounter::new(Duration::from_secs(60), t - chrono::Duration::seconds(100));
+        let mut counter = RateCounter::new(Duration::from_secs(60));
         for second in 0..60 {
             counter.add(
                 t + chrono::Duration::seconds(second),
@@ -285,21 +277,5 @@ mod tests {
         counter.add(later, 0);
         assert_eq!(counter.rate(later, Duration::from_secs(60)), 0.0);
         assert!(counter.buckets.len() <= 2, "old buckets are dropped");
-    }
-
-    #[test]
-    fn a_young_counter_divides_by_what_it_has_seen() {
-        let t = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
-        let mut counter = RateCounter::new(Duration::from_secs(60), t);
-        for second in 1..=10 {
-            counter.add(t + chrono::Duration::seconds(second), 5);
-        }
-        let now = t + chrono::Duration::seconds(10);
-        assert_eq!(
-            counter.rate(now, Duration::from_secs(60)),
-            5.0,
-            "10 s seen, not 60"
-        );
-        assert_eq!(counter.rate(now, Duration::from_secs(6)), 5.0);
     }
 }
