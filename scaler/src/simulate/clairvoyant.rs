@@ -107,11 +107,11 @@ pub fn replay(setup: &Setup) -> Outcome {
     for arrival in &trace.arrivals {
         samples[bucket(arrival.at)].arrivals += 1;
     }
-    for (at, level) in running_maximum(&in_service) {
-        samples[bucket(at)].lag = samples[bucket(at)].lag.max(level);
-    }
-    for (at, level) in running_maximum(&lives) {
-        samples[bucket(at)].workers = samples[bucket(at)].workers.max(level as u32);
+    let lag = bucket_maxima(&in_service, &bucket, samples.len());
+    let workers = bucket_maxima(&lives, &bucket, samples.len());
+    for ((sample, lag), workers) in samples.iter_mut().zip(lag).zip(workers) {
+        sample.lag = lag;
+        sample.workers = workers as u32;
     }
     samples.truncate(((horizon / bucket_seconds).ceil() as usize).clamp(1, PLOT_BUCKETS + 1));
     let measured_lives = lives
@@ -135,19 +135,31 @@ pub fn replay(setup: &Setup) -> Outcome {
     }
 }
 
-/// How many `[from, to)` intervals overlap, after each change.
-fn running_maximum(intervals: &[(f64, f64)]) -> Vec<(f64, u64)> {
+/// Per plot bucket, the most `[from, to)` intervals that overlap in it.
+fn bucket_maxima(
+    intervals: &[(f64, f64)],
+    bucket: &dyn Fn(f64) -> usize,
+    buckets: usize,
+) -> Vec<u64> {
     let mut changes: Vec<(f64, i64)> = intervals
         .iter()
         .flat_map(|&(from, to)| [(from, 1), (to, -1)])
         .collect();
     changes.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-    let mut level = 0i64;
-    changes
-        .into_iter()
-        .map(|(at, change)| {
-            level += change;
-            (at, level.max(0) as u64)
-        })
-        .collect()
+    let mut maxima = vec![0; buckets];
+    let (mut level, mut last) = (0i64, 0);
+    for (at, change) in changes {
+        let index = bucket(at).min(buckets - 1);
+        // The level held from the previous change until this one.
+        for held in &mut maxima[last.min(index)..=index] {
+            *held = (*held).max(level.max(0) as u64);
+        }
+        level += change;
+        maxima[index] = maxima[index].max(level.max(0) as u64);
+        last = index;
+    }
+    for held in &mut maxima[last..] {
+        *held = (*held).max(level.max(0) as u64);
+    }
+    maxima
 }

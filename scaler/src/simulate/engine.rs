@@ -181,6 +181,8 @@ struct Sim<'a> {
     last_done: f64,
     bucket_seconds: f64,
     samples: Vec<Sample>,
+    /// The bucket and state of the last sample, carried across quiet buckets.
+    sampled: (usize, Sample),
 }
 
 impl<'a> Sim<'a> {
@@ -221,6 +223,7 @@ impl<'a> Sim<'a> {
             last_done: 0.0,
             bucket_seconds: (trace.duration / PLOT_BUCKETS as f64).max(1.0),
             samples: vec![Sample::default(); PLOT_BUCKETS + 1],
+            sampled: (0, Sample::default()),
         }
     }
 
@@ -511,25 +514,45 @@ impl<'a> Sim<'a> {
         self.trace.start + chrono::Duration::nanoseconds((seconds * 1e9) as i64)
     }
 
+    fn bucket_index(&self, at: f64) -> usize {
+        ((at / self.bucket_seconds) as usize).min(PLOT_BUCKETS)
+    }
+
     fn bucket(&mut self) -> &mut Sample {
-        let index = ((self.now / self.bucket_seconds) as usize).min(PLOT_BUCKETS);
+        let index = self.bucket_index(self.now);
         &mut self.samples[index]
     }
 
-    fn sample(&mut self) {
-        let lag = self.waiting() + self.in_service;
-        let workers = self
-            .alive
-            .iter()
-            .filter(|&&i| self.workers[i].exited_at.is_none())
-            .count() as u32;
-        let bucket = self.bucket();
-        bucket.lag = bucket.lag.max(lag);
-        bucket.workers = bucket.workers.max(workers);
+    /// Buckets since the last sample held its state until now.
+    fn carry_to(&mut self, index: usize) {
+        let (last, state) = self.sampled;
+        for bucket in &mut self.samples[(last + 1).min(index)..=index] {
+            bucket.lag = bucket.lag.max(state.lag);
+            bucket.workers = bucket.workers.max(state.workers);
+        }
     }
 
-    fn finish(self) -> Outcome {
+    fn sample(&mut self) {
+        let index = self.bucket_index(self.now);
+        self.carry_to(index);
+        let state = Sample {
+            arrivals: 0,
+            lag: self.waiting() + self.in_service,
+            workers: self
+                .alive
+                .iter()
+                .filter(|&&i| self.workers[i].exited_at.is_none())
+                .count() as u32,
+        };
+        let bucket = &mut self.samples[index];
+        bucket.lag = bucket.lag.max(state.lag);
+        bucket.workers = bucket.workers.max(state.workers);
+        self.sampled = (index, state);
+    }
+
+    fn finish(mut self) -> Outcome {
         let horizon = self.now;
+        self.carry_to(self.bucket_index(horizon));
         let worker_seconds = self
             .workers
             .iter()

@@ -428,3 +428,19 @@ fn bad_options_name_the_flag() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn the_plot_carries_workers_through_quiet_buckets() {
+    let trace = trace(vec![arrival(0.0, 10), arrival(6000.0, 10)]);
+    let model = model();
+    let fixed = engine::replay(&setup(&trace, &model), &mut Fixed(3), 3);
+    assert!(
+        fixed.samples.iter().all(|s| s.workers == 3),
+        "{:?}",
+        fixed.samples
+    );
+    let reference = clairvoyant::replay(&setup(&trace, &model));
+    let busy = reference.samples.iter().filter(|s| s.workers == 1).count();
+    // Two lives of 15 s in 10 s buckets: a few buckets each, never 0 within.
+    assert!((2..=6).contains(&busy), "{busy}");
+}
