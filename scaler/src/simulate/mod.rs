@@ -274,92 +274,23 @@ pub fn run(args: &SimulateArgs) -> Result<Simulation, SimulateError> {
         .count()
         .max(1) as f64;
     let mean_service = work / served;
-    let initial = initial_workers(&trace, &model);
-
+    let bench = Bench {
+        setup,
+        slo: &slo,
+        config: &config,
+        timetable: &timetable,
+        config_name: args
+            .config
+            .as_deref()
+            .map_or("default config".to_owned(), |p| p.display().to_string()),
+        initial: initial_workers(&trace, &model),
+        mean_service,
+        reference: &reference,
+    };
     let mut results = Vec::new();
     let mut outcomes = Vec::new();
     for &name in &args.policies {
-        let (detail, outcome) = match name {
-            PolicyName::Clairvoyant => (
-                format!(
-                    "perfect foresight; keeps a worker through gaps shorter than the mean cold start ({:.1} s)",
-                    model.mean_cold_start()
-                ),
-                reference.clone(),
-            ),
-            PolicyName::Fixed => {
-                let peak = reference
-                    .samples
-                    .iter()
-                    .map(|s| s.workers)
-                    .max()
-                    .unwrap_or(1);
-                let (size, outcome) = smallest_fixed_fleet(&setup, &slo, peak);
-                (
-                    format!("{size} workers always on (the fewest meeting the SLO target)"),
-                    outcome,
-                )
-            }
-            PolicyName::SeedRules => {
-                let text =
-                    policies::seed_rules_config(concurrency as f64 / mean_service, mean_service);
-                let (seed_config, seed_timetable) = ScalerConfig::parse(&text)?;
-                let rules = seed_config.rules.as_ref().expect("seed config has rules");
-                let detail = format!(
-                    "up if rps > {:.3} or avg response > {:.2} s for 120 s, down if utilization < 30% for 300 s, 1..10 workers",
-                    rules.scale_up[0].threshold, rules.scale_up[1].threshold
-                );
-                let start = initial.clamp(1, 10);
-                let mut policy = Ebb::new(seed_config, seed_timetable, start);
-                (detail, engine::replay(&setup, &mut policy, start))
-            }
-            PolicyName::KedaLike => {
-                let max = config.resources.max_instances;
-                let mut policy = KedaLike::new(max, initial.min(max));
-                (
-                    format!(
-                        "lagThreshold {}, polling {} s, HPA sync {} s, cooldown {} s, stabilization {} s, max {max}",
-                        KedaLike::LAG_THRESHOLD,
-                        KedaLike::POLLING.as_secs(),
-                        KedaLike::HPA_SYNC.as_secs(),
-                        KedaLike::COOLDOWN.as_secs(),
-                        KedaLike::STABILIZATION.as_secs()
-                    ),
-                    engine::replay(&setup, &mut policy, initial.min(max)),
-                )
-            }
-            PolicyName::KnativeLike => {
-                let max = config.resources.max_instances;
-                let mut policy = KnativeLike::new(max, concurrency, initial.min(max));
-                (
-                    format!(
-                        "KPA: stable {} s, panic {} s at {}%, target {}% of concurrency {concurrency}, tick {} s, scale-to-zero grace {} s, max {max}",
-                        KnativeLike::STABLE_WINDOW.as_secs(),
-                        KnativeLike::PANIC_WINDOW.as_secs(),
-                        KnativeLike::PANIC_THRESHOLD * 100.0,
-                        KnativeLike::TARGET_UTILIZATION * 100.0,
-                        KnativeLike::TICK.as_secs(),
-                        KnativeLike::SCALE_TO_ZERO_GRACE.as_secs()
-                    ),
-                    engine::replay(&setup, &mut policy, initial.min(max)),
-                )
-            }
-            PolicyName::Ebb => {
-                let max = config.resources.max_instances;
-                let detail = format!(
-                    "{}: target {}% utilization, panic, {} timetable entries, {}..{max} workers",
-                    args.config
-                        .as_deref()
-                        .map_or("default config".to_owned(), |p| p.display().to_string()),
-                    config.target.utilization * 100.0,
-                    config.timetable.len(),
-                    config.resources.min_instances
-                );
-                let start = initial.clamp(config.resources.min_instances, max);
-                let mut policy = Ebb::new(config.clone(), timetable.clone(), start);
-                (detail, engine::replay(&setup, &mut policy, start))
-            }
-        };
+        let (detail, outcome) = bench.replay(name)?;
         results.push(PolicyResult::new(
             name.as_str(),
             detail,
@@ -380,6 +311,105 @@ pub fn run(args: &SimulateArgs) -> Result<Simulation, SimulateError> {
     };
     report.compare();
     Ok(Simulation { report, outcomes })
+}
+
+/// What every policy's replay in one run shares.
+struct Bench<'a> {
+    setup: Setup<'a>,
+    slo: &'a Slo,
+    /// The `ebb` policy's config; its `max_instances` caps KEDA and Knative too.
+    config: &'a ScalerConfig,
+    timetable: &'a crate::timetable::Timetable,
+    config_name: String,
+    initial: u32,
+    mean_service: f64,
+    reference: &'a Outcome,
+}
+
+impl Bench<'_> {
+    /// Replays one policy; returns its parameters in words and the outcome.
+    fn replay(&self, name: PolicyName) -> Result<(String, Outcome), SimulateError> {
+        let setup = &self.setup;
+        let concurrency = setup.model.concurrency;
+        let max = self.config.resources.max_instances;
+        let initial = self.initial.min(max);
+        Ok(match name {
+            PolicyName::Clairvoyant => (
+                format!(
+                    "perfect foresight; keeps a worker through gaps shorter than the mean cold start ({:.1} s)",
+                    setup.model.mean_cold_start()
+                ),
+                self.reference.clone(),
+            ),
+            PolicyName::Fixed => {
+                let peak = self
+                    .reference
+                    .samples
+                    .iter()
+                    .map(|s| s.workers)
+                    .max()
+                    .unwrap_or(1);
+                let (size, outcome) = smallest_fixed_fleet(setup, self.slo, peak);
+                (
+                    format!("{size} workers always on (the fewest meeting the SLO target)"),
+                    outcome,
+                )
+            }
+            PolicyName::SeedRules => {
+                let throughput = concurrency as f64 / self.mean_service;
+                let text = policies::seed_rules_config(throughput, self.mean_service);
+                let (config, timetable) = ScalerConfig::parse(&text)?;
+                let rules = config.rules.as_ref().expect("seed config has rules");
+                let detail = format!(
+                    "up if rps > {:.3} or avg response > {:.2} s for 120 s, down if utilization < 30% for 300 s, 1..10 workers",
+                    rules.scale_up[0].threshold, rules.scale_up[1].threshold
+                );
+                let start = self.initial.clamp(1, 10);
+                let mut policy = Ebb::new(config, timetable, start);
+                (detail, engine::replay(setup, &mut policy, start))
+            }
+            PolicyName::KedaLike => (
+                format!(
+                    "lagThreshold {}, polling {} s, HPA sync {} s, cooldown {} s, stabilization {} s, max {max}",
+                    KedaLike::LAG_THRESHOLD,
+                    KedaLike::POLLING.as_secs(),
+                    KedaLike::HPA_SYNC.as_secs(),
+                    KedaLike::COOLDOWN.as_secs(),
+                    KedaLike::STABILIZATION.as_secs()
+                ),
+                engine::replay(setup, &mut KedaLike::new(max, initial), initial),
+            ),
+            PolicyName::KnativeLike => (
+                format!(
+                    "KPA: stable {} s, panic {} s at {}%, target {}% of concurrency {concurrency}, tick {} s, scale-to-zero grace {} s, max {max}",
+                    KnativeLike::STABLE_WINDOW.as_secs(),
+                    KnativeLike::PANIC_WINDOW.as_secs(),
+                    KnativeLike::PANIC_THRESHOLD * 100.0,
+                    KnativeLike::TARGET_UTILIZATION * 100.0,
+                    KnativeLike::TICK.as_secs(),
+                    KnativeLike::SCALE_TO_ZERO_GRACE.as_secs()
+                ),
+                engine::replay(
+                    setup,
+                    &mut KnativeLike::new(max, concurrency, initial),
+                    initial,
+                ),
+            ),
+            PolicyName::Ebb => {
+                let config = self.config;
+                let detail = format!(
+                    "{}: target {}% utilization, panic, {} timetable entries, {}..{max} workers",
+                    self.config_name,
+                    config.target.utilization * 100.0,
+                    config.timetable.len(),
+                    config.resources.min_instances
+                );
+                let start = self.initial.clamp(config.resources.min_instances, max);
+                let mut policy = Ebb::new(config.clone(), self.timetable.clone(), start);
+                (detail, engine::replay(setup, &mut policy, start))
+            }
+        })
+    }
 }
 
 /// A replay starts as if the service had been running: every dynamic policy
