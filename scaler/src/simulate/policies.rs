@@ -223,16 +223,15 @@ impl KnativeLike {
     }
 
     fn average(&self, now: DateTime<Utc>, window: Duration) -> f64 {
-        let recent: Vec<u64> = self
+        let (sum, count) = self
             .samples
             .iter()
             .filter(|(at, _)| (now - *at).to_std().unwrap_or_default() < window)
-            .map(|(_, v)| *v)
-            .collect();
-        if recent.is_empty() {
+            .fold((0, 0), |(sum, count), (_, value)| (sum + value, count + 1));
+        if count == 0 {
             0.0
         } else {
-            recent.iter().sum::<u64>() as f64 / recent.len() as f64
+            sum as f64 / count as f64
         }
     }
 }
