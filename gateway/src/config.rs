@@ -1,8 +1,16 @@
-//! Command-line flags and environment variables of `ebb-gateway`.
+//! Command-line flags and environment variables of `ebb-gateway`, and the
+//! optional YAML file (`--config`) with API keys and priority rules.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
 
+use ebb_nats::timetable::TimetableEntry;
 use ebb_nats::{ModelArgs, QueueConfig, ServiceArgs};
+use ipnet::IpNet;
+
+use crate::auth::ApiKey;
+use crate::priority::PriorityConfig;
 
 /// ebb's HTTP API: answers hot questions from the cache and queues the rest
 /// for the workers.
@@ -22,10 +30,127 @@ pub struct Config {
     /// Largest `max_tokens` a question may ask for.
     #[arg(long, env = "EBB_MAX_TOKENS_LIMIT", default_value_t = 4096)]
     pub max_tokens_limit: u32,
-    /// Most requests held open waiting for an answer; past it new questions
-    /// are still accepted but answered `202` at once with their status URL.
+    /// Most requests held open for an answer (waiting, streaming or
+    /// following events); past it questions get their status URL at once and
+    /// streams are refused with 503.
     #[arg(long, env = "EBB_MAX_WAITING", default_value_t = 10_000)]
     pub max_waiting: usize,
+    /// YAML file with API keys, priority rules and their timetable (README:
+    /// "Gateway config").
+    #[arg(long = "config", env = "EBB_GATEWAY_CONFIG")]
+    pub config_file: Option<PathBuf>,
+    /// Serve without API keys, for development only: logs a warning at start.
+    /// Without it the gateway refuses to start with no key configured.
+    #[arg(long, env = "EBB_INSECURE_DEV")]
+    pub insecure_dev: bool,
+    /// Bearer token for the `/admin/*` routes (they are off without it).
+    #[arg(long, env = "EBB_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// The scaler's HTTP address; `POST /admin/scale` forwards to its `/scale`.
+    #[arg(long, env = "EBB_SCALER_URL")]
+    pub scaler_url: Option<String>,
+    /// The scaler's `/scale` bearer token, sent when forwarding.
+    #[arg(long, env = "EBB_SCALER_TOKEN", hide_env_values = true)]
+    pub scaler_token: Option<String>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    #[command(flatten)]
+    pub overload: OverloadArgs,
+    #[command(flatten)]
+    pub webhooks: WebhookArgs,
+    /// Interval of SSE keep-alive comments on idle streams.
+    #[arg(long, env = "EBB_SSE_KEEP_ALIVE", default_value = "15s", value_parser = ebb_nats::duration::parse)]
+    pub sse_keep_alive: Duration,
     #[command(flatten)]
     pub queue: QueueConfig,
+}
+
+/// Per-client rate limits on the question routes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LimitArgs {
+    /// Questions per minute from one client IP (token bucket, bursts up to it).
+    #[arg(long = "rate-limit-per-ip", env = "EBB_RATE_LIMIT_PER_IP", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub per_ip: u32,
+    /// Questions per minute per API key, unless its config entry says otherwise.
+    #[arg(long = "rate-limit-per-key", env = "EBB_RATE_LIMIT_PER_KEY", default_value_t = 6_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub per_key: u32,
+    /// Proxies (CIDRs, comma-separated) whose `X-Forwarded-For` is believed.
+    #[arg(long, env = "EBB_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<IpNet>,
+    /// Most client IPs tracked at once; past it new clients get 429.
+    #[arg(long = "rate-limit-max-clients", env = "EBB_RATE_LIMIT_MAX_CLIENTS", default_value_t = 100_000)]
+    pub max_clients: usize,
+}
+
+/// When to shed new questions instead of queueing them.
+#[derive(Debug, Clone, clap::Args)]
+pub struct OverloadArgs {
+    /// The scaler's `max_instances`: the most workers the backlog can get.
+    #[arg(long, env = "EBB_MAX_WORKERS", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_workers: u32,
+    /// A new question is refused (429 overloaded) when the questions ahead of
+    /// it would take longer than this even at --max-workers.
+    #[arg(long, env = "EBB_LATENCY_GOAL", default_value = "60s", value_parser = ebb_nats::duration::parse)]
+    pub latency_goal: Duration,
+    /// Time one worker takes per question until heartbeats report it.
+    #[arg(long, env = "EBB_SERVICE_TIME_ESTIMATE", default_value = "10s", value_parser = ebb_nats::duration::parse)]
+    pub service_time_estimate: Duration,
+}
+
+/// Webhook delivery.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WebhookArgs {
+    /// HMAC-SHA256 key for the `X-Ebb-Signature` header; webhooks (the
+    /// `callback_url` field) are refused without it.
+    #[arg(long, env = "EBB_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// Private networks (CIDRs, comma-separated) webhooks may call anyway;
+    /// loopback, private and link-local targets are refused otherwise.
+    #[arg(long, env = "EBB_WEBHOOK_ALLOW", value_delimiter = ',')]
+    pub webhook_allow: Vec<IpNet>,
+    /// Longest one webhook call may take.
+    #[arg(long, env = "EBB_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = ebb_nats::duration::parse)]
+    pub webhook_timeout: Duration,
+}
+
+/// The `--config` file.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub api_keys: Vec<ApiKey>,
+    /// Named time windows, in the scaler's timetable syntax.
+    #[serde(default)]
+    pub timetable: Vec<TimetableEntry>,
+    #[serde(default)]
+    pub priority: PriorityConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read --config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("no API keys: set `api_keys` in --config, or --insecure-dev to serve without keys")]
+    NoKeys,
+}
+
+impl FileConfig {
+    pub fn load(path: Option<&std::path::Path>) -> Result<FileConfig, ConfigError> {
+        let Some(path) = path else {
+            return Ok(FileConfig::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_norway::from_str(&text).map_err(|err| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: err.to_string(),
+        })
+    }
 }

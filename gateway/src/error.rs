@@ -1,10 +1,14 @@
-//! The one mapping from gateway errors to HTTP: every error body is
-//! `{"error":{"type","message"}}` (plus `field` for a bad field), and each
-//! `type` string is stable API.
+//! The one mapping from gateway errors to HTTP. Every error body is
+//! `{"error":{"type","message","param","code"}}` (plus `field` for a bad
+//! field): ebb's shape and OpenAI's at once, so OpenAI clients raise their
+//! usual exceptions. `type` (= `code`) strings are stable API.
 
-use axum::http::StatusCode;
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+
+use crate::openapi::{ErrorBody, ErrorDetail};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -19,18 +23,45 @@ pub enum ApiError {
         field: &'static str,
         message: String,
     },
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("{0}")]
+    Forbidden(&'static str),
     #[error("no question with id `{0}`")]
     QuestionNotFound(String),
+    #[error("this gateway serves `{served}`, not `{asked}`")]
+    ModelNotFound { asked: String, served: String },
     #[error("no route for {0}")]
     RouteNotFound(String),
     #[error("method not allowed")]
     MethodNotAllowed,
+    #[error("rate limit reached; retry in {} s", seconds(*retry_after))]
+    RateLimited { retry_after: Duration },
+    #[error("too many questions are waiting to be answered in time; retry in {} s", seconds(*retry_after))]
+    Overloaded { retry_after: Duration },
+    #[error("too many requests are waiting for answers; retry later")]
+    TooManyWaiting,
     #[error("the question queue is full; retry later")]
     QueueFull,
     #[error("the question queue is unavailable: {0}")]
     QueueUnavailable(String),
     #[error("the status store is unavailable: {0}")]
     StoreUnavailable(String),
+    #[error("the answer failed: {0}")]
+    AnswerFailed(String),
+    #[error("no answer within {} s; question `{id}` is still {status}: GET /v1/questions/{id}", seconds(*waited))]
+    AnswerTimeout {
+        id: String,
+        status: &'static str,
+        waited: Duration,
+    },
+    #[error("the scaler is unavailable: {0}")]
+    ScalerUnavailable(String),
+}
+
+/// Whole seconds, rounded up, at least 1: what `Retry-After` carries.
+fn seconds(duration: Duration) -> u64 {
+    duration.as_secs_f64().ceil().max(1.0) as u64
 }
 
 impl ApiError {
@@ -47,11 +78,21 @@ impl ApiError {
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::InvalidJson(_) => StatusCode::BAD_REQUEST,
             ApiError::InvalidField { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::QuestionNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::QuestionNotFound(_)
+            | ApiError::RouteNotFound(_)
+            | ApiError::ModelNotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::QueueFull | ApiError::QueueUnavailable(_) | ApiError::StoreUnavailable(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
+            ApiError::RateLimited { .. } | ApiError::Overloaded { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
             }
+            ApiError::TooManyWaiting
+            | ApiError::QueueFull
+            | ApiError::QueueUnavailable(_)
+            | ApiError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::AnswerFailed(_) | ApiError::ScalerUnavailable(_) => StatusCode::BAD_GATEWAY,
+            ApiError::AnswerTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -62,12 +103,52 @@ impl ApiError {
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::InvalidJson(_) => "invalid_json",
             ApiError::InvalidField { .. } => "invalid_request",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
             ApiError::QuestionNotFound(_) | ApiError::RouteNotFound(_) => "not_found",
+            ApiError::ModelNotFound { .. } => "model_not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::Overloaded { .. } => "overloaded",
+            ApiError::TooManyWaiting => "too_many_waiting",
             ApiError::QueueFull => "queue_full",
             ApiError::QueueUnavailable(_) => "queue_unavailable",
             ApiError::StoreUnavailable(_) => "store_unavailable",
+            ApiError::AnswerFailed(_) => "answer_failed",
+            ApiError::AnswerTimeout { .. } => "timeout",
+            ApiError::ScalerUnavailable(_) => "scaler_unavailable",
         }
+    }
+
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            ApiError::RateLimited { retry_after } | ApiError::Overloaded { retry_after } => {
+                Some(seconds(*retry_after))
+            }
+            ApiError::QueueFull | ApiError::QueueUnavailable(_) | ApiError::TooManyWaiting => {
+                Some(1)
+            }
+            _ => None,
+        }
+    }
+
+    /// The JSON body (also sent as an SSE `error` event mid-stream).
+    pub fn body(&self) -> serde_json::Value {
+        let field = match self {
+            ApiError::InvalidField { field, .. } => Some(*field),
+            ApiError::ModelNotFound { .. } => Some("model"),
+            _ => None,
+        };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                r#type: self.error_type().to_owned(),
+                code: self.error_type().to_owned(),
+                message: self.to_string(),
+                param: field.map(str::to_owned),
+                field: field.map(str::to_owned),
+            },
+        };
+        serde_json::to_value(body).expect("errors serialize")
     }
 }
 
@@ -77,15 +158,13 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::warn!(error_type = self.error_type(), cause = %self, "request failed");
         }
-        let mut error = json!({"type": self.error_type(), "message": self.to_string()});
-        if let ApiError::InvalidField { field, .. } = &self {
-            error["field"] = json!(field);
+        let mut response = (status, axum::Json(self.body())).into_response();
+        let headers = response.headers_mut();
+        if let Some(seconds) = self.retry_after() {
+            headers.insert(header::RETRY_AFTER, seconds.into());
         }
-        let mut response = (status, axum::Json(json!({ "error": error }))).into_response();
-        if matches!(self, ApiError::QueueFull | ApiError::QueueUnavailable(_)) {
-            response
-                .headers_mut()
-                .insert(axum::http::header::RETRY_AFTER, 1.into());
+        if matches!(self, ApiError::Unauthorized(_)) {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }

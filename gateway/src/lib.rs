@@ -1,35 +1,57 @@
 //! `ebb-gateway`: the HTTP API in front of the question queue.
 //!
-//! A question is validated at the edge, answered from the Redis cache when it
-//! is hot, and otherwise published to JetStream; the request then waits (up
-//! to `wait_seconds`) for the worker's answer event, or returns a status URL.
+//! A question is checked at the edge (API key, rate limit, body), answered
+//! from the Redis cache when it is hot, shed when the queue could not serve
+//! it in time, and otherwise published to JetStream with its priority; the
+//! request then waits for the worker's answer, streams it, or returns a
+//! status URL.
 //!
 //! # Layout
-//! - [`config`]: flags and env vars ([`Config`]).
-//! - [`question`]: body validation into [`question::NewQuestion`] and the cache key.
+//! - [`config`]: flags, env vars and the `--config` file ([`Config`]).
+//! - [`question`] and [`chat`]: body validation into
+//!   [`question::NewQuestion`]; the cache key; OpenAI's response shapes.
 //! - [`error`]: the single error -> HTTP mapping ([`error::ApiError`]).
+//! - [`auth`], [`rate_limit`], [`overload`]: who may ask, how often, and
+//!   whether the queue can take more.
+//! - [`priority`], [`language`]: what a question is labelled with.
 //! - [`queue`]: publishing a job and waiting for its answer.
-//! - [`routes`]: the axum handlers.
+//! - [`webhook`]: delivering `callback_url` calls.
+//! - [`routes`]: the axum handlers; [`openapi`]: `/openapi.json`;
+//!   [`metrics`]: `/metrics`.
 //!
 //! [`run`] serves until `shutdown` resolves; `main` only parses flags.
 
+pub mod auth;
+pub mod chat;
 pub mod config;
 pub mod error;
+pub mod language;
+pub mod metrics;
+pub mod openapi;
+pub mod overload;
+pub mod priority;
 pub mod question;
 pub mod queue;
+pub mod rate_limit;
 pub mod routes;
+pub mod webhook;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ebb_nats::{Store, Topology};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
+use config::{ConfigError, FileConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error(transparent)]
     Queue(#[from] ebb_nats::QueueError),
     #[error(transparent)]
@@ -38,34 +60,94 @@ pub enum GatewayError {
     Serve(#[from] std::io::Error),
 }
 
-/// Sets up the queue topology, then serves the API on `listener` until
-/// `shutdown` resolves; in-flight requests are allowed to finish.
+/// Validates the config, sets up the queue topology, then serves the API on
+/// `listener` until `shutdown` resolves; in-flight requests may finish.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
+    let mut config = config;
+    // compose passes unset secrets as empty variables.
+    for secret in [
+        &mut config.admin_token,
+        &mut config.webhooks.webhook_secret,
+        &mut config.scaler_token,
+    ] {
+        if secret.as_deref() == Some("") {
+            *secret = None;
+        }
+    }
+    let file = FileConfig::load(config.config_file.as_deref())?;
+    let path = || config.config_file.clone().unwrap_or_default();
+    let invalid = |message: String| ConfigError::Invalid {
+        path: path(),
+        message,
+    };
+    let keys = auth::Keys::new(
+        &file.api_keys,
+        config.admin_token.as_deref(),
+        config.insecure_dev,
+        config.limits.per_key,
+    )
+    .map_err(invalid)?;
+    if keys.is_empty() && !config.insecure_dev {
+        return Err(ConfigError::NoKeys.into());
+    }
+    if config.insecure_dev {
+        tracing::warn!("--insecure-dev: serving without API keys; never do this in production");
+    }
+    let priority = priority::PriorityRules::new(file.priority, &file.timetable).map_err(invalid)?;
+
     let client = ebb_nats::connect(&config.services.nats_url, "ebb-gateway", None).await?;
     let topology = ensure_topology(client, &config).await?;
     let store = Store::connect_lazy(&config.services.redis_url)?;
+    let webhook_args = config.webhooks.clone();
     let state = Arc::new(routes::AppState::new(
         config,
+        keys,
+        priority,
         topology.clone(),
         store.clone(),
     ));
 
-    let (stop_reaper, reaper_stopped) = tokio::sync::oneshot::channel::<()>();
-    let reaper = tokio::spawn(ebb_nats::dead_letter::run_reaper(topology, store, async {
-        let _ = reaper_stopped.await;
-    }));
+    let stop = CancellationToken::new();
+    let mut background = tokio::task::JoinSet::new();
+    background.spawn(ebb_nats::dead_letter::run_reaper(
+        topology.clone(),
+        store,
+        stop.clone().cancelled_owned(),
+    ));
+    background.spawn(webhook::run(
+        webhook_args,
+        topology.clone(),
+        stop.clone().cancelled_owned(),
+    ));
+    let overload = state.overload.clone();
+    let watch_stop = stop.clone();
+    background.spawn(async move { overload.watch(topology, watch_stop.cancelled_owned()).await });
+    let sweep_state = state.clone();
+    let sweep_stop = stop.clone();
+    background.spawn(async move {
+        let mut every_minute = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = sweep_stop.cancelled() => return,
+                _ = every_minute.tick() => {
+                    sweep_state.ip_limiter.sweep(sweep_state.rate_limits.per_ip, Instant::now());
+                }
+            }
+        }
+    });
 
     tracing::info!(address = %listener.local_addr()?, "gateway listening");
-    axum::serve(listener, routes::router(state))
+    let app = routes::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
-        .await?;
-    let _ = stop_reaper.send(());
-    let _ = reaper.await;
-    Ok(())
+        .await;
+    stop.cancel();
+    while background.join_next().await.is_some() {}
+    Ok(served?)
 }
 
 /// NATS may still be starting (compose brings everything up at once): retry

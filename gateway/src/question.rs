@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use ebb_nats::Sampling;
+use ebb_nats::{ChatMessage, Sampling};
 use ebb_nats::messages::PROMPT_TEMPLATE_VERSION;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -19,6 +19,7 @@ const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 const MAX_GRADE: i64 = 13;
 const MAX_COURSE_CHARS: usize = 100;
 const MAX_LANGUAGE_CHARS: usize = 35;
+const MAX_URL_CHARS: usize = 2_048;
 
 /// Limits that come from the gateway's configuration.
 #[derive(Debug, Clone, Copy)]
@@ -39,37 +40,100 @@ pub struct NewQuestion {
     pub sampling: Sampling,
     /// How long to hold the request open for the answer; zero = do not wait.
     pub wait: Duration,
+    /// Earlier chat messages (empty for `POST /v1/questions`).
+    pub history: Vec<ChatMessage>,
+    /// http(s) URL to POST the final answer to; the SSRF check is at admission.
+    pub callback_url: Option<reqwest::Url>,
+}
+
+/// The fields `POST /v1/questions` and the chat body share.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Context {
+    pub grade: Option<u8>,
+    pub course: Option<String>,
+    pub language: Option<String>,
+    pub max_tokens: u32,
+    pub callback_url: Option<reqwest::Url>,
+}
+
+impl Context {
+    /// Reads the shared fields; `max_tokens_field` is where the chat body
+    /// may call it `max_completion_tokens`.
+    pub fn from_fields(
+        fields: &Map<String, Value>,
+        limits: Limits,
+        max_tokens_field: &'static str,
+    ) -> Result<Context, ApiError> {
+        let grade = optional_integer(fields, "grade", 0, MAX_GRADE)?.map(|grade| grade as u8);
+        let max_tokens =
+            optional_integer(fields, max_tokens_field, 1, limits.max_tokens_limit.into())?
+                .map_or(limits.default_max_tokens, |tokens| tokens as u32);
+        let callback_url = optional_string(fields, "callback_url", MAX_URL_CHARS)?
+            .map(|text| parse_callback_url(&text))
+            .transpose()?;
+        Ok(Context {
+            grade,
+            course: optional_string(fields, "course", MAX_COURSE_CHARS)?,
+            language: optional_string(fields, "language", MAX_LANGUAGE_CHARS)?,
+            max_tokens,
+            callback_url,
+        })
+    }
+}
+
+fn parse_callback_url(text: &str) -> Result<reqwest::Url, ApiError> {
+    let invalid = |message: &str| ApiError::invalid("callback_url", message);
+    let url = reqwest::Url::parse(text).map_err(|err| invalid(&format!("is not a URL: {err}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(invalid("must be an http or https URL"));
+    }
+    if url.host().is_none() {
+        return Err(invalid("must name a host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(invalid("must not carry credentials"));
+    }
+    Ok(url)
+}
+
+/// Parses the body as a JSON object.
+pub fn json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|err| ApiError::InvalidJson(err.to_string()))?;
+    let Value::Object(fields) = value else {
+        return Err(ApiError::InvalidJson(
+            "the body must be a JSON object".into(),
+        ));
+    };
+    Ok(fields)
+}
+
+/// Trims a question's text and checks its length.
+pub fn question_text(text: &str, field: &'static str) -> Result<String, ApiError> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(ApiError::invalid(field, "must not be empty"));
+    }
+    let chars = text.chars().count();
+    if chars > MAX_QUESTION_CHARS {
+        return Err(ApiError::invalid(
+            field,
+            format!("has {chars} characters; the limit is {MAX_QUESTION_CHARS}"),
+        ));
+    }
+    Ok(text.to_owned())
 }
 
 impl NewQuestion {
     /// Validates a JSON body, naming the first offending field.
     pub fn from_json(body: &[u8], limits: Limits) -> Result<NewQuestion, ApiError> {
-        let value: Value =
-            serde_json::from_slice(body).map_err(|err| ApiError::InvalidJson(err.to_string()))?;
-        let Value::Object(fields) = value else {
-            return Err(ApiError::InvalidJson(
-                "the body must be a JSON object".into(),
-            ));
-        };
+        let fields = json_object(body)?;
         let question = match fields.get("question") {
             None | Some(Value::Null) => return Err(ApiError::invalid("question", "is required")),
-            Some(Value::String(text)) => text.trim(),
+            Some(Value::String(text)) => question_text(text, "question")?,
             Some(_) => return Err(ApiError::invalid("question", "must be a string")),
         };
-        if question.is_empty() {
-            return Err(ApiError::invalid("question", "must not be empty"));
-        }
-        let chars = question.chars().count();
-        if chars > MAX_QUESTION_CHARS {
-            return Err(ApiError::invalid(
-                "question",
-                format!("has {chars} characters; the limit is {MAX_QUESTION_CHARS}"),
-            ));
-        }
-        let grade = optional_integer(&fields, "grade", 0, MAX_GRADE)?.map(|grade| grade as u8);
-        let max_tokens =
-            optional_integer(&fields, "max_tokens", 1, limits.max_tokens_limit.into())?
-                .map_or(limits.default_max_tokens, |tokens| tokens as u32);
+        let context = Context::from_fields(&fields, limits, "max_tokens")?;
         let wait = match fields.get("wait_seconds") {
             None | Some(Value::Null) => DEFAULT_WAIT,
             Some(Value::Number(number)) => match number.as_f64() {
@@ -85,15 +149,21 @@ impl NewQuestion {
             },
             Some(_) => return Err(ApiError::invalid("wait_seconds", "must be a number")),
         };
-        Ok(NewQuestion {
-            question: question.to_owned(),
-            grade,
-            course: optional_string(&fields, "course", MAX_COURSE_CHARS)?,
-            language: optional_string(&fields, "language", MAX_LANGUAGE_CHARS)?,
-            max_tokens,
-            sampling: Sampling::default(),
+        Ok(NewQuestion::new(question, context, Sampling::default(), wait))
+    }
+
+    pub fn new(question: String, context: Context, sampling: Sampling, wait: Duration) -> Self {
+        NewQuestion {
+            question,
+            grade: context.grade,
+            course: context.course,
+            language: context.language,
+            max_tokens: context.max_tokens,
+            sampling,
             wait,
-        })
+            history: Vec::new(),
+            callback_url: context.callback_url,
+        }
     }
 
     /// The answer-cache key, or `None` when the answer is not deterministic.
@@ -123,6 +193,11 @@ impl NewQuestion {
         );
         field(self.course.as_deref().unwrap_or_default().as_bytes());
         field(self.language.as_deref().unwrap_or_default().as_bytes());
+        field(&(self.history.len() as u64).to_le_bytes());
+        for message in &self.history {
+            field(message.role.as_str().as_bytes());
+            field(message.content.as_bytes());
+        }
         field(normalise(&self.question).as_bytes());
         Some(format!("{:x}", hasher.finalize()))
     }
@@ -136,7 +211,7 @@ pub fn normalise(question: &str) -> String {
     caseless::default_case_fold_str(&collapsed)
 }
 
-fn optional_integer(
+pub fn optional_integer(
     fields: &Map<String, Value>,
     field: &'static str,
     min: i64,
@@ -155,7 +230,7 @@ fn optional_integer(
     }
 }
 
-fn optional_string(
+pub fn optional_string(
     fields: &Map<String, Value>,
     field: &'static str,
     max_chars: usize,

@@ -44,16 +44,18 @@ pub async fn fail_question(
         .await?
         .await?;
 
-    let created_at_ms = job.enqueued_at_ms;
     let record = QuestionRecord {
         status: QuestionStatus::Failed,
         error: Some(reason.to_owned()),
         model: Some(job.model.clone()),
         attempts: deliveries,
         updated_at_ms: now,
-        ..QuestionRecord::queued(&job.id, created_at_ms)
+        ..QuestionRecord::of_job(job)
     };
     store.put_record(&record).await?;
+    if let Some(url) = &job.callback_url {
+        crate::webhook::enqueue(&topology.jetstream, url, &record).await?;
+    }
     let event = AnswerEvent::Failed {
         error: reason.to_owned(),
     };

@@ -7,15 +7,20 @@ use crate::subjects::Priority;
 
 /// Version of the prompt the worker builds from a [`Job`]. Part of the cache
 /// key: bump it whenever the prompt changes, and old cached answers retire.
-pub const PROMPT_TEMPLATE_VERSION: u32 = 1;
+pub const PROMPT_TEMPLATE_VERSION: u32 = 2;
 
 /// A question waiting for an answer: the payload of `ebb.questions.<priority>`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
     /// Question id; also the `Nats-Msg-Id`, so a retried publish is deduplicated.
     pub id: String,
-    /// The student's question, validated and trimmed by the gateway.
+    /// The student's question, validated and trimmed by the gateway: the
+    /// last user message of a chat.
     pub question: String,
+    /// Earlier messages of a chat conversation, oldest first (without
+    /// `question`). Client `system` messages add to the tutor's instructions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<ChatMessage>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grade: Option<u8>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -36,6 +41,55 @@ pub struct Job {
     pub cache_key: Option<String>,
     /// When the gateway accepted the question.
     pub enqueued_at_ms: u64,
+    /// Where the final answer is POSTed (see [`crate::webhook`]); checked by
+    /// the gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
+}
+
+/// One message of a chat conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+/// Why generation stopped, in OpenAI's words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// The model ended its answer.
+    #[default]
+    Stop,
+    /// `max_tokens` (or the model's context) ran out first.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
 }
 
 /// How tokens are chosen. `temperature == 0` is greedy, the default, and the
@@ -64,7 +118,7 @@ impl Sampling {
 }
 
 /// Where the time of an answer went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Timings {
     /// From acceptance by the gateway to the start of generation.
     pub queue_ms: u64,
@@ -78,11 +132,19 @@ pub struct Timings {
 
 /// Events on core NATS `ebb.answers.<id>`: token chunks while generating,
 /// then exactly one `done` or `failed`.
+///
+/// Each token's text is first appended to the question's piece list in
+/// Redis ([`crate::Store::pieces`]), then published, so a client joining late
+/// reads the list and follows the events from `seq = list length` without a
+/// gap or a repeat.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum AnswerEvent {
     Token {
         text: String,
+        /// Position of this piece in the answer, from 0.
+        #[serde(default)]
+        seq: u64,
     },
     Done {
         answer: String,
@@ -90,6 +152,8 @@ pub enum AnswerEvent {
         cached: bool,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timings: Option<Timings>,
+        #[serde(default)]
+        finish_reason: FinishReason,
     },
     Failed {
         error: String,
@@ -159,10 +223,13 @@ mod tests {
 
     #[test]
     fn answer_events_are_tagged_for_other_languages() {
-        let event = AnswerEvent::Token { text: "Hi".into() };
+        let event = AnswerEvent::Token {
+            text: "Hi".into(),
+            seq: 0,
+        };
         assert_eq!(
             serde_json::to_value(&event).unwrap(),
-            json!({"type": "token", "text": "Hi"})
+            json!({"type": "token", "text": "Hi", "seq": 0})
         );
         let failed: AnswerEvent =
             serde_json::from_value(json!({"type": "failed", "error": "boom"})).unwrap();

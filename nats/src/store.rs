@@ -1,7 +1,9 @@
 //! Redis: one status record per question and the answer cache.
 //!
-//! Keys: `ebb:question:<id>` (JSON [`QuestionRecord`], 24 h) and
-//! `ebb:cache:<sha256>` (JSON [`CachedAnswer`], TTL set by the writer).
+//! Keys: `ebb:question:<id>` (JSON [`QuestionRecord`], 24 h),
+//! `ebb:cache:<sha256>` (JSON [`CachedAnswer`], TTL set by the writer) and
+//! `ebb:pieces:<id>` (list of the answer's streamed pieces, 1 h, for clients
+//! that join a stream late).
 //! The connection is lazy and reconnects by itself, so a process starts and
 //! keeps serving while Redis is down; callers decide whether a failure is
 //! fatal (a worker's answer record) or a degradation (the gateway's cache).
@@ -12,10 +14,12 @@ use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::messages::Timings;
+use crate::messages::{FinishReason, Job, Timings};
 
 /// How long a status record lives after its last update.
 pub const RECORD_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long an answer's streamed pieces stay readable after the last one.
+pub const PIECES_TTL: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -28,7 +32,7 @@ pub enum StoreError {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum QuestionStatus {
     Queued,
@@ -44,7 +48,7 @@ impl QuestionStatus {
 }
 
 /// What `GET /v1/questions/<id>` returns.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct QuestionRecord {
     pub id: String,
     pub status: QuestionStatus,
@@ -58,6 +62,11 @@ pub struct QuestionRecord {
     pub cached: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timings: Option<Timings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<FinishReason>,
+    /// The language the answer was asked in (given or detected).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
     /// Deliveries so far (1 on the first attempt).
     #[serde(default)]
     pub attempts: i64,
@@ -75,9 +84,19 @@ impl QuestionRecord {
             model: None,
             cached: false,
             timings: None,
+            finish_reason: None,
+            language: None,
             attempts: 0,
             created_at_ms,
             updated_at_ms: created_at_ms,
+        }
+    }
+
+    /// The queued record of `job`.
+    pub fn of_job(job: &Job) -> Self {
+        QuestionRecord {
+            language: job.language.clone(),
+            ..QuestionRecord::queued(&job.id, job.enqueued_at_ms)
         }
     }
 }
@@ -87,6 +106,8 @@ impl QuestionRecord {
 pub struct CachedAnswer {
     pub answer: String,
     pub model: String,
+    #[serde(default)]
+    pub finish_reason: FinishReason,
 }
 
 /// Status records and the answer cache, over one multiplexed connection.
@@ -186,6 +207,30 @@ impl Store {
         self.set_json(&cache_key(key), answer, ttl).await
     }
 
+    /// Appends the answer piece number `seq` of question `id`. Pieces of an
+    /// earlier attempt are dropped first, so the list is always one attempt.
+    pub async fn append_piece(&self, id: &str, seq: u64, text: &str) -> Result<(), StoreError> {
+        let key = pieces_key(id);
+        let mut pipeline = redis::pipe();
+        if seq == 0 {
+            pipeline.del(&key).ignore();
+        }
+        pipeline
+            .rpush(&key, text)
+            .ignore()
+            .expire(&key, PIECES_TTL.as_secs() as i64)
+            .ignore();
+        let mut connection = self.connection.clone();
+        let _: () = pipeline.query_async(&mut connection).await?;
+        Ok(())
+    }
+
+    /// The pieces of the answer streamed so far (empty when none or expired).
+    pub async fn pieces(&self, id: &str) -> Result<Vec<String>, StoreError> {
+        let mut connection = self.connection.clone();
+        Ok(connection.lrange(pieces_key(id), 0, -1).await?)
+    }
+
     async fn get_json<T: serde::de::DeserializeOwned>(
         &self,
         key: &str,
@@ -216,6 +261,10 @@ impl Store {
 
 pub fn record_key(id: &str) -> String {
     format!("ebb:question:{id}")
+}
+
+pub fn pieces_key(id: &str) -> String {
+    format!("ebb:pieces:{id}")
 }
 
 pub fn cache_key(key: &str) -> String {

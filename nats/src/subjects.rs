@@ -51,7 +51,9 @@ pub fn consumer(priority: Priority) -> String {
 
 /// How urgently a question should be answered. Workers serve `High` before
 /// `Normal` before `Low`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
     High,

@@ -85,6 +85,7 @@ impl Default for QueueConfig {
 pub struct Topology {
     pub jetstream: jetstream::Context,
     pub questions: stream::Stream,
+    pub webhooks: stream::Stream,
     pub config: QueueConfig,
 }
 
@@ -97,8 +98,8 @@ impl Topology {
             .build(client)
     }
 
-    /// Creates or updates the question, dead-letter and advisory streams and
-    /// the per-priority worker consumers.
+    /// Creates or updates the question, dead-letter, advisory and webhook
+    /// streams and their consumers.
     pub async fn ensure(
         client: async_nats::Client,
         config: &QueueConfig,
@@ -107,6 +108,14 @@ impl Topology {
         let questions = create_or_update_stream(&jetstream, questions_stream(config)).await?;
         create_or_update_stream(&jetstream, dead_stream(config)).await?;
         create_or_update_stream(&jetstream, advisory_stream()).await?;
+        let webhooks = create_or_update_stream(&jetstream, crate::webhook::stream_config()).await?;
+        webhooks
+            .create_consumer(crate::webhook::consumer_config())
+            .await
+            .map_err(|err| QueueError::Consumer {
+                consumer: crate::webhook::CONSUMER.to_owned(),
+                source: err.into(),
+            })?;
         for priority in Priority::ALL {
             let consumer = worker_consumer(priority, config);
             let name = subjects::consumer(priority);
@@ -140,6 +149,7 @@ impl Topology {
         Ok(Topology {
             jetstream,
             questions,
+            webhooks,
             config: config.clone(),
         })
     }

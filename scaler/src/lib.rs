@@ -18,7 +18,7 @@
 //! [`run`] serves until `shutdown` resolves; `main` only parses flags.
 
 pub mod config;
-pub mod cron;
+pub use ebb_nats::cron;
 pub mod http;
 pub mod learned;
 pub mod policy;
@@ -26,7 +26,7 @@ pub mod pool;
 pub mod scaler;
 pub mod signals;
 pub mod simulate;
-pub mod timetable;
+pub use ebb_nats::timetable;
 
 use std::future::Future;
 use std::sync::Arc;

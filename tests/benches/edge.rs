@@ -152,6 +152,7 @@ async fn main() {
     .expect("greedy");
     let store = Store::connect_lazy(&stack.redis.url()).expect("redis url");
     let answer = CachedAnswer {
+        finish_reason: Default::default(),
         answer: "Plants turn light, water and air into sugar and oxygen. ".repeat(10),
         model: "ebb/tiny-qwen2@test".into(),
     };
@@ -214,6 +215,8 @@ async fn main() {
                     model: "ebb/tiny-qwen2@test".into(),
                     cache_key: Some("0".repeat(64)),
                     enqueued_at_ms: 0,
+        history: Vec::new(),
+        callback_url: None,
                 };
                 let message = PublishMessage::build()
                     .payload(serde_json::to_vec(&job).expect("json").into())

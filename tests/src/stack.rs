@@ -23,6 +23,9 @@ pub struct StackOptions {
     pub ack_wait: &'static str,
     pub max_deliver: u32,
     pub queue_max_messages: u32,
+    /// Gateway flags beyond the shared ones. The default serves without keys
+    /// and with no practical rate limit, for tests about other things.
+    pub gateway_args: Vec<String>,
 }
 
 impl Default for StackOptions {
@@ -31,6 +34,9 @@ impl Default for StackOptions {
             ack_wait: "3s",
             max_deliver: 5,
             queue_max_messages: 100_000,
+            gateway_args: ["--insecure-dev", "--rate-limit-per-ip", "1000000"]
+                .map(str::to_owned)
+                .to_vec(),
         }
     }
 }
@@ -140,6 +146,7 @@ impl Stack {
         self.gateway_url = format!("http://{}", listener.local_addr().expect("address"));
         let mut args = vec!["ebb-gateway".to_owned()];
         args.extend(self.shared_args());
+        args.extend(self.options.gateway_args.iter().cloned());
         let config = ebb_gateway::Config::try_parse_from(args).expect("gateway flags parse");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {

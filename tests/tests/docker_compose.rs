@@ -156,6 +156,8 @@ async fn docker_compose_runs_the_stack_and_scales_workers_from_zero_and_back() {
 
     let response = reqwest::Client::new()
         .post(format!("{gateway}/v1/questions"))
+        // The demo key of deploy/gateway.yaml.
+        .bearer_auth("ebb-local-demo-key")
         .json(&json!({"question": "Why is the sky blue?", "max_tokens": 8, "wait_seconds": 60}))
         .send()
         .await

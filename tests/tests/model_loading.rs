@@ -25,6 +25,8 @@ fn job(question: &str, max_tokens: u32) -> Job {
         model: "ebb/tiny-qwen2@test".into(),
         cache_key: None,
         enqueued_at_ms: 0,
+        history: Vec::new(),
+        callback_url: None,
     }
 }
 

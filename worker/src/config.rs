@@ -86,6 +86,10 @@ pub struct Config {
     /// Delay before the first retry of a failed question; doubles per attempt (max 1 min).
     #[arg(long, env = "EBB_RETRY_BACKOFF", default_value = "1s", value_parser = ebb_nats::duration::parse)]
     pub retry_backoff: Duration,
+    /// A normal or low question that has waited this long is served before
+    /// fresher, more urgent ones, so no priority starves (see README).
+    #[arg(long, env = "EBB_PRIORITY_AGING", default_value = "60s", value_parser = ebb_nats::duration::parse)]
+    pub priority_aging: Duration,
     /// Name in heartbeats and logs (default: a random id). The scaler sets it.
     #[arg(long, env = "EBB_WORKER_ID")]
     pub worker_id: Option<String>,

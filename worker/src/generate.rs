@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use candle_transformers::generation::{LogitsProcessor, Sampling};
-use ebb_nats::Job;
+use ebb_nats::{FinishReason, Job, Role};
 use tokenizers::Tokenizer;
 
 use crate::model::{ModelError, Qwen};
@@ -41,6 +41,7 @@ pub struct Generation {
     pub completion_tokens: usize,
     pub prefill: Duration,
     pub decode: Duration,
+    pub finish_reason: FinishReason,
 }
 
 impl Generation {
@@ -90,7 +91,9 @@ impl Generator {
         })
     }
 
-    /// The ChatML conversation for one question.
+    /// The ChatML conversation for one question: the tutor's instructions
+    /// (with the app's `system` messages after them, so an app can add to but
+    /// not replace the safety rules), the earlier turns, then the question.
     pub fn prompt(&self, job: &Job) -> String {
         let mut system = self.system_prompt.clone();
         if let Some(grade) = job.grade {
@@ -102,10 +105,23 @@ impl Generator {
         if let Some(language) = &job.language {
             system.push_str(&format!(" Answer in this language: {language}."));
         }
-        format!(
-            "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
+        for message in job.history.iter().filter(|m| m.role == Role::System) {
+            system.push_str("\n\n");
+            system.push_str(&message.content);
+        }
+        let mut prompt = format!("<|im_start|>system\n{system}<|im_end|>\n");
+        for message in job.history.iter().filter(|m| m.role != Role::System) {
+            let role = message.role.as_str();
+            prompt.push_str(&format!(
+                "<|im_start|>{role}\n{}<|im_end|>\n",
+                message.content
+            ));
+        }
+        prompt.push_str(&format!(
+            "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
             job.question
-        )
+        ));
+        prompt
     }
 
     /// Answers `job`, calling `on_text` with each new piece of the answer.
@@ -145,12 +161,14 @@ impl Generator {
         let prefill = started.elapsed();
         let decode_started = Instant::now();
         let mut generated = 0;
+        let mut finish_reason = FinishReason::Stop;
         while !self.stop_tokens.contains(&next) {
             generated += 1;
             if let Some(piece) = stream.push(next, &self.tokenizer)? {
                 on_text(&piece);
             }
             if generated == budget {
+                finish_reason = FinishReason::Length;
                 break;
             }
             let logits = self
@@ -171,6 +189,7 @@ impl Generator {
             completion_tokens: generated,
             prefill,
             decode: decode_started.elapsed(),
+            finish_reason,
         })
     }
 }

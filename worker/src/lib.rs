@@ -5,6 +5,7 @@
 //! - [`model`]: finding/downloading model files and loading them ([`model::Qwen`]).
 //! - [`generate`]: the ChatML prompt and the streaming decode loop.
 //! - [`runner`]: pull, answer, record, acknowledge; heartbeats.
+//! - [`serving_order`]: priorities with aging.
 //! - [`tiny`]: the random-weight model for tests, demos and benchmarks.
 //!
 //! [`run`] serves until `shutdown` is cancelled, finishes the question in
@@ -14,6 +15,7 @@ pub mod config;
 pub mod generate;
 pub mod model;
 pub mod runner;
+pub mod serving_order;
 pub mod tiny;
 
 use std::sync::Arc;

@@ -1,5 +1,6 @@
-//! The worker loop: pull one question (high before normal before low),
-//! answer it while streaming tokens and keeping the message alive with
+//! The worker loop: pull one question (high before normal before low, but a
+//! question waiting longer than `--priority-aging` first, see
+//! [`crate::serving_order`]), answer it while streaming tokens and keeping the message alive with
 //! progress acks, record the answer, then acknowledge.
 //!
 //! Ordering is what makes "no question lost" hold: the answer and status
@@ -14,8 +15,9 @@ use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use bytes::Bytes;
 use ebb_nats::messages::moving_average;
 use ebb_nats::{
-    AnswerEvent, CachedAnswer, Heartbeat, Job, Priority, QuestionRecord, QuestionStatus, Store,
-    Timings, Topology, WorkerState, dead_letter, subjects, telemetry,
+    AnswerEvent, CachedAnswer, FinishReason, Heartbeat, Job, Priority, QuestionRecord,
+    QuestionStatus, Store, Timings, Topology, WorkerState, dead_letter, subjects, telemetry,
+    webhook,
 };
 use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, watch};
@@ -87,7 +89,10 @@ impl Worker {
             .subscribe(subjects::QUESTIONS_WILDCARD)
             .await
             .map_err(|err| WorkerError::Nats(err.into()))?;
-        while let Some(message) = self.next_message(&mut arrivals, &shutdown).await {
+        // After a job there may be a backlog, whose ages decide the order.
+        let mut backlog = false;
+        while let Some(message) = self.next_message(&mut arrivals, &shutdown, backlog).await {
+            backlog = true;
             self.set_state(WorkerState::Busy);
             generator = self.handle(message, generator).await?;
             if shutdown.is_cancelled() {
@@ -101,16 +106,31 @@ impl Worker {
         Ok(())
     }
 
-    /// The next question, most urgent priority first. Waits on the core
+    /// The next question in [`crate::serving_order`]. Waits on the core
     /// NATS arrival subject (no polling delay for a new question), with a
-    /// 1 s fallback poll for redeliveries.
+    /// 1 s fallback poll for redeliveries. Ages are read only while a backlog
+    /// may exist: an idle worker's question is fresh by definition.
     async fn next_message(
         &self,
         arrivals: &mut async_nats::Subscriber,
         shutdown: &CancellationToken,
+        mut backlog: bool,
     ) -> Option<jetstream::Message> {
         loop {
-            for consumer in &self.consumers {
+            let order = if backlog {
+                match ebb_nats::queue_depth(&self.topology.questions).await {
+                    Ok(depth) => crate::serving_order::order(&depth, self.config.priority_aging),
+                    Err(err) => {
+                        tracing::debug!(cause = %err, "queue ages unknown; serving by priority");
+                        Priority::ALL.to_vec()
+                    }
+                }
+            } else {
+                Priority::ALL.to_vec()
+            };
+            backlog = false;
+            for priority in order {
+                let consumer = &self.consumers[priority as usize];
                 if shutdown.is_cancelled() {
                     return None;
                 }
@@ -183,9 +203,14 @@ impl Worker {
             return Ok(generator);
         }
         if let Some(hit) = self.cached(&job).await {
-            match self
-                .finish(&job, deliveries, &hit.answer, &hit.model, true, None)
-                .await
+            let answer = Answer {
+                text: &hit.answer,
+                model: &hit.model,
+                cached: true,
+                timings: None,
+                finish_reason: hit.finish_reason,
+            };
+            match self.finish(&job, deliveries, answer).await
             {
                 Ok(()) => ack(message).await,
                 Err(err) => {
@@ -200,7 +225,7 @@ impl Worker {
             attempts: deliveries,
             model: Some(self.identity.clone()),
             updated_at_ms: started_ms,
-            ..QuestionRecord::queued(&job.id, job.enqueued_at_ms)
+            ..QuestionRecord::of_job(&job)
         };
         if let Err(err) = self.store.put_record(&record).await {
             tracing::warn!(cause = %err, "cannot mark the question running");
@@ -216,17 +241,14 @@ impl Worker {
                     prompt_tokens: generation.prompt_tokens as u32,
                     completion_tokens: generation.completion_tokens as u32,
                 };
-                match self
-                    .finish(
-                        &job,
-                        deliveries,
-                        &generation.text,
-                        &self.identity,
-                        false,
-                        Some(timings),
-                    )
-                    .await
-                {
+                let answer = Answer {
+                    text: &generation.text,
+                    model: &self.identity,
+                    cached: false,
+                    timings: Some(timings),
+                    finish_reason: generation.finish_reason,
+                };
+                match self.finish(&job, deliveries, answer).await {
                     Ok(()) => {
                         ack(message).await;
                         self.heartbeat.send_modify(|beat| {
@@ -294,6 +316,7 @@ impl Worker {
         });
         let client = self.topology.jetstream.client();
         let answers = subjects::answers(&job.id);
+        let mut seq = 0;
         let mut progress =
             tokio::time::interval((self.delivery.ack_wait / 3).max(Duration::from_millis(100)));
         progress.tick().await;
@@ -301,7 +324,12 @@ impl Worker {
             tokio::select! {
                 piece = pieces_rx.recv() => match piece {
                     Some(text) => {
-                        let event = AnswerEvent::Token { text };
+                        // Stored before it is published: see AnswerEvent.
+                        if let Err(err) = self.store.append_piece(&job.id, seq, &text).await {
+                            tracing::debug!(cause = %err, "cannot store a piece for late joiners");
+                        }
+                        let event = AnswerEvent::Token { text, seq };
+                        seq += 1;
                         let body = Bytes::from(serde_json::to_vec(&event).expect("events serialize"));
                         if let Err(err) = client.publish(answers.clone(), body).await {
                             tracing::debug!(cause = %err, "cannot stream a token");
@@ -323,23 +351,22 @@ impl Worker {
         }
     }
 
-    /// Stores the answer (status record, cache) and tells waiting clients.
+    /// Stores the answer (status record, cache), tells waiting clients and
+    /// queues the webhook call.
     async fn finish(
         &self,
         job: &Job,
         deliveries: i64,
-        answer: &str,
-        model: &str,
-        cached: bool,
-        timings: Option<Timings>,
+        answer: Answer<'_>,
     ) -> Result<(), ebb_nats::StoreError> {
-        if !cached
+        if !answer.cached
             && let Some(key) = &job.cache_key
             && job.model == self.identity
         {
             let entry = CachedAnswer {
-                answer: answer.to_owned(),
-                model: model.to_owned(),
+                answer: answer.text.to_owned(),
+                model: answer.model.to_owned(),
+                finish_reason: answer.finish_reason,
             };
             self.store
                 .put_cached_answer(key, &entry, self.config.cache_ttl)
@@ -347,20 +374,22 @@ impl Worker {
         }
         let record = QuestionRecord {
             status: QuestionStatus::Done,
-            answer: Some(answer.to_owned()),
-            model: Some(model.to_owned()),
-            cached,
-            timings,
+            answer: Some(answer.text.to_owned()),
+            model: Some(answer.model.to_owned()),
+            cached: answer.cached,
+            timings: answer.timings,
+            finish_reason: Some(answer.finish_reason),
             attempts: deliveries,
             updated_at_ms: ebb_nats::now_ms(),
-            ..QuestionRecord::queued(&job.id, job.enqueued_at_ms)
+            ..QuestionRecord::of_job(job)
         };
         self.store.put_record(&record).await?;
         let event = AnswerEvent::Done {
-            answer: answer.to_owned(),
-            model: model.to_owned(),
-            cached,
-            timings,
+            answer: answer.text.to_owned(),
+            model: answer.model.to_owned(),
+            cached: answer.cached,
+            timings: answer.timings,
+            finish_reason: answer.finish_reason,
         };
         let body = Bytes::from(serde_json::to_vec(&event).expect("events serialize"));
         if let Err(err) = self
@@ -372,6 +401,11 @@ impl Worker {
         {
             // The record is stored; a waiting client finds it when its wait ends.
             tracing::warn!(cause = %err, "cannot publish the answer event");
+        }
+        if let Some(url) = &job.callback_url
+            && let Err(err) = webhook::enqueue(&self.topology.jetstream, url, &record).await
+        {
+            tracing::error!(cause = %err, "cannot queue the webhook call");
         }
         Ok(())
     }
@@ -409,7 +443,7 @@ impl Worker {
             error: Some(format!("attempt {deliveries} failed: {err}")),
             attempts: deliveries,
             updated_at_ms: ebb_nats::now_ms(),
-            ..QuestionRecord::queued(&job.id, job.enqueued_at_ms)
+            ..QuestionRecord::of_job(job)
         };
         let _ = self.store.put_record(&record).await;
         if let Err(err) = message.ack_with(AckKind::Nak(Some(delay))).await {
@@ -424,6 +458,15 @@ impl Worker {
             changed
         });
     }
+}
+
+/// A finished answer, wherever it came from.
+struct Answer<'a> {
+    text: &'a str,
+    model: &'a str,
+    cached: bool,
+    timings: Option<Timings>,
+    finish_reason: FinishReason,
 }
 
 /// `base * 2^(deliveries - 1)`, capped at one minute.

@@ -3,6 +3,9 @@
 //! which the scaler keeps a floor of warm workers, so the first question of a
 //! lesson does not wait for a cold start.
 //!
+//! The gateway reads the same entries to name time windows ("exam week")
+//! that its priority rules match; `min_workers` and `learn` are the scaler's.
+//!
 //! Every local wall-clock minute an entry's cron matches opens a window of the
 //! entry's duration. Daylight-saving changes must never lose a window, since a
 //! missing floor leaves students waiting: a local time skipped by
@@ -41,9 +44,10 @@ pub struct TimetableEntry {
     /// IANA time zone, e.g. `Asia/Shanghai`.
     pub timezone: String,
     /// How long each window stays open: `90m`, `2h`, or seconds.
-    #[serde(deserialize_with = "ebb_nats::duration::deserialize")]
+    #[serde(deserialize_with = "crate::duration::deserialize")]
     pub duration: Duration,
-    /// Workers kept running while a window is open.
+    /// Workers kept running while a window is open (scaler only).
+    #[serde(default)]
     pub min_workers: u32,
     /// Pre-warm to what the previous opening of this entry needed, when more
     /// than `min_workers`: a break's burst sizes the next break's floor.
@@ -272,7 +276,7 @@ mod tests {
             name: name.into(),
             cron: cron.into(),
             timezone: zone.into(),
-            duration: ebb_nats::duration::parse(duration).unwrap(),
+            duration: crate::duration::parse(duration).unwrap(),
             min_workers: workers,
             learn: false,
         }

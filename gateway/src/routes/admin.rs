@@ -1,0 +1,89 @@
+//! `/admin/*`: operator routes behind the admin token.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+
+use super::AppState;
+use crate::error::ApiError;
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct QueueStatus {
+    /// Per priority: `pending`, `ack_pending`, `oldest_waiting` (seconds).
+    #[schema(value_type = Object)]
+    pub depth: ebb_nats::QueueDepth,
+    /// The service time the shedding estimate uses, in seconds.
+    pub service_time_seconds: f64,
+    /// Client IPs with a rate-limit bucket.
+    pub rate_limited_clients: usize,
+}
+
+/// Queue depth and the figures shedding decides by.
+#[utoipa::path(
+    get,
+    path = "/admin/queue",
+    tag = "admin",
+    responses((status = 200, description = "Queue depth", body = QueueStatus))
+)]
+pub(crate) async fn queue(State(state): State<Arc<AppState>>) -> Result<Json<QueueStatus>, ApiError> {
+    let depth = ebb_nats::queue_depth(&state.topology.questions)
+        .await
+        .map_err(|err| ApiError::QueueUnavailable(err.to_string()))?;
+    let (_, service_time) = state.overload.snapshot();
+    Ok(Json(QueueStatus {
+        depth,
+        service_time_seconds: service_time.as_secs_f64(),
+        rate_limited_clients: state.ip_limiter.clients(),
+    }))
+}
+
+/// Forwards a manual override to the scaler's `POST /scale` (same body:
+/// `{"workers": n, "ttl": "30m"}`), with the scaler's token.
+#[utoipa::path(
+    post,
+    path = "/admin/scale",
+    tag = "admin",
+    request_body(content = Object, description = "The scaler's /scale body"),
+    responses((status = 200, description = "The scaler's answer", body = Object))
+)]
+pub(crate) async fn scale(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    super::require_json(&headers)?;
+    let Some((url, token)) = &state.scaler else {
+        return Err(ApiError::ScalerUnavailable(
+            "the gateway has no --scaler-url".into(),
+        ));
+    };
+    let mut request = state
+        .http
+        .post(format!("{}/scale", url.trim_end_matches('/')))
+        .header("content-type", "application/json")
+        .body(body);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request
+        .send()
+        .await
+        .map_err(|err| ApiError::ScalerUnavailable(err.to_string()))?;
+    let status = StatusCode::from_u16(response.status().as_u16())
+        .unwrap_or(StatusCode::BAD_GATEWAY);
+    let body = response
+        .bytes()
+        .await
+        .map_err(|err| ApiError::ScalerUnavailable(err.to_string()))?;
+    Ok((
+        status,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response())
+}

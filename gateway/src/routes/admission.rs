@@ -1,0 +1,275 @@
+//! What every question goes through, whichever route it came by: language,
+//! webhook target, cache, shedding, priority, then the queue.
+
+use std::time::Instant;
+
+use ebb_nats::{
+    CachedAnswer, Job, Priority, QuestionRecord, QuestionStatus, Timings, subjects,
+};
+use serde::Serialize;
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::AppState;
+use crate::error::ApiError;
+use crate::question::NewQuestion;
+use crate::{language, queue, webhook};
+
+/// Ids of answers served from the cache: this prefix, then the cache key.
+pub const CACHED_ID_PREFIX: &str = "cached-";
+
+/// Whether the caller will hold the request open for the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    No,
+    /// If a waiting slot is free; otherwise answer with the status URL.
+    IfFree,
+    /// Must: refuse with 503 when every slot is taken.
+    Required,
+}
+
+#[derive(Debug)]
+pub enum Admission {
+    Cached {
+        id: String,
+        hit: CachedAnswer,
+        language: Option<String>,
+    },
+    Queued(Queued),
+}
+
+#[derive(Debug)]
+pub struct Queued {
+    pub id: String,
+    pub language: Option<String>,
+    pub priority: Priority,
+    pub accepted_at_ms: u64,
+    /// Subscribed before publishing, so no event can be missed.
+    pub answers: Option<async_nats::Subscriber>,
+    pub slot: Option<OwnedSemaphorePermit>,
+}
+
+pub async fn admit(
+    state: &AppState,
+    mut question: NewQuestion,
+    hold: Hold,
+) -> Result<Admission, ApiError> {
+    let source = if question.language.is_some() {
+        "given"
+    } else {
+        question.language = language::detect(&question.question).map(str::to_owned);
+        if question.language.is_some() { "detected" } else { "unknown" }
+    };
+    if let Some(url) = &question.callback_url {
+        check_callback(state, url)?;
+    }
+    state
+        .metrics
+        .question(language::metric_label(question.language.as_deref()), source);
+    tracing::debug!(question = %question.question, "question text");
+
+    let cache_key = question.cache_key(&state.model_identity);
+    if let Some(key) = &cache_key
+        && let Some(Some(hit)) = state.degradable(state.store.cached_answer(key)).await
+    {
+        state.metrics.outcome("cached");
+        return Ok(Admission::Cached {
+            id: format!("{CACHED_ID_PREFIX}{key}"),
+            hit,
+            language: question.language,
+        });
+    }
+    if let Err(err) = state.overload.check() {
+        state.metrics.rejected("overloaded");
+        return Err(err);
+    }
+
+    let slot = match hold {
+        Hold::No => None,
+        Hold::IfFree => state.waiting.clone().try_acquire_owned().ok(),
+        Hold::Required => Some(
+            state
+                .waiting
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| ApiError::TooManyWaiting)?,
+        ),
+    };
+    let priority = state.priority.classify(
+        question.grade,
+        question.course.as_deref(),
+        chrono::Utc::now(),
+    );
+    let id = uuid::Uuid::now_v7().to_string();
+    let span = tracing::Span::current();
+    span.record("question_id", id.as_str());
+    let accepted_at_ms = ebb_nats::now_ms();
+    let job = Job {
+        id: id.clone(),
+        question: question.question,
+        history: question.history,
+        grade: question.grade,
+        course: question.course,
+        language: question.language.clone(),
+        max_tokens: question.max_tokens,
+        sampling: question.sampling,
+        priority,
+        model: state.model_identity.clone(),
+        cache_key,
+        enqueued_at_ms: accepted_at_ms,
+        callback_url: question.callback_url.map(String::from),
+    };
+    let answers = match slot {
+        Some(_) => Some(
+            state
+                .topology
+                .jetstream
+                .client()
+                .subscribe(subjects::answers(&id))
+                .await
+                .map_err(|err| ApiError::QueueUnavailable(err.to_string()))?,
+        ),
+        None => None,
+    };
+    let started = Instant::now();
+    queue::publish(&state.topology.jetstream, &job).await?;
+    state.overload.accepted();
+    state.metrics.outcome("queued");
+    tracing::info!(
+        question_id = %id,
+        %priority,
+        language = job.language.as_deref().map(|l| language::metric_label(Some(l))),
+        question_chars = job.question.chars().count(),
+        history_messages = job.history.len(),
+        max_tokens = job.max_tokens,
+        publish_ms = started.elapsed().as_millis() as u64,
+        "question accepted"
+    );
+    state
+        .degradable(state.store.insert_queued(&QuestionRecord::of_job(&job)))
+        .await;
+    Ok(Admission::Queued(Queued {
+        id,
+        language: job.language,
+        priority,
+        accepted_at_ms,
+        answers,
+        slot,
+    }))
+}
+
+/// Webhooks need a signing secret, and a literal address must be public
+/// (names are checked again at delivery, after resolution).
+fn check_callback(state: &AppState, url: &reqwest::Url) -> Result<(), ApiError> {
+    if state.webhooks.webhook_secret.is_none() {
+        return Err(ApiError::invalid(
+            "callback_url",
+            "webhooks are off: the gateway has no --webhook-secret",
+        ));
+    }
+    let literal = match url.host() {
+        Some(url::Host::Ipv4(ip)) => Some(std::net::IpAddr::V4(ip)),
+        Some(url::Host::Ipv6(ip)) => Some(std::net::IpAddr::V6(ip)),
+        _ => None,
+    };
+    let named_local = url
+        .host_str()
+        .is_some_and(|host| host.eq_ignore_ascii_case("localhost") || host.ends_with(".localhost"));
+    if named_local && state.webhooks.webhook_allow.is_empty() {
+        return Err(ApiError::invalid("callback_url", "must not point to localhost"));
+    }
+    if let Some(ip) = literal {
+        webhook::check_address(ip, &state.webhooks.webhook_allow)
+            .map_err(|err| ApiError::invalid("callback_url", err.to_string()))?;
+    }
+    Ok(())
+}
+
+/// A finished (or failed) question as the API shows it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Answered {
+    pub id: String,
+    pub status: QuestionStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub cached: bool,
+    pub model: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timings: Option<Timings>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<ebb_nats::FinishReason>,
+    /// Given by the client or detected from the question.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
+}
+
+impl Answered {
+    pub fn from_record(record: QuestionRecord, default_model: &str) -> Answered {
+        Answered {
+            id: record.id,
+            status: record.status,
+            answer: record.answer,
+            error: record.error,
+            cached: record.cached,
+            model: record.model.unwrap_or_else(|| default_model.to_owned()),
+            timings: record.timings,
+            finish_reason: record.finish_reason,
+            language: record.language,
+        }
+    }
+
+    pub fn from_cache(id: String, hit: CachedAnswer, language: Option<String>) -> Answered {
+        Answered {
+            id,
+            status: QuestionStatus::Done,
+            answer: Some(hit.answer),
+            error: None,
+            cached: true,
+            model: hit.model,
+            timings: None,
+            finish_reason: Some(hit.finish_reason),
+            language,
+        }
+    }
+
+    /// From a final answer event (`None` for a token event).
+    pub fn from_event(
+        id: String,
+        event: ebb_nats::AnswerEvent,
+        default_model: &str,
+        language: Option<String>,
+    ) -> Option<Answered> {
+        use ebb_nats::AnswerEvent;
+        let mut answered = Answered {
+            id,
+            status: QuestionStatus::Failed,
+            answer: None,
+            error: None,
+            cached: false,
+            model: default_model.to_owned(),
+            timings: None,
+            finish_reason: None,
+            language,
+        };
+        match event {
+            AnswerEvent::Token { .. } => return None,
+            AnswerEvent::Done {
+                answer,
+                model,
+                cached,
+                timings,
+                finish_reason,
+            } => {
+                answered.status = QuestionStatus::Done;
+                answered.answer = Some(answer);
+                answered.model = model;
+                answered.cached = cached;
+                answered.timings = timings;
+                answered.finish_reason = Some(finish_reason);
+            }
+            AnswerEvent::Failed { error } => answered.error = Some(error),
+        }
+        Some(answered)
+    }
+}

@@ -1,0 +1,285 @@
+//! HTTP handlers. Each returns `Result<_, ApiError>`; [`ApiError`] alone
+//! decides status codes and error bodies.
+//!
+//! # Layout
+//! - [`admission`]: what every question goes through (language, webhook
+//!   target, cache, shedding, priority, publish).
+//! - [`questions`]: `POST /v1/questions`, `GET /v1/questions/{id}`.
+//! - [`chat`]: `POST /v1/chat/completions`, `GET /v1/models`.
+//! - [`events`]: `GET /v1/questions/{id}/events` and the relay the chat
+//!   stream shares.
+//! - [`admin`]: `/admin/*`.
+//! - here: the state, the router, the auth and rate-limit middleware.
+
+pub mod admin;
+pub mod admission;
+pub mod chat;
+pub mod events;
+pub mod questions;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ebb_nats::{Store, Topology};
+use serde_json::json;
+use tokio::sync::Semaphore;
+
+use crate::auth::{Caller, Keys};
+use crate::config::{Config, LimitArgs, WebhookArgs};
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::overload::Overload;
+use crate::priority::PriorityRules;
+use crate::question::Limits;
+use crate::rate_limit::{Decision, RateLimiter};
+
+/// Largest request body accepted (a chat carries its history).
+pub const MAX_BODY_BYTES: usize = 128 * 1024;
+
+/// What every handler shares.
+#[derive(Debug)]
+pub struct AppState {
+    pub model: String,
+    pub model_identity: String,
+    pub limits: Limits,
+    pub topology: Topology,
+    pub store: Store,
+    /// Bounds the requests held open for an answer or a stream.
+    pub waiting: Arc<Semaphore>,
+    /// Set while Redis is failing, so the degradation is logged once.
+    store_degraded: AtomicBool,
+    pub keys: Keys,
+    pub rate_limits: LimitArgs,
+    pub ip_limiter: RateLimiter<IpAddr>,
+    pub key_limiter: RateLimiter<String>,
+    pub priority: PriorityRules,
+    pub overload: Arc<Overload>,
+    pub webhooks: WebhookArgs,
+    pub metrics: Metrics,
+    pub sse_keep_alive: Duration,
+    pub scaler: Option<(String, Option<String>)>,
+    pub http: reqwest::Client,
+}
+
+impl AppState {
+    pub fn new(
+        config: Config,
+        keys: Keys,
+        priority: PriorityRules,
+        topology: Topology,
+        store: Store,
+    ) -> Self {
+        AppState {
+            model_identity: config.model.identity(),
+            model: config.model.repo,
+            limits: Limits {
+                default_max_tokens: config.default_max_tokens,
+                max_tokens_limit: config.max_tokens_limit,
+            },
+            topology,
+            store,
+            waiting: Arc::new(Semaphore::new(config.max_waiting)),
+            store_degraded: AtomicBool::new(false),
+            keys,
+            ip_limiter: RateLimiter::new(config.limits.max_clients),
+            // One bucket per configured key: bounded by the config.
+            key_limiter: RateLimiter::new(usize::MAX),
+            rate_limits: config.limits,
+            priority,
+            overload: Arc::new(Overload::new(config.overload)),
+            webhooks: config.webhooks,
+            metrics: Metrics::default(),
+            sse_keep_alive: config.sse_keep_alive,
+            scaler: config.scaler_url.map(|url| (url, config.scaler_token)),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .expect("HTTP client builds"),
+        }
+    }
+
+    /// Runs a Redis call whose failure only degrades the answer (no cache,
+    /// no status record): logs the first failure and the recovery, not each.
+    pub async fn degradable<T>(
+        &self,
+        call: impl Future<Output = Result<T, ebb_nats::StoreError>>,
+    ) -> Option<T> {
+        match call.await {
+            Ok(value) => {
+                if self.store_degraded.swap(false, Ordering::Relaxed) {
+                    tracing::info!("redis is back: cache and status records restored");
+                }
+                Some(value)
+            }
+            Err(err @ ebb_nats::StoreError::Corrupt { .. }) => {
+                // Redis answered: treat the unreadable entry as a miss.
+                tracing::warn!(cause = %err, "ignoring an unreadable Redis entry");
+                None
+            }
+            Err(err) => {
+                if !self.store_degraded.swap(true, Ordering::Relaxed) {
+                    tracing::error!(cause = %err, "redis unavailable: answering without cache or status records");
+                }
+                None
+            }
+        }
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let limited = middleware::from_fn_with_state(state.clone(), rate_limit);
+    let public = Router::new()
+        .route("/v1/questions", post(questions::post_question).layer(limited.clone()))
+        .route("/v1/questions/{id}", get(questions::get_question))
+        .route("/v1/questions/{id}/events", get(events::question_events))
+        .route(
+            "/v1/chat/completions",
+            post(chat::chat_completions).layer(limited),
+        )
+        .route("/v1/models", get(chat::list_models))
+        .route("/v1/models/{*model}", get(chat::get_model))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    let admin = Router::new()
+        .route("/admin/queue", get(admin::queue))
+        .route("/admin/scale", post(admin::scale))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate_admin));
+    Router::new()
+        .merge(public)
+        .merge(admin)
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .fallback(|uri: Uri| async move { ApiError::RouteNotFound(uri.path().to_owned()) })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+fn authorization(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+}
+
+async fn authenticate(
+    State(state): State<Arc<AppState>>,
+    mut request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let caller = state.keys.caller(authorization(request.headers()))?;
+    request.extensions_mut().insert(caller);
+    Ok(next.run(request).await)
+}
+
+async fn authenticate_admin(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    state.keys.admin(authorization(request.headers()))?;
+    Ok(next.run(request).await)
+}
+
+/// One token from the client IP's bucket and, with a key, the key's bucket;
+/// the stricter decision is reported in `X-RateLimit-*` headers.
+async fn rate_limit(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let ip = crate::rate_limit::client_ip(
+        peer.ip(),
+        request.headers(),
+        &state.rate_limits.trusted_proxies,
+    );
+    let now = Instant::now();
+    let mut decision = state.ip_limiter.take(&ip, state.rate_limits.per_ip, now);
+    if let Some(Caller::Key { name, per_minute }) = request.extensions().get::<Caller>() {
+        decision = decision.stricter(state.key_limiter.take(name, *per_minute, now));
+    }
+    let mut response = if decision.allowed {
+        next.run(request).await
+    } else {
+        state.metrics.rejected("rate_limited");
+        ApiError::RateLimited {
+            retry_after: decision.retry_after,
+        }
+        .into_response()
+    };
+    rate_limit_headers(response.headers_mut(), decision);
+    response
+}
+
+fn rate_limit_headers(headers: &mut HeaderMap, decision: Decision) {
+    let reset = decision.reset.as_secs_f64().ceil() as u64;
+    headers.insert("x-ratelimit-limit", HeaderValue::from(decision.limit));
+    headers.insert("x-ratelimit-remaining", HeaderValue::from(decision.remaining));
+    headers.insert("x-ratelimit-reset", HeaderValue::from(reset));
+}
+
+async fn healthz(State(state): State<Arc<AppState>>) -> Response {
+    let nats_ok = state.topology.jetstream.client().connection_state()
+        == async_nats::connection::State::Connected;
+    let redis_ok = state.store.ping().await.is_ok();
+    let status = if nats_ok && redis_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let part = |ok: bool| if ok { "ok" } else { "unavailable" };
+    let body = json!({
+        "status": if status == StatusCode::OK { "healthy" } else { "unhealthy" },
+        "model": state.model,
+        "nats": part(nats_ok),
+        "redis": part(redis_ok),
+    });
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let (waiting, service_time) = state.overload.snapshot();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(waiting, service_time.as_secs_f64()),
+    )
+        .into_response()
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(crate::openapi::document())
+}
+
+/// Only `application/json` bodies are read.
+pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
+    if json {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType)
+    }
+}
+
+/// The body, with axum's rejections mapped to ours.
+pub fn body_bytes(
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<axum::body::Bytes, ApiError> {
+    body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge {
+            limit: MAX_BODY_BYTES,
+        },
+        _ => ApiError::InvalidJson(rejection.body_text()),
+    })
+}

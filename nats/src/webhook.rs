@@ -1,0 +1,84 @@
+//! Webhook calls: a question with a `callback_url` gets its final record
+//! POSTed there once it is `done` or `failed`.
+//!
+//! Whoever finishes the question (a worker, or the dead-letter reaper) only
+//! publishes a [`WebhookCall`] to the `EBB_WEBHOOKS` work-queue stream, which
+//! takes a millisecond and never waits on the receiver. The gateway's
+//! dispatcher delivers it (signed, retried with backoff, SSRF-checked), so a
+//! slow or dead receiver costs no worker time and survives restarts.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use serde::{Deserialize, Serialize};
+
+use crate::store::QuestionRecord;
+
+/// The stream of webhook calls not yet delivered.
+pub const STREAM: &str = "EBB_WEBHOOKS";
+/// Every webhook subject: `ebb.webhooks.<question id>`.
+pub const WILDCARD: &str = "ebb.webhooks.*";
+/// The durable consumer the gateways' dispatchers share.
+pub const CONSUMER: &str = "ebb-webhooks";
+/// Deliveries of one call before it is given up (with backoff, ~10 minutes).
+pub const MAX_DELIVER: i64 = 10;
+
+/// One call to make: the final record goes to `callback_url` as the body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WebhookCall {
+    pub callback_url: String,
+    pub record: QuestionRecord,
+}
+
+pub fn subject(question_id: &str) -> String {
+    format!("ebb.webhooks.{question_id}")
+}
+
+/// Queues the call. The message id makes a repeated finish (a redelivered
+/// question, a reaper racing a worker) one call within the duplicate window.
+pub async fn enqueue(
+    jetstream: &jetstream::Context,
+    callback_url: &str,
+    record: &QuestionRecord,
+) -> Result<(), async_nats::Error> {
+    let call = WebhookCall {
+        callback_url: callback_url.to_owned(),
+        record: record.clone(),
+    };
+    let message = jetstream::message::PublishMessage::build()
+        .payload(serde_json::to_vec(&call)?.into())
+        .message_id(format!("webhook-{}", record.id));
+    jetstream
+        .send_publish(subject(&record.id), message)
+        .await?
+        .await?;
+    Ok(())
+}
+
+pub(crate) fn stream_config() -> stream::Config {
+    stream::Config {
+        name: STREAM.to_owned(),
+        description: Some("Webhook calls waiting for delivery".to_owned()),
+        subjects: vec![WILDCARD.to_owned()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        discard: stream::DiscardPolicy::New,
+        max_messages: 100_000,
+        max_age: Duration::from_secs(86_400),
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    }
+}
+
+pub(crate) fn consumer_config() -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(CONSUMER.to_owned()),
+        description: Some("Gateways delivering webhook calls".to_owned()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        // Longer than one delivery attempt's timeout.
+        ack_wait: Duration::from_secs(60),
+        max_deliver: MAX_DELIVER,
+        max_ack_pending: 1_000,
+        ..Default::default()
+    }
+}
