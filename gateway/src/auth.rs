@@ -27,7 +27,10 @@ pub struct ApiKey {
 /// The caller of a public route.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
-    Key { name: String, per_minute: u32 },
+    Key {
+        name: String,
+        per_minute: u32,
+    },
     /// `--insecure-dev`: no key needed.
     Anonymous,
 }
@@ -76,7 +79,9 @@ impl Keys {
             if self.insecure_dev {
                 return Ok(Caller::Anonymous);
             }
-            return Err(ApiError::Unauthorized("missing `Authorization: Bearer <api key>`"));
+            return Err(ApiError::Unauthorized(
+                "missing `Authorization: Bearer <api key>`",
+            ));
         };
         let presented = digest(presented);
         let mut found = None;
@@ -104,13 +109,17 @@ impl Keys {
             ));
         };
         let Some(presented) = bearer(authorization) else {
-            return Err(ApiError::Unauthorized("missing `Authorization: Bearer <admin token>`"));
+            return Err(ApiError::Unauthorized(
+                "missing `Authorization: Bearer <admin token>`",
+            ));
         };
         if bool::from(digest(presented).ct_eq(admin)) {
             return Ok(());
         }
         match self.caller(Some(&format!("Bearer {presented}"))) {
-            Ok(Caller::Key { .. }) => Err(ApiError::Forbidden("an API key cannot use admin routes")),
+            Ok(Caller::Key { .. }) => {
+                Err(ApiError::Forbidden("an API key cannot use admin routes"))
+            }
             _ => Err(ApiError::Unauthorized("the admin token is not valid")),
         }
     }
@@ -171,7 +180,10 @@ mod tests {
             keys.caller(Some("Bearer sk-other")),
             Err(ApiError::Unauthorized(_))
         ));
-        assert!(matches!(keys.caller(Some("Basic sk-app")), Err(ApiError::Unauthorized(_))));
+        assert!(matches!(
+            keys.caller(Some("Basic sk-app")),
+            Err(ApiError::Unauthorized(_))
+        ));
     }
 
     #[test]
@@ -184,8 +196,14 @@ mod tests {
         let keys = keys(false);
         assert!(keys.admin(Some("Bearer admin-secret")).is_ok());
         assert!(matches!(keys.admin(None), Err(ApiError::Unauthorized(_))));
-        assert!(matches!(keys.admin(Some("Bearer sk-app")), Err(ApiError::Forbidden(_))));
-        assert!(matches!(keys.admin(Some("Bearer nope")), Err(ApiError::Unauthorized(_))));
+        assert!(matches!(
+            keys.admin(Some("Bearer sk-app")),
+            Err(ApiError::Forbidden(_))
+        ));
+        assert!(matches!(
+            keys.admin(Some("Bearer nope")),
+            Err(ApiError::Unauthorized(_))
+        ));
     }
 
     #[test]

@@ -43,7 +43,12 @@ impl ChatRequest {
                 role: Role::User,
                 content,
             }) => question_text(&content, "messages")?,
-            _ => return Err(ApiError::invalid("messages", "must end with a `user` message")),
+            _ => {
+                return Err(ApiError::invalid(
+                    "messages",
+                    "must end with a `user` message",
+                ));
+            }
         };
         let max_tokens_field = if fields.contains_key("max_completion_tokens") {
             "max_completion_tokens"
@@ -158,7 +163,10 @@ fn number(
             Some(value) if (min..=max).contains(&value) => Ok(Some(value)),
             _ => Err(ApiError::invalid(
                 field,
-                format!("must be a number from {} to {max}", if min > 0.0 { "above 0" } else { "0" }),
+                format!(
+                    "must be a number from {} to {max}",
+                    if min > 0.0 { "above 0" } else { "0" }
+                ),
             )),
         },
         Some(_) => Err(ApiError::invalid(field, "must be a number")),
@@ -254,7 +262,12 @@ pub fn chunk(
 }
 
 /// The usage chunk of `stream_options.include_usage`: no choices.
-pub fn usage_chunk(question_id: &str, model: &str, created: u64, timings: Option<Timings>) -> Value {
+pub fn usage_chunk(
+    question_id: &str,
+    model: &str,
+    created: u64,
+    timings: Option<Timings>,
+) -> Value {
     json!({
         "id": completion_id(question_id),
         "object": "chat.completion.chunk",
@@ -312,7 +325,8 @@ mod tests {
 
     #[test]
     fn defaults_are_greedy_and_cacheable() {
-        let request = parse(json!({"messages": [{"role": "user", "content": "Hi there"}]})).unwrap();
+        let request =
+            parse(json!({"messages": [{"role": "user", "content": "Hi there"}]})).unwrap();
         assert!(request.question.sampling.is_greedy());
         assert!(request.question.cache_key("m@main").is_some());
         assert_eq!(request.question.max_tokens, 256);
@@ -339,24 +353,44 @@ mod tests {
         assert_eq!(field_of(parse(json!({}))), "messages");
         assert_eq!(field_of(parse(json!({"messages": []}))), "messages");
         assert_eq!(
-            field_of(parse(json!({"messages": [{"role": "assistant", "content": "Hi"}]}))),
+            field_of(parse(
+                json!({"messages": [{"role": "assistant", "content": "Hi"}]})
+            )),
             "messages"
         );
         assert_eq!(
-            field_of(parse(json!({"messages": [{"role": "tool", "content": "x"}]}))),
+            field_of(parse(
+                json!({"messages": [{"role": "tool", "content": "x"}]})
+            )),
             "messages"
         );
         assert_eq!(
-            field_of(parse(json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}))),
+            field_of(parse(
+                json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})
+            )),
             "messages"
         );
-        assert_eq!(field_of(parse(json!({"messages": user, "temperature": 3}))), "temperature");
-        assert_eq!(field_of(parse(json!({"messages": user, "top_p": 0}))), "top_p");
+        assert_eq!(
+            field_of(parse(json!({"messages": user, "temperature": 3}))),
+            "temperature"
+        );
+        assert_eq!(
+            field_of(parse(json!({"messages": user, "top_p": 0}))),
+            "top_p"
+        );
         assert_eq!(field_of(parse(json!({"messages": user, "n": 2}))), "n");
-        assert_eq!(field_of(parse(json!({"messages": user, "stream": "yes"}))), "stream");
-        assert_eq!(field_of(parse(json!({"messages": user, "max_tokens": 0}))), "max_tokens");
         assert_eq!(
-            field_of(parse(json!({"messages": user, "max_completion_tokens": 5000}))),
+            field_of(parse(json!({"messages": user, "stream": "yes"}))),
+            "stream"
+        );
+        assert_eq!(
+            field_of(parse(json!({"messages": user, "max_tokens": 0}))),
+            "max_tokens"
+        );
+        assert_eq!(
+            field_of(parse(
+                json!({"messages": user, "max_completion_tokens": 5000})
+            )),
             "max_completion_tokens"
         );
         assert_eq!(

@@ -78,7 +78,11 @@ pub struct LimitArgs {
     #[arg(long, env = "EBB_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Vec<IpNet>,
     /// Most client IPs tracked at once; past it new clients get 429.
-    #[arg(long = "rate-limit-max-clients", env = "EBB_RATE_LIMIT_MAX_CLIENTS", default_value_t = 100_000)]
+    #[arg(
+        long = "rate-limit-max-clients",
+        env = "EBB_RATE_LIMIT_MAX_CLIENTS",
+        default_value_t = 100_000
+    )]
     pub max_clients: usize,
 }
 

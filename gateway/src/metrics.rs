@@ -27,11 +27,21 @@ impl Metrics {
     }
 
     pub fn rejected(&self, reason: &'static str) {
-        *self.rejected.lock().expect("metrics lock").entry(reason).or_default() += 1;
+        *self
+            .rejected
+            .lock()
+            .expect("metrics lock")
+            .entry(reason)
+            .or_default() += 1;
     }
 
     pub fn outcome(&self, outcome: &'static str) {
-        *self.outcomes.lock().expect("metrics lock").entry(outcome).or_default() += 1;
+        *self
+            .outcomes
+            .lock()
+            .expect("metrics lock")
+            .entry(outcome)
+            .or_default() += 1;
     }
 
     pub fn render(&self, waiting: u64, service_time_s: f64) -> String {
@@ -45,11 +55,17 @@ impl Metrics {
         }
         out.push_str("# HELP ebb_gateway_answers_total Admitted questions by how they were answered.\n# TYPE ebb_gateway_answers_total counter\n");
         for (outcome, count) in self.outcomes.lock().expect("metrics lock").iter() {
-            let _ = writeln!(out, "ebb_gateway_answers_total{{outcome=\"{outcome}\"}} {count}");
+            let _ = writeln!(
+                out,
+                "ebb_gateway_answers_total{{outcome=\"{outcome}\"}} {count}"
+            );
         }
         out.push_str("# HELP ebb_gateway_rejected_total Questions refused at the edge.\n# TYPE ebb_gateway_rejected_total counter\n");
         for (reason, count) in self.rejected.lock().expect("metrics lock").iter() {
-            let _ = writeln!(out, "ebb_gateway_rejected_total{{reason=\"{reason}\"}} {count}");
+            let _ = writeln!(
+                out,
+                "ebb_gateway_rejected_total{{reason=\"{reason}\"}} {count}"
+            );
         }
         let _ = write!(
             out,

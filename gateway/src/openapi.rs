@@ -229,14 +229,23 @@ struct ErrorResponses;
 const ERRORS: [(&str, &str); 11] = [
     ("400", "The body is not JSON (`invalid_json`)"),
     ("401", "Missing or invalid API key (`unauthorized`)"),
-    ("403", "Not allowed, e.g. an API key on an admin route (`forbidden`)"),
+    (
+        "403",
+        "Not allowed, e.g. an API key on an admin route (`forbidden`)",
+    ),
     ("404", "No such question or model"),
     ("413", "The body is too large"),
     ("415", "The body is not `application/json`"),
-    ("422", "A field is invalid (`invalid_request`, `param` names it)"),
+    (
+        "422",
+        "A field is invalid (`invalid_request`, `param` names it)",
+    ),
     ("429", "`rate_limited` or `overloaded`; see `Retry-After`"),
     ("502", "The answer failed, or the scaler is unavailable"),
-    ("503", "Queue, store or waiting slots unavailable; see `Retry-After`"),
+    (
+        "503",
+        "Queue, store or waiting slots unavailable; see `Retry-After`",
+    ),
     ("504", "No answer in time (`timeout`); the question goes on"),
 ];
 

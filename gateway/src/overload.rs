@@ -54,9 +54,8 @@ impl Overload {
 
     /// `Err(Overloaded)` when one more question could not be served in time.
     pub fn check(&self) -> Result<(), ApiError> {
-        let waiting = self.waiting.load(Ordering::Relaxed)
-            + self.accepted_since.load(Ordering::Relaxed)
-            + 1;
+        let waiting =
+            self.waiting.load(Ordering::Relaxed) + self.accepted_since.load(Ordering::Relaxed) + 1;
         let service = Duration::from_millis(self.service_time_ms.load(Ordering::Relaxed));
         let wait = estimated_wait(waiting, service, self.args.max_workers);
         if wait > self.args.latency_goal {

@@ -63,8 +63,17 @@ impl PriorityRules {
         Ok(PriorityRules { config, timetable })
     }
 
-    pub fn classify(&self, grade: Option<u8>, course: Option<&str>, now: DateTime<Utc>) -> Priority {
-        let needs_windows = self.config.rules.iter().any(|rule| !rule.windows.is_empty());
+    pub fn classify(
+        &self,
+        grade: Option<u8>,
+        course: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Priority {
+        let needs_windows = self
+            .config
+            .rules
+            .iter()
+            .any(|rule| !rule.windows.is_empty());
         let open: Vec<String> = if needs_windows {
             self.timetable
                 .active_windows(now, Duration::ZERO)
@@ -140,8 +149,14 @@ priority:
     fn courses_match_case_insensitively_and_first_rule_wins() {
         let rules = rules();
         let inside = at("2026-12-02T15:00:00Z");
-        assert_eq!(rules.classify(Some(3), Some("free READING"), inside), Priority::Low);
-        assert_eq!(rules.classify(Some(12), Some("free reading"), inside), Priority::High);
+        assert_eq!(
+            rules.classify(Some(3), Some("free READING"), inside),
+            Priority::Low
+        );
+        assert_eq!(
+            rules.classify(Some(12), Some("free reading"), inside),
+            Priority::High
+        );
     }
 
     #[test]
@@ -149,6 +164,9 @@ priority:
         let mut file: File = serde_norway::from_str(CONFIG).unwrap();
         file.priority.rules[0].windows = vec!["exam-wek".into()];
         let err = PriorityRules::new(file.priority, &file.timetable).unwrap_err();
-        assert!(err.contains("priority.rules[0].windows") && err.contains("exam-wek"), "{err}");
+        assert!(
+            err.contains("priority.rules[0].windows") && err.contains("exam-wek"),
+            "{err}"
+        );
     }
 }

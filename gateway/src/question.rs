@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use ebb_nats::{ChatMessage, Sampling};
 use ebb_nats::messages::PROMPT_TEMPLATE_VERSION;
+use ebb_nats::{ChatMessage, Sampling};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use unicode_normalization::UnicodeNormalization;
@@ -149,7 +149,12 @@ impl NewQuestion {
             },
             Some(_) => return Err(ApiError::invalid("wait_seconds", "must be a number")),
         };
-        Ok(NewQuestion::new(question, context, Sampling::default(), wait))
+        Ok(NewQuestion::new(
+            question,
+            context,
+            Sampling::default(),
+            wait,
+        ))
     }
 
     pub fn new(question: String, context: Context, sampling: Sampling, wait: Duration) -> Self {

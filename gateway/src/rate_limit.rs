@@ -178,8 +178,16 @@ mod tests {
         assert_eq!(refused.retry_after, Duration::from_millis(600));
         assert_eq!(refused.reset, Duration::from_secs(60));
         // 0.6 s later one token is back; another client is independent.
-        assert!(limiter.take(&"a", 100, start + Duration::from_millis(600)).allowed);
-        assert!(!limiter.take(&"a", 100, start + Duration::from_millis(600)).allowed);
+        assert!(
+            limiter
+                .take(&"a", 100, start + Duration::from_millis(600))
+                .allowed
+        );
+        assert!(
+            !limiter
+                .take(&"a", 100, start + Duration::from_millis(600))
+                .allowed
+        );
         assert!(limiter.take(&"b", 100, start).allowed);
     }
 

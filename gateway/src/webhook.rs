@@ -301,7 +301,10 @@ mod tests {
     #[tokio::test]
     async fn names_are_checked_after_resolution() {
         let url = reqwest::Url::parse("http://localhost:9/hook").unwrap();
-        assert!(matches!(resolve(&url, &[]).await, Err(TargetError::Private(_))));
+        assert!(matches!(
+            resolve(&url, &[]).await,
+            Err(TargetError::Private(_))
+        ));
         let allow: Vec<IpNet> = vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
         assert_eq!(resolve(&url, &allow).await.unwrap().port(), 9);
     }

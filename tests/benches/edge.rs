@@ -215,8 +215,8 @@ async fn main() {
                     model: "ebb/tiny-qwen2@test".into(),
                     cache_key: Some("0".repeat(64)),
                     enqueued_at_ms: 0,
-        history: Vec::new(),
-        callback_url: None,
+                    history: Vec::new(),
+                    callback_url: None,
                 };
                 let message = PublishMessage::build()
                     .payload(serde_json::to_vec(&job).expect("json").into())

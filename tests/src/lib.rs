@@ -5,14 +5,17 @@
 //! # Layout
 //! - [`servers`]: [`NatsServer`], [`RedisServer`], [`TempDir`], port helpers.
 //! - [`stack`]: [`Stack`] (servers + gateway + tiny model) and [`WorkerProcess`].
+//! - [`sse`]: a Server-Sent Events reader.
 //! - [`scaler`]: [`ScalerProcess`], an `ebb-scaler` running tiny-model workers.
 
 pub mod scaler;
 pub mod servers;
+pub mod sse;
 pub mod stack;
 
 pub use scaler::{ADMIN_TOKEN, ScalerProcess, scaler_binary};
 pub use servers::{NatsServer, RedisServer, TempDir, free_port};
+pub use sse::{SseEvent, SseReader};
 pub use stack::{Stack, StackOptions, WorkerProcess, tiny_model_dir, worker_binary};
 
 /// The text of README.md after `marker` up to the end of that code block,

@@ -45,7 +45,7 @@ async fn bad_requests_get_clear_json_errors() {
     let stack = Stack::start(StackOptions::default()).await;
     let json = Some("application/json");
 
-    let huge = format!(r#"{{"question":"{}"}}"#, "a".repeat(17 * 1024));
+    let huge = format!(r#"{{"question":"{}"}}"#, "a".repeat(129 * 1024));
     assert_error(
         post_raw(&stack, json, huge).await,
         413,

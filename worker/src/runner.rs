@@ -89,8 +89,9 @@ impl Worker {
             .subscribe(subjects::QUESTIONS_WILDCARD)
             .await
             .map_err(|err| WorkerError::Nats(err.into()))?;
-        // After a job there may be a backlog, whose ages decide the order.
-        let mut backlog = false;
+        // At start and after a job there may be a backlog, whose ages decide
+        // the order.
+        let mut backlog = true;
         while let Some(message) = self.next_message(&mut arrivals, &shutdown, backlog).await {
             backlog = true;
             self.set_state(WorkerState::Busy);
@@ -210,8 +211,7 @@ impl Worker {
                 timings: None,
                 finish_reason: hit.finish_reason,
             };
-            match self.finish(&job, deliveries, answer).await
-            {
+            match self.finish(&job, deliveries, answer).await {
                 Ok(()) => ack(message).await,
                 Err(err) => {
                     self.retry_or_fail(message, &job, deliveries, &err.into())

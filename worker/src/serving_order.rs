@@ -68,7 +68,10 @@ mod tests {
     #[test]
     fn aged_questions_go_oldest_first() {
         let normal_older = order(&depth([Some(500), Some(90), Some(70)]), AGING);
-        assert_eq!(normal_older, [Priority::Normal, Priority::Low, Priority::High]);
+        assert_eq!(
+            normal_older,
+            [Priority::Normal, Priority::Low, Priority::High]
+        );
         let low_older = order(&depth([Some(5), Some(70), Some(90)]), AGING);
         assert_eq!(low_older, [Priority::Low, Priority::Normal, Priority::High]);
     }

@@ -2,11 +2,11 @@
 
 use std::sync::Arc;
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde::Serialize;
 
 use super::AppState;
@@ -30,7 +30,9 @@ pub struct QueueStatus {
     tag = "admin",
     responses((status = 200, description = "Queue depth", body = QueueStatus))
 )]
-pub(crate) async fn queue(State(state): State<Arc<AppState>>) -> Result<Json<QueueStatus>, ApiError> {
+pub(crate) async fn queue(
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<QueueStatus>, ApiError> {
     let depth = ebb_nats::queue_depth(&state.topology.questions)
         .await
         .map_err(|err| ApiError::QueueUnavailable(err.to_string()))?;
@@ -74,8 +76,8 @@ pub(crate) async fn scale(
         .send()
         .await
         .map_err(|err| ApiError::ScalerUnavailable(err.to_string()))?;
-    let status = StatusCode::from_u16(response.status().as_u16())
-        .unwrap_or(StatusCode::BAD_GATEWAY);
+    let status =
+        StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let body = response
         .bytes()
         .await

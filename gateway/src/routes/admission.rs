@@ -3,9 +3,7 @@
 
 use std::time::Instant;
 
-use ebb_nats::{
-    CachedAnswer, Job, Priority, QuestionRecord, QuestionStatus, Timings, subjects,
-};
+use ebb_nats::{CachedAnswer, Job, Priority, QuestionRecord, QuestionStatus, Timings, subjects};
 use serde::Serialize;
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -57,7 +55,11 @@ pub async fn admit(
         "given"
     } else {
         question.language = language::detect(&question.question).map(str::to_owned);
-        if question.language.is_some() { "detected" } else { "unknown" }
+        if question.language.is_some() {
+            "detected"
+        } else {
+            "unknown"
+        }
     };
     if let Some(url) = &question.callback_url {
         check_callback(state, url)?;
@@ -175,7 +177,10 @@ fn check_callback(state: &AppState, url: &reqwest::Url) -> Result<(), ApiError> 
         .host_str()
         .is_some_and(|host| host.eq_ignore_ascii_case("localhost") || host.ends_with(".localhost"));
     if named_local && state.webhooks.webhook_allow.is_empty() {
-        return Err(ApiError::invalid("callback_url", "must not point to localhost"));
+        return Err(ApiError::invalid(
+            "callback_url",
+            "must not point to localhost",
+        ));
     }
     if let Some(ip) = literal {
         webhook::check_address(ip, &state.webhooks.webhook_allow)

@@ -2,13 +2,13 @@
 
 use std::sync::Arc;
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use ebb_nats::{FinishReason, QuestionStatus, Timings};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -19,8 +19,8 @@ use super::{AppState, body_bytes, require_json};
 use crate::chat::{AnswerMeta, ChatRequest, chunk, usage_chunk};
 use crate::error::ApiError;
 use crate::openapi::{ChatCompletion, ModelList, ModelObject};
-use crate::queue;
 use crate::question::MAX_WAIT;
+use crate::queue;
 
 /// Answer a chat (OpenAI's shape); `stream: true` answers with SSE chunks
 /// ending in `data: [DONE]`.
@@ -75,8 +75,10 @@ pub(crate) async fn chat_completions(
                 });
                 return Ok(sse(rx, state.sse_keep_alive).into_response());
             }
-            Ok(Json(meta(&answered, created).completion(answered.answer.as_deref().unwrap_or_default()))
-                .into_response())
+            Ok(Json(
+                meta(&answered, created).completion(answered.answer.as_deref().unwrap_or_default()),
+            )
+            .into_response())
         }
         Admission::Queued(queued) => {
             let mut answers = queued.answers.expect("Hold::Required subscribes");
@@ -95,7 +97,14 @@ pub(crate) async fn chat_completions(
                     let _slot = slot;
                     let (relayed_tx, mut relayed) = mpsc::channel(64);
                     let id = writer.id.clone();
-                    let relaying = relay(&relay_state.store, &relay_state.model, &id, answers, 0, relayed_tx);
+                    let relaying = relay(
+                        &relay_state.store,
+                        &relay_state.model,
+                        &id,
+                        answers,
+                        0,
+                        relayed_tx,
+                    );
                     let writing = async {
                         if !writer.role().await {
                             return;
@@ -135,12 +144,12 @@ pub(crate) async fn chat_completions(
                     waited: MAX_WAIT,
                 });
             };
-            let answered =
-                Answered::from_event(queued.id, event, &state.model, queued.language)
-                    .expect("wait_for_answer returns final events");
+            let answered = Answered::from_event(queued.id, event, &state.model, queued.language)
+                .expect("wait_for_answer returns final events");
             match answered.status {
                 QuestionStatus::Done => Ok(Json(
-                    meta(&answered, created).completion(answered.answer.as_deref().unwrap_or_default()),
+                    meta(&answered, created)
+                        .completion(answered.answer.as_deref().unwrap_or_default()),
                 )
                 .into_response()),
                 _ => Err(ApiError::AnswerFailed(answered.error.unwrap_or_default())),
@@ -191,7 +200,8 @@ impl ChunkWriter {
     }
 
     async fn role(&self) -> bool {
-        self.delta(json!({"role": "assistant", "content": ""}), None).await
+        self.delta(json!({"role": "assistant", "content": ""}), None)
+            .await
     }
 
     async fn piece(&self, text: String) -> bool {

@@ -40,7 +40,10 @@ const RECHECK: Duration = Duration::from_secs(5);
 /// What the relay hands to a stream writer.
 #[derive(Debug)]
 pub enum Relayed {
-    Piece { seq: u64, text: String },
+    Piece {
+        seq: u64,
+        text: String,
+    },
     /// The answer restarts (a retry after a failed attempt).
     Reset,
     Final(Answered),
@@ -181,7 +184,13 @@ pub(crate) async fn question_events(
         .subscribe(subjects::answers(&id))
         .await
         .map_err(|err| ApiError::QueueUnavailable(err.to_string()))?;
-    if state.store.record(&id).await.map_err(store_error)?.is_none() {
+    if state
+        .store
+        .record(&id)
+        .await
+        .map_err(store_error)?
+        .is_none()
+    {
         return Err(ApiError::QuestionNotFound(id));
     }
     let (relayed_tx, mut relayed) = mpsc::channel(STREAM_BUFFER);

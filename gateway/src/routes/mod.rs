@@ -137,7 +137,10 @@ impl AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     let limited = middleware::from_fn_with_state(state.clone(), rate_limit);
     let public = Router::new()
-        .route("/v1/questions", post(questions::post_question).layer(limited.clone()))
+        .route(
+            "/v1/questions",
+            post(questions::post_question).layer(limited.clone()),
+        )
         .route("/v1/questions/{id}", get(questions::get_question))
         .route("/v1/questions/{id}/events", get(events::question_events))
         .route(
@@ -150,7 +153,10 @@ pub fn router(state: Arc<AppState>) -> Router {
     let admin = Router::new()
         .route("/admin/queue", get(admin::queue))
         .route("/admin/scale", post(admin::scale))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate_admin));
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            authenticate_admin,
+        ));
     Router::new()
         .merge(public)
         .merge(admin)
@@ -222,7 +228,10 @@ async fn rate_limit(
 fn rate_limit_headers(headers: &mut HeaderMap, decision: Decision) {
     let reset = decision.reset.as_secs_f64().ceil() as u64;
     headers.insert("x-ratelimit-limit", HeaderValue::from(decision.limit));
-    headers.insert("x-ratelimit-remaining", HeaderValue::from(decision.remaining));
+    headers.insert(
+        "x-ratelimit-remaining",
+        HeaderValue::from(decision.remaining),
+    );
     headers.insert("x-ratelimit-reset", HeaderValue::from(reset));
 }
 

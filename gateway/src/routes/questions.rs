@@ -2,12 +2,12 @@
 
 use std::sync::Arc;
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use ebb_nats::{Priority, QuestionRecord, QuestionStatus};
 use serde::Serialize;
 
@@ -49,7 +49,11 @@ pub(crate) async fn post_question(
     require_json(&headers)?;
     let question = NewQuestion::from_json(&body_bytes(body)?, state.limits)?;
     let wait = question.wait;
-    let hold = if wait.is_zero() { Hold::No } else { Hold::IfFree };
+    let hold = if wait.is_zero() {
+        Hold::No
+    } else {
+        Hold::IfFree
+    };
     let span = tracing::Span::current();
     let queued = match admit(&state, question, hold).await? {
         Admission::Cached { id, hit, language } => {

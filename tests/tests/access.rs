@@ -1,0 +1,352 @@
+//! Who may ask and how much: API keys and the admin token, per-IP and
+//! per-key rate limits (exact counts, `Retry-After`, `X-RateLimit-*`),
+//! trusted proxies, shedding under overload, and SSRF refusals.
+
+use std::time::Duration;
+
+use ebb_nats::{CachedAnswer, Store};
+use ebb_tests::{Stack, StackOptions, TempDir};
+use serde_json::{Value, json};
+
+const KEY: &str = "sk-test-app";
+const SLOW_KEY: &str = "sk-test-slow";
+const ADMIN: &str = "admin-test-token";
+
+fn sha256_hex(text: &str) -> String {
+    ebb_gateway::auth::hex_digest(text)
+}
+
+/// A gateway with two keys (one limited to 3 a minute) and an admin token.
+fn keyed_options(dir: &TempDir, extra: &[&str]) -> StackOptions {
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "api_keys:\n  - name: app\n    sha256: {}\n  - name: slow\n    sha256: {}\n    per_minute: 3\n",
+            sha256_hex(KEY),
+            sha256_hex(SLOW_KEY)
+        ),
+    )
+    .unwrap();
+    let mut args: Vec<String> = ["--config", config.to_str().unwrap(), "--admin-token", ADMIN]
+        .map(str::to_owned)
+        .to_vec();
+    args.extend(extra.iter().map(|arg| arg.to_string()));
+    StackOptions {
+        gateway_args: args,
+        ..StackOptions::default()
+    }
+}
+
+async fn send(request: reqwest::RequestBuilder) -> (u16, reqwest::header::HeaderMap, Value) {
+    let response = request.send().await.expect("gateway reachable");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.json().await.unwrap_or(Value::Null);
+    (status, headers, body)
+}
+
+fn question(stack: &Stack, text: &str) -> reqwest::RequestBuilder {
+    stack
+        .http
+        .post(format!("{}/v1/questions", stack.gateway_url))
+        .json(&json!({"question": text, "wait_seconds": 0}))
+}
+
+fn header(headers: &reqwest::header::HeaderMap, name: &str) -> String {
+    headers
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} header"))
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn api_keys_guard_the_public_routes_and_the_admin_token_the_admin_routes() {
+    let dir = TempDir::new("keys");
+    let stack = Stack::start(keyed_options(&dir, &[])).await;
+    let models = format!("{}/v1/models", stack.gateway_url);
+
+    let (code, headers, body) = send(stack.http.get(&models)).await;
+    assert_eq!(code, 401, "{body}");
+    assert_eq!(body["error"]["type"], "unauthorized");
+    assert_eq!(header(&headers, "www-authenticate"), "Bearer");
+    let (code, _, _) = send(stack.http.get(&models).bearer_auth("sk-wrong")).await;
+    assert_eq!(code, 401);
+    let (code, _, body) = send(stack.http.get(&models).bearer_auth(KEY)).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["data"][0]["id"], ebb_tests::stack::TINY_MODEL);
+    let (code, _, _) = send(question(&stack, "Is this allowed?")).await;
+    assert_eq!(code, 401, "questions need a key too");
+
+    let admin = format!("{}/admin/queue", stack.gateway_url);
+    let (code, _, _) = send(stack.http.get(&admin)).await;
+    assert_eq!(code, 401);
+    let (code, _, body) = send(stack.http.get(&admin).bearer_auth(KEY)).await;
+    assert_eq!(code, 403, "an API key is not the admin token: {body}");
+    let (code, _, body) = send(stack.http.get(&admin).bearer_auth(ADMIN)).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["depth"]["priorities"].as_array().unwrap().len(), 3);
+    // Health, metrics and the API document stay open for probes and tools.
+    for open in ["/healthz", "/metrics", "/openapi.json"] {
+        let response = stack
+            .http
+            .get(format!("{}{open}", stack.gateway_url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200, "{open}");
+    }
+}
+
+#[tokio::test]
+async fn without_keys_the_gateway_refuses_to_start_unless_insecure_dev() {
+    use clap::Parser as _;
+    let stack = Stack::start(StackOptions::default()).await;
+    let mut args = vec!["ebb-gateway".to_owned()];
+    args.extend(stack.shared_args());
+    let config = ebb_gateway::Config::try_parse_from(args).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = ebb_gateway::run(config, listener, async {})
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("--insecure-dev"), "{err}");
+}
+
+#[tokio::test]
+async fn the_per_ip_limit_allows_exactly_its_size_then_429_with_retry_after() {
+    let options = StackOptions {
+        gateway_args: ["--insecure-dev", "--rate-limit-per-ip", "5"]
+            .map(str::to_owned)
+            .to_vec(),
+        ..StackOptions::default()
+    };
+    let stack = Stack::start(options).await;
+    for n in 0..5 {
+        let (code, headers, body) = send(question(&stack, &format!("Question {n}?"))).await;
+        assert_eq!(code, 202, "request {n}: {body}");
+        assert_eq!(header(&headers, "x-ratelimit-limit"), "5");
+        assert_eq!(
+            header(&headers, "x-ratelimit-remaining"),
+            (4 - n).to_string()
+        );
+    }
+    let (code, headers, body) = send(question(&stack, "One too many?")).await;
+    assert_eq!(code, 429, "{body}");
+    assert_eq!(body["error"]["type"], "rate_limited");
+    // 5 a minute refill one every 12 s.
+    let retry_after: u64 = header(&headers, "retry-after").parse().unwrap();
+    assert!(
+        (11..=12).contains(&retry_after),
+        "Retry-After {retry_after}"
+    );
+    assert_eq!(header(&headers, "x-ratelimit-remaining"), "0");
+    let reset: u64 = header(&headers, "x-ratelimit-reset").parse().unwrap();
+    assert!((59..=60).contains(&reset), "reset {reset}");
+    assert_eq!(
+        stack.queued_messages().await,
+        5,
+        "the refused question was not queued"
+    );
+
+    // The same client behind a proxy that is not trusted: its header is ignored.
+    let (code, _, _) =
+        send(question(&stack, "Spoofed?").header("x-forwarded-for", "203.0.113.9")).await;
+    assert_eq!(
+        code, 429,
+        "X-Forwarded-For from an untrusted peer must not reset the limit"
+    );
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_bucket() {
+    let options = StackOptions {
+        gateway_args: [
+            "--insecure-dev",
+            "--rate-limit-per-ip",
+            "2",
+            "--trusted-proxies",
+            "127.0.0.1/32,10.0.0.0/8",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+        ..StackOptions::default()
+    };
+    let stack = Stack::start(options).await;
+    let from = |client: &'static str, n: u32| {
+        question(&stack, &format!("From {client}, number {n}?")).header(
+            "x-forwarded-for",
+            format!("198.51.100.77, {client}, 10.1.2.3"),
+        )
+    };
+    for client in ["203.0.113.1", "203.0.113.2"] {
+        for n in 0..2 {
+            assert_eq!(send(from(client, n)).await.0, 202, "{client} #{n}");
+        }
+        assert_eq!(
+            send(from(client, 2)).await.0,
+            429,
+            "{client} over its limit"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_key_with_its_own_limit_is_held_to_it() {
+    let dir = TempDir::new("key-limit");
+    let stack = Stack::start(keyed_options(&dir, &["--rate-limit-per-ip", "1000"])).await;
+    for n in 0..3 {
+        let (code, _, body) =
+            send(question(&stack, &format!("Slow {n}?")).bearer_auth(SLOW_KEY)).await;
+        assert_eq!(code, 202, "{body}");
+    }
+    let (code, headers, body) = send(question(&stack, "Slow 3?").bearer_auth(SLOW_KEY)).await;
+    assert_eq!(code, 429, "{body}");
+    assert_eq!(header(&headers, "x-ratelimit-limit"), "3");
+    let (code, _, _) = send(question(&stack, "Fast?").bearer_auth(KEY)).await;
+    assert_eq!(code, 202, "another key is not affected");
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn overload_sheds_new_questions_keeps_serving_cache_hits_and_stays_bounded() {
+    // One worker at most, 1 s a question, 5 s goal: five waiting questions fit.
+    let options = StackOptions {
+        gateway_args: [
+            "--insecure-dev",
+            "--rate-limit-per-ip",
+            "1000000",
+            "--max-workers",
+            "1",
+            "--service-time-estimate",
+            "1s",
+            "--latency-goal",
+            "5s",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+        ..StackOptions::default()
+    };
+    let stack = Stack::start(options).await;
+    for n in 0..5 {
+        let (code, _, body) = send(question(&stack, &format!("Backlog {n}?"))).await;
+        assert_eq!(code, 202, "{body}");
+    }
+    let (code, headers, body) = send(question(&stack, "Sixth?")).await;
+    assert_eq!(code, 429, "{body}");
+    assert_eq!(body["error"]["type"], "overloaded");
+    let retry_after: u64 = header(&headers, "retry-after").parse().unwrap();
+    assert!((1..=2).contains(&retry_after), "Retry-After {retry_after}");
+
+    // A cached answer is still served.
+    let hot = ebb_gateway::question::NewQuestion::from_json(
+        br#"{"question":"What is a cached question?"}"#,
+        ebb_gateway::question::Limits {
+            default_max_tokens: 512,
+            max_tokens_limit: 4096,
+        },
+    )
+    .unwrap();
+    let mut hot = hot;
+    hot.language = Some("English".into());
+    let key = hot.cache_key("ebb/tiny-qwen2@test").unwrap();
+    let store = Store::connect_lazy(&stack.redis.url()).unwrap();
+    let answer = CachedAnswer {
+        answer: "From the cache.".into(),
+        model: "ebb/tiny-qwen2@test".into(),
+        finish_reason: Default::default(),
+    };
+    store
+        .put_cached_answer(&key, &answer, Duration::from_secs(600))
+        .await
+        .unwrap();
+    let (code, _, body) = send(
+        stack
+            .http
+            .post(format!("{}/v1/questions", stack.gateway_url))
+            .json(&json!({"question": "What is a cached question?", "language": "English"})),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["answer"], "From the cache.");
+
+    // A flood changes neither the queue nor, materially, memory.
+    let before = rss_kib();
+    let mut refused = 0;
+    for chunk in 0..20 {
+        let requests = (0..100).map(|n| send(question(&stack, &format!("Flood {chunk}-{n}?"))));
+        for (code, _, _) in futures::future::join_all(requests).await {
+            refused += u32::from(code == 429);
+        }
+    }
+    assert_eq!(refused, 2000);
+    assert_eq!(stack.queued_messages().await, 5);
+    let grown_mib = rss_kib().saturating_sub(before) / 1024;
+    assert!(
+        grown_mib < 64,
+        "memory grew {grown_mib} MiB over 2000 refusals"
+    );
+    let metrics = stack
+        .http
+        .get(format!("{}/metrics", stack.gateway_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("ebb_gateway_rejected_total{reason=\"overloaded\"} 2001"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn webhook_targets_inside_the_network_are_refused() {
+    let options = StackOptions {
+        gateway_args: ["--insecure-dev", "--webhook-secret", "s3cret"]
+            .map(str::to_owned)
+            .to_vec(),
+        ..StackOptions::default()
+    };
+    let stack = Stack::start(options).await;
+    for target in [
+        "http://127.0.0.1:9/hook",
+        "http://10.0.0.8/hook",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::1]:9/hook",
+        "http://localhost:9/hook",
+        "ftp://example.com/hook",
+    ] {
+        let (code, body) = stack
+            .ask(json!({"question": "Where does this go?", "callback_url": target}))
+            .await;
+        assert_eq!(code, 422, "{target}: {body}");
+        assert_eq!(body["error"]["param"], "callback_url", "{target}");
+    }
+    assert_eq!(stack.queued_messages().await, 0);
+}
+
+#[tokio::test]
+async fn webhooks_are_refused_without_a_signing_secret() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let (code, body) = stack
+        .ask(json!({"question": "Call me?", "callback_url": "https://example.com/hook"}))
+        .await;
+    assert_eq!(code, 422, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--webhook-secret")
+    );
+}
