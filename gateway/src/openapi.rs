@@ -160,6 +160,19 @@ pub struct ChatCompletion {
     pub ebb: EbbInfo,
 }
 
+/// One Server-Sent Event of a `text/event-stream` response. `data` is JSON
+/// (a chat chunk, a token, the final record), or `[DONE]` ending a chat.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub struct ServerSentEvent {
+    /// `token`, `reset`, `done` or `failed` on question events; absent on
+    /// chat chunks.
+    event: Option<String>,
+    /// The piece's position, on `token` events.
+    id: Option<String>,
+    data: String,
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ModelObject {
     pub id: String,

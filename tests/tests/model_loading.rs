@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
-use ebb_nats::Job;
+use ebb_nats::{ChatMessage, Job, Role};
 use ebb_tests::{TempDir, tiny_model_dir};
 use ebb_worker::generate::{GenerateError, Generator};
 use ebb_worker::model::{HubOptions, ModelError, ModelFiles, ModelRequest, Qwen, files};
@@ -85,6 +85,45 @@ async fn the_tiny_model_answers_deterministically_and_streams_the_same_text() {
             .prompt(&question)
             .starts_with("<|im_start|>system\nYou are a tutor. The student is in grade 5.")
     );
+}
+
+#[tokio::test]
+async fn a_chat_history_shapes_the_prompt_and_extreme_sampling_still_answers() {
+    let dir = tiny_model_dir();
+    let files = files::resolve(&dir_request(&dir), &offline_hub(&dir))
+        .await
+        .unwrap();
+    let mut generator = generator(&files).await;
+    let mut chat = job("And 3+3?", 8);
+    chat.history = vec![
+        ChatMessage {
+            role: Role::System,
+            content: "Answer with digits.".into(),
+        },
+        ChatMessage {
+            role: Role::User,
+            content: "2+2?".into(),
+        },
+        ChatMessage {
+            role: Role::Assistant,
+            content: "4".into(),
+        },
+    ];
+    let prompt = generator.prompt(&chat);
+    // The app's system text follows the tutor's rules, inside the one system turn.
+    assert!(
+        prompt.starts_with("<|im_start|>system\nYou are a tutor."),
+        "{prompt}"
+    );
+    assert!(prompt.contains("\n\nAnswer with digits.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\nAnd 3+3?<|im_end|>\n<|im_start|>assistant\n"), "{prompt}");
+    // A top_p that is 0 in f32 (schemathesis sent 1.6e-100) keeps the top token.
+    chat.sampling = ebb_nats::Sampling {
+        temperature: 2.0,
+        top_p: 1.6e-100,
+        seed: 807,
+    };
+    let (_, _, tokens) = answer(&mut generator, &chat);
+    assert!(tokens >= 1);
 }
 
 #[tokio::test]

@@ -148,7 +148,10 @@ impl Generator {
             Sampling::ArgMax
         } else {
             Sampling::TopP {
-                p: job.sampling.top_p,
+                // candle compares in f32: a p that rounds to 0 would keep no
+                // token at all (found by schemathesis); the smallest positive
+                // p keeps the most likely one.
+                p: job.sampling.top_p.clamp(f64::from(f32::MIN_POSITIVE), 1.0),
                 temperature: job.sampling.temperature,
             }
         };

@@ -32,7 +32,7 @@ use crate::queue;
     responses(
         (status = 200, description = "The answer; with `stream: true` a `text/event-stream` of `chat.completion.chunk`s", content(
             (ChatCompletion = "application/json"),
-            (String = "text/event-stream"),
+            (crate::openapi::ServerSentEvent = "text/event-stream"),
         )),
     )
 )]

@@ -150,7 +150,7 @@ pub fn sse(
         ("id" = String, Path, description = "Question id"),
         ("Last-Event-ID" = Option<String>, Header, description = "Resume after this piece"),
     ),
-    responses((status = 200, description = "`token`, `reset`, then `done` or `failed` events", content_type = "text/event-stream", body = String))
+    responses((status = 200, description = "`token`, `reset`, then `done` or `failed` events", content_type = "text/event-stream", body = crate::openapi::ServerSentEvent))
 )]
 pub(crate) async fn question_events(
     State(state): State<Arc<AppState>>,
