@@ -158,3 +158,32 @@ impl FileConfig {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_compose_config_is_valid() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/gateway.yaml");
+        let file = FileConfig::load(Some(&path)).unwrap();
+        assert_eq!(file.api_keys.len(), 1);
+        crate::auth::Keys::new(&file.api_keys, None, false, 1).unwrap();
+        crate::priority::PriorityRules::new(file.priority, &file.timetable).unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let dir = std::env::temp_dir().join(format!("ebb-gw-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("gateway.yaml");
+        std::fs::write(
+            &path,
+            "priority:\n  rules:\n    - grade: [12]\n      priority: high\n",
+        )
+        .unwrap();
+        let err = FileConfig::load(Some(&path)).unwrap_err().to_string();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(err.contains("unknown field `grade`"), "{err}");
+    }
+}

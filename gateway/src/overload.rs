@@ -109,10 +109,14 @@ impl Overload {
     }
 
     async fn read_depth(&self, topology: &Topology) {
+        // Only what was accepted before the query is surely in its answer:
+        // those accepted during it may count twice (shedding a little early),
+        // never zero times.
+        let counted = self.accepted_since.load(Ordering::Relaxed);
         match ebb_nats::queue_depth(&topology.questions).await {
             Ok(depth) => {
                 self.waiting.store(depth.waiting(), Ordering::Relaxed);
-                self.accepted_since.store(0, Ordering::Relaxed);
+                self.accepted_since.fetch_sub(counted, Ordering::Relaxed);
             }
             Err(err) => tracing::debug!(cause = %err, "queue depth unknown; keeping the last"),
         }

@@ -63,9 +63,9 @@ fn parse(block: &str) -> SseEvent {
     };
     let mut data = Vec::new();
     for line in block.lines() {
-        if line.starts_with(':') {
+        if let Some(comment) = line.strip_prefix(':') {
             event.event = ":".into();
-            data.push(line[1..].trim().to_owned());
+            data.push(comment.trim().to_owned());
         } else if let Some((field, value)) = line.split_once(':') {
             let value = value.strip_prefix(' ').unwrap_or(value);
             match field {

@@ -21,7 +21,7 @@ pub fn order(depth: &QueueDepth, aging: Duration) -> Vec<Priority> {
         .iter()
         .filter(|d| d.priority != Priority::High && d.pending > 0 && d.oldest_waiting >= aging)
         .collect();
-    aged.sort_by(|a, b| b.oldest_waiting.cmp(&a.oldest_waiting));
+    aged.sort_by_key(|d| std::cmp::Reverse(d.oldest_waiting));
     let mut order: Vec<Priority> = aged.iter().map(|d| d.priority).collect();
     for priority in Priority::ALL {
         if !order.contains(&priority) {

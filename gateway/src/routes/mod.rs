@@ -8,7 +8,7 @@
 //! - [`chat`]: `POST /v1/chat/completions`, `GET /v1/models`.
 //! - [`events`]: `GET /v1/questions/{id}/events` and the relay the chat
 //!   stream shares.
-//! - [`admin`]: `/admin/*`.
+//! - [`admin`]: the `/admin/*` routes.
 //! - here: the state, the router, the auth and rate-limit middleware.
 
 pub mod admin;
