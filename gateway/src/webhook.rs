@@ -193,6 +193,8 @@ async fn deliver_message(args: &WebhookArgs, secret: &str, message: jetstream::M
             return;
         }
     };
+    // It may have waited in the pull buffer: restart its ack wait.
+    let _ = message.ack_with(AckKind::Progress).await;
     let question_id = call.record.id.clone();
     let ack = match deliver(args, secret, &call).await {
         Outcome::Delivered => {
@@ -232,6 +234,8 @@ async fn deliver(args: &WebhookArgs, secret: &str, call: &WebhookCall) -> Outcom
     let client = match reqwest::Client::builder()
         .resolve(&host, address)
         .redirect(reqwest::redirect::Policy::none())
+        // A proxy would resolve the host again, past the check.
+        .no_proxy()
         .timeout(args.webhook_timeout)
         .build()
     {

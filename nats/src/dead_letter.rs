@@ -53,9 +53,6 @@ pub async fn fail_question(
         ..QuestionRecord::of_job(job)
     };
     store.put_record(&record).await?;
-    if let Some(url) = &job.callback_url {
-        crate::webhook::enqueue(&topology.jetstream, url, &record).await?;
-    }
     let event = AnswerEvent::Failed {
         error: reason.to_owned(),
     };
@@ -67,6 +64,13 @@ pub async fn fail_question(
             Bytes::from(serde_json::to_vec(&event)?),
         )
         .await?;
+    // After the event: a full webhook queue must not cost the waiting client
+    // its answer.
+    if let Some(url) = &job.callback_url
+        && let Err(err) = crate::webhook::enqueue(&topology.jetstream, url, &record).await
+    {
+        tracing::error!(question_id = %job.id, cause = %err, "cannot queue the webhook call");
+    }
     tracing::warn!(question_id = %job.id, deliveries, reason, "question failed and dead-lettered");
     Ok(())
 }

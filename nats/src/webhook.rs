@@ -47,7 +47,8 @@ pub async fn enqueue(
     };
     let message = jetstream::message::PublishMessage::build()
         .payload(serde_json::to_vec(&call)?.into())
-        .message_id(format!("webhook-{}", record.id));
+        // Per outcome: a `done` that beats a reaper's `failed` is still sent.
+        .message_id(format!("webhook-{}-{:?}", record.id, record.status));
     jetstream
         .send_publish(subject(&record.id), message)
         .await?

@@ -200,6 +200,13 @@ impl Worker {
             .is_some_and(|record| record.status.is_terminal())
         {
             tracing::info!("already answered; acknowledging the redelivery");
+            // The worker before may have died between its record and its
+            // webhook call; the call's message id makes this a no-op otherwise.
+            if let (Some(url), Some(record)) = (&job.callback_url, &earlier)
+                && let Err(err) = webhook::enqueue(&self.topology.jetstream, url, record).await
+            {
+                tracing::warn!(cause = %err, "cannot queue the webhook call");
+            }
             ack(message).await;
             return Ok(generator);
         }

@@ -97,6 +97,7 @@ pub(crate) async fn chat_completions(
                     let _slot = slot;
                     let (relayed_tx, mut relayed) = mpsc::channel(64);
                     let id = writer.id.clone();
+                    let question_id = id.clone();
                     let relaying = relay(
                         &relay_state.store,
                         &relay_state.model,
@@ -105,16 +106,23 @@ pub(crate) async fn chat_completions(
                         0,
                         relayed_tx,
                     );
-                    let writing = async {
+                    // Owns the receiver: when the client goes, dropping it
+                    // stops the relay.
+                    let writing = async move {
                         if !writer.role().await {
                             return;
                         }
-                        while let Some(item) = relayed.recv().await {
+                        loop {
+                            let item = tokio::select! {
+                                item = relayed.recv() => item,
+                                _ = writer.events.closed() => None,
+                            };
+                            let Some(item) = item else { return };
                             let open = match item {
                                 Relayed::Piece { text, .. } => writer.piece(text).await,
                                 Relayed::Reset => {
                                     writer.error(ApiError::AnswerFailed(format!(
-                                        "the worker failed mid-answer and the question is being retried; see /v1/questions/{id}"
+                                        "the worker failed mid-answer and the question is being retried; see /v1/questions/{question_id}"
                                     ))).await;
                                     false
                                 }

@@ -162,7 +162,7 @@ pub(crate) async fn question_events(
         .get("last-event-id")
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.trim().parse::<u64>().ok())
-        .map_or(0, |last| last + 1);
+        .map_or(0, |last| last.saturating_add(1));
     let store_error = |err: ebb_nats::StoreError| ApiError::StoreUnavailable(err.to_string());
     if let Some(key) = id.strip_prefix(super::admission::CACHED_ID_PREFIX) {
         let hit = state.store.cached_answer(key).await.map_err(store_error)?;
@@ -206,8 +206,14 @@ pub(crate) async fn question_events(
             first,
             relayed_tx,
         );
-        let writing = async {
-            while let Some(item) = relayed.recv().await {
+        // Owns the receiver: when the client goes, dropping it stops the relay.
+        let writing = async move {
+            loop {
+                let item = tokio::select! {
+                    item = relayed.recv() => item,
+                    _ = events_tx.closed() => None,
+                };
+                let Some(item) = item else { return };
                 let event = match item {
                     Relayed::Piece { seq, text } => Event::default()
                         .event("token")
