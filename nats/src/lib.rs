@@ -42,7 +42,7 @@ pub use messages::{
     AnswerEvent, ChatMessage, DeadLetter, FinishReason, Heartbeat, Job, Role, Sampling, Timings,
     WorkerState,
 };
-pub use store::{CachedAnswer, QuestionRecord, QuestionStatus, Store, StoreError};
+pub use store::{CachedAnswer, Pieces, QuestionRecord, QuestionStatus, Store, StoreError};
 pub use subjects::Priority;
 pub use topology::{QueueConfig, QueueError, Topology, connect};
 

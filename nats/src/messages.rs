@@ -136,7 +136,8 @@ pub struct Timings {
 /// Each token's text is first appended to the question's piece list in
 /// Redis ([`crate::Store::pieces`]), then published, so a client joining late
 /// reads the list and follows the events from `seq = list length` without a
-/// gap or a repeat.
+/// gap or a repeat. A retried question streams again from `seq` 0 under a
+/// higher `attempt`: readers drop what they had of the earlier attempt.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum AnswerEvent {
@@ -145,6 +146,9 @@ pub enum AnswerEvent {
         /// Position of this piece in the answer, from 0.
         #[serde(default)]
         seq: u64,
+        /// The delivery this answer comes from (1 on the first).
+        #[serde(default)]
+        attempt: i64,
     },
     Done {
         answer: String,
@@ -226,10 +230,11 @@ mod tests {
         let event = AnswerEvent::Token {
             text: "Hi".into(),
             seq: 0,
+            attempt: 1,
         };
         assert_eq!(
             serde_json::to_value(&event).unwrap(),
-            json!({"type": "token", "text": "Hi", "seq": 0})
+            json!({"type": "token", "text": "Hi", "seq": 0, "attempt": 1})
         );
         let failed: AnswerEvent =
             serde_json::from_value(json!({"type": "failed", "error": "boom"})).unwrap();

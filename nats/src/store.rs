@@ -3,7 +3,8 @@
 //! Keys: `ebb:question:<id>` (JSON [`QuestionRecord`], 24 h),
 //! `ebb:cache:<sha256>` (JSON [`CachedAnswer`], TTL set by the writer) and
 //! `ebb:pieces:<id>` (list of the answer's streamed pieces, 1 h, for clients
-//! that join a stream late).
+//! that join a stream late) with `ebb:pieces-attempt:<id>` (the delivery
+//! attempt they are from).
 //! The connection is lazy and reconnects by itself, so a process starts and
 //! keeps serving while Redis is down; callers decide whether a failure is
 //! fatal (a worker's answer record) or a degradation (the gateway's cache).
@@ -110,6 +111,14 @@ pub struct CachedAnswer {
     pub finish_reason: FinishReason,
 }
 
+/// An answer's streamed pieces and the delivery attempt they belong to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pieces {
+    /// 0 when nothing is stored.
+    pub attempt: i64,
+    pub texts: Vec<String>,
+}
+
 /// Status records and the answer cache, over one multiplexed connection.
 #[derive(Clone)]
 pub struct Store {
@@ -207,28 +216,49 @@ impl Store {
         self.set_json(&cache_key(key), answer, ttl).await
     }
 
-    /// Appends the answer piece number `seq` of question `id`. Pieces of an
-    /// earlier attempt are dropped first, so the list is always one attempt.
-    pub async fn append_piece(&self, id: &str, seq: u64, text: &str) -> Result<(), StoreError> {
-        let key = pieces_key(id);
+    /// Appends piece `seq` of delivery `attempt` of question `id`. The first
+    /// piece of an attempt replaces an earlier attempt's, atomically, so the
+    /// list and its attempt number always agree.
+    pub async fn append_piece(
+        &self,
+        id: &str,
+        attempt: i64,
+        seq: u64,
+        text: &str,
+    ) -> Result<(), StoreError> {
+        let (key, attempt_key) = (pieces_key(id), pieces_attempt_key(id));
+        let ttl = PIECES_TTL.as_secs() as i64;
         let mut pipeline = redis::pipe();
+        pipeline.atomic();
         if seq == 0 {
             pipeline.del(&key).ignore();
+            pipeline.set(&attempt_key, attempt).ignore();
         }
         pipeline
             .rpush(&key, text)
             .ignore()
-            .expire(&key, PIECES_TTL.as_secs() as i64)
+            .expire(&key, ttl)
+            .ignore()
+            .expire(&attempt_key, ttl)
             .ignore();
         let mut connection = self.connection.clone();
         let _: () = pipeline.query_async(&mut connection).await?;
         Ok(())
     }
 
-    /// The pieces of the answer streamed so far (empty when none or expired).
-    pub async fn pieces(&self, id: &str) -> Result<Vec<String>, StoreError> {
+    /// The pieces of the answer streamed so far (none when none or expired).
+    pub async fn pieces(&self, id: &str) -> Result<Pieces, StoreError> {
         let mut connection = self.connection.clone();
-        Ok(connection.lrange(pieces_key(id), 0, -1).await?)
+        let (attempt, texts): (Option<i64>, Vec<String>) = redis::pipe()
+            .atomic()
+            .get(pieces_attempt_key(id))
+            .lrange(pieces_key(id), 0, -1)
+            .query_async(&mut connection)
+            .await?;
+        Ok(Pieces {
+            attempt: attempt.unwrap_or(0),
+            texts,
+        })
     }
 
     async fn get_json<T: serde::de::DeserializeOwned>(
@@ -265,6 +295,10 @@ pub fn record_key(id: &str) -> String {
 
 pub fn pieces_key(id: &str) -> String {
     format!("ebb:pieces:{id}")
+}
+
+pub fn pieces_attempt_key(id: &str) -> String {
+    format!("ebb:pieces-attempt:{id}")
 }
 
 pub fn cache_key(key: &str) -> String {

@@ -7,12 +7,12 @@ use ebb_tests::{SseReader, Stack, StackOptions, TempDir};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn events(stack: &Stack, id: &str, last_event_id: Option<u64>) -> SseReader {
+async fn events(stack: &Stack, id: &str, last_event_id: Option<&str>) -> SseReader {
     let mut request = stack
         .http
         .get(format!("{}/v1/questions/{id}/events", stack.gateway_url));
     if let Some(last) = last_event_id {
-        request = request.header("last-event-id", last.to_string());
+        request = request.header("last-event-id", last);
     }
     let response = request.send().await.unwrap();
     assert_eq!(response.status().as_u16(), 200);
@@ -20,7 +20,7 @@ async fn events(stack: &Stack, id: &str, last_event_id: Option<u64>) -> SseReade
     SseReader::new(response)
 }
 
-/// Token texts by seq, and the final event's body.
+/// Token texts by seq (since the last `reset`), and the final event's body.
 fn split(events: &[ebb_tests::SseEvent]) -> (Vec<(u64, String)>, Value) {
     let mut tokens = Vec::new();
     let mut last = Value::Null;
@@ -29,9 +29,11 @@ fn split(events: &[ebb_tests::SseEvent]) -> (Vec<(u64, String)>, Value) {
             "token" => {
                 let data: Value = serde_json::from_str(&event.data).unwrap();
                 let seq = data["seq"].as_u64().unwrap();
-                assert_eq!(event.id.as_deref(), Some(seq.to_string().as_str()));
+                let id = format!("{}.{seq}", data["attempt"]);
+                assert_eq!(event.id.as_deref(), Some(id.as_str()));
                 tokens.push((seq, data["text"].as_str().unwrap().to_owned()));
             }
+            "reset" => tokens.clear(),
             "done" | "failed" => last = serde_json::from_str(&event.data).unwrap(),
             _ => {}
         }
@@ -72,8 +74,8 @@ async fn events_join_late_resume_after_an_id_and_replay_a_finished_answer() {
     assert_eq!(text, done["answer"].as_str().unwrap());
     assert!(tokens.len() > 5, "a 40-token answer streams in pieces");
 
-    // Resume after piece 2: only the rest.
-    let mut resumed = events(&stack, &id, Some(2)).await;
+    // Resume after piece 2 of attempt 1: only the rest.
+    let mut resumed = events(&stack, &id, Some("1.2")).await;
     let (rest, done_again) = split(&resumed.until("done", Duration::from_secs(10)).await);
     assert_eq!(rest.first().map(|(seq, _)| *seq), Some(3));
     assert_eq!(rest, tokens[3..].to_vec());
@@ -90,6 +92,51 @@ async fn events_join_late_resume_after_an_id_and_replay_a_finished_answer() {
         .await
         .unwrap();
     assert_eq!(response.status().as_u16(), 404);
+}
+
+#[tokio::test]
+async fn a_retry_mid_stream_resets_the_text_and_a_stale_resume_is_reset_too() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let mut first = stack.worker(&["--debug-token-delay", "50ms"]);
+    let (_, body) = stack
+        .ask(json!({"question": "Tell me about mountains.", "max_tokens": 40, "wait_seconds": 0}))
+        .await;
+    let id = body["id"].as_str().unwrap().to_owned();
+    let mut stream = events(&stack, &id, None).await;
+    let mut seen = Vec::new();
+    while seen.len() < 5 {
+        let event = stream.next(Duration::from_secs(60)).await.expect("tokens");
+        if event.event == "token" {
+            seen.push(event);
+        }
+    }
+    // The worker dies mid-answer; after the ack wait another one retries.
+    first.signal("KILL");
+    first.wait_exit(Duration::from_secs(10)).await;
+    let _second = stack.worker(&["--debug-token-delay", "5ms"]);
+    let rest = stream.until("done", Duration::from_secs(60)).await;
+    let resets = rest.iter().filter(|event| event.event == "reset").count();
+    assert_eq!(resets, 1, "{rest:?}");
+    let (tokens, done) = split(&rest);
+    assert_eq!(done["status"], "done", "{done}");
+    let (_, record) = stack.status_of(&id).await;
+    assert_eq!(record["attempts"], 2, "{record}");
+    let text: String = tokens.iter().map(|(_, text)| text.as_str()).collect();
+    assert_eq!(
+        text,
+        done["answer"].as_str().unwrap(),
+        "after the reset: attempt 2 whole"
+    );
+
+    // A client resuming with attempt 1's position is told to start over.
+    let mut stale = events(&stack, &id, Some("1.4")).await;
+    let replay = stale.until("done", Duration::from_secs(10)).await;
+    assert_eq!(
+        replay.first().map(|event| event.event.as_str()),
+        Some("reset")
+    );
+    let (again, _) = split(&replay);
+    assert_eq!(again, tokens);
 }
 
 #[tokio::test]

@@ -323,6 +323,7 @@ impl Worker {
         });
         let client = self.topology.jetstream.client();
         let answers = subjects::answers(&job.id);
+        let attempt = message.info().map(|info| info.delivered).unwrap_or(1);
         let mut seq = 0;
         let mut progress =
             tokio::time::interval((self.delivery.ack_wait / 3).max(Duration::from_millis(100)));
@@ -332,10 +333,10 @@ impl Worker {
                 piece = pieces_rx.recv() => match piece {
                     Some(text) => {
                         // Stored before it is published: see AnswerEvent.
-                        if let Err(err) = self.store.append_piece(&job.id, seq, &text).await {
+                        if let Err(err) = self.store.append_piece(&job.id, attempt, seq, &text).await {
                             tracing::debug!(cause = %err, "cannot store a piece for late joiners");
                         }
-                        let event = AnswerEvent::Token { text, seq };
+                        let event = AnswerEvent::Token { text, seq, attempt };
                         seq += 1;
                         let body = Bytes::from(serde_json::to_vec(&event).expect("events serialize"));
                         if let Err(err) = client.publish(answers.clone(), body).await {

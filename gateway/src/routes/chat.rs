@@ -14,7 +14,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use super::admission::{Admission, Answered, Hold, admit};
-use super::events::{Relayed, relay, sse};
+use super::events::{Cursor, Relayed, relay, sse};
 use super::{AppState, body_bytes, require_json};
 use crate::chat::{AnswerMeta, ChatRequest, chunk, usage_chunk};
 use crate::error::ApiError;
@@ -103,7 +103,7 @@ pub(crate) async fn chat_completions(
                         &relay_state.model,
                         &id,
                         answers,
-                        0,
+                        Cursor::default(),
                         relayed_tx,
                     );
                     // Owns the receiver: when the client goes, dropping it

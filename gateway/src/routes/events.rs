@@ -5,11 +5,13 @@
 //! already stored in Redis and sends those, then follows the live events
 //! from the stored count on (see `AnswerEvent` for why that leaves no gap and
 //! no repeat). A question that already finished gets its pieces and the
-//! final event at once. Each piece carries its position as the SSE `id`, so
-//! a reconnecting client sends `Last-Event-ID` and gets only the rest.
+//! final event at once. Each piece carries its position as the SSE `id`
+//! (`<attempt>.<seq>`), so a reconnecting client sends `Last-Event-ID` and
+//! gets only the rest.
 //!
-//! Events: `token` (`{"seq","text"}`), `reset` (the answer is being retried
-//! after a failure: drop the text so far), then one `done` or `failed`
+//! Events: `token` (`{"seq","attempt","text"}`), `reset` (the answer is being
+//! retried after a failure, or the client resumed with text of an attempt
+//! that was superseded: drop the text so far), then one `done` or `failed`
 //! (the full record, whatever was missed).
 
 use std::convert::Infallible;
@@ -41,6 +43,7 @@ const RECHECK: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub enum Relayed {
     Piece {
+        attempt: i64,
         seq: u64,
         text: String,
     },
@@ -49,28 +52,98 @@ pub enum Relayed {
     Final(Answered),
 }
 
-/// Sends the answer of `id` from piece `first` on, then its final record.
+/// Where a client is in an answer: the attempt whose text it holds and the
+/// next piece it needs. Decides, piece by piece, what to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Cursor {
+    /// 0: not known (a fresh client, or a bare-`seq` `Last-Event-ID`).
+    attempt: i64,
+    next: u64,
+}
+
+/// What to do with one piece.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Skip,
+    Send,
+    /// The client holds an earlier attempt's text: `reset`, then send.
+    ResetThenSend,
+}
+
+impl Cursor {
+    /// From `Last-Event-ID`: `<attempt>.<seq>` (what this API sends) or a
+    /// bare `<seq>`; the client needs the piece after it.
+    pub fn resume(last_event_id: Option<&str>) -> Cursor {
+        let Some(id) = last_event_id.map(str::trim) else {
+            return Cursor::default();
+        };
+        let (attempt, seq) = match id.split_once('.') {
+            Some((attempt, seq)) => (attempt.parse().ok(), seq.parse::<u64>().ok()),
+            None => (Some(0), id.parse::<u64>().ok()),
+        };
+        match (attempt, seq) {
+            (Some(attempt), Some(seq)) => Cursor {
+                attempt,
+                next: seq.saturating_add(1),
+            },
+            _ => Cursor::default(),
+        }
+    }
+
+    pub fn step(&mut self, attempt: i64, seq: u64) -> Step {
+        if attempt < self.attempt {
+            return Step::Skip; // the tail of a superseded attempt
+        }
+        let mut reset = false;
+        if attempt > self.attempt {
+            if self.attempt != 0 {
+                reset = self.next > 0;
+                self.next = 0;
+            }
+            self.attempt = attempt;
+        }
+        if seq < self.next {
+            return Step::Skip; // already sent
+        }
+        self.next = seq + 1;
+        if reset {
+            Step::ResetThenSend
+        } else {
+            Step::Send
+        }
+    }
+}
+
+/// Sends the answer of `id` from `cursor` on, then its final record.
 /// Returns when the question is finished or the receiver is gone.
 pub async fn relay(
     store: &Store,
     default_model: &str,
     id: &str,
     mut answers: async_nats::Subscriber,
-    first: u64,
+    mut cursor: Cursor,
     out: mpsc::Sender<Relayed>,
 ) {
-    let mut next = first;
+    let send = async |out: &mpsc::Sender<Relayed>, step: Step, piece: Relayed| match step {
+        Step::Skip => true,
+        Step::Send => out.send(piece).await.is_ok(),
+        Step::ResetThenSend => {
+            out.send(Relayed::Reset).await.is_ok() && out.send(piece).await.is_ok()
+        }
+    };
     let snapshot = store.pieces(id).await.unwrap_or_default();
-    for (seq, text) in snapshot.iter().enumerate().skip(first as usize) {
+    for (seq, text) in snapshot.texts.into_iter().enumerate() {
+        let seq = seq as u64;
+        let step = cursor.step(snapshot.attempt, seq);
         let piece = Relayed::Piece {
-            seq: seq as u64,
-            text: text.clone(),
+            attempt: snapshot.attempt,
+            seq,
+            text,
         };
-        if out.send(piece).await.is_err() {
+        if !send(&out, step, piece).await {
             return;
         }
     }
-    next = next.max(snapshot.len() as u64);
     let finished = |record: Option<ebb_nats::QuestionRecord>| {
         record
             .filter(|record| record.status.is_terminal())
@@ -81,7 +154,6 @@ pub async fn relay(
         let _ = out.send(Relayed::Final(answered)).await;
         return;
     }
-    let mut live = false;
     loop {
         let message = tokio::select! {
             message = answers.next() => message,
@@ -98,35 +170,24 @@ pub async fn relay(
         let Ok(event) = serde_json::from_slice::<AnswerEvent>(&message.payload) else {
             continue;
         };
-        let relayed = match event {
-            AnswerEvent::Token { seq, text } => {
-                if seq == 0 && live {
-                    next = 0;
-                    if out.send(Relayed::Reset).await.is_err() {
-                        return;
-                    }
+        match event {
+            AnswerEvent::Token { seq, text, attempt } => {
+                let step = cursor.step(attempt, seq);
+                let piece = Relayed::Piece { attempt, seq, text };
+                if !send(&out, step, piece).await {
+                    return;
                 }
-                if seq < next {
-                    continue; // already sent from the snapshot
-                }
-                live = true;
-                next = seq + 1;
-                Relayed::Piece { seq, text }
             }
             event => {
                 let record = store.record(id).await.ok().flatten();
                 let language = record.and_then(|record| record.language);
-                let Some(answered) =
+                if let Some(answered) =
                     Answered::from_event(id.to_owned(), event, default_model, language)
-                else {
-                    continue;
-                };
-                let _ = out.send(Relayed::Final(answered)).await;
-                return;
+                {
+                    let _ = out.send(Relayed::Final(answered)).await;
+                    return;
+                }
             }
-        };
-        if out.send(relayed).await.is_err() {
-            return;
         }
     }
 }
@@ -158,11 +219,11 @@ pub(crate) async fn question_events(
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let id = question_id(id)?;
-    let first = headers
-        .get("last-event-id")
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.trim().parse::<u64>().ok())
-        .map_or(0, |last| last.saturating_add(1));
+    let cursor = Cursor::resume(
+        headers
+            .get("last-event-id")
+            .and_then(|value| value.to_str().ok()),
+    );
     let store_error = |err: ebb_nats::StoreError| ApiError::StoreUnavailable(err.to_string());
     if let Some(key) = id.strip_prefix(super::admission::CACHED_ID_PREFIX) {
         let hit = state.store.cached_answer(key).await.map_err(store_error)?;
@@ -203,7 +264,7 @@ pub(crate) async fn question_events(
             &relay_state.model,
             &id,
             answers,
-            first,
+            cursor,
             relayed_tx,
         );
         // Owns the receiver: when the client goes, dropping it stops the relay.
@@ -215,10 +276,10 @@ pub(crate) async fn question_events(
                 };
                 let Some(item) = item else { return };
                 let event = match item {
-                    Relayed::Piece { seq, text } => Event::default()
+                    Relayed::Piece { attempt, seq, text } => Event::default()
                         .event("token")
-                        .id(seq.to_string())
-                        .data(json!({"seq": seq, "text": text}).to_string()),
+                        .id(format!("{attempt}.{seq}"))
+                        .data(json!({"seq": seq, "attempt": attempt, "text": text}).to_string()),
                     Relayed::Reset => Event::default().event("reset").data(
                         json!({"reason": "the answer is being retried; drop the text so far"})
                             .to_string(),
@@ -243,4 +304,57 @@ fn final_event(answered: &Answered) -> Event {
     Event::default()
         .event(name)
         .data(serde_json::to_string(answered).expect("answers serialize"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(cursor: &mut Cursor, pieces: &[(i64, u64)]) -> Vec<Step> {
+        pieces
+            .iter()
+            .map(|&(attempt, seq)| cursor.step(attempt, seq))
+            .collect()
+    }
+
+    #[test]
+    fn a_fresh_client_gets_every_piece_once() {
+        let mut cursor = Cursor::resume(None);
+        // Snapshot 0..2, then live events that repeat 1..2 and go on.
+        let steps = run(
+            &mut cursor,
+            &[(1, 0), (1, 1), (1, 2), (1, 1), (1, 2), (1, 3)],
+        );
+        use Step::*;
+        assert_eq!(steps, [Send, Send, Send, Skip, Skip, Send]);
+    }
+
+    #[test]
+    fn a_retry_resets_once_and_stale_pieces_are_dropped() {
+        let mut cursor = Cursor::default();
+        use Step::*;
+        let steps = run(&mut cursor, &[(1, 0), (1, 1), (2, 0), (1, 2), (2, 1)]);
+        assert_eq!(steps, [Send, Send, ResetThenSend, Skip, Send]);
+    }
+
+    #[test]
+    fn resuming_with_a_superseded_attempt_resets_first() {
+        let mut cursor = Cursor::resume(Some("1.4"));
+        use Step::*;
+        assert_eq!(run(&mut cursor, &[(2, 0), (2, 1)]), [ResetThenSend, Send]);
+        let mut same = Cursor::resume(Some("2.0"));
+        assert_eq!(run(&mut same, &[(2, 0), (2, 1)]), [Skip, Send]);
+    }
+
+    #[test]
+    fn a_bare_seq_resumes_whatever_attempt_comes() {
+        let mut cursor = Cursor::resume(Some("2"));
+        use Step::*;
+        assert_eq!(
+            run(&mut cursor, &[(3, 0), (3, 2), (3, 3)]),
+            [Skip, Skip, Send]
+        );
+        assert_eq!(Cursor::resume(Some("junk")), Cursor::default());
+        assert_eq!(Cursor::resume(Some("18446744073709551615")).next, u64::MAX);
+    }
 }
