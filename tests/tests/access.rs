@@ -350,3 +350,67 @@ async fn webhooks_are_refused_without_a_signing_secret() {
             .contains("--webhook-secret")
     );
 }
+
+/// Scaler overrides may go through the gateway's admin route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_scale_is_forwarded_to_the_scaler_with_its_token() {
+    use clap::Parser as _;
+    let stack = Stack::start(StackOptions::default()).await;
+    let policy = "tick: 200ms\nresources: {min_instances: 0, max_instances: 2}\ncooldowns: {scale_down_stabilization: 10m, scale_to_zero_idle: 10m}\n";
+    let scaler = ebb_tests::ScalerProcess::start(&stack, policy, &[]);
+    let mut args = vec!["ebb-gateway".to_owned()];
+    args.extend(stack.shared_args());
+    args.extend(
+        [
+            "--insecure-dev",
+            "--admin-token",
+            ADMIN,
+            "--scaler-url",
+            &scaler.url,
+            "--scaler-token",
+            ebb_tests::ADMIN_TOKEN,
+        ]
+        .map(str::to_owned),
+    );
+    let config = ebb_gateway::Config::try_parse_from(args).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gateway = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(ebb_gateway::run(config, listener, async {
+        let _ = stopped.await;
+    }));
+    let scale = |body: &'static str, token: &'static str| {
+        stack
+            .http
+            .post(format!("{gateway}/admin/scale"))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(body)
+    };
+    // The scaler may still be starting: retry while it is unreachable.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let (code, _, body) = loop {
+        let answer = send(scale(
+            r#"{"action":"set","count":1,"ttl_seconds":60}"#,
+            ADMIN,
+        ))
+        .await;
+        if answer.0 != 502 || std::time::Instant::now() > deadline {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(code, 200, "{body}");
+    scaler
+        .wait_status(Duration::from_secs(30), "the override", |status| {
+            status["manual_override"].is_object()
+        })
+        .await;
+    // The scaler's own refusals pass through unchanged.
+    let (code, _, body) = send(scale(r#"{"action":"set","count":-1}"#, ADMIN)).await;
+    assert_eq!(code, 422, "{body}");
+    let (code, _, _) = send(scale(r#"{"action":"set","count":1}"#, "sk-not-admin")).await;
+    assert_eq!(code, 401);
+    let _ = stop.send(());
+    served.await.unwrap().unwrap();
+}

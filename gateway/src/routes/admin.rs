@@ -44,8 +44,9 @@ pub(crate) async fn queue(
     }))
 }
 
-/// Forwards a manual override to the scaler's `POST /scale` (same body:
-/// `{"workers": n, "ttl": "30m"}`), with the scaler's token.
+/// Forwards a manual override to the scaler's `POST /scale` (same body,
+/// e.g. `{"action":"set","count":2,"ttl_seconds":600}`), with the scaler's
+/// token; the scaler's answer comes back as it is.
 #[utoipa::path(
     post,
     path = "/admin/scale",
