@@ -175,7 +175,10 @@ impl NewQuestion {
     ///
     /// SHA-256 over everything that shapes the answer: the model identity,
     /// the prompt template version, the sampling parameters, `max_tokens`,
-    /// the prompt's context fields and the normalised question (NFKC,
+    /// the prompt's context fields (the language only as the client gave
+    /// it: a detected one is a function of the question, so the key is
+    /// computed before detection), a chat's earlier messages and the
+    /// normalised question (NFKC,
     /// whitespace collapsed, case-folded), each length-prefixed so no two
     /// different inputs hash the same bytes.
     pub fn cache_key(&self, model_identity: &str) -> Option<String> {

@@ -109,6 +109,10 @@ pub struct CachedAnswer {
     pub model: String,
     #[serde(default)]
     pub finish_reason: FinishReason,
+    /// The language the answer was asked in, so a hit can report it
+    /// without detecting it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
 }
 
 /// An answer's streamed pieces and the delivery attempt they belong to.

@@ -127,8 +127,19 @@ fn redis_benchmark(port: u16, connections: usize, requests: usize, command: &[&s
 async fn main() {
     let seconds: f64 = env_or("EBB_BENCH_SECONDS", 4.0);
     let connections: usize = env_or("EBB_BENCH_CONNECTIONS", 32);
+    // Shedding and rate limits stay on (their cost is measured) but never
+    // trigger: this measures the accept path, not refusals.
     let stack = Stack::start(StackOptions {
         queue_max_messages: 10_000_000,
+        gateway_args: [
+            "--insecure-dev",
+            "--rate-limit-per-ip",
+            "1000000000",
+            "--max-workers",
+            "1000000000",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
         ..StackOptions::default()
     })
     .await;
@@ -153,6 +164,7 @@ async fn main() {
     let store = Store::connect_lazy(&stack.redis.url()).expect("redis url");
     let answer = CachedAnswer {
         finish_reason: Default::default(),
+        language: None,
         answer: "Plants turn light, water and air into sugar and oxygen. ".repeat(10),
         model: "ebb/tiny-qwen2@test".into(),
     };

@@ -264,6 +264,7 @@ async fn overload_sheds_new_questions_keeps_serving_cache_hits_and_stays_bounded
         answer: "From the cache.".into(),
         model: "ebb/tiny-qwen2@test".into(),
         finish_reason: Default::default(),
+        language: None,
     };
     store
         .put_cached_answer(&key, &answer, Duration::from_secs(600))

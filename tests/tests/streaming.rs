@@ -305,6 +305,21 @@ async fn the_language_is_detected_reported_and_counted() {
     );
 }
 
+#[tokio::test]
+async fn a_cache_hit_reports_the_language_detected_when_it_was_answered() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let _worker = stack.worker(&[]);
+    let question =
+        json!({"question": "¿Por qué la luna cambia de forma durante el mes?", "max_tokens": 6});
+    let (code, first) = stack.ask(question.clone()).await;
+    assert_eq!((code, &first["cached"]), (200, &json!(false)), "{first}");
+    let (code, hit) = stack.ask(question).await;
+    assert_eq!(code, 200, "{hit}");
+    assert_eq!(hit["cached"], true, "{hit}");
+    assert_eq!(hit["language"], "Spanish", "{hit}");
+    assert_eq!(hit["answer"], first["answer"]);
+}
+
 /// One HTTP request as a webhook receiver sees it.
 #[derive(Debug)]
 struct Received {

@@ -375,6 +375,7 @@ impl Worker {
                 answer: answer.text.to_owned(),
                 model: answer.model.to_owned(),
                 finish_reason: answer.finish_reason,
+                language: job.language.clone(),
             };
             self.store
                 .put_cached_answer(key, &entry, self.config.cache_ttl)

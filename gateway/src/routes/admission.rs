@@ -51,6 +51,31 @@ pub async fn admit(
     mut question: NewQuestion,
     hold: Hold,
 ) -> Result<Admission, ApiError> {
+    if let Some(url) = &question.callback_url {
+        check_callback(state, url)?;
+    }
+    tracing::debug!(question = %question.question, "question text");
+
+    // Keyed before detection: a detected language follows from the question
+    // text the key covers, and a hit then costs no detection at all.
+    let cache_key = question.cache_key(&state.model_identity);
+    if let Some(key) = &cache_key
+        && let Some(Some(hit)) = state.degradable(state.store.cached_answer(key)).await
+    {
+        let (language, source) = match (question.language, &hit.language) {
+            (Some(given), _) => (Some(given), "given"),
+            (None, Some(detected)) => (Some(detected.clone()), "detected"),
+            (None, None) => (None, "unknown"),
+        };
+        let metrics = &state.metrics;
+        metrics.question(language::metric_label(language.as_deref()), source);
+        metrics.outcome("cached");
+        return Ok(Admission::Cached {
+            id: format!("{CACHED_ID_PREFIX}{key}"),
+            hit,
+            language,
+        });
+    }
     let source = if question.language.is_some() {
         "given"
     } else {
@@ -61,25 +86,9 @@ pub async fn admit(
             "unknown"
         }
     };
-    if let Some(url) = &question.callback_url {
-        check_callback(state, url)?;
-    }
     state
         .metrics
         .question(language::metric_label(question.language.as_deref()), source);
-    tracing::debug!(question = %question.question, "question text");
-
-    let cache_key = question.cache_key(&state.model_identity);
-    if let Some(key) = &cache_key
-        && let Some(Some(hit)) = state.degradable(state.store.cached_answer(key)).await
-    {
-        state.metrics.outcome("cached");
-        return Ok(Admission::Cached {
-            id: format!("{CACHED_ID_PREFIX}{key}"),
-            hit,
-            language: question.language,
-        });
-    }
     if let Err(err) = state.overload.check() {
         state.metrics.rejected("overloaded");
         return Err(err);
