@@ -67,7 +67,7 @@ pub async fn fail_question(
     // After the event: a full webhook queue must not cost the waiting client
     // its answer.
     if let Some(url) = &job.callback_url
-        && let Err(err) = crate::webhook::enqueue(&topology.jetstream, url, &record).await
+        && let Err(err) = crate::webhook::enqueue(&topology.jetstream, &job.id, url, &record).await
     {
         tracing::error!(question_id = %job.id, cause = %err, "cannot queue the webhook call");
     }

@@ -16,7 +16,7 @@ use crate::store::QuestionRecord;
 
 /// The stream of webhook calls not yet delivered.
 pub const STREAM: &str = "EBB_WEBHOOKS";
-/// Every webhook subject: `ebb.webhooks.<question id>`.
+/// Every webhook subject: `ebb.webhooks.<call id>` (see [`enqueue`]).
 pub const WILDCARD: &str = "ebb.webhooks.*";
 /// The durable consumer the gateways' dispatchers share.
 pub const CONSUMER: &str = "ebb-webhooks";
@@ -34,10 +34,13 @@ pub fn subject(question_id: &str) -> String {
     format!("ebb.webhooks.{question_id}")
 }
 
-/// Queues the call. The message id makes a repeated finish (a redelivered
-/// question, a reaper racing a worker) one call within the duplicate window.
+/// Queues the call. `call_id` is the question id (the gateway uses a fresh
+/// one for an answer from the cache): with the outcome it is the message id,
+/// so a repeated finish (a redelivered question, a reaper racing a worker) is
+/// one call within the duplicate window.
 pub async fn enqueue(
     jetstream: &jetstream::Context,
+    call_id: &str,
     callback_url: &str,
     record: &QuestionRecord,
 ) -> Result<(), async_nats::Error> {
@@ -48,9 +51,9 @@ pub async fn enqueue(
     let message = jetstream::message::PublishMessage::build()
         .payload(serde_json::to_vec(&call)?.into())
         // Per outcome: a `done` that beats a reaper's `failed` is still sent.
-        .message_id(format!("webhook-{}-{:?}", record.id, record.status));
+        .message_id(format!("webhook-{call_id}-{:?}", record.status));
     jetstream
-        .send_publish(subject(&record.id), message)
+        .send_publish(subject(call_id), message)
         .await?
         .await?;
     Ok(())

@@ -448,4 +448,18 @@ async fn the_final_answer_is_posted_signed_and_retried_until_taken() {
             .await
             .is_err()
     );
+
+    // The same question again is a cache hit, and still calls back.
+    let (code, hit) = stack
+        .ask(json!({"question": "Call me back?", "max_tokens": 6, "callback_url": url}))
+        .await;
+    assert_eq!((code, &hit["cached"]), (200, &json!(true)), "{hit}");
+    let cached = tokio::time::timeout(Duration::from_secs(30), calls.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let record: Value = serde_json::from_slice(&cached.body).unwrap();
+    assert_eq!(record["cached"], true, "{record}");
+    assert_eq!(record["id"], hit["id"]);
+    assert_eq!(record["answer"], body["answer"]);
 }

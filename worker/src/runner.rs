@@ -203,7 +203,8 @@ impl Worker {
             // The worker before may have died between its record and its
             // webhook call; the call's message id makes this a no-op otherwise.
             if let (Some(url), Some(record)) = (&job.callback_url, &earlier)
-                && let Err(err) = webhook::enqueue(&self.topology.jetstream, url, record).await
+                && let Err(err) =
+                    webhook::enqueue(&self.topology.jetstream, &job.id, url, record).await
             {
                 tracing::warn!(cause = %err, "cannot queue the webhook call");
             }
@@ -412,7 +413,8 @@ impl Worker {
             tracing::warn!(cause = %err, "cannot publish the answer event");
         }
         if let Some(url) = &job.callback_url
-            && let Err(err) = webhook::enqueue(&self.topology.jetstream, url, &record).await
+            && let Err(err) =
+                webhook::enqueue(&self.topology.jetstream, &job.id, url, &record).await
         {
             tracing::error!(cause = %err, "cannot queue the webhook call");
         }

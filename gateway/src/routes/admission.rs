@@ -70,11 +70,29 @@ pub async fn admit(
         let metrics = &state.metrics;
         metrics.question(language::metric_label(language.as_deref()), source);
         metrics.outcome("cached");
-        return Ok(Admission::Cached {
-            id: format!("{CACHED_ID_PREFIX}{key}"),
-            hit,
-            language,
-        });
+        let id = format!("{CACHED_ID_PREFIX}{key}");
+        if let Some(url) = &question.callback_url {
+            // Answered already, but the caller asked to be called: same as a
+            // worker's answer, under a call id of its own.
+            let now = ebb_nats::now_ms();
+            let record = QuestionRecord {
+                status: QuestionStatus::Done,
+                answer: Some(hit.answer.clone()),
+                model: Some(hit.model.clone()),
+                cached: true,
+                finish_reason: Some(hit.finish_reason),
+                language: language.clone(),
+                ..QuestionRecord::queued(&id, now)
+            };
+            let call_id = uuid::Uuid::now_v7().to_string();
+            let jetstream = &state.topology.jetstream;
+            if let Err(err) =
+                ebb_nats::webhook::enqueue(jetstream, &call_id, url.as_str(), &record).await
+            {
+                tracing::error!(cause = %err, "cannot queue the webhook call of a cache hit");
+            }
+        }
+        return Ok(Admission::Cached { id, hit, language });
     }
     let source = if question.language.is_some() {
         "given"
