@@ -6,7 +6,9 @@
 //!
 //! The estimate is `(waiting + 1) * service_time / max_workers`, where
 //! `waiting` is the queue's `num_pending` (read every 250 ms) plus the
-//! questions this gateway accepted since, and `service_time` is the mean of
+//! questions this gateway queued since and those it is queueing now (a place
+//! is reserved before the estimate, so a burst of concurrent requests cannot
+//! all pass on one count), and `service_time` is the mean of
 //! the workers' heartbeat `mean_job_ms` (until one reports:
 //! `--service-time-estimate`).
 
@@ -35,8 +37,10 @@ pub struct Overload {
     args: OverloadArgs,
     /// `num_pending` at the last reading.
     waiting: AtomicU64,
-    /// Accepted by this gateway since that reading.
+    /// Queued by this gateway since that reading.
     accepted_since: AtomicU64,
+    /// Places reserved by requests still publishing.
+    in_flight: AtomicU64,
     service_time_ms: AtomicU64,
     workers: Mutex<HashMap<String, (f64, Instant)>>,
 }
@@ -48,14 +52,22 @@ impl Overload {
             args,
             waiting: AtomicU64::new(0),
             accepted_since: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
             workers: Mutex::new(HashMap::new()),
         }
     }
 
-    /// `Err(Overloaded)` when one more question could not be served in time.
-    pub fn check(&self) -> Result<(), ApiError> {
-        let waiting =
-            self.waiting.load(Ordering::Relaxed) + self.accepted_since.load(Ordering::Relaxed) + 1;
+    /// Takes a place for one more question, or refuses it (`Overloaded`)
+    /// when it could not be served in time. The place is taken before the
+    /// estimate, so concurrent requests cannot all pass on the same count;
+    /// it is given back when the returned guard drops unkept.
+    pub fn reserve(&self) -> Result<Reservation<'_>, ApiError> {
+        let others = self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let reservation = Reservation {
+            overload: self,
+            kept: false,
+        };
+        let waiting = self.waiting_now() + others + 1;
         let service = Duration::from_millis(self.service_time_ms.load(Ordering::Relaxed));
         let wait = estimated_wait(waiting, service, self.args.max_workers);
         if wait > self.args.latency_goal {
@@ -63,17 +75,18 @@ impl Overload {
                 retry_after: (wait - self.args.latency_goal).min(Duration::from_secs(300)),
             });
         }
-        Ok(())
+        Ok(reservation)
     }
 
-    pub fn accepted(&self) {
-        self.accepted_since.fetch_add(1, Ordering::Relaxed);
+    /// Waiting at the last reading plus queued since (not in-flight places).
+    fn waiting_now(&self) -> u64 {
+        self.waiting.load(Ordering::Relaxed) + self.accepted_since.load(Ordering::Relaxed)
     }
 
     /// Current figures, for `/admin/queue` and metrics.
     pub fn snapshot(&self) -> (u64, Duration) {
         (
-            self.waiting.load(Ordering::Relaxed) + self.accepted_since.load(Ordering::Relaxed),
+            self.waiting_now(),
             Duration::from_millis(self.service_time_ms.load(Ordering::Relaxed)),
         )
     }
@@ -109,9 +122,9 @@ impl Overload {
     }
 
     async fn read_depth(&self, topology: &Topology) {
-        // Only what was accepted before the query is surely in its answer:
-        // those accepted during it may count twice (shedding a little early),
-        // never zero times.
+        // Only what was queued before the query is surely in its answer:
+        // questions queued during it may count twice (shedding a little
+        // early), never zero times.
         let counted = self.accepted_since.load(Ordering::Relaxed);
         match ebb_nats::queue_depth(&topology.questions).await {
             Ok(depth) => {
@@ -139,6 +152,29 @@ impl Overload {
     }
 }
 
+/// A place in the estimate for one question; given back on drop unless the
+/// question was queued.
+#[derive(Debug)]
+pub struct Reservation<'a> {
+    overload: &'a Overload,
+    kept: bool,
+}
+
+impl Reservation<'_> {
+    /// The question is queued: it now counts until the next depth reading.
+    pub fn keep(mut self) {
+        self.kept = true;
+        self.overload.accepted_since.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        // Kept or not, the place is no longer in flight (`keep` counted it).
+        self.overload.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,10 +199,12 @@ mod tests {
     fn questions_past_the_goal_are_shed_with_the_excess_as_retry_after() {
         // 2 workers, 10 s each, 30 s goal: 6 waiting questions fit, the 7th not.
         let overload = overload(2, 30, 10);
-        overload.waiting.store(5, Ordering::Relaxed);
-        assert!(overload.check().is_ok());
-        overload.accepted();
-        match overload.check() {
+        overload.waiting.store(4, Ordering::Relaxed);
+        overload.reserve().unwrap().keep();
+        // A place not kept (the publish failed) is given back.
+        drop(overload.reserve().unwrap());
+        overload.reserve().unwrap().keep();
+        match overload.reserve() {
             Err(ApiError::Overloaded { retry_after }) => {
                 assert_eq!(retry_after, Duration::from_secs(5))
             }

@@ -107,10 +107,9 @@ pub async fn admit(
     state
         .metrics
         .question(language::metric_label(question.language.as_deref()), source);
-    if let Err(err) = state.overload.check() {
+    let reservation = state.overload.reserve().inspect_err(|_| {
         state.metrics.rejected("overloaded");
-        return Err(err);
-    }
+    })?;
 
     let slot = match hold {
         Hold::No => None,
@@ -161,7 +160,7 @@ pub async fn admit(
     };
     let started = Instant::now();
     queue::publish(&state.topology.jetstream, &job).await?;
-    state.overload.accepted();
+    reservation.keep();
     state.metrics.outcome("queued");
     tracing::info!(
         question_id = %id,

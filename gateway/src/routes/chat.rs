@@ -13,7 +13,7 @@ use ebb_nats::{FinishReason, QuestionStatus, Timings};
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use super::admission::{Admission, Answered, Hold, admit};
+use super::admission::{Admission, Answered, Hold, Queued, admit};
 use super::events::{Cursor, Relayed, relay, sse};
 use super::{AppState, body_bytes, require_json};
 use crate::chat::{AnswerMeta, ChatRequest, chunk, usage_chunk};
@@ -54,116 +54,111 @@ pub(crate) async fn chat_completions(
         });
     }
     let created = ebb_nats::now_ms() / 1000;
-    match admit(&state, request.question, Hold::Required).await? {
+    let queued = match admit(&state, request.question, Hold::Required).await? {
         Admission::Cached { id, hit, language } => {
             tracing::Span::current().record("cached", true);
             let answered = Answered::from_cache(id, hit, language);
             if request.stream {
-                let (tx, rx) = mpsc::channel(8);
-                let stream = ChunkWriter {
-                    id: answered.id.clone(),
-                    model: answered.model.clone(),
+                let (writer, events) = ChunkWriter::new(
+                    &answered.id,
+                    &answered.model,
                     created,
-                    include_usage: request.include_usage,
-                    events: tx,
-                };
+                    request.include_usage,
+                );
                 tokio::spawn(async move {
                     let text = answered.answer.clone().unwrap_or_default();
-                    if stream.piece(text).await {
-                        stream.finish(&answered).await;
+                    if writer.role().await && writer.piece(text).await {
+                        writer.finish(&answered).await;
                     }
                 });
-                return Ok(sse(rx, state.sse_keep_alive).into_response());
+                return Ok(sse(events, state.sse_keep_alive).into_response());
             }
-            Ok(Json(
-                meta(&answered, created).completion(answered.answer.as_deref().unwrap_or_default()),
-            )
-            .into_response())
+            return Ok(completion(&answered, created));
         }
-        Admission::Queued(queued) => {
-            let mut answers = queued.answers.expect("Hold::Required subscribes");
-            if request.stream {
-                let (tx, rx) = mpsc::channel(64);
-                let writer = ChunkWriter {
-                    id: queued.id.clone(),
-                    model: state.model_identity.clone(),
-                    created,
-                    include_usage: request.include_usage,
-                    events: tx,
-                };
-                let relay_state = state.clone();
-                let slot = queued.slot;
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    let (relayed_tx, mut relayed) = mpsc::channel(64);
-                    let id = writer.id.clone();
-                    let question_id = id.clone();
-                    let relaying = relay(
-                        &relay_state.store,
-                        &relay_state.model,
-                        &id,
-                        answers,
-                        Cursor::default(),
-                        relayed_tx,
-                    );
-                    // Owns the receiver: when the client goes, dropping it
-                    // stops the relay.
-                    let writing = async move {
-                        if !writer.role().await {
-                            return;
-                        }
-                        loop {
-                            let item = tokio::select! {
-                                item = relayed.recv() => item,
-                                _ = writer.events.closed() => None,
-                            };
-                            let Some(item) = item else { return };
-                            let open = match item {
-                                Relayed::Piece { text, .. } => writer.piece(text).await,
-                                Relayed::Reset => {
-                                    writer.error(ApiError::AnswerFailed(format!(
-                                        "the worker failed mid-answer and the question is being retried; see /v1/questions/{question_id}"
-                                    ))).await;
-                                    false
-                                }
-                                Relayed::Final(answered) => {
-                                    writer.finish(&answered).await;
-                                    false
-                                }
-                            };
-                            if !open {
-                                return;
-                            }
-                        }
-                    };
-                    tokio::join!(relaying, writing);
-                });
-                return Ok(sse(rx, state.sse_keep_alive).into_response());
-            }
-            let Some(event) = queue::wait_for_answer(&mut answers, MAX_WAIT).await else {
-                let status = state
-                    .degradable(state.store.record(&queued.id))
-                    .await
-                    .flatten()
-                    .map_or(QuestionStatus::Queued, |record| record.status);
-                return Err(ApiError::AnswerTimeout {
-                    id: queued.id,
-                    status: status_name(status),
-                    waited: MAX_WAIT,
-                });
-            };
-            let answered = Answered::from_event(queued.id, event, &state.model, queued.language)
-                .expect("wait_for_answer returns final events");
-            match answered.status {
-                QuestionStatus::Done => Ok(Json(
-                    meta(&answered, created)
-                        .completion(answered.answer.as_deref().unwrap_or_default()),
-                )
-                .into_response()),
-                _ => Err(ApiError::AnswerFailed(answered.error.unwrap_or_default())),
-            }
-        }
+        Admission::Queued(queued) => queued,
+    };
+    if request.stream {
+        let (writer, events) = ChunkWriter::new(
+            &queued.id,
+            &state.model_identity,
+            created,
+            request.include_usage,
+        );
+        tokio::spawn(stream_answer(state.clone(), queued, writer));
+        return Ok(sse(events, state.sse_keep_alive).into_response());
     }
+    let mut answers = queued.answers.expect("Hold::Required subscribes");
+    let Some(event) = queue::wait_for_answer(&mut answers, MAX_WAIT).await else {
+        let status = state
+            .degradable(state.store.record(&queued.id))
+            .await
+            .flatten()
+            .map_or(QuestionStatus::Queued, |record| record.status);
+        return Err(ApiError::AnswerTimeout {
+            id: queued.id,
+            status: status_name(status),
+            waited: MAX_WAIT,
+        });
+    };
+    let answered = Answered::from_event(queued.id, event, &state.model, queued.language)
+        .expect("wait_for_answer returns final events");
+    match answered.status {
+        QuestionStatus::Done => Ok(completion(&answered, created)),
+        _ => Err(ApiError::AnswerFailed(answered.error.unwrap_or_default())),
+    }
+}
+
+fn completion(answered: &Answered, created: u64) -> Response {
+    let text = answered.answer.as_deref().unwrap_or_default();
+    Json(meta(answered, created).completion(text)).into_response()
+}
+
+/// Relays a queued question's answer into chunks until it ends or the
+/// client goes; holds the question's waiting slot meanwhile.
+async fn stream_answer(state: Arc<AppState>, queued: Queued, writer: ChunkWriter) {
+    let _slot = queued.slot;
+    let answers = queued.answers.expect("Hold::Required subscribes");
+    let (relayed_tx, mut relayed) = mpsc::channel(64);
+    let relaying = relay(
+        &state.store,
+        &state.model,
+        &queued.id,
+        answers,
+        Cursor::default(),
+        relayed_tx,
+    );
+    let question_id = queued.id.clone();
+    // Owns the receiver: when the client goes, dropping it stops the relay.
+    let writing = async move {
+        if !writer.role().await {
+            return;
+        }
+        loop {
+            let item = tokio::select! {
+                item = relayed.recv() => item,
+                _ = writer.events.closed() => None,
+            };
+            let open = match item {
+                None => false,
+                Some(Relayed::Piece { text, .. }) => writer.piece(text).await,
+                Some(Relayed::Reset) => {
+                    let message = format!(
+                        "the worker failed mid-answer and the question is being retried; see /v1/questions/{question_id}"
+                    );
+                    writer.error(ApiError::AnswerFailed(message)).await;
+                    false
+                }
+                Some(Relayed::Final(answered)) => {
+                    writer.finish(&answered).await;
+                    false
+                }
+            };
+            if !open {
+                return;
+            }
+        }
+    };
+    tokio::join!(relaying, writing);
 }
 
 fn status_name(status: QuestionStatus) -> &'static str {
@@ -197,7 +192,27 @@ struct ChunkWriter {
     events: mpsc::Sender<Event>,
 }
 
+/// Chunks buffered per stream before the writer waits for the client.
+const CHUNK_BUFFER: usize = 64;
+
 impl ChunkWriter {
+    fn new(
+        id: &str,
+        model: &str,
+        created: u64,
+        include_usage: bool,
+    ) -> (ChunkWriter, mpsc::Receiver<Event>) {
+        let (events, receiver) = mpsc::channel(CHUNK_BUFFER);
+        let writer = ChunkWriter {
+            id: id.to_owned(),
+            model: model.to_owned(),
+            created,
+            include_usage,
+            events,
+        };
+        (writer, receiver)
+    }
+
     async fn send(&self, data: String) -> bool {
         self.events.send(Event::default().data(data)).await.is_ok()
     }
