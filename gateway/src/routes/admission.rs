@@ -62,37 +62,8 @@ pub async fn admit(
     if let Some(key) = &cache_key
         && let Some(Some(hit)) = state.degradable(state.store.cached_answer(key)).await
     {
-        let (language, source) = match (question.language, &hit.language) {
-            (Some(given), _) => (Some(given), "given"),
-            (None, Some(detected)) => (Some(detected.clone()), "detected"),
-            (None, None) => (None, "unknown"),
-        };
-        let metrics = &state.metrics;
-        metrics.question(language::metric_label(language.as_deref()), source);
-        metrics.outcome("cached");
         let id = format!("{CACHED_ID_PREFIX}{key}");
-        if let Some(url) = &question.callback_url {
-            // Answered already, but the caller asked to be called: same as a
-            // worker's answer, under a call id of its own.
-            let now = ebb_nats::now_ms();
-            let record = QuestionRecord {
-                status: QuestionStatus::Done,
-                answer: Some(hit.answer.clone()),
-                model: Some(hit.model.clone()),
-                cached: true,
-                finish_reason: Some(hit.finish_reason),
-                language: language.clone(),
-                ..QuestionRecord::queued(&id, now)
-            };
-            let call_id = uuid::Uuid::now_v7().to_string();
-            let jetstream = &state.topology.jetstream;
-            if let Err(err) =
-                ebb_nats::webhook::enqueue(jetstream, &call_id, url.as_str(), &record).await
-            {
-                tracing::error!(cause = %err, "cannot queue the webhook call of a cache hit");
-            }
-        }
-        return Ok(Admission::Cached { id, hit, language });
+        return Ok(from_cache(state, id, hit, question).await);
     }
     let source = if question.language.is_some() {
         "given"
@@ -183,6 +154,44 @@ pub async fn admit(
         answers,
         slot,
     }))
+}
+
+/// A cache hit: counted, called back when asked, answered at once.
+async fn from_cache(
+    state: &AppState,
+    id: String,
+    hit: CachedAnswer,
+    question: NewQuestion,
+) -> Admission {
+    let (language, source) = match (question.language, &hit.language) {
+        (Some(given), _) => (Some(given), "given"),
+        (None, Some(detected)) => (Some(detected.clone()), "detected"),
+        (None, None) => (None, "unknown"),
+    };
+    let metrics = &state.metrics;
+    metrics.question(language::metric_label(language.as_deref()), source);
+    metrics.outcome("cached");
+    if let Some(url) = &question.callback_url {
+        // Answered already, but the caller asked to be called: the same call
+        // as for a worker's answer, under a call id of its own.
+        let record = QuestionRecord {
+            status: QuestionStatus::Done,
+            answer: Some(hit.answer.clone()),
+            model: Some(hit.model.clone()),
+            cached: true,
+            finish_reason: Some(hit.finish_reason),
+            language: language.clone(),
+            ..QuestionRecord::queued(&id, ebb_nats::now_ms())
+        };
+        let call_id = uuid::Uuid::now_v7().to_string();
+        let jetstream = &state.topology.jetstream;
+        if let Err(err) =
+            ebb_nats::webhook::enqueue(jetstream, &call_id, url.as_str(), &record).await
+        {
+            tracing::error!(cause = %err, "cannot queue the webhook call of a cache hit");
+        }
+    }
+    Admission::Cached { id, hit, language }
 }
 
 /// Webhooks need a signing secret, and a literal address must be public
