@@ -186,13 +186,15 @@ pub fn completion_id(question_id: &str) -> String {
     format!("chatcmpl-{question_id}")
 }
 
-fn usage(timings: Option<Timings>) -> Value {
-    let (prompt, completion) = timings.map_or((0, 0), |t| (t.prompt_tokens, t.completion_tokens));
-    json!({
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    })
+/// Token counts as OpenAI reports them (zeros for a cached answer).
+fn usage(timings: Option<Timings>) -> Usage {
+    let (prompt_tokens, completion_tokens) =
+        timings.map_or((0, 0), |t| (t.prompt_tokens, t.completion_tokens));
+    Usage {
+        prompt_tokens,
+        completion_tokens,
+        total_tokens: prompt_tokens + completion_tokens,
+    }
 }
 
 /// What a finished answer says about itself besides the text.
@@ -210,9 +212,6 @@ pub struct AnswerMeta<'a> {
 impl AnswerMeta<'_> {
     /// The non-streaming `chat.completion` body.
     pub fn completion(&self, answer: &str) -> ChatCompletion {
-        let (prompt_tokens, completion_tokens) = self
-            .timings
-            .map_or((0, 0), |t| (t.prompt_tokens, t.completion_tokens));
         ChatCompletion {
             id: completion_id(self.question_id),
             object: "chat.completion".into(),
@@ -226,11 +225,7 @@ impl AnswerMeta<'_> {
                 },
                 finish_reason: self.finish_reason,
             }],
-            usage: Usage {
-                prompt_tokens,
-                completion_tokens,
-                total_tokens: prompt_tokens + completion_tokens,
-            },
+            usage: usage(self.timings),
             ebb: EbbInfo {
                 question_id: self.question_id.to_owned(),
                 cached: self.cached,

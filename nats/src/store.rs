@@ -43,6 +43,16 @@ pub enum QuestionStatus {
 }
 
 impl QuestionStatus {
+    /// The name on the wire (`queued`, `running`, `done`, `failed`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuestionStatus::Queued => "queued",
+            QuestionStatus::Running => "running",
+            QuestionStatus::Done => "done",
+            QuestionStatus::Failed => "failed",
+        }
+    }
+
     pub fn is_terminal(self) -> bool {
         matches!(self, QuestionStatus::Done | QuestionStatus::Failed)
     }
@@ -195,12 +205,11 @@ impl Store {
             "#,
         );
         let body = serde_json::to_string(record).expect("records serialize");
-        let status = serde_json::to_value(record.status).expect("statuses serialize");
         let mut connection = self.connection.clone();
         let written: i64 = script
             .key(record_key(&record.id))
             .arg(body)
-            .arg(status.as_str().unwrap_or_default())
+            .arg(record.status.as_str())
             .arg(RECORD_TTL.as_secs())
             .invoke_async(&mut connection)
             .await?;
@@ -307,4 +316,21 @@ pub fn pieces_attempt_key(id: &str) -> String {
 
 pub fn cache_key(key: &str) -> String {
     format!("ebb:cache:{key}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_names_are_the_serde_names() {
+        for status in [
+            QuestionStatus::Queued,
+            QuestionStatus::Running,
+            QuestionStatus::Done,
+            QuestionStatus::Failed,
+        ] {
+            assert_eq!(serde_json::to_value(status).unwrap(), status.as_str());
+        }
+    }
 }

@@ -131,16 +131,13 @@ async fn main() {
     // trigger: this measures the accept path, not refusals.
     let stack = Stack::start(StackOptions {
         queue_max_messages: 10_000_000,
-        gateway_args: [
+        ..StackOptions::with_gateway_args(&[
             "--insecure-dev",
             "--rate-limit-per-ip",
             "1000000000",
             "--max-workers",
             "1000000000",
-        ]
-        .map(str::to_owned)
-        .to_vec(),
-        ..StackOptions::default()
+        ])
     })
     .await;
     println!(

@@ -28,6 +28,16 @@ pub struct StackOptions {
     pub gateway_args: Vec<String>,
 }
 
+impl StackOptions {
+    /// The defaults with exactly these gateway flags (beyond the shared ones).
+    pub fn with_gateway_args(args: &[&str]) -> StackOptions {
+        StackOptions {
+            gateway_args: args.iter().map(|arg| arg.to_string()).collect(),
+            ..StackOptions::default()
+        }
+    }
+}
+
 impl Default for StackOptions {
     fn default() -> Self {
         StackOptions {

@@ -116,12 +116,7 @@ async fn without_keys_the_gateway_refuses_to_start_unless_insecure_dev() {
 
 #[tokio::test]
 async fn the_per_ip_limit_allows_exactly_its_size_then_429_with_retry_after() {
-    let options = StackOptions {
-        gateway_args: ["--insecure-dev", "--rate-limit-per-ip", "5"]
-            .map(str::to_owned)
-            .to_vec(),
-        ..StackOptions::default()
-    };
+    let options = StackOptions::with_gateway_args(&["--insecure-dev", "--rate-limit-per-ip", "5"]);
     let stack = Stack::start(options).await;
     for n in 0..5 {
         let (code, headers, body) = send(question(&stack, &format!("Question {n}?"))).await;
@@ -161,18 +156,13 @@ async fn the_per_ip_limit_allows_exactly_its_size_then_429_with_retry_after() {
 
 #[tokio::test]
 async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_bucket() {
-    let options = StackOptions {
-        gateway_args: [
-            "--insecure-dev",
-            "--rate-limit-per-ip",
-            "2",
-            "--trusted-proxies",
-            "127.0.0.1/32,10.0.0.0/8",
-        ]
-        .map(str::to_owned)
-        .to_vec(),
-        ..StackOptions::default()
-    };
+    let options = StackOptions::with_gateway_args(&[
+        "--insecure-dev",
+        "--rate-limit-per-ip",
+        "2",
+        "--trusted-proxies",
+        "127.0.0.1/32,10.0.0.0/8",
+    ]);
     let stack = Stack::start(options).await;
     let from = |client: &'static str, n: u32| {
         question(&stack, &format!("From {client}, number {n}?")).header(
@@ -220,22 +210,17 @@ fn rss_kib() -> u64 {
 #[tokio::test]
 async fn overload_sheds_new_questions_keeps_serving_cache_hits_and_stays_bounded() {
     // One worker at most, 1 s a question, 5 s goal: five waiting questions fit.
-    let options = StackOptions {
-        gateway_args: [
-            "--insecure-dev",
-            "--rate-limit-per-ip",
-            "1000000",
-            "--max-workers",
-            "1",
-            "--service-time-estimate",
-            "1s",
-            "--latency-goal",
-            "5s",
-        ]
-        .map(str::to_owned)
-        .to_vec(),
-        ..StackOptions::default()
-    };
+    let options = StackOptions::with_gateway_args(&[
+        "--insecure-dev",
+        "--rate-limit-per-ip",
+        "1000000",
+        "--max-workers",
+        "1",
+        "--service-time-estimate",
+        "1s",
+        "--latency-goal",
+        "5s",
+    ]);
     let stack = Stack::start(options).await;
     let mut accepted = 0;
     let (headers, body) = loop {
@@ -329,12 +314,8 @@ async fn overload_sheds_new_questions_keeps_serving_cache_hits_and_stays_bounded
 
 #[tokio::test]
 async fn webhook_targets_inside_the_network_are_refused() {
-    let options = StackOptions {
-        gateway_args: ["--insecure-dev", "--webhook-secret", "s3cret"]
-            .map(str::to_owned)
-            .to_vec(),
-        ..StackOptions::default()
-    };
+    let options =
+        StackOptions::with_gateway_args(&["--insecure-dev", "--webhook-secret", "s3cret"]);
     let stack = Stack::start(options).await;
     for target in [
         "http://127.0.0.1:9/hook",

@@ -43,17 +43,12 @@ async fn keyed_stack(dir: &TempDir) -> (Stack, ebb_tests::WorkerProcess) {
         ),
     )
     .unwrap();
-    let options = StackOptions {
-        gateway_args: [
-            "--config",
-            config.to_str().unwrap(),
-            "--rate-limit-per-ip",
-            "1000000",
-        ]
-        .map(str::to_owned)
-        .to_vec(),
-        ..StackOptions::default()
-    };
+    let options = StackOptions::with_gateway_args(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--rate-limit-per-ip",
+        "1000000",
+    ]);
     let stack = Stack::start(options).await;
     let worker = stack.worker(&[]);
     stack.wait_ready(&worker).await;

@@ -141,12 +141,7 @@ async fn a_retry_mid_stream_resets_the_text_and_a_stale_resume_is_reset_too() {
 
 #[tokio::test]
 async fn a_quiet_stream_gets_keep_alive_comments() {
-    let options = StackOptions {
-        gateway_args: ["--insecure-dev", "--sse-keep-alive", "200ms"]
-            .map(str::to_owned)
-            .to_vec(),
-        ..StackOptions::default()
-    };
+    let options = StackOptions::with_gateway_args(&["--insecure-dev", "--sse-keep-alive", "200ms"]);
     let stack = Stack::start(options).await;
     // No worker: the question waits, and the stream must stay alive.
     let (_, body) = stack
@@ -158,10 +153,17 @@ async fn a_quiet_stream_gets_keep_alive_comments() {
     assert_eq!(event.data, "keep-alive");
 }
 
-fn gateway_config(dir: &TempDir, yaml: &str) -> String {
+/// A stack whose gateway classifies by [`PRIORITY_CONFIG`].
+async fn priority_stack(dir: &TempDir) -> Stack {
     let path = dir.path().join("gateway.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    path.to_str().unwrap().to_owned()
+    std::fs::write(&path, PRIORITY_CONFIG).unwrap();
+    let config = path.to_str().unwrap();
+    Stack::start(StackOptions::with_gateway_args(&[
+        "--insecure-dev",
+        "--config",
+        config,
+    ]))
+    .await
 }
 
 /// When each question started generating: created + time in the queue.
@@ -190,14 +192,7 @@ priority:
 #[tokio::test]
 async fn workers_serve_high_before_normal_before_low_and_the_scaler_counts_all() {
     let dir = TempDir::new("priority");
-    let config = gateway_config(&dir, PRIORITY_CONFIG);
-    let options = StackOptions {
-        gateway_args: ["--insecure-dev", "--config", &config]
-            .map(str::to_owned)
-            .to_vec(),
-        ..StackOptions::default()
-    };
-    let stack = Stack::start(options).await;
+    let stack = priority_stack(&dir).await;
     let mut ids = Vec::new();
     for (n, (fields, label)) in [
         (json!({"course": "practice"}), "low"),
@@ -237,14 +232,7 @@ async fn workers_serve_high_before_normal_before_low_and_the_scaler_counts_all()
 #[tokio::test]
 async fn an_aged_low_question_goes_before_fresh_high_ones() {
     let dir = TempDir::new("aging");
-    let config = gateway_config(&dir, PRIORITY_CONFIG);
-    let options = StackOptions {
-        gateway_args: ["--insecure-dev", "--config", &config]
-            .map(str::to_owned)
-            .to_vec(),
-        ..StackOptions::default()
-    };
-    let stack = Stack::start(options).await;
+    let stack = priority_stack(&dir).await;
     let ask = |body: Value| async { stack.ask(body).await.1["id"].as_str().unwrap().to_owned() };
     let old_low = ask(json!({"question": "Old practice?", "course": "practice", "max_tokens": 4, "wait_seconds": 0})).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -398,18 +386,13 @@ fn hmac_hex(secret: &str, message: &[u8]) -> String {
 
 #[tokio::test]
 async fn the_final_answer_is_posted_signed_and_retried_until_taken() {
-    let options = StackOptions {
-        gateway_args: [
-            "--insecure-dev",
-            "--webhook-secret",
-            "s3cret",
-            "--webhook-allow",
-            "127.0.0.0/8",
-        ]
-        .map(str::to_owned)
-        .to_vec(),
-        ..StackOptions::default()
-    };
+    let options = StackOptions::with_gateway_args(&[
+        "--insecure-dev",
+        "--webhook-secret",
+        "s3cret",
+        "--webhook-allow",
+        "127.0.0.0/8",
+    ]);
     let stack = Stack::start(options).await;
     let _worker = stack.worker(&[]);
     // The receiver fails the first call: the dispatcher must retry.

@@ -45,8 +45,7 @@ pub(crate) async fn chat_completions(
     require_json(&headers)?;
     let request = ChatRequest::from_json(&body_bytes(body)?, state.limits)?;
     if let Some(asked) = &request.model
-        && asked != &state.model
-        && asked != &state.model_identity
+        && !state.serves(asked)
     {
         return Err(ApiError::ModelNotFound {
             asked: asked.clone(),
@@ -96,7 +95,7 @@ pub(crate) async fn chat_completions(
             .map_or(QuestionStatus::Queued, |record| record.status);
         return Err(ApiError::AnswerTimeout {
             id: queued.id,
-            status: status_name(status),
+            status: status.as_str(),
             waited: MAX_WAIT,
         });
     };
@@ -159,15 +158,6 @@ async fn stream_answer(state: Arc<AppState>, queued: Queued, writer: ChunkWriter
         }
     };
     tokio::join!(relaying, writing);
-}
-
-fn status_name(status: QuestionStatus) -> &'static str {
-    match status {
-        QuestionStatus::Queued => "queued",
-        QuestionStatus::Running => "running",
-        QuestionStatus::Done => "done",
-        QuestionStatus::Failed => "failed",
-    }
 }
 
 fn meta(answered: &Answered, created: u64) -> AnswerMeta<'_> {
@@ -285,7 +275,7 @@ pub(crate) async fn get_model(
     State(state): State<Arc<AppState>>,
     Path(model): Path<String>,
 ) -> Result<Json<ModelObject>, ApiError> {
-    if model == state.model || model == state.model_identity {
+    if state.serves(&model) {
         return Ok(Json(model_object(&state)));
     }
     Err(ApiError::ModelNotFound {

@@ -106,6 +106,11 @@ impl AppState {
         }
     }
 
+    /// Whether `model` names the served model (its id, or `id@revision`).
+    pub fn serves(&self, model: &str) -> bool {
+        model == self.model || model == self.model_identity
+    }
+
     /// Runs a Redis call whose failure only degrades the answer (no cache,
     /// no status record): logs the first failure and the recovery, not each.
     pub async fn degradable<T>(
