@@ -198,17 +198,37 @@ pub struct Heartbeat {
     pub ready_at_ms: Option<u64>,
     pub jobs_done: u64,
     pub jobs_failed: u64,
+    /// Questions this worker answers at once (its batch capacity). Workers
+    /// from before batching send none and have one.
+    #[serde(default = "one_slot")]
+    pub slots: u32,
+    /// Questions in flight right now (at most `slots`).
+    #[serde(default)]
+    pub active: u32,
+    /// Prompt tokens this worker ran through the model since it started.
+    #[serde(default)]
+    pub prefill_tokens: u64,
+    /// Prompt tokens it did not have to run: the shared system-prompt prefix
+    /// its prefix cache already held.
+    #[serde(default)]
+    pub prefill_tokens_saved: u64,
     /// Decode speed of the last finished job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_tokens_per_second: Option<f64>,
-    /// Moving average of the time this worker spends per question (ms):
-    /// its service time, which the scaler turns into capacity.
+    /// Moving average of the time one question spends in this worker (ms,
+    /// start of generation to answer, batched with up to `slots - 1`
+    /// others): with `slots` it is the worker's throughput,
+    /// `slots / mean_job_ms` questions a millisecond when full.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mean_job_ms: Option<f64>,
     /// Moving average of acceptance-to-answer time (queue + inference, ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mean_response_ms: Option<f64>,
     pub sent_at_ms: u64,
+}
+
+fn one_slot() -> u32 {
+    1
 }
 
 /// Kept in the `EBB_DEAD` stream on `ebb.dead.<id>` for inspection and replay.

@@ -90,7 +90,9 @@ async fn progress_acks_keep_a_long_answer_from_being_redelivered() {
 #[tokio::test]
 async fn sigterm_drains_the_question_in_hand_then_exits_0() {
     let stack = Stack::start(StackOptions::default()).await;
-    let mut worker = stack.worker(&SLOW);
+    // One slot: the second question waits in the queue (with more slots it
+    // would join the batch; see batch_serving.rs for a full batch).
+    let mut worker = stack.worker(&[&SLOW[..], &["--max-batch", "1"]].concat());
     stack.wait_ready(&worker).await;
     let in_hand = accepted_id(&stack, "What is a noun?", 30).await;
     wait_running(&stack, &in_hand).await;

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device};
 use ebb_nats::{ChatMessage, Job, Role};
 use ebb_tests::{TempDir, tiny_model_dir};
-use ebb_worker::generate::{GenerateError, Generator};
+use ebb_worker::engine::EngineConfig;
+use ebb_worker::generate::{GenerateError, Generator, Prompts};
 use ebb_worker::model::{HubOptions, ModelError, ModelFiles, ModelRequest, Qwen, files};
 use ebb_worker::tiny::{self, Shape};
 
@@ -52,7 +53,13 @@ fn offline_hub(cache: &Path) -> HubOptions {
 
 async fn generator(files: &ModelFiles) -> Generator {
     let model = Qwen::load(files, &Device::Cpu, DType::F32).expect("model loads");
-    Generator::new(model, &files.tokenizer, "You are a tutor.".into()).expect("tokenizer loads")
+    let prompts =
+        Prompts::new(&files.tokenizer, "You are a tutor.".into()).expect("tokenizer loads");
+    let config = EngineConfig {
+        prefill_chunk: 512,
+        prefix_cache_tokens: 4096,
+    };
+    Generator::new(model, prompts, config)
 }
 
 fn answer(generator: &mut Generator, job: &Job) -> (String, String, usize) {
@@ -77,11 +84,13 @@ async fn the_tiny_model_answers_deterministically_and_streams_the_same_text() {
     let (text, streamed, tokens) = answer(&mut generator, &question);
     assert!((1..=32).contains(&tokens), "{tokens}");
     assert_eq!(streamed, text, "streamed pieces add up to the answer");
-    // Greedy and the KV cache is cleared between jobs: same answer again.
+    // Greedy, and each question has its own cache (the second starts from
+    // the cached system prefix): same answer again.
     let (again, _, _) = answer(&mut generator, &question);
     assert_eq!(again, text);
     assert!(
         generator
+            .prompts
             .prompt(&question)
             .starts_with("<|im_start|>system\nYou are a tutor. The student is in grade 5.")
     );
@@ -109,7 +118,7 @@ async fn a_chat_history_shapes_the_prompt_and_extreme_sampling_still_answers() {
             content: "4".into(),
         },
     ];
-    let prompt = generator.prompt(&chat);
+    let prompt = generator.prompts.prompt(&chat);
     // The app's system text follows the tutor's rules, inside the one system turn.
     assert!(
         prompt.starts_with("<|im_start|>system\nYou are a tutor."),
@@ -216,18 +225,14 @@ async fn a_gguf_model_loads_through_the_quantized_path() {
     assert_eq!(files.config, None);
 
     // Q8_0 of the same random weights: logits close to the f32 model's.
-    let mut quantized = Qwen::load(&files, &Device::Cpu, DType::F32).unwrap();
+    let quantized = Qwen::load(&files, &Device::Cpu, DType::F32).unwrap();
     let reference = files::resolve(&dir_request(&tiny_model_dir()), &offline_hub(dir.path()))
         .await
         .unwrap();
-    let mut full = Qwen::load(&reference, &Device::Cpu, DType::F32).unwrap();
+    let full = Qwen::load(&reference, &Device::Cpu, DType::F32).unwrap();
     let prompt = [1u32, 50, 60, 70, 80, 90];
-    let q = quantized
-        .forward(&prompt, 0)
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let f = full.forward(&prompt, 0).unwrap().to_vec1::<f32>().unwrap();
+    let q = quantized.logits(&prompt).unwrap().to_vec1::<f32>().unwrap();
+    let f = full.logits(&prompt).unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(q.len(), f.len());
     let scale = f.iter().fold(0f32, |m, v| m.max(v.abs()));
     let worst = q

@@ -224,7 +224,8 @@ async fn workers_serve_high_before_normal_before_low_and_the_scaler_counts_all()
         "the scaler's lag counts every priority: {depth:?}"
     );
 
-    let _worker = stack.worker(&["--priority-aging", "1h"]);
+    // One slot: order shows when questions compete for it.
+    let _worker = stack.worker(&["--priority-aging", "1h", "--max-batch", "1"]);
     let order = start_order(&stack, &ids).await;
     assert_eq!(order, ["high", "high", "normal", "normal", "low", "low"]);
 }
@@ -241,7 +242,7 @@ async fn an_aged_low_question_goes_before_fresh_high_ones() {
         let id = ask(json!({"question": format!("Urgent {n}?"), "grade": 12, "max_tokens": 4, "wait_seconds": 0})).await;
         ids.push((id, "high"));
     }
-    let _worker = stack.worker(&["--priority-aging", "1s"]);
+    let _worker = stack.worker(&["--priority-aging", "1s", "--max-batch", "1"]);
     let order = start_order(&stack, &ids).await;
     assert_eq!(order[0], "low", "the aged question first: {order:?}");
 }

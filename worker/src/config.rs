@@ -77,6 +77,24 @@ pub struct Config {
     /// Weight precision for safetensors models.
     #[arg(long, env = "EBB_DTYPE", value_enum, default_value_t = DTypeChoice::Auto)]
     pub dtype: DTypeChoice,
+    /// Most questions answered at once (decoded together in every step).
+    /// Default: 8 on CPU (two cores are compute-bound by then), 32 on CUDA.
+    #[arg(long, env = "EBB_MAX_BATCH", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_batch: Option<u32>,
+    /// Most prompt tokens one step prefills, so a long prompt delays the
+    /// answers in flight by at most one chunk.
+    #[arg(long, env = "EBB_PREFILL_CHUNK", default_value_t = 512, value_parser = clap::value_parser!(u32).range(16..=65_536))]
+    pub prefill_chunk: u32,
+    /// Memory for keys and values of the questions in flight, in MiB. A
+    /// question joins only when its prompt plus max_tokens fits. Default:
+    /// half the memory available after the model is loaded (CPU), or 80 %
+    /// of the free GPU memory (CUDA).
+    #[arg(long, env = "EBB_KV_CACHE_MIB", value_parser = clap::value_parser!(u64).range(1..))]
+    pub kv_cache_mib: Option<u64>,
+    /// Tokens of shared system-prompt prefixes kept for reuse (taken from
+    /// the KV budget).
+    #[arg(long, env = "EBB_PREFIX_CACHE_TOKENS", default_value_t = 4096)]
+    pub prefix_cache_tokens: u32,
     /// System prompt: how the tutor should answer.
     #[arg(long, env = "EBB_SYSTEM_PROMPT", default_value = crate::generate::DEFAULT_SYSTEM_PROMPT)]
     pub system_prompt: String,
@@ -97,8 +115,8 @@ pub struct Config {
     /// would. Never set in production.
     #[arg(long, env = "EBB_DEBUG_FAIL_MARKER", hide = true)]
     pub debug_fail_marker: Option<String>,
-    /// Test hook: sleep this long after each generated piece of text, so
-    /// tests can act mid-generation. Never set in production.
+    /// Test hook: sleep this long after each batch step that generated
+    /// text, so tests can act mid-generation. Never set in production.
     #[arg(long, env = "EBB_DEBUG_TOKEN_DELAY", hide = true, value_parser = ebb_nats::duration::parse)]
     pub debug_token_delay: Option<Duration>,
     #[command(flatten)]

@@ -1,12 +1,13 @@
-//! Turning a [`Job`] into an answer: the ChatML prompt, prefill, and a
-//! decode loop that streams text as soon as it is valid UTF-8.
+//! Turning a [`Job`] into an engine [`Request`]: the ChatML prompt and its
+//! shareable system prefix; text released as soon as it is valid UTF-8.
 
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use candle_transformers::generation::{LogitsProcessor, Sampling};
 use ebb_nats::{FinishReason, Job, Role};
 use tokenizers::Tokenizer;
 
+use crate::engine::{Engine, EngineConfig, Output, Request};
 use crate::model::{ModelError, Qwen};
 
 pub const DEFAULT_SYSTEM_PROMPT: &str = "You are ebb, a patient tutor for school students. \
@@ -24,12 +25,28 @@ pub enum GenerateError {
     Model(#[from] candle_core::Error),
     #[error("the prompt has {tokens} tokens; the model's context is {max}")]
     PromptTooLong { tokens: usize, max: usize },
+    #[error(
+        "the question needs {needed_mib:.1} MiB of KV cache ({positions} positions: prompt plus max_tokens), more than this worker's whole --kv-cache-mib budget of {budget_mib} MiB"
+    )]
+    NeverFits {
+        positions: usize,
+        needed_mib: f64,
+        budget_mib: u64,
+    },
+    /// A batched step failed; every sequence in it fails the same way.
+    #[error("batch step: {0}")]
+    Step(String),
+    #[error("the model engine stopped")]
+    EngineStopped,
 }
 
 impl GenerateError {
     /// Retrying cannot help: the same input fails the same way.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, GenerateError::PromptTooLong { .. })
+        matches!(
+            self,
+            GenerateError::PromptTooLong { .. } | GenerateError::NeverFits { .. }
+        )
     }
 }
 
@@ -37,8 +54,11 @@ impl GenerateError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Generation {
     pub text: String,
+    /// The answer's token ids (without the stop token).
+    pub tokens: Vec<u32>,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Admission to first token: waiting for the step, prefill chunks.
     pub prefill: Duration,
     pub decode: Duration,
     pub finish_reason: FinishReason,
@@ -52,18 +72,26 @@ impl Generation {
     }
 }
 
-/// A model, its tokenizer and the tutoring prompt.
-#[derive(Debug)]
-pub struct Generator {
-    model: Qwen,
-    tokenizer: Tokenizer,
+/// A question's prompt as token ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prompt {
+    pub ids: Vec<u32>,
+    /// Leading tokens that are the same for every question with the same
+    /// system block (the tutor's rules, grade, course, language): the part
+    /// the prefix cache shares. 0 when the prompt does not start with them.
+    pub shared_prefix: usize,
+}
+
+/// The tokenizer and the tutoring prompt: turns jobs into engine requests.
+#[derive(Debug, Clone)]
+pub struct Prompts {
+    tokenizer: Arc<Tokenizer>,
     stop_tokens: Vec<u32>,
     system_prompt: String,
 }
 
-impl Generator {
+impl Prompts {
     pub fn new(
-        model: Qwen,
         tokenizer_path: &std::path::Path,
         system_prompt: String,
     ) -> Result<Self, ModelError> {
@@ -83,18 +111,20 @@ impl Generator {
                     .into(),
             });
         }
-        Ok(Generator {
-            model,
-            tokenizer,
+        Ok(Prompts {
+            tokenizer: Arc::new(tokenizer),
             stop_tokens,
             system_prompt,
         })
     }
 
-    /// The ChatML conversation for one question: the tutor's instructions
-    /// (with the app's `system` messages after them, so an app can add to but
-    /// not replace the safety rules), the earlier turns, then the question.
-    pub fn prompt(&self, job: &Job) -> String {
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    /// The tutor's instructions, with the app's `system` messages after
+    /// them (so an app can add to but not replace the safety rules).
+    fn system_block(&self, job: &Job) -> String {
         let mut system = self.system_prompt.clone();
         if let Some(grade) = job.grade {
             system.push_str(&format!(" The student is in grade {grade}."));
@@ -109,7 +139,13 @@ impl Generator {
             system.push_str("\n\n");
             system.push_str(&message.content);
         }
-        let mut prompt = format!("<|im_start|>system\n{system}<|im_end|>\n");
+        format!("<|im_start|>system\n{system}<|im_end|>\n")
+    }
+
+    /// The ChatML conversation for one question: the system block, the
+    /// earlier turns, then the question.
+    pub fn prompt(&self, job: &Job) -> String {
+        let mut prompt = self.system_block(job);
         for message in job.history.iter().filter(|m| m.role != Role::System) {
             let role = message.role.as_str();
             prompt.push_str(&format!(
@@ -124,83 +160,81 @@ impl Generator {
         prompt
     }
 
-    /// Answers `job`, calling `on_text` with each new piece of the answer.
+    fn encode(&self, text: &str) -> Result<Vec<u32>, GenerateError> {
+        Ok(self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|err| GenerateError::Tokenizer(err.to_string()))?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// The engine request for `job` on a model with `max_context` positions.
+    pub fn request(&self, job: &Job, max_context: usize) -> Result<Request, GenerateError> {
+        let ids = self.encode(&self.prompt(job))?;
+        if ids.len() >= max_context {
+            return Err(GenerateError::PromptTooLong {
+                tokens: ids.len(),
+                max: max_context,
+            });
+        }
+        // The system block ends in special tokens, so its tokens are a
+        // prefix of the whole prompt's; checked rather than assumed.
+        let system = self.encode(&self.system_block(job))?;
+        let shared_prefix = if ids.len() > system.len() && ids.starts_with(&system) {
+            system.len()
+        } else {
+            0
+        };
+        Ok(Request {
+            max_new: (job.max_tokens as usize).min(max_context - ids.len()),
+            prompt: Prompt { ids, shared_prefix },
+            sampling: job.sampling,
+            stop_tokens: self.stop_tokens.clone(),
+        })
+    }
+}
+
+/// One question at a time through the batching engine: for tests and tools
+/// that want an answer, not a server.
+#[derive(Debug)]
+pub struct Generator {
+    pub engine: Engine,
+    pub prompts: Prompts,
+}
+
+impl Generator {
+    pub fn new(model: Qwen, prompts: Prompts, config: EngineConfig) -> Generator {
+        Generator {
+            engine: Engine::new(model, prompts.tokenizer().clone(), config),
+            prompts,
+        }
+    }
+
+    /// Answers `job` alone, calling `on_text` with each new piece.
     pub fn generate(
         &mut self,
         job: &Job,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation, GenerateError> {
-        self.model.clear_kv_cache();
-        let prompt = self
-            .tokenizer
-            .encode(self.prompt(job), false)
-            .map_err(|err| GenerateError::Tokenizer(err.to_string()))?;
-        let prompt_ids = prompt.get_ids();
-        let max = self.model.max_context;
-        if prompt_ids.len() >= max {
-            return Err(GenerateError::PromptTooLong {
-                tokens: prompt_ids.len(),
-                max,
-            });
-        }
-        let budget = (job.max_tokens as usize).min(max - prompt_ids.len());
-        let sampling = if job.sampling.is_greedy() {
-            Sampling::ArgMax
-        } else {
-            Sampling::TopP {
-                // candle compares in f32: a p that rounds to 0 would keep no
-                // token at all (found by schemathesis); the smallest positive
-                // p keeps the most likely one.
-                p: job.sampling.top_p.clamp(f64::from(f32::MIN_POSITIVE), 1.0),
-                temperature: job.sampling.temperature,
+        let request = self.prompts.request(job, self.engine.model().max_context)?;
+        let id = self.engine.admit(request)?;
+        loop {
+            for output in self.engine.step() {
+                match output {
+                    Output::Text(seq, text) if seq == id => on_text(&text),
+                    Output::Finished(seq, result) if seq == id => return result,
+                    _ => {}
+                }
             }
-        };
-        let mut sampler = LogitsProcessor::from_sampling(job.sampling.seed, sampling);
-        let mut stream = TextStream::default();
-
-        let started = Instant::now();
-        let logits = self.model.forward(prompt_ids, 0)?;
-        let mut next = sampler.sample(&logits)?;
-        let prefill = started.elapsed();
-        let decode_started = Instant::now();
-        let mut generated = 0;
-        let mut finish_reason = FinishReason::Stop;
-        while !self.stop_tokens.contains(&next) {
-            generated += 1;
-            if let Some(piece) = stream.push(next, &self.tokenizer)? {
-                on_text(&piece);
-            }
-            if generated == budget {
-                finish_reason = FinishReason::Length;
-                break;
-            }
-            let logits = self
-                .model
-                .forward(&[next], prompt_ids.len() + generated - 1)?;
-            next = sampler.sample(&logits)?;
         }
-        if let Some(rest) = stream.finish(&self.tokenizer)? {
-            on_text(&rest);
-        }
-        let text = self
-            .tokenizer
-            .decode(&stream.tokens, true)
-            .map_err(|err| GenerateError::Tokenizer(err.to_string()))?;
-        Ok(Generation {
-            text,
-            prompt_tokens: prompt_ids.len(),
-            completion_tokens: generated,
-            prefill,
-            decode: decode_started.elapsed(),
-            finish_reason,
-        })
     }
 }
 
 /// Incremental detokenization: a token may end inside a multi-byte
 /// character, so text is released only once it decodes cleanly.
 #[derive(Debug, Default)]
-struct TextStream {
+pub struct TextStream {
     tokens: Vec<u32>,
     /// Start of the tokens whose text has not been fully released.
     window_start: usize,
@@ -219,7 +253,11 @@ impl TextStream {
             .map_err(|err| GenerateError::Tokenizer(err.to_string()))
     }
 
-    fn push(&mut self, token: u32, tokenizer: &Tokenizer) -> Result<Option<String>, GenerateError> {
+    pub fn push(
+        &mut self,
+        token: u32,
+        tokenizer: &Tokenizer,
+    ) -> Result<Option<String>, GenerateError> {
         let released = self.decode(tokenizer, self.window_start..self.released_end)?;
         self.tokens.push(token);
         let text = self.decode(tokenizer, self.window_start..self.tokens.len())?;
@@ -236,12 +274,21 @@ impl TextStream {
     }
 
     /// Whatever is left once generation stops (possibly an incomplete character).
-    fn finish(&self, tokenizer: &Tokenizer) -> Result<Option<String>, GenerateError> {
+    pub fn finish(&self, tokenizer: &Tokenizer) -> Result<Option<String>, GenerateError> {
         let released = self.decode(tokenizer, self.window_start..self.released_end)?;
         let text = self.decode(tokenizer, self.window_start..self.tokens.len())?;
         Ok(
             (text.len() > released.len() && text.is_char_boundary(released.len()))
                 .then(|| text[released.len()..].to_owned()),
         )
+    }
+
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// The whole answer so far.
+    pub fn text(&self, tokenizer: &Tokenizer) -> Result<String, GenerateError> {
+        self.decode(tokenizer, 0..self.tokens.len())
     }
 }

@@ -2,17 +2,23 @@
 //!
 //! # Layout
 //! - [`config`]: flags, env vars and the `tiny-model` subcommand.
-//! - [`model`]: finding/downloading model files and loading them ([`model::Qwen`]).
-//! - [`generate`]: the ChatML prompt and the streaming decode loop.
-//! - [`runner`]: pull, answer, record, acknowledge; heartbeats.
+//! - [`model`]: finding/downloading model files, loading them, and the
+//!   batched Qwen2 forward pass ([`model::Qwen`]).
+//! - [`engine`]: continuous batching: scheduler, sequences, engine thread,
+//!   KV memory budget.
+//! - [`generate`]: the ChatML prompt and its shared prefix; streamed text.
+//! - [`runner`]: keeps the batch's slots full from JetStream; heartbeats.
+//! - [`job`]: one question: record, answer, stream, acknowledge, retry.
 //! - [`serving_order`]: priorities with aging.
 //! - [`tiny`]: the random-weight model for tests, demos and benchmarks.
 //!
-//! [`run`] serves until `shutdown` is cancelled, finishes the question in
-//! hand, and returns: that is how scale-down drains a worker.
+//! [`run`] serves until `shutdown` is cancelled, finishes every question in
+//! flight, and returns: that is how scale-down drains a worker.
 
 pub mod config;
+pub mod engine;
 pub mod generate;
+mod job;
 pub mod model;
 pub mod runner;
 pub mod serving_order;
@@ -25,7 +31,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
-use generate::Generator;
+use engine::EngineConfig;
+use engine::thread::{EngineHandle, KvBudget};
+use generate::{Generator, Prompts};
 use model::{HubOptions, ModelRequest, Qwen};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +46,10 @@ pub enum WorkerError {
     Model(#[from] model::ModelError),
     #[error("NATS: {0}")]
     Nats(async_nats::Error),
+    #[error("--{flag}: {message}")]
+    Flag { flag: &'static str, message: String },
+    #[error("the model engine thread stopped")]
+    EngineStopped,
 }
 
 /// Finds, downloads if needed, and loads the configured model.
@@ -54,13 +66,49 @@ pub async fn load_generator(config: &Config) -> Result<Generator, WorkerError> {
     let device = model::device(config.device)?;
     let dtype = model::dtype(config.dtype, &device);
     let system_prompt = config.system_prompt.clone();
+    let engine_config = EngineConfig {
+        prefill_chunk: config.prefill_chunk as usize,
+        prefix_cache_tokens: config.prefix_cache_tokens as usize,
+    };
     let generator = tokio::task::spawn_blocking(move || {
         let model = Qwen::load(&files, &device, dtype)?;
-        Generator::new(model, &files.tokenizer, system_prompt)
+        let prompts = Prompts::new(&files.tokenizer, system_prompt)?;
+        Ok::<_, model::ModelError>(Generator::new(model, prompts, engine_config))
     })
     .await
     .expect("model loading does not panic")?;
     Ok(generator)
+}
+
+/// The KV budget: `--kv-cache-mib`, or what the device has left after the
+/// model, less the prefix cache's share.
+fn kv_budget(config: &Config, generator: &Generator) -> Result<Arc<KvBudget>, WorkerError> {
+    let per_token = generator.engine.kv_bytes_per_token() as u64;
+    let total = match config.kv_cache_mib {
+        Some(mib) => mib << 20,
+        None => model::default_kv_budget_bytes(generator.engine.model().forward.device())?,
+    };
+    let prefixes = u64::from(config.prefix_cache_tokens) * per_token;
+    let for_sequences = total.checked_sub(prefixes).filter(|b| *b >= per_token).ok_or_else(|| {
+        WorkerError::Flag {
+            flag: "kv-cache-mib",
+            message: format!(
+                "{} MiB cannot hold the prefix cache ({} tokens = {} MiB, --prefix-cache-tokens) and a question",
+                total >> 20,
+                config.prefix_cache_tokens,
+                prefixes >> 20
+            ),
+        }
+    })?;
+    let budget = KvBudget::new(for_sequences, per_token as usize);
+    tracing::info!(
+        kv_cache_mib = total >> 20,
+        positions = budget.total_positions(),
+        bytes_per_token = per_token,
+        prefix_cache_tokens = config.prefix_cache_tokens,
+        "KV cache budget"
+    );
+    Ok(budget)
 }
 
 /// Connects, loads the model, and answers questions until `shutdown`.
@@ -85,6 +133,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
         ready_at_ms: None,
         jobs_done: 0,
         jobs_failed: 0,
+        slots: 0,
+        active: 0,
+        prefill_tokens: 0,
+        prefill_tokens_saved: 0,
         last_tokens_per_second: None,
         mean_job_ms: None,
         mean_response_ms: None,
@@ -105,15 +157,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
             return Ok(());
         }
     };
+    let budget = kv_budget(&config, &generator)?;
+    let slots = config
+        .max_batch
+        .unwrap_or(if generator.engine.model().forward.device().is_cuda() {
+            32
+        } else {
+            8
+        }) as usize;
+    let Generator { engine, prompts } = generator;
+    let max_context = engine.model().max_context;
+    let engine = EngineHandle::spawn(engine, slots, config.debug_token_delay);
     let ready_at_ms = ebb_nats::now_ms();
     heartbeat.send_modify(|beat| {
         beat.state = WorkerState::Ready;
         beat.ready_at_ms = Some(ready_at_ms);
+        beat.slots = slots as u32;
     });
-    tracing::info!(cold_start_ms = ready_at_ms - started_at_ms, "ready");
+    tracing::info!(cold_start_ms = ready_at_ms - started_at_ms, slots, "ready");
 
     let consumers = runner::consumers(&topology).await?;
-    let worker = runner::Worker {
+    let worker = Arc::new(runner::Worker {
         delivery: runner::DeliveryPolicy::of(&consumers[0]),
         consumers,
         config: Arc::new(config),
@@ -121,17 +185,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
         topology,
         store,
         heartbeat,
-    };
+        engine,
+        budget,
+        prompts,
+        max_context,
+        slots,
+        memory: runner::MemoryGate::default(),
+    });
     let draining = {
         let shutdown = shutdown.clone();
-        let heartbeat = worker.heartbeat.clone();
+        let worker = worker.clone();
         tokio::spawn(async move {
             shutdown.cancelled().await;
-            tracing::info!("draining: finishing the question in hand, taking no more");
-            heartbeat.send_modify(|beat| beat.state = WorkerState::Draining);
+            tracing::info!("draining: finishing the questions in flight, taking no more");
+            worker.set_state(WorkerState::Draining);
         })
     };
-    let served = worker.serve(generator, shutdown).await;
+    let served = worker.clone().serve(shutdown).await;
     worker.set_state(WorkerState::Draining);
     draining.abort();
     stop_heartbeats.cancel();

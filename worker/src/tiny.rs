@@ -115,12 +115,41 @@ pub fn write_random_gguf(dir: &Path, shape: Shape, seed: u64) -> Result<(), Mode
         source,
     })?;
     write_json(&dir.join("tokenizer.json"), &tokenizer_json())?;
+    write_gguf(
+        &dir.join("model-q8_0.gguf"),
+        shape,
+        seed,
+        GgmlDType::Q8_0,
+        false,
+    )
+}
+
+/// The same random model as one GGUF file that llama.cpp loads as it is:
+/// matrices in `matrices` (F16, Q8_0, ...) and the tokenizer in GGUF
+/// metadata (the tiny BPE vocabulary, padded with unused tokens up to the
+/// shape's vocabulary size). For benchmarks against llama.cpp.
+pub fn write_peer_gguf(
+    path: &Path,
+    shape: Shape,
+    seed: u64,
+    matrices: GgmlDType,
+) -> Result<(), ModelError> {
+    write_gguf(path, shape, seed, matrices, true)
+}
+
+fn write_gguf(
+    path: &Path,
+    shape: Shape,
+    seed: u64,
+    matrices: GgmlDType,
+    tokenizer: bool,
+) -> Result<(), ModelError> {
     let weights = random_weights(shape, seed, DType::F32)?;
     let mut tensors = Vec::with_capacity(weights.len());
     for (name, tensor) in &weights {
         // Matrices are quantized; norms and biases stay f32, as llama.cpp does.
         let ggml = if tensor.rank() == 2 {
-            GgmlDType::Q8_0
+            matrices
         } else {
             GgmlDType::F32
         };
@@ -128,7 +157,7 @@ pub fn write_random_gguf(dir: &Path, shape: Shape, seed: u64) -> Result<(), Mode
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let u32_value = |n: usize| gguf_file::Value::U32(n as u32);
-    let metadata = [
+    let mut metadata = vec![
         (
             "general.architecture",
             gguf_file::Value::String("qwen2".into()),
@@ -157,15 +186,73 @@ pub fn write_random_gguf(dir: &Path, shape: Shape, seed: u64) -> Result<(), Mode
         ),
         ("qwen2.rope.freq_base", gguf_file::Value::F32(1_000_000.0)),
     ];
-    let path = dir.join("model-q8_0.gguf");
-    let mut file = std::fs::File::create(&path).map_err(|source| ModelError::Io {
-        path: path.clone(),
+    if tokenizer {
+        metadata.extend(gguf_tokenizer(shape.vocab_size));
+    }
+    let mut file = std::fs::File::create(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
         source,
     })?;
     let metadata: Vec<(&str, &gguf_file::Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
     let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    gguf_file::write(&mut file, &metadata, &tensors).map_err(|err| err.with_path(&path))?;
-    make_readable(&path)
+    gguf_file::write(&mut file, &metadata, &tensors).map_err(|err| err.with_path(path))?;
+    make_readable(path)
+}
+
+/// llama.cpp's tokenizer keys for the tiny BPE vocabulary, padded to `vocab_size`.
+fn gguf_tokenizer(vocab_size: usize) -> Vec<(&'static str, gguf_file::Value)> {
+    use gguf_file::Value;
+    // llama.cpp's token types.
+    const NORMAL: i32 = 1;
+    const CONTROL: i32 = 3;
+    const UNUSED: i32 = 5;
+    let mut tokens: Vec<String> = byte_symbols().into_iter().map(String::from).collect();
+    tokens.extend(MERGES.iter().map(|(l, r)| format!("{l}{r}")));
+    let normal = tokens.len();
+    tokens.extend(SPECIAL_TOKENS.iter().map(|t| t.to_string()));
+    let named = tokens.len();
+    tokens.extend((named..vocab_size.max(named)).map(|i| format!("<|unused_{i}|>")));
+    let types: Vec<Value> = (0..tokens.len())
+        .map(|i| {
+            Value::I32(if i < normal {
+                NORMAL
+            } else if i < named {
+                CONTROL
+            } else {
+                UNUSED
+            })
+        })
+        .collect();
+    let id = |token: &str| {
+        Value::U32(
+            tokens
+                .iter()
+                .position(|t| t == token)
+                .expect("special token") as u32,
+        )
+    };
+    vec![
+        ("tokenizer.ggml.model", Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre", Value::String("qwen2".into())),
+        ("tokenizer.ggml.bos_token_id", id("<|endoftext|>")),
+        ("tokenizer.ggml.eos_token_id", id("<|im_end|>")),
+        ("tokenizer.ggml.padding_token_id", id("<|endoftext|>")),
+        ("tokenizer.ggml.add_bos_token", Value::Bool(false)),
+        (
+            "tokenizer.ggml.merges",
+            Value::Array(
+                MERGES
+                    .iter()
+                    .map(|(l, r)| Value::String(format!("{l} {r}")))
+                    .collect(),
+            ),
+        ),
+        ("tokenizer.ggml.token_type", Value::Array(types)),
+        (
+            "tokenizer.ggml.tokens",
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        ),
+    ]
 }
 
 /// Hugging Face tensor name -> llama.cpp GGUF tensor name.

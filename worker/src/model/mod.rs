@@ -1,18 +1,27 @@
-//! Qwen2 models on candle: full-precision safetensors through
-//! `models::qwen2`, quantized GGUF through `models::quantized_qwen2`.
+//! Qwen2 on candle ops, written for batching: full-precision safetensors
+//! and quantized GGUF share one forward pass over many sequences, each with
+//! its own KV cache. (candle-transformers' Qwen2 keeps one cache and one
+//! position for the whole batch, which cannot batch questions that start
+//! and end at different times.)
 //!
 //! # Layout
 //! - [`files`]: locating or downloading the model's files.
-//! - this module: [`ModelError`], the device and dtype choice, and [`Qwen`],
-//!   one interface over both weight formats.
+//! - [`weights`]: reading both formats into one set of layers.
+//! - [`attention`]: rotary positions and per-sequence attention.
+//! - [`kv_cache`]: per-sequence caches and the shared-prefix cache.
+//! - [`batch`]: one forward step over many sequences.
+//! - this module: [`ModelError`], the device and dtype choice, and [`Qwen`].
 
+pub mod attention;
+pub mod batch;
 pub mod files;
+pub mod kv_cache;
+pub mod weights;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::{quantized_qwen2, qwen2};
 
 use crate::config::{DTypeChoice, DeviceKind};
 pub use files::{HubOptions, ModelFiles, ModelRequest, WeightFiles};
@@ -76,31 +85,17 @@ pub fn dtype(choice: DTypeChoice, device: &Device) -> DType {
     }
 }
 
-enum Weights {
-    Full(qwen2::ModelForCausalLM),
-    Quantized(quantized_qwen2::ModelWeights),
-}
-
-/// A loaded Qwen2 model with its KV cache.
+/// A loaded Qwen2 model.
+#[derive(Debug)]
 pub struct Qwen {
-    weights: Weights,
-    device: Device,
+    pub forward: batch::Forward,
     /// Longest sequence (prompt + answer) the model supports.
     pub max_context: usize,
 }
 
-impl std::fmt::Debug for Qwen {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Qwen")
-            .field("device", &self.device)
-            .field("max_context", &self.max_context)
-            .finish_non_exhaustive()
-    }
-}
-
 impl Qwen {
     pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<Qwen, ModelError> {
-        match &files.weights {
+        let weights = match &files.weights {
             WeightFiles::Safetensors(shards) => {
                 let config_path = files
                     .config
@@ -109,71 +104,90 @@ impl Qwen {
                         file: "config.json".into(),
                         location: "the model files".into(),
                     })?;
-                let config = read_config(config_path)?;
-                // SAFETY: the weights are memory-mapped read-only; ebb never
-                // writes model files while a worker runs, and a user who
-                // edits them underneath a running worker gets garbage, not UB
-                // in ebb's own data.
-                #[allow(unsafe_code)]
-                let vars = unsafe {
-                    candle_nn::VarBuilder::from_mmaped_safetensors(shards, dtype, device)?
-                };
-                let model = qwen2::ModelForCausalLM::new(&config, vars)?;
-                Ok(Qwen {
-                    weights: Weights::Full(model),
-                    device: device.clone(),
-                    max_context: config.max_position_embeddings,
-                })
+                weights::Weights::from_safetensors(config_path, shards, device, dtype)?
             }
-            WeightFiles::Gguf(path) => {
-                let mut file = std::fs::File::open(path).map_err(|source| ModelError::Io {
-                    path: path.clone(),
-                    source,
-                })?;
-                let content = candle_core::quantized::gguf_file::Content::read(&mut file)
-                    .map_err(|err| err.with_path(path))?;
-                let max_context = content
-                    .metadata
-                    .get("qwen2.context_length")
-                    .and_then(|value| value.to_u32().ok())
-                    .unwrap_or(32_768) as usize;
-                let model = quantized_qwen2::ModelWeights::from_gguf(content, &mut file, device)?;
-                Ok(Qwen {
-                    weights: Weights::Quantized(model),
-                    device: device.clone(),
-                    max_context,
-                })
-            }
-        }
-    }
-
-    /// Runs `tokens` at `position` (the number of tokens already in the KV
-    /// cache) and returns the next-token logits as a 1-D f32 tensor.
-    pub fn forward(&mut self, tokens: &[u32], position: usize) -> candle_core::Result<Tensor> {
-        let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
-        let logits = match &mut self.weights {
-            Weights::Full(model) => model.forward(&input, position)?,
-            Weights::Quantized(model) => model.forward(&input, position)?,
+            WeightFiles::Gguf(path) => weights::Weights::from_gguf(path, device)?,
         };
-        logits.flatten_all()?.to_dtype(DType::F32)
+        Ok(Qwen {
+            max_context: weights.dims.max_context,
+            forward: batch::Forward::new(weights, device)?,
+        })
     }
 
-    /// Forgets the previous conversation; call between jobs.
-    pub fn clear_kv_cache(&mut self) {
-        match &mut self.weights {
-            Weights::Full(model) => model.clear_kv_cache(),
-            Weights::Quantized(model) => model.clear_kv_cache(),
-        }
+    /// Bytes of keys and values one token takes.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let weights = &self.forward.weights;
+        kv_cache::bytes_per_token(&weights.dims, weights.dtype)
+    }
+
+    /// Next-token logits (`[vocab]`, f32) after `tokens`, as a fresh sequence.
+    pub fn logits(&self, tokens: &[u32]) -> candle_core::Result<Tensor> {
+        let weights = &self.forward.weights;
+        let mut cache = kv_cache::SequenceCache::new(
+            &weights.dims,
+            tokens.len(),
+            weights.dtype,
+            self.forward.device(),
+        )?;
+        let mut segments = [batch::Segment {
+            cache: &mut cache,
+            tokens,
+            wants_logits: true,
+        }];
+        self.forward.step(&mut segments)?.squeeze(0)
     }
 }
 
-fn read_config(path: &std::path::Path) -> Result<qwen2::Config, ModelError> {
+/// The KV budget when `--kv-cache-mib` is not given: half the memory
+/// available once the model is loaded (CPU: the system's `MemAvailable`,
+/// or less under a container's cgroup limit; the other half is headroom for
+/// activations, the tokenizer and everything else), or 80 % of the GPU's
+/// free memory (CUDA).
+pub fn default_kv_budget_bytes(device: &Device) -> Result<u64, ModelError> {
+    if device.is_cuda() {
+        return cuda_free_bytes().map(|free| free / 5 * 4);
+    }
+    let path = std::path::Path::new("/proc/meminfo");
     let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    serde_json::from_str(&text).map_err(|err| ModelError::Invalid {
-        path: path.to_path_buf(),
-        message: format!("not a Qwen2 config: {err}"),
-    })
+    let available = text
+        .lines()
+        .find_map(|line| line.strip_prefix("MemAvailable:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map(|kib| kib * 1024)
+        .ok_or_else(|| ModelError::Invalid {
+            path: path.to_path_buf(),
+            message: "no MemAvailable line; pass --kv-cache-mib".into(),
+        })?;
+    let available = cgroup_room().map_or(available, |room| room.min(available));
+    Ok(available / 2)
+}
+
+/// Bytes this process's cgroup (v2) may still take, when it has a limit.
+fn cgroup_room() -> Option<u64> {
+    let read = |file: &str| std::fs::read_to_string(format!("/sys/fs/cgroup/{file}")).ok();
+    let limit: u64 = read("memory.max")?.trim().parse().ok()?;
+    let current: u64 = read("memory.current")?.trim().parse().ok()?;
+    Some(limit.saturating_sub(current))
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_free_bytes() -> Result<u64, ModelError> {
+    // The device is created (its context current) before this is asked.
+    let (free, _total) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info()
+        .map_err(|err| ModelError::Candle(candle_core::Error::wrap(err)))?;
+    Ok(free as u64)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_free_bytes() -> Result<u64, ModelError> {
+    Err(ModelError::CudaNotBuilt)
 }

@@ -1,0 +1,284 @@
+//! The engine on a thread of its own, and the KV memory budget.
+//!
+//! The async worker reserves a question's KV memory ([`KvBudget`]) before it
+//! submits the question; the engine thread admits submissions between
+//! steps, steps while anything is in flight, and sends each question's text
+//! and result back on that question's own channel. A question's memory is
+//! given back when its sequence leaves the engine, which wakes a question
+//! waiting for room.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc};
+
+use super::{Engine, Output, Request, SeqId};
+use crate::generate::{GenerateError, Generation};
+
+/// Memory for keys and values, counted in bytes, shared by every sequence.
+#[derive(Debug)]
+pub struct KvBudget {
+    total_bytes: u64,
+    bytes_per_token: u64,
+    used: Mutex<u64>,
+    freed: Notify,
+}
+
+impl KvBudget {
+    pub fn new(total_bytes: u64, bytes_per_token: usize) -> Arc<KvBudget> {
+        Arc::new(KvBudget {
+            total_bytes,
+            bytes_per_token: bytes_per_token as u64,
+            used: Mutex::new(0),
+            freed: Notify::new(),
+        })
+    }
+
+    pub fn total_mib(&self) -> u64 {
+        self.total_bytes >> 20
+    }
+
+    /// Positions (tokens) the whole budget holds.
+    pub fn total_positions(&self) -> u64 {
+        self.total_bytes / self.bytes_per_token.max(1)
+    }
+
+    /// Positions not reserved right now.
+    pub fn free_positions(&self) -> u64 {
+        let used = *self.used.lock().expect("budget lock");
+        self.total_bytes.saturating_sub(used) / self.bytes_per_token.max(1)
+    }
+
+    /// Refuses, for good, a request larger than the whole budget.
+    pub fn check(&self, positions: usize) -> Result<(), GenerateError> {
+        let bytes = positions as u64 * self.bytes_per_token;
+        if bytes > self.total_bytes {
+            return Err(GenerateError::NeverFits {
+                positions,
+                needed_mib: bytes as f64 / (1u64 << 20) as f64,
+                budget_mib: self.total_mib(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Room for `positions` now, or `None`.
+    pub fn try_reserve(self: &Arc<Self>, positions: usize) -> Option<KvReservation> {
+        let bytes = positions as u64 * self.bytes_per_token;
+        let mut used = self.used.lock().expect("budget lock");
+        if *used + bytes > self.total_bytes {
+            return None;
+        }
+        *used += bytes;
+        Some(KvReservation {
+            budget: self.clone(),
+            bytes,
+        })
+    }
+
+    /// Waits until room for `positions` is given back (call [`Self::check`] first).
+    pub async fn reserve(self: &Arc<Self>, positions: usize) -> KvReservation {
+        loop {
+            let freed = self.freed.notified();
+            if let Some(reservation) = self.try_reserve(positions) {
+                return reservation;
+            }
+            freed.await;
+        }
+    }
+}
+
+/// Memory held for one sequence; given back on drop.
+#[derive(Debug)]
+pub struct KvReservation {
+    budget: Arc<KvBudget>,
+    bytes: u64,
+}
+
+impl Drop for KvReservation {
+    fn drop(&mut self) {
+        *self.budget.used.lock().expect("budget lock") -= self.bytes;
+        self.budget.freed.notify_waiters();
+    }
+}
+
+/// What a question's channel carries: text pieces, then one result.
+#[derive(Debug)]
+pub enum SeqEvent {
+    Text(String),
+    Done(Result<Generation, GenerateError>),
+}
+
+struct Submission {
+    request: Request,
+    reservation: KvReservation,
+    events: mpsc::Sender<SeqEvent>,
+}
+
+/// Counters the engine thread keeps for heartbeats.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub prefill_tokens: AtomicU64,
+    pub prefill_tokens_saved: AtomicU64,
+}
+
+/// The async side's handle on the engine thread.
+#[derive(Debug)]
+pub struct EngineHandle {
+    submissions: mpsc::Sender<Submission>,
+    pub stats: Arc<EngineStats>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Submission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Submission").finish_non_exhaustive()
+    }
+}
+
+impl EngineHandle {
+    /// Starts the engine thread. `max_batch` bounds the submissions queue
+    /// (the worker never has more questions than slots). `step_delay` is a
+    /// test hook: a pause after every step that produced text.
+    pub fn spawn(engine: Engine, max_batch: usize, step_delay: Option<Duration>) -> EngineHandle {
+        let (submissions, receiver) = mpsc::channel(max_batch.max(1));
+        let stats = Arc::new(EngineStats::default());
+        let thread = {
+            let stats = stats.clone();
+            std::thread::Builder::new()
+                .name("ebb-engine".into())
+                .spawn(move || serve(engine, receiver, &stats, step_delay))
+                .expect("the engine thread starts")
+        };
+        EngineHandle {
+            submissions,
+            stats,
+            thread,
+        }
+    }
+
+    /// Hands `request` to the engine; its text and result come on the
+    /// returned channel.
+    pub async fn submit(
+        &self,
+        request: Request,
+        reservation: KvReservation,
+    ) -> Result<mpsc::Receiver<SeqEvent>, GenerateError> {
+        // Room for every piece (at most one a token) and the result, so the
+        // engine never waits on one slow reader.
+        let (events, receiver) = mpsc::channel(request.max_new + 2);
+        self.submissions
+            .send(Submission {
+                request,
+                reservation,
+                events,
+            })
+            .await
+            .map_err(|_| GenerateError::EngineStopped)?;
+        Ok(receiver)
+    }
+
+    /// Whether the engine thread is gone (it panicked).
+    pub fn is_stopped(&self) -> bool {
+        self.thread.is_finished()
+    }
+}
+
+struct Client {
+    events: mpsc::Sender<SeqEvent>,
+    /// Dropped after the sequence has left the engine: gives its memory back.
+    _reservation: KvReservation,
+}
+
+fn serve(
+    mut engine: Engine,
+    mut submissions: mpsc::Receiver<Submission>,
+    stats: &EngineStats,
+    step_delay: Option<Duration>,
+) {
+    let mut clients: HashMap<SeqId, Client> = HashMap::new();
+    let mut open = true;
+    loop {
+        if engine.is_idle() {
+            match submissions.blocking_recv() {
+                Some(submission) => admit(&mut engine, &mut clients, submission),
+                None => return,
+            }
+        }
+        while open {
+            match submissions.try_recv() {
+                Ok(submission) => admit(&mut engine, &mut clients, submission),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+            }
+        }
+        // A question whose job is gone (the worker is exiting) stops here.
+        clients.retain(|id, client| {
+            let gone = client.events.is_closed();
+            if gone {
+                engine.cancel(*id);
+            }
+            !gone
+        });
+        if engine.is_idle() {
+            if !open {
+                return;
+            }
+            continue;
+        }
+        let mut produced_text = false;
+        for output in engine.step() {
+            match output {
+                Output::Text(id, text) => {
+                    produced_text = true;
+                    send(&clients, id, SeqEvent::Text(text));
+                }
+                Output::Finished(id, result) => {
+                    send(&clients, id, SeqEvent::Done(result));
+                    clients.remove(&id);
+                }
+            }
+        }
+        let counts = engine.prefill_counts();
+        stats.prefill_tokens.store(counts.run, Ordering::Relaxed);
+        stats
+            .prefill_tokens_saved
+            .store(counts.saved, Ordering::Relaxed);
+        if let Some(delay) = step_delay.filter(|_| produced_text) {
+            std::thread::sleep(delay);
+        }
+    }
+}
+
+fn admit(engine: &mut Engine, clients: &mut HashMap<SeqId, Client>, submission: Submission) {
+    let Submission {
+        request,
+        reservation,
+        events,
+    } = submission;
+    match engine.admit(request) {
+        Ok(id) => {
+            clients.insert(
+                id,
+                Client {
+                    events,
+                    _reservation: reservation,
+                },
+            );
+        }
+        Err(err) => {
+            let _ = events.try_send(SeqEvent::Done(Err(err)));
+        }
+    }
+}
+
+fn send(clients: &HashMap<SeqId, Client>, id: SeqId, event: SeqEvent) {
+    if let Some(client) = clients.get(&id)
+        && client.events.try_send(event).is_err()
+    {
+        // Only when the job is gone: the channel has room for every event.
+        tracing::debug!(sequence = id, "a question's reader is gone");
+    }
+}

@@ -1,0 +1,382 @@
+//! One question, start to acknowledgement: skip it if it is already
+//! answered, answer it from the cache if another worker just did, otherwise
+//! reserve its KV memory, run it in the batch while streaming its text and
+//! keeping the message alive with progress acks, record the answer, then
+//! acknowledge.
+//!
+//! Ordering is what makes "no question lost" hold: the answer and status
+//! are stored before the ack, so a crash at any point leaves either a
+//! redelivery or a finished record (and a redelivered finished question is
+//! acknowledged without work).
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, AckKind};
+use bytes::Bytes;
+use ebb_nats::messages::moving_average;
+use ebb_nats::{
+    AnswerEvent, CachedAnswer, FinishReason, Job, QuestionRecord, QuestionStatus, Timings,
+    dead_letter, subjects, telemetry, webhook,
+};
+use tracing::Instrument;
+
+use crate::engine::positions_needed;
+use crate::engine::thread::SeqEvent;
+use crate::generate::{GenerateError, Generation};
+use crate::runner::Worker;
+
+/// Why a job did not produce an answer.
+#[derive(Debug, thiserror::Error)]
+enum JobError {
+    #[error(transparent)]
+    Generate(#[from] GenerateError),
+    #[error("failure injected by --debug-fail-marker")]
+    Injected,
+    #[error("status store: {0}")]
+    Store(#[from] ebb_nats::StoreError),
+}
+
+impl Worker {
+    /// Handles one delivery, start to acknowledgement.
+    pub(crate) async fn handle(&self, message: jetstream::Message) {
+        let deliveries = message.info().map(|info| info.delivered).unwrap_or(1);
+        let job: Job = match serde_json::from_slice(&message.payload) {
+            Ok(job) => job,
+            Err(err) => {
+                // Not a job at all: retrying cannot help and there is no id
+                // to record a status under.
+                tracing::error!(subject = %message.subject, cause = %err, "dropping unreadable message");
+                let _ = message.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        let span = tracing::info_span!("job", question_id = %job.id, attempt = deliveries);
+        telemetry::adopt_parent(&span, message.headers.as_ref());
+        self.handle_job(&message, job, deliveries)
+            .instrument(span)
+            .await
+    }
+
+    async fn handle_job(&self, message: &jetstream::Message, job: Job, deliveries: i64) {
+        let started_ms = ebb_nats::now_ms();
+        let earlier = self.store.record(&job.id).await.ok().flatten();
+        if earlier
+            .as_ref()
+            .is_some_and(|record| record.status.is_terminal())
+        {
+            tracing::info!("already answered; acknowledging the redelivery");
+            // The worker before may have died between its record and its
+            // webhook call; the call's message id makes this a no-op otherwise.
+            if let (Some(url), Some(record)) = (&job.callback_url, &earlier)
+                && let Err(err) =
+                    webhook::enqueue(&self.topology.jetstream, &job.id, url, record).await
+            {
+                tracing::warn!(cause = %err, "cannot queue the webhook call");
+            }
+            ack(message).await;
+            return;
+        }
+        if let Some(hit) = self.cached(&job).await {
+            let answer = Answer {
+                text: &hit.answer,
+                model: &hit.model,
+                cached: true,
+                timings: None,
+                finish_reason: hit.finish_reason,
+            };
+            match self.finish(&job, deliveries, answer).await {
+                Ok(()) => ack(message).await,
+                Err(err) => {
+                    self.retry_or_fail(message, &job, deliveries, &err.into())
+                        .await
+                }
+            }
+            return;
+        }
+        let record = QuestionRecord {
+            status: QuestionStatus::Running,
+            attempts: deliveries,
+            model: Some(self.identity.clone()),
+            updated_at_ms: started_ms,
+            ..QuestionRecord::of_job(&job)
+        };
+        if let Err(err) = self.store.put_record(&record).await {
+            tracing::warn!(cause = %err, "cannot mark the question running");
+        }
+
+        let started = Instant::now();
+        let result = self.generate(message, &job, deliveries).await;
+        match result {
+            Ok(generation) => {
+                let timings = Timings {
+                    queue_ms: started_ms.saturating_sub(job.enqueued_at_ms),
+                    inference_ms: started.elapsed().as_millis() as u64,
+                    prompt_tokens: generation.prompt_tokens as u32,
+                    completion_tokens: generation.completion_tokens as u32,
+                };
+                let answer = Answer {
+                    text: &generation.text,
+                    model: &self.identity,
+                    cached: false,
+                    timings: Some(timings),
+                    finish_reason: generation.finish_reason,
+                };
+                match self.finish(&job, deliveries, answer).await {
+                    Ok(()) => {
+                        ack(message).await;
+                        self.heartbeat.send_modify(|beat| {
+                            beat.jobs_done += 1;
+                            beat.last_tokens_per_second = generation.decode_tokens_per_second();
+                            let job_ms = timings.inference_ms as f64;
+                            let response_ms = (timings.queue_ms + timings.inference_ms) as f64;
+                            beat.mean_job_ms = Some(moving_average(beat.mean_job_ms, job_ms));
+                            beat.mean_response_ms =
+                                Some(moving_average(beat.mean_response_ms, response_ms));
+                        });
+                        tracing::info!(
+                            prompt_tokens = generation.prompt_tokens,
+                            completion_tokens = generation.completion_tokens,
+                            inference_ms = timings.inference_ms,
+                            queue_ms = timings.queue_ms,
+                            "answered"
+                        );
+                    }
+                    Err(err) => {
+                        self.retry_or_fail(message, &job, deliveries, &err.into())
+                            .await
+                    }
+                }
+            }
+            Err(err) => self.retry_or_fail(message, &job, deliveries, &err).await,
+        }
+    }
+
+    /// A cached answer another worker stored since the gateway looked.
+    async fn cached(&self, job: &Job) -> Option<CachedAnswer> {
+        let key = job
+            .cache_key
+            .as_deref()
+            .filter(|_| job.model == self.identity)?;
+        self.store.cached_answer(key).await.ok().flatten()
+    }
+
+    /// Reserves the question's KV memory (waiting, progress-acked, while
+    /// the batch is full of memory), hands it to the engine, and streams its
+    /// text to `ebb.answers.<id>` until the result comes.
+    async fn generate(
+        &self,
+        message: &jetstream::Message,
+        job: &Job,
+        attempt: i64,
+    ) -> Result<Generation, JobError> {
+        if let Some(marker) = &self.config.debug_fail_marker
+            && job.question.contains(marker.as_str())
+        {
+            return Err(JobError::Injected);
+        }
+        let prompts = self.prompts.clone();
+        let for_prompt = job.clone();
+        let max_context = self.max_context;
+        // Tokenizing a long conversation takes milliseconds: off the async threads.
+        let request =
+            tokio::task::spawn_blocking(move || prompts.request(&for_prompt, max_context))
+                .await
+                .expect("tokenizing does not panic")?;
+        let positions = positions_needed(request.prompt.ids.len(), request.max_new);
+        self.budget.check(positions)?;
+        let mut progress = self.progress_acks();
+        progress.tick().await;
+        let reservation = match self.budget.try_reserve(positions) {
+            Some(reservation) => reservation,
+            None => {
+                let _waiting = self.memory.wait();
+                tracing::debug!(positions, "waiting for KV memory");
+                let reserve = self.budget.reserve(positions);
+                tokio::pin!(reserve);
+                loop {
+                    tokio::select! {
+                        reservation = &mut reserve => break reservation,
+                        _ = progress.tick() => progress_ack(message).await,
+                    }
+                }
+            }
+        };
+        self.memory.admitted(positions);
+        let _in_engine = self.memory.running();
+        let mut events = self.engine.submit(request, reservation).await?;
+        let client = self.topology.jetstream.client();
+        let answers = subjects::answers(&job.id);
+        let mut seq = 0;
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(SeqEvent::Text(text)) => {
+                        // Stored before it is published: see AnswerEvent.
+                        if let Err(err) = self.store.append_piece(&job.id, attempt, seq, &text).await {
+                            tracing::debug!(cause = %err, "cannot store a piece for late joiners");
+                        }
+                        let event = AnswerEvent::Token { text, seq, attempt };
+                        seq += 1;
+                        let body = Bytes::from(serde_json::to_vec(&event).expect("events serialize"));
+                        if let Err(err) = client.publish(answers.clone(), body).await {
+                            tracing::debug!(cause = %err, "cannot stream a token");
+                        }
+                    }
+                    Some(SeqEvent::Done(result)) => return result.map_err(JobError::from),
+                    None => return Err(GenerateError::EngineStopped.into()),
+                },
+                _ = progress.tick() => progress_ack(message).await,
+            }
+        }
+    }
+
+    /// Progress acks every third of the ack wait keep a question in hand.
+    fn progress_acks(&self) -> tokio::time::Interval {
+        tokio::time::interval((self.delivery.ack_wait / 3).max(Duration::from_millis(100)))
+    }
+
+    /// Stores the answer (status record, cache), tells waiting clients and
+    /// queues the webhook call.
+    async fn finish(
+        &self,
+        job: &Job,
+        deliveries: i64,
+        answer: Answer<'_>,
+    ) -> Result<(), ebb_nats::StoreError> {
+        if !answer.cached
+            && let Some(key) = &job.cache_key
+            && job.model == self.identity
+        {
+            let entry = CachedAnswer {
+                answer: answer.text.to_owned(),
+                model: answer.model.to_owned(),
+                finish_reason: answer.finish_reason,
+                language: job.language.clone(),
+            };
+            self.store
+                .put_cached_answer(key, &entry, self.config.cache_ttl)
+                .await?;
+        }
+        let record = QuestionRecord {
+            status: QuestionStatus::Done,
+            answer: Some(answer.text.to_owned()),
+            model: Some(answer.model.to_owned()),
+            cached: answer.cached,
+            timings: answer.timings,
+            finish_reason: Some(answer.finish_reason),
+            attempts: deliveries,
+            updated_at_ms: ebb_nats::now_ms(),
+            ..QuestionRecord::of_job(job)
+        };
+        self.store.put_record(&record).await?;
+        let event = AnswerEvent::Done {
+            answer: answer.text.to_owned(),
+            model: answer.model.to_owned(),
+            cached: answer.cached,
+            timings: answer.timings,
+            finish_reason: answer.finish_reason,
+        };
+        let body = Bytes::from(serde_json::to_vec(&event).expect("events serialize"));
+        if let Err(err) = self
+            .topology
+            .jetstream
+            .client()
+            .publish(subjects::answers(&job.id), body)
+            .await
+        {
+            // The record is stored; a waiting client finds it when its wait ends.
+            tracing::warn!(cause = %err, "cannot publish the answer event");
+        }
+        if let Some(url) = &job.callback_url
+            && let Err(err) =
+                webhook::enqueue(&self.topology.jetstream, &job.id, url, &record).await
+        {
+            tracing::error!(cause = %err, "cannot queue the webhook call");
+        }
+        Ok(())
+    }
+
+    /// Schedules a retry with exponential backoff, or, on the last allowed
+    /// delivery (or a permanent error), fails the question for good.
+    async fn retry_or_fail(
+        &self,
+        message: &jetstream::Message,
+        job: &Job,
+        deliveries: i64,
+        err: &JobError,
+    ) {
+        self.heartbeat.send_modify(|beat| beat.jobs_failed += 1);
+        let permanent = matches!(err, JobError::Generate(err) if err.is_permanent());
+        let max_deliver = self.delivery.max_deliver;
+        if permanent || deliveries >= max_deliver {
+            let reason = format!("{err}");
+            match dead_letter::fail_question(&self.topology, &self.store, job, &reason, deliveries)
+                .await
+            {
+                Ok(()) => ack(message).await,
+                // Leave the message unacknowledged: its max-deliveries
+                // advisory makes the gateway's reaper fail it once it can.
+                Err(cause) => {
+                    tracing::error!(%cause, "cannot record the failure; leaving it to the reaper")
+                }
+            }
+            return;
+        }
+        let delay = retry_delay(self.config.retry_backoff, deliveries);
+        tracing::warn!(cause = %err, deliveries, max_deliver, retry_in_ms = delay.as_millis() as u64, "answer failed; will retry");
+        let record = QuestionRecord {
+            status: QuestionStatus::Queued,
+            error: Some(format!("attempt {deliveries} failed: {err}")),
+            attempts: deliveries,
+            updated_at_ms: ebb_nats::now_ms(),
+            ..QuestionRecord::of_job(job)
+        };
+        let _ = self.store.put_record(&record).await;
+        if let Err(err) = message.ack_with(AckKind::Nak(Some(delay))).await {
+            tracing::warn!(cause = %err, "nak failed; the question returns after the ack wait");
+        }
+    }
+}
+
+/// A finished answer, wherever it came from.
+struct Answer<'a> {
+    text: &'a str,
+    model: &'a str,
+    cached: bool,
+    timings: Option<Timings>,
+    finish_reason: FinishReason,
+}
+
+/// `base * 2^(deliveries - 1)`, capped at one minute.
+fn retry_delay(base: Duration, deliveries: i64) -> Duration {
+    let doublings = deliveries.saturating_sub(1).clamp(0, 16) as u32;
+    base.saturating_mul(1 << doublings)
+        .min(Duration::from_secs(60))
+}
+
+async fn ack(message: &jetstream::Message) {
+    // A lost ack means a redelivery, which finds the finished record.
+    if let Err(err) = message.ack().await {
+        tracing::warn!(cause = %err, "ack failed; the question will be redelivered and skipped");
+    }
+}
+
+async fn progress_ack(message: &jetstream::Message) {
+    if let Err(err) = message.ack_with(AckKind::Progress).await {
+        tracing::warn!(cause = %err, "progress ack failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_exponentially_up_to_a_minute() {
+        let base = Duration::from_secs(1);
+        assert_eq!(retry_delay(base, 1), Duration::from_secs(1));
+        assert_eq!(retry_delay(base, 2), Duration::from_secs(2));
+        assert_eq!(retry_delay(base, 4), Duration::from_secs(8));
+        assert_eq!(retry_delay(base, 40), Duration::from_secs(60));
+    }
+}

@@ -1,0 +1,278 @@
+//! Qwen2 weights in one form for both file formats: safetensors (f16, bf16,
+//! f32 matrices) and GGUF (quantized matrices). Both become [`Linear`]s over
+//! candle's `QMatMul`, so the batch step in [`super::batch`] has one code
+//! path; only the activation dtype differs (GGUF runs in f32, as its
+//! quantized kernels take f32 input).
+
+use std::path::Path;
+
+use candle_core::quantized::{QMatMul, QTensor, gguf_file};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_transformers::models::qwen2;
+
+use super::ModelError;
+
+/// Sizes the forward pass and the KV cache need.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dims {
+    pub vocab: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub layers: usize,
+    /// Longest sequence (prompt + answer) the model supports.
+    pub max_context: usize,
+    pub rope_theta: f64,
+    pub rms_norm_eps: f64,
+}
+
+/// `x W^T + b` with `W` full-precision or quantized.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: QMatMul,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.weight.forward(x)?;
+        match &self.bias {
+            Some(bias) => y.broadcast_add(bias),
+            None => Ok(y),
+        }
+    }
+}
+
+/// One decoder layer.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub attn_norm: Tensor,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub mlp_norm: Tensor,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+/// Everything read from the weight files.
+#[derive(Debug, Clone)]
+pub struct Weights {
+    pub dims: Dims,
+    /// Activations and the KV cache are kept in this dtype.
+    pub dtype: DType,
+    /// `[vocab, hidden]`, looked up by token id.
+    pub embed: Tensor,
+    pub layers: Vec<Layer>,
+    pub norm: Tensor,
+    pub lm_head: Linear,
+}
+
+impl Weights {
+    /// Safetensors shards plus `config.json`, in `dtype`.
+    pub fn from_safetensors(
+        config_path: &Path,
+        shards: &[std::path::PathBuf],
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Weights, ModelError> {
+        let config = read_config(config_path)?;
+        // SAFETY: the weights are memory-mapped read-only; ebb never writes
+        // model files while a worker runs, and a user who edits them
+        // underneath a running worker gets garbage, not UB in ebb's own data.
+        #[allow(unsafe_code)]
+        let vars =
+            unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(shards, dtype, device)? };
+        let dims = Dims {
+            vocab: config.vocab_size,
+            hidden: config.hidden_size,
+            heads: config.num_attention_heads,
+            kv_heads: config.num_key_value_heads,
+            head_dim: config.hidden_size / config.num_attention_heads,
+            layers: config.num_hidden_layers,
+            max_context: config.max_position_embeddings,
+            rope_theta: config.rope_theta,
+            rms_norm_eps: config.rms_norm_eps,
+        };
+        let hidden = dims.hidden;
+        let kv = dims.kv_heads * dims.head_dim;
+        let inner = config.intermediate_size;
+        let linear =
+            |name: &str, rows: usize, cols: usize, bias: bool| -> candle_core::Result<Linear> {
+                let weight = vars.get((rows, cols), &format!("{name}.weight"))?;
+                let bias = bias
+                    .then(|| vars.get(rows, &format!("{name}.bias")))
+                    .transpose()?;
+                Ok(Linear {
+                    weight: QMatMul::Tensor(weight),
+                    bias,
+                })
+            };
+        let embed = vars.get((dims.vocab, hidden), "model.embed_tokens.weight")?;
+        let mut layers = Vec::with_capacity(dims.layers);
+        for layer in 0..dims.layers {
+            let p = format!("model.layers.{layer}");
+            layers.push(Layer {
+                attn_norm: vars.get(hidden, &format!("{p}.input_layernorm.weight"))?,
+                q: linear(&format!("{p}.self_attn.q_proj"), hidden, hidden, true)?,
+                k: linear(&format!("{p}.self_attn.k_proj"), kv, hidden, true)?,
+                v: linear(&format!("{p}.self_attn.v_proj"), kv, hidden, true)?,
+                o: linear(&format!("{p}.self_attn.o_proj"), hidden, hidden, false)?,
+                mlp_norm: vars.get(hidden, &format!("{p}.post_attention_layernorm.weight"))?,
+                gate: linear(&format!("{p}.mlp.gate_proj"), inner, hidden, false)?,
+                up: linear(&format!("{p}.mlp.up_proj"), inner, hidden, false)?,
+                down: linear(&format!("{p}.mlp.down_proj"), hidden, inner, false)?,
+            });
+        }
+        let lm_head = if config.tie_word_embeddings {
+            Linear {
+                weight: QMatMul::Tensor(embed.clone()),
+                bias: None,
+            }
+        } else {
+            linear("lm_head", dims.vocab, hidden, false)?
+        };
+        Ok(Weights {
+            dims,
+            dtype,
+            embed,
+            layers,
+            norm: vars.get(hidden, "model.norm.weight")?,
+            lm_head,
+        })
+    }
+
+    /// One GGUF file in llama.cpp's Qwen2 layout.
+    pub fn from_gguf(path: &Path, device: &Device) -> Result<Weights, ModelError> {
+        let mut gguf = Gguf::open(path, device)?;
+        let heads = gguf.number("qwen2.attention.head_count")? as usize;
+        let hidden = gguf.number("qwen2.embedding_length")? as usize;
+        let embed_q = gguf.tensor("token_embd.weight")?;
+        let vocab = embed_q.shape().dims()[0];
+        let dims = Dims {
+            vocab,
+            hidden,
+            heads,
+            kv_heads: gguf.number("qwen2.attention.head_count_kv")? as usize,
+            head_dim: hidden / heads,
+            layers: gguf.number("qwen2.block_count")? as usize,
+            max_context: gguf
+                .number("qwen2.context_length")
+                .map_or(32_768, |n| n as usize),
+            rope_theta: gguf.number("qwen2.rope.freq_base").unwrap_or(10_000.0),
+            rms_norm_eps: gguf.number("qwen2.attention.layer_norm_rms_epsilon")?,
+        };
+        let mut layers = Vec::with_capacity(dims.layers);
+        for layer in 0..dims.layers {
+            let p = format!("blk.{layer}");
+            layers.push(Layer {
+                q: gguf.linear(&format!("{p}.attn_q"), true)?,
+                k: gguf.linear(&format!("{p}.attn_k"), true)?,
+                v: gguf.linear(&format!("{p}.attn_v"), true)?,
+                o: gguf.linear(&format!("{p}.attn_output"), false)?,
+                gate: gguf.linear(&format!("{p}.ffn_gate"), false)?,
+                up: gguf.linear(&format!("{p}.ffn_up"), false)?,
+                down: gguf.linear(&format!("{p}.ffn_down"), false)?,
+                attn_norm: gguf.dense(&format!("{p}.attn_norm.weight"))?,
+                mlp_norm: gguf.dense(&format!("{p}.ffn_norm.weight"))?,
+            });
+        }
+        let lm_head = if gguf.content.tensor_infos.contains_key("output.weight") {
+            gguf.linear("output", false)?
+        } else {
+            // Tied embeddings: the quantized embedding matrix is the head.
+            Linear {
+                weight: QMatMul::from_qtensor(gguf.tensor("token_embd.weight")?)?,
+                bias: None,
+            }
+        };
+        Ok(Weights {
+            dims,
+            dtype: DType::F32,
+            embed: embed_q.dequantize(device)?,
+            layers,
+            norm: gguf.dense("output_norm.weight")?,
+            lm_head,
+        })
+    }
+}
+
+/// An open GGUF file.
+struct Gguf {
+    content: gguf_file::Content,
+    file: std::fs::File,
+    path: std::path::PathBuf,
+    device: Device,
+}
+
+impl Gguf {
+    fn open(path: &Path, device: &Device) -> Result<Gguf, ModelError> {
+        let mut file = std::fs::File::open(path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let content = gguf_file::Content::read(&mut file).map_err(|err| err.with_path(path))?;
+        Ok(Gguf {
+            content,
+            file,
+            path: path.to_path_buf(),
+            device: device.clone(),
+        })
+    }
+
+    fn invalid(&self, message: String) -> ModelError {
+        ModelError::Invalid {
+            path: self.path.clone(),
+            message,
+        }
+    }
+
+    fn number(&self, key: &str) -> Result<f64, ModelError> {
+        let value = self
+            .content
+            .metadata
+            .get(key)
+            .ok_or_else(|| self.invalid(format!("GGUF metadata `{key}` is missing")))?;
+        value
+            .to_u32()
+            .map(f64::from)
+            .or_else(|_| value.to_f32().map(f64::from))
+            .or_else(|_| value.to_u64().map(|n| n as f64))
+            .map_err(|err| self.invalid(format!("GGUF metadata `{key}`: {err}")))
+    }
+
+    fn tensor(&mut self, name: &str) -> Result<QTensor, ModelError> {
+        Ok(self
+            .content
+            .tensor(&mut self.file, name, &self.device)
+            .map_err(|err| err.with_path(&self.path))?)
+    }
+
+    /// A small tensor (norm, bias) as a plain f32 tensor.
+    fn dense(&mut self, name: &str) -> Result<Tensor, ModelError> {
+        let device = self.device.clone();
+        Ok(self.tensor(name)?.dequantize(&device)?)
+    }
+
+    fn linear(&mut self, name: &str, bias: bool) -> Result<Linear, ModelError> {
+        let weight = QMatMul::from_qtensor(self.tensor(&format!("{name}.weight"))?)?;
+        let bias = bias
+            .then(|| self.dense(&format!("{name}.bias")))
+            .transpose()?;
+        Ok(Linear { weight, bias })
+    }
+}
+
+fn read_config(path: &Path) -> Result<qwen2::Config, ModelError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|err| ModelError::Invalid {
+        path: path.to_path_buf(),
+        message: format!("not a Qwen2 config: {err}"),
+    })
+}
