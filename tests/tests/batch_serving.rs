@@ -227,8 +227,8 @@ fn question_needing(positions: usize, index: usize) -> Value {
 #[tokio::test]
 async fn a_kv_budget_for_two_runs_two_at_a_time_and_leaves_the_rest_queued() {
     let stack = Stack::start(StackOptions::default()).await;
-    // Tiny model: 512 bytes a position, so 1 MiB holds 2,048 positions:
-    // two questions of ~850, not three.
+    // Tiny model in f32: 512 bytes a position, so 1 MiB holds 2,048
+    // positions: two questions of ~850, not three.
     let budget = [
         "--kv-cache-mib",
         "1",
@@ -236,6 +236,8 @@ async fn a_kv_budget_for_two_runs_two_at_a_time_and_leaves_the_rest_queued() {
         "0",
         "--max-batch",
         "8",
+        "--dtype",
+        "f32",
     ];
     let worker = stack.worker(&[&budget[..], &["--debug-token-delay", "20ms"]].concat());
     stack.wait_ready(&worker).await;

@@ -202,7 +202,6 @@ impl Worker {
             }
         };
         self.memory.admitted(positions);
-        let _in_engine = self.memory.running();
         let mut events = self.engine.submit(request, reservation).await?;
         let client = self.topology.jetstream.client();
         let answers = subjects::answers(&job.id);

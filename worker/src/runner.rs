@@ -72,12 +72,12 @@ impl DeliveryPolicy {
     }
 }
 
-/// Who is waiting for KV memory and who holds it, and how much a question
-/// usually needs: what decides how many questions a pull may take.
+/// Who is waiting for KV memory, and how much a question usually needs:
+/// with the budget's free memory, what decides how many questions a pull
+/// may take.
 #[derive(Debug, Default)]
 pub(crate) struct MemoryGate {
     waiting: AtomicUsize,
-    running: AtomicUsize,
     /// Moving average of positions per question, 0 before the first.
     typical_positions: AtomicU64,
     /// Something above changed: the serve loop looks again.
@@ -94,30 +94,15 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// Held while a question is in the engine.
-pub(crate) struct Running<'a>(&'a MemoryGate);
-
-impl Drop for Running<'_> {
-    fn drop(&mut self) {
-        self.0.running.fetch_sub(1, Ordering::Relaxed);
-        self.0.changed.notify_one();
-    }
-}
-
 impl MemoryGate {
     pub fn wait(&self) -> Waiting<'_> {
         self.waiting.fetch_add(1, Ordering::Relaxed);
         Waiting(self)
     }
 
-    pub fn running(&self) -> Running<'_> {
-        self.running.fetch_add(1, Ordering::Relaxed);
-        self.changed.notify_one();
-        Running(self)
-    }
-
     /// A question of `positions` got its memory.
     pub fn admitted(&self, positions: usize) {
+        self.changed.notify_one();
         let previous = self.typical_positions.load(Ordering::Relaxed);
         let mean = ebb_nats::messages::moving_average(
             (previous > 0).then_some(previous as f64),
@@ -125,10 +110,6 @@ impl MemoryGate {
         );
         self.typical_positions
             .store(mean.ceil() as u64, Ordering::Relaxed);
-    }
-
-    pub fn in_engine(&self) -> usize {
-        self.running.load(Ordering::Relaxed)
     }
 }
 
@@ -250,7 +231,7 @@ impl Worker {
 
     /// Heartbeat fields that follow the batch.
     fn publish_load(&self, in_flight: usize, draining: bool) {
-        let active = self.memory.in_engine() as u32;
+        let active = self.budget.holders();
         let stats = &self.engine.stats;
         let prefill_tokens = stats.prefill_tokens.load(Ordering::Relaxed);
         let prefill_tokens_saved = stats.prefill_tokens_saved.load(Ordering::Relaxed);

@@ -22,8 +22,15 @@ use crate::generate::{GenerateError, Generation};
 pub struct KvBudget {
     total_bytes: u64,
     bytes_per_token: u64,
-    used: Mutex<u64>,
+    used: Mutex<Used>,
     freed: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Used {
+    bytes: u64,
+    /// Live reservations: the questions holding memory, i.e. in the engine.
+    holders: u32,
 }
 
 impl KvBudget {
@@ -31,7 +38,7 @@ impl KvBudget {
         Arc::new(KvBudget {
             total_bytes,
             bytes_per_token: bytes_per_token as u64,
-            used: Mutex::new(0),
+            used: Mutex::new(Used::default()),
             freed: Notify::new(),
         })
     }
@@ -47,8 +54,13 @@ impl KvBudget {
 
     /// Positions not reserved right now.
     pub fn free_positions(&self) -> u64 {
-        let used = *self.used.lock().expect("budget lock");
+        let used = self.used.lock().expect("budget lock").bytes;
         self.total_bytes.saturating_sub(used) / self.bytes_per_token.max(1)
+    }
+
+    /// Questions holding memory right now (at most the worker's slots).
+    pub fn holders(&self) -> u32 {
+        self.used.lock().expect("budget lock").holders
     }
 
     /// Refuses, for good, a request larger than the whole budget.
@@ -68,10 +80,11 @@ impl KvBudget {
     pub fn try_reserve(self: &Arc<Self>, positions: usize) -> Option<KvReservation> {
         let bytes = positions as u64 * self.bytes_per_token;
         let mut used = self.used.lock().expect("budget lock");
-        if *used + bytes > self.total_bytes {
+        if used.bytes + bytes > self.total_bytes {
             return None;
         }
-        *used += bytes;
+        used.bytes += bytes;
+        used.holders += 1;
         Some(KvReservation {
             budget: self.clone(),
             bytes,
@@ -99,7 +112,10 @@ pub struct KvReservation {
 
 impl Drop for KvReservation {
     fn drop(&mut self) {
-        *self.budget.used.lock().expect("budget lock") -= self.bytes;
+        let mut used = self.budget.used.lock().expect("budget lock");
+        used.bytes -= self.bytes;
+        used.holders -= 1;
+        drop(used);
         self.budget.freed.notify_waiters();
     }
 }
