@@ -4,13 +4,17 @@
 //! every student's wait; refusing keeps memory and latency bounded, and cache
 //! hits are still answered.
 //!
-//! The estimate is `(waiting + 1) * service_time / max_workers`, where
+//! The estimate is `(waiting + 1) / (max_workers * throughput)`, where
 //! `waiting` is the queue's `num_pending` (read every 250 ms) plus the
 //! questions this gateway queued since and those it is queueing now (a place
 //! is reserved before the estimate, so a burst of concurrent requests cannot
-//! all pass on one count), and `service_time` is the mean of
-//! the workers' heartbeat `mean_job_ms` (until one reports:
-//! `--service-time-estimate`).
+//! all pass on one count), and `throughput` is the mean over the workers
+//! heard in the last 10 s of what each answers when full: `slots /
+//! mean_job_ms` from its heartbeat (a worker batching 8 questions that take
+//! 10 s each answers 0.8 a second). Until a worker reports, a worker is
+//! taken to answer one question at a time in `--service-time-estimate`:
+//! the gateway cannot know the fleet's batch size before it hears from it,
+//! and one slot errs on the side of shedding early, never late.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -24,12 +28,25 @@ use crate::config::OverloadArgs;
 use crate::error::ApiError;
 
 const DEPTH_INTERVAL: Duration = Duration::from_millis(250);
-/// A worker silent this long no longer counts towards the service time.
+/// A worker silent this long no longer counts towards the throughput.
 const HEARTBEAT_STALE: Duration = Duration::from_secs(10);
 
-/// How long the last of `waiting` questions waits for a worker.
-pub fn estimated_wait(waiting: u64, service_time: Duration, max_workers: u32) -> Duration {
-    service_time.mul_f64(waiting as f64 / f64::from(max_workers.max(1)))
+/// How long the last of `waiting` questions waits for a worker, when each
+/// of `max_workers` takes `per_question` per question (1 / its throughput):
+/// `waiting / (max_workers * throughput)`.
+pub fn estimated_wait(waiting: u64, per_question: Duration, max_workers: u32) -> Duration {
+    per_question.mul_f64(waiting as f64 / f64::from(max_workers.max(1)))
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Questions a second one worker answers when full: its `slots` over the
+/// time one of them takes; `None` until it has measured that time.
+pub fn worker_throughput(beat: &Heartbeat) -> Option<f64> {
+    let job_ms = beat.mean_job_ms.filter(|ms| ms.is_finite() && *ms > 0.0)?;
+    Some(f64::from(beat.slots.max(1)) * 1000.0 / job_ms)
 }
 
 #[derive(Debug)]
@@ -41,14 +58,19 @@ pub struct Overload {
     accepted_since: AtomicU64,
     /// Places reserved by requests still publishing.
     in_flight: AtomicU64,
-    service_time_ms: AtomicU64,
+    /// Time a worker takes per question, 1 / the mean throughput of the
+    /// workers heard (ns; an atomic, so the hot path takes no lock).
+    per_question_ns: AtomicU64,
+    /// Each live worker's throughput and when it was heard: one entry per
+    /// worker id, pruned at every depth reading.
     workers: Mutex<HashMap<String, (f64, Instant)>>,
 }
 
 impl Overload {
     pub fn new(args: OverloadArgs) -> Self {
+        // One slot: a question per estimate.
         Overload {
-            service_time_ms: AtomicU64::new(args.service_time_estimate.as_millis() as u64),
+            per_question_ns: AtomicU64::new(nanos(args.service_time_estimate)),
             args,
             waiting: AtomicU64::new(0),
             accepted_since: AtomicU64::new(0),
@@ -68,8 +90,7 @@ impl Overload {
             kept: false,
         };
         let waiting = self.waiting_now() + others + 1;
-        let service = Duration::from_millis(self.service_time_ms.load(Ordering::Relaxed));
-        let wait = estimated_wait(waiting, service, self.args.max_workers);
+        let wait = estimated_wait(waiting, self.per_question(), self.args.max_workers);
         if wait > self.args.latency_goal {
             return Err(ApiError::Overloaded {
                 retry_after: (wait - self.args.latency_goal).min(Duration::from_secs(300)),
@@ -83,12 +104,15 @@ impl Overload {
         self.waiting.load(Ordering::Relaxed) + self.accepted_since.load(Ordering::Relaxed)
     }
 
-    /// Current figures, for `/admin/queue` and metrics.
+    fn per_question(&self) -> Duration {
+        Duration::from_nanos(self.per_question_ns.load(Ordering::Relaxed))
+    }
+
+    /// Current figures, for `/admin/queue` and metrics: the questions
+    /// waiting, and the time a worker takes per question (1 / throughput:
+    /// a worker with 8 slots of 10 s each takes 1.25 s per question).
     pub fn snapshot(&self) -> (u64, Duration) {
-        (
-            self.waiting_now(),
-            Duration::from_millis(self.service_time_ms.load(Ordering::Relaxed)),
-        )
+        (self.waiting_now(), self.per_question())
     }
 
     /// Keeps the figures fresh until `stop` resolves.
@@ -133,21 +157,30 @@ impl Overload {
             }
             Err(err) => tracing::debug!(cause = %err, "queue depth unknown; keeping the last"),
         }
-        let now = Instant::now();
+        self.refresh_throughput(Instant::now());
+    }
+
+    /// Forgets silent workers and sets the throughput to the mean of the
+    /// others'; with none left, the last figure stays (a fleet scaled to
+    /// zero is no faster or slower than it was).
+    fn refresh_throughput(&self, now: Instant) {
         let mut workers = self.workers.lock().expect("workers lock");
         workers.retain(|_, (_, seen)| now.duration_since(*seen) < HEARTBEAT_STALE);
         if !workers.is_empty() {
-            let mean = workers.values().map(|(ms, _)| ms).sum::<f64>() / workers.len() as f64;
-            self.service_time_ms
-                .store(mean.round().max(1.0) as u64, Ordering::Relaxed);
+            let mean = workers.values().map(|(rate, _)| rate).sum::<f64>() / workers.len() as f64;
+            // Rates are positive (see `worker_throughput`), so this is finite.
+            let per_question = Duration::try_from_secs_f64(1.0 / mean).unwrap_or(Duration::MAX);
+            self.per_question_ns
+                .store(nanos(per_question), Ordering::Relaxed);
         }
     }
 
     fn heard(&self, beat: Heartbeat) {
-        if let Some(mean_job_ms) = beat.mean_job_ms {
+        if let Some(throughput) = worker_throughput(&beat) {
             let mut workers = self.workers.lock().expect("workers lock");
-            // Bounded by the fleet: one entry per live worker id.
-            workers.insert(beat.worker_id, (mean_job_ms, Instant::now()));
+            // Bounded by the fleet: one entry per live worker id, and silent
+            // ones are dropped at every depth reading.
+            workers.insert(beat.worker_id, (throughput, Instant::now()));
         }
     }
 }
@@ -187,12 +220,64 @@ mod tests {
         })
     }
 
+    /// From JSON, as the wire brings it: fields added to the contract later
+    /// take their defaults here too.
+    fn beat(id: &str, slots: u32, mean_job_ms: Option<f64>) -> Heartbeat {
+        serde_json::from_value(serde_json::json!({
+            "worker_id": id, "state": "busy", "model": "m@main", "started_at_ms": 0,
+            "ready_at_ms": 1, "jobs_done": 3, "jobs_failed": 0, "slots": slots,
+            "active": slots, "mean_job_ms": mean_job_ms, "sent_at_ms": 2,
+        }))
+        .expect("a heartbeat")
+    }
+
     #[test]
-    fn the_wait_scales_with_backlog_over_workers() {
+    fn the_wait_is_the_backlog_over_the_fleet_throughput() {
+        // 50 workers taking 10 s a question (0.1/s each): 100 take 20 s.
         assert_eq!(
             estimated_wait(100, Duration::from_secs(10), 50),
             Duration::from_secs(20)
         );
+    }
+
+    #[test]
+    fn a_worker_answers_its_slots_per_job_time() {
+        let full = worker_throughput(&beat("w", 8, Some(10_000.0))).unwrap();
+        assert!((full - 0.8).abs() < 1e-12, "8 slots of 10 s: {full}");
+        let old = worker_throughput(&beat("w", 1, Some(10_000.0))).unwrap();
+        assert!((old - 0.1).abs() < 1e-12);
+        assert_eq!(
+            worker_throughput(&beat("w", 8, None)),
+            None,
+            "not measured yet"
+        );
+        assert_eq!(worker_throughput(&beat("w", 8, Some(0.0))), None);
+    }
+
+    #[test]
+    fn heartbeats_replace_the_one_slot_estimate_with_the_measured_throughput() {
+        // 2 workers, 31 s goal, no heartbeat: 10 s a question, one at a time.
+        let overload = overload(2, 31, 10);
+        assert_eq!(overload.snapshot().1, Duration::from_secs(10));
+        overload.heard(beat("a", 8, Some(10_000.0)));
+        overload.heard(beat("b", 4, Some(10_000.0)));
+        overload.heard(beat("c", 4, None));
+        let now = Instant::now();
+        overload.refresh_throughput(now);
+        // Mean of 0.8 and 0.4 questions a second: 1/0.6 s per question.
+        let per_question = overload.snapshot().1.as_secs_f64();
+        assert!((per_question - 1.0 / 0.6).abs() < 1e-9, "{per_question}");
+        // At 2 x 0.6/s, 37 questions take 30.8 s and fit, 38 take 31.7 s.
+        overload.waiting.store(36, Ordering::Relaxed);
+        overload.reserve().unwrap().keep();
+        assert!(matches!(
+            overload.reserve(),
+            Err(ApiError::Overloaded { .. })
+        ));
+        // Silent workers are forgotten; the last figure stays.
+        overload.refresh_throughput(now + HEARTBEAT_STALE);
+        assert!(overload.workers.lock().unwrap().is_empty());
+        assert!((overload.snapshot().1.as_secs_f64() - 1.0 / 0.6).abs() < 1e-9);
     }
 
     #[test]

@@ -35,6 +35,10 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// Far beyond any batch a worker runs (CUDA's default is 32); a larger
+/// value is a typo, and would plan a fleet of almost nothing.
+pub const MAX_SLOTS_PER_WORKER: u32 = 4096;
+
 /// Everything the scaler is told, from one file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -118,7 +122,7 @@ pub enum Metric {
     QueueDepth,
     /// Age of the oldest question no worker has taken, seconds.
     QueueAge,
-    /// Busy fraction of ready workers, 0-1.
+    /// Busy fraction of ready workers' slots (active / slots), 0-1.
     #[serde(alias = "cpu_usage")]
     WorkerUtilization,
 }
@@ -160,12 +164,17 @@ pub struct TargetTracking {
         serialize_with = "ebb_nats::duration::serialize_seconds"
     )]
     pub latency_goal: Duration,
-    /// Service time per question until workers report one.
+    /// Service time per question until workers report one: with batching,
+    /// the time one question spends in its slot (heartbeat `mean_job_ms`).
     #[serde(
         deserialize_with = "ebb_nats::duration::deserialize",
         serialize_with = "ebb_nats::duration::serialize_seconds"
     )]
     pub default_service_time: Duration,
+    /// Questions one worker answers at once (its `--max-batch`) until
+    /// workers report their `slots`. Capacity is planned in slots, so a
+    /// wrong value here only misplans the first round after a cold start.
+    pub slots_per_worker: u32,
     /// Window of the stable arrival rate.
     #[serde(
         deserialize_with = "ebb_nats::duration::deserialize",
@@ -188,6 +197,7 @@ impl Default for TargetTracking {
             drain_target: Duration::from_secs(30),
             latency_goal: Duration::from_secs(10),
             default_service_time: Duration::from_secs(10),
+            slots_per_worker: 1,
             stable_window: Duration::from_secs(60),
             panic_window: Duration::from_secs(6),
         }
@@ -314,6 +324,37 @@ fn optional_duration<'de, D: serde::Deserializer<'de>>(
     ebb_nats::duration::deserialize(deserializer).map(Some)
 }
 
+impl TargetTracking {
+    /// Errors name the key under `target`.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let target = self;
+        if !(target.utilization > 0.0 && target.utilization <= 1.0) {
+            return Err(invalid("target.utilization", "must be in (0, 1]"));
+        }
+        if !(0.0..1.0).contains(&target.attainment) {
+            return Err(invalid("target.attainment", "must be in [0, 1)"));
+        }
+        if !(1..=MAX_SLOTS_PER_WORKER).contains(&target.slots_per_worker) {
+            return Err(invalid(
+                "target.slots_per_worker",
+                format!("must be from 1 to {MAX_SLOTS_PER_WORKER}"),
+            ));
+        }
+        for (key, value) in [
+            ("target.drain_target", target.drain_target),
+            ("target.latency_goal", target.latency_goal),
+            ("target.default_service_time", target.default_service_time),
+            ("target.stable_window", target.stable_window),
+            ("target.panic_window", target.panic_window),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(key, "must be more than zero"));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl ScalerConfig {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<(ScalerConfig, Timetable), ConfigError> {
@@ -374,24 +415,7 @@ impl ScalerConfig {
                 return Err(invalid(key, "must be more than zero"));
             }
         }
-        let target = &self.target;
-        if !(target.utilization > 0.0 && target.utilization <= 1.0) {
-            return Err(invalid("target.utilization", "must be in (0, 1]"));
-        }
-        if !(0.0..1.0).contains(&target.attainment) {
-            return Err(invalid("target.attainment", "must be in [0, 1)"));
-        }
-        for (key, value) in [
-            ("target.drain_target", target.drain_target),
-            ("target.latency_goal", target.latency_goal),
-            ("target.default_service_time", target.default_service_time),
-            ("target.stable_window", target.stable_window),
-            ("target.panic_window", target.panic_window),
-        ] {
-            if value.is_zero() {
-                return Err(invalid(key, "must be more than zero"));
-            }
-        }
+        self.target.validate()?;
         if let Some(rules) = &self.rules {
             if rules.scale_up.is_empty() && rules.scale_down.is_empty() {
                 return Err(invalid(
@@ -534,6 +558,16 @@ backend:
         assert!(bad_cron.contains("timetable[0].cron"), "{bad_cron}");
         let bad_zone = key_of(&FULL.replace("Asia/Shanghai", "Asia/Atlantis"));
         assert!(bad_zone.contains("timetable[0].timezone"), "{bad_zone}");
+        let slots = |value: &str| format!("{FULL}target: {{slots_per_worker: {value}}}\n");
+        assert_eq!(key_of(&slots("0")), "target.slots_per_worker");
+        assert_eq!(key_of(&slots("100000")), "target.slots_per_worker");
+        let (config, _) = ScalerConfig::parse(&slots("8")).unwrap();
+        assert_eq!(config.target.slots_per_worker, 8);
+        assert_eq!(
+            ScalerConfig::parse(FULL).unwrap().0.target.slots_per_worker,
+            1,
+            "one slot unless told"
+        );
         let bad_duration = key_of(&FULL.replace("duration: 90m", "duration: soon"));
         assert!(bad_duration.contains("duration"), "{bad_duration}");
     }

@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 
 use crate::policy::Override;
 use crate::scaler::Shared;
+use crate::signals::WorkerView;
 
 /// Longest a manual override may last.
 const MAX_OVERRIDE_TTL_SECONDS: u64 = 7 * 86_400;
@@ -227,6 +228,35 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
             ("unhealthy", actual.unhealthy),
         ]
         .map(|(state, n)| (format!("{{state=\"{state}\"}}"), n.into())),
+    );
+    gauge(
+        "ebb_scaler_slots",
+        "Slots (questions answered at once) of ready workers: all, and in use.",
+        &[("total", actual.slots), ("active", actual.active_slots)]
+            .map(|(kind, n)| (format!("{{kind=\"{kind}\"}}"), n.into())),
+    );
+    gauge(
+        "ebb_scaler_slots_per_worker",
+        "Slots per worker the plan counts on (reported, or the config's).",
+        &plain(status.signals.slots_per_worker.into()),
+    );
+    // One series per worker the pool has: bounded by max_instances.
+    let per_worker = |value: fn(&WorkerView) -> u32| -> Vec<(String, f64)> {
+        status
+            .workers
+            .iter()
+            .map(|w| (format!("{{worker=\"{}\"}}", w.id), value(w).into()))
+            .collect()
+    };
+    gauge(
+        "ebb_scaler_worker_slots",
+        "Slots of each worker, from its heartbeat.",
+        &per_worker(|w| w.slots),
+    );
+    gauge(
+        "ebb_scaler_worker_active_slots",
+        "Questions each worker answers now, from its heartbeat.",
+        &per_worker(|w| w.active),
     );
     gauge(
         "ebb_scaler_queue_lag",

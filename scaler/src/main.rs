@@ -41,7 +41,8 @@ enum Command {
     },
     /// Replay a trace on a virtual clock against several scaling policies
     /// and report cost and SLO attainment for each.
-    Simulate(ebb_scaler::simulate::SimulateArgs),
+    // Boxed: its many flags would make every other command as large.
+    Simulate(Box<ebb_scaler::simulate::SimulateArgs>),
     /// Write a synthetic school's questions (ebb's trace CSV) from a
     /// config's timetable.
     GenTrace(ebb_scaler::simulate::school::GenTraceArgs),

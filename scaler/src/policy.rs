@@ -21,18 +21,24 @@ use crate::config::{Condition, Metric, Rules, ScalerConfig};
 use crate::learned::LearnedFloors;
 use crate::timetable::{Timetable, Window, highest_floor};
 
-/// Workers by state, as the scaler sees them.
+/// Workers by state, as the scaler sees them, and the slots of the ready
+/// ones: a worker answers up to `slots` questions at once (its batch).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct WorkerCounts {
     /// Started, model still loading.
     pub starting: u32,
     /// Ready and idle.
     pub idle: u32,
+    /// Ready with at least one question in flight.
     pub busy: u32,
     /// Finishing their last question before stopping.
     pub draining: u32,
     /// Not ready in time, silent, or crash-looping: not capacity.
     pub unhealthy: u32,
+    /// Slots of the idle and busy workers.
+    pub slots: u32,
+    /// Of those, the ones answering a question now.
+    pub active_slots: u32,
 }
 
 impl WorkerCounts {
@@ -45,11 +51,12 @@ impl WorkerCounts {
         self.idle + self.busy
     }
 
-    /// Busy fraction of ready workers (0 when none is ready).
+    /// Busy fraction of the ready workers' slots (0 when none is ready): a
+    /// worker with 8 slots and 4 questions in flight is half busy, not busy.
     pub fn utilization(&self) -> f64 {
-        match self.ready() {
+        match self.slots {
             0 => 0.0,
-            ready => self.busy as f64 / ready as f64,
+            slots => f64::from(self.active_slots.min(slots)) / f64::from(slots),
         }
     }
 }
@@ -72,9 +79,13 @@ pub struct Observation {
     pub completion_rate: f64,
     /// Questions that arrived since the previous decision.
     pub new_arrivals: u64,
-    /// Mean time a worker spends per question, once measured.
+    /// Mean time one question spends in its worker (batched with the
+    /// others in flight there), once measured: the service time of a slot.
     #[serde(serialize_with = "serialize_optional_seconds")]
     pub service_time: Option<Duration>,
+    /// Slots per worker the plan counts on: what the workers report (the
+    /// most common `slots`), or `target.slots_per_worker` before any does.
+    pub slots_per_worker: u32,
     /// Mean acceptance-to-answer time, once measured.
     #[serde(serialize_with = "serialize_optional_seconds")]
     pub avg_response_time: Option<Duration>,
@@ -107,7 +118,10 @@ impl Observation {
 
     /// Nothing waiting, arriving or being answered.
     fn is_idle(&self) -> bool {
-        self.lag == 0 && self.new_arrivals == 0 && self.workers.busy == 0
+        self.lag == 0
+            && self.new_arrivals == 0
+            && self.workers.busy == 0
+            && self.workers.active_slots == 0
     }
 }
 
@@ -394,11 +408,13 @@ fn apply_rules(
     (current, "rules: no condition held long enough".to_owned())
 }
 
-/// Target tracking. The load, in busy workers, is arrival rate x service
+/// Target tracking. The load, in busy slots, is arrival rate x service
 /// time plus the waiting questions' work spread over the drain target
 /// (questions being answered are in the first term: counting them in the
-/// backlog too would pay for them twice). Workers = the more of
-/// load / utilization and what the Erlang C queue needs for `attainment`.
+/// backlog too would pay for them twice). Slots = the more of
+/// load / utilization and what the Erlang C queue needs for `attainment`,
+/// with every slot a server (c workers of s slots are c x s servers, each
+/// taking the batched service time); workers = ceil(slots / s).
 /// Panic when the short window asks for at least twice the ready workers
 /// (and is no mere noise), or the oldest question is older than half the
 /// latency goal: then scale up at once and never down. Also returns the
@@ -415,7 +431,8 @@ fn target_tracking(
         .service_time
         .unwrap_or(target.default_service_time)
         .as_secs_f64();
-    // Worker-seconds per second: arrivals, plus the backlog spread over the drain target.
+    let slots = observation.slots_per_worker.max(1);
+    // Slot-seconds per second: arrivals, plus the backlog spread over the drain target.
     let backlog = observation.waiting as f64 * service / target.drain_target.as_secs_f64();
     let wait_goal = (target.latency_goal / 2).as_secs_f64();
     let needed = |rate: f64| {
@@ -425,7 +442,7 @@ fn target_tracking(
             0.0 => 0,
             attainment => erlang_staffing(load, service, wait_goal, 1.0 - attainment),
         };
-        by_utilization.max(by_waiting)
+        workers_for(by_utilization.max(by_waiting), slots)
     };
     let stable = needed(observation.arrival_rate);
     let burst = needed(observation.panic_arrival_rate);
@@ -464,7 +481,7 @@ fn target_tracking(
         "panic: holding workers".to_owned()
     } else {
         format!(
-            "target: {:.2} arrivals/s x {} + waiting {} / {} at {:.0}% -> {stable}",
+            "target: {:.2} arrivals/s x {} + waiting {} / {} at {:.0}% of {slots} slot(s) each -> {stable}",
             observation.arrival_rate,
             seconds(Duration::from_secs_f64(service)),
             observation.waiting,
@@ -492,7 +509,12 @@ fn target_tracking(
     (wanted, reason, stable)
 }
 
-/// The fewest workers for which an M/M/N queue with `load` erlangs and mean
+/// Workers that hold `servers` slots: a worker's slots cannot be split.
+pub fn workers_for(servers: u32, slots_per_worker: u32) -> u32 {
+    servers.div_ceil(slots_per_worker.max(1))
+}
+
+/// The fewest servers for which an M/M/N queue with `load` erlangs and mean
 /// service time `service` s keeps P(wait > `wait_goal`) within `miss`:
 /// P(wait > t) = C(N, load) exp(-(N - load) t / service), with Erlang C from
 /// the Erlang B recursion.

@@ -28,10 +28,13 @@ fn at(seconds: i64) -> DateTime<Utc> {
     t0() + chrono::Duration::seconds(seconds)
 }
 
+/// One-slot workers, as before batching: each busy one has its slot in use.
 fn workers(idle: u32, busy: u32) -> WorkerCounts {
     WorkerCounts {
         idle,
         busy,
+        slots: idle + busy,
+        active_slots: busy,
         ..WorkerCounts::default()
     }
 }
@@ -550,3 +553,7 @@ fn a_few_questions_in_the_short_window_are_noise_not_a_burst() {
     let decision = decide(&noise, &state(1), &policy, t0());
     assert!(decision.state.panic_until.is_none(), "{}", decision.reason);
 }
+
+/// Capacity in slots: batching workers (issue 11).
+#[path = "policy_slot_tests.rs"]
+mod slots;

@@ -80,6 +80,10 @@ pub struct WorkerView {
     pub started_at: DateTime<Utc>,
     pub ready_at_ms: Option<u64>,
     pub jobs_done: u64,
+    /// Questions it answers at once, and how many it answers now (0 and 0
+    /// before its first heartbeat).
+    pub slots: u32,
+    pub active: u32,
     pub why_unhealthy: Option<String>,
 }
 
@@ -186,6 +190,9 @@ impl Signals {
                             Some(format!("not ready after {:?}", health.init_timeout)),
                         ),
                         WorkerState::Loading => (Condition::Starting, None),
+                        // A batching worker may say `ready` while it still
+                        // has free slots; with a question in flight it is busy.
+                        WorkerState::Ready if beat.active > 0 => (Condition::Busy, None),
                         WorkerState::Ready => (Condition::Idle, None),
                         WorkerState::Busy => (Condition::Busy, None),
                         WorkerState::Draining => (Condition::Draining, None),
@@ -196,12 +203,15 @@ impl Signals {
                     ),
                     (_, None) => (Condition::Starting, None),
                 };
+                let (slots, active) = beat.map_or((0, 0), |(b, _)| slots_in_use(b));
                 WorkerView {
                     id: worker.id.clone(),
                     condition,
                     started_at: worker.started_at,
                     ready_at_ms: beat.and_then(|(b, _)| b.ready_at_ms),
                     jobs_done: beat.map_or(0, |(b, _)| b.jobs_done),
+                    slots,
+                    active,
                     why_unhealthy: why,
                 }
             })
@@ -228,6 +238,12 @@ impl Signals {
                 Condition::Draining => counts.draining += 1,
                 Condition::Unhealthy => counts.unhealthy += 1,
             }
+            // Only ready workers' slots are capacity (a draining one takes no
+            // new question).
+            if matches!(worker.condition, Condition::Idle | Condition::Busy) {
+                counts.slots += worker.slots;
+                counts.active_slots += worker.active;
+            }
         }
         let mean = |field: fn(&Heartbeat) -> Option<f64>| {
             let values: Vec<f64> = self
@@ -248,11 +264,42 @@ impl Signals {
             completion_rate: self.completions.rate(now, target.stable_window),
             new_arrivals: std::mem::take(&mut self.new_arrivals),
             service_time: mean(|b| b.mean_job_ms),
+            slots_per_worker: common_slots(self.heartbeats.values().map(|(b, _)| b))
+                .unwrap_or(target.slots_per_worker),
             avg_response_time: mean(|b| b.mean_response_ms),
             cold_start_p90: self.cold_start_p90(),
             workers: counts,
         }
     }
+}
+
+/// A heartbeat's slots and questions in flight. A worker from before
+/// batching sends neither: one slot, in use while it says `busy`.
+fn slots_in_use(beat: &Heartbeat) -> (u32, u32) {
+    let slots = beat.slots.max(1);
+    let active = match beat.state {
+        WorkerState::Busy => beat.active.max(1),
+        _ => beat.active,
+    };
+    (slots, active.min(slots))
+}
+
+/// The slots most workers have (a fleet runs one `--max-batch`; mid-rollout
+/// the majority's is the better guess). Ties go to the smaller, which plans
+/// more workers rather than fewer. `None` before any heartbeat.
+fn common_slots<'a>(beats: impl Iterator<Item = &'a Heartbeat>) -> Option<u32> {
+    let mut counts: Vec<(u32, usize)> = Vec::new();
+    for beat in beats {
+        let (slots, _) = slots_in_use(beat);
+        match counts.iter_mut().find(|(s, _)| *s == slots) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((slots, 1)),
+        }
+    }
+    counts
+        .into_iter()
+        .max_by(|(a, n), (b, m)| n.cmp(m).then(b.cmp(a)))
+        .map(|(slots, _)| slots)
 }
 
 #[cfg(test)]
@@ -277,5 +324,83 @@ mod tests {
         counter.add(later, 0);
         assert_eq!(counter.rate(later, Duration::from_secs(60)), 0.0);
         assert!(counter.buckets.len() <= 2, "old buckets are dropped");
+    }
+
+    /// From JSON, as the wire brings it: fields added to the contract later
+    /// take their defaults here too.
+    fn beat(id: &str, state: WorkerState, slots: u32, active: u32) -> Heartbeat {
+        serde_json::from_value(serde_json::json!({
+            "worker_id": id, "state": state, "model": "m@main", "started_at_ms": 0,
+            "ready_at_ms": 1, "jobs_done": 0, "jobs_failed": 0, "slots": slots,
+            "active": active, "mean_job_ms": 4000.0, "sent_at_ms": 60_000,
+        }))
+        .expect("a heartbeat")
+    }
+
+    #[test]
+    fn capacity_is_counted_in_the_slots_the_workers_report() {
+        let t = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        let target = TargetTracking {
+            slots_per_worker: 4,
+            ..TargetTracking::default()
+        };
+        let mut signals = Signals::new(&target);
+        let pool: Vec<PoolWorker> = ["a", "b", "c", "old"]
+            .iter()
+            .map(|id| PoolWorker {
+                id: (*id).to_owned(),
+                started_at: t,
+                phase: Phase::Running,
+            })
+            .collect();
+        let depth = QueueDepth { priorities: vec![] };
+        let health = Health::default();
+        // Before any heartbeat: the config's slots per worker, no capacity yet.
+        let views = signals.classify(&pool, &health, t);
+        let observation = signals.observe(&depth, &views, &target, t);
+        assert_eq!(observation.slots_per_worker, 4);
+        assert_eq!(observation.workers.slots, 0);
+
+        signals.heartbeat(beat("a", WorkerState::Busy, 8, 4), t);
+        // Says ready, but has a question in flight: busy.
+        signals.heartbeat(beat("b", WorkerState::Ready, 8, 1), t);
+        signals.heartbeat(beat("c", WorkerState::Ready, 8, 0), t);
+        // A worker from before batching: no slots or active in its JSON.
+        let mut old = serde_json::to_value(beat("old", WorkerState::Busy, 1, 0)).unwrap();
+        old.as_object_mut()
+            .unwrap()
+            .retain(|k, _| k != "slots" && k != "active");
+        signals.heartbeat(serde_json::from_value(old).unwrap(), t);
+
+        let views = signals.classify(&pool, &health, t);
+        let conditions: Vec<Condition> = views.iter().map(|v| v.condition).collect();
+        use Condition::{Busy, Idle};
+        assert_eq!(conditions, [Busy, Busy, Idle, Busy]);
+        assert_eq!(
+            (views[3].slots, views[3].active),
+            (1, 1),
+            "busy means one in use"
+        );
+        let observation = signals.observe(&depth, &views, &target, t);
+        assert_eq!(observation.slots_per_worker, 8, "most workers have 8");
+        assert_eq!(observation.workers.slots, 25);
+        assert_eq!(observation.workers.active_slots, 6);
+        assert!((observation.workers.utilization() - 6.0 / 25.0).abs() < 1e-12);
+        assert_eq!(observation.service_time, Some(Duration::from_secs(4)));
+    }
+
+    #[test]
+    fn the_most_common_slots_win_and_ties_go_to_the_smaller() {
+        let beats = [
+            beat("a", WorkerState::Ready, 8, 0),
+            beat("b", WorkerState::Ready, 4, 0),
+            beat("c", WorkerState::Ready, 8, 0),
+            beat("d", WorkerState::Ready, 4, 0),
+        ];
+        assert_eq!(common_slots(beats.iter()), Some(4));
+        assert_eq!(common_slots(beats[..3].iter()), Some(8));
+        assert_eq!(common_slots([].iter()), None);
+        let zero = beat("z", WorkerState::Ready, 0, 0);
+        assert_eq!(common_slots([zero].iter()), Some(1), "a worker has a slot");
     }
 }

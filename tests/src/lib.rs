@@ -16,7 +16,7 @@ pub mod stack;
 pub use scaler::{ADMIN_TOKEN, ScalerProcess, scaler_binary};
 pub use servers::{NatsServer, RedisServer, TempDir, free_port};
 pub use sse::{SseEvent, SseReader};
-pub use stack::{Stack, StackOptions, WorkerProcess, tiny_model_dir, worker_binary};
+pub use stack::{Stack, StackOptions, WorkerProcess, tiny_job, tiny_model_dir, worker_binary};
 
 /// The text of README.md after `marker` up to the end of that code block,
 /// so documentation examples are checked by the tests.

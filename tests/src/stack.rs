@@ -77,6 +77,25 @@ pub fn tiny_model_dir() -> PathBuf {
     .clone()
 }
 
+/// A job as the gateway would queue it for the tiny model.
+pub fn tiny_job(question: &str, max_tokens: u32, grade: Option<u8>) -> ebb_nats::Job {
+    ebb_nats::Job {
+        id: "q".into(),
+        question: question.into(),
+        grade,
+        course: None,
+        language: None,
+        max_tokens,
+        sampling: Default::default(),
+        priority: Default::default(),
+        model: "ebb/tiny-qwen2@test".into(),
+        cache_key: None,
+        enqueued_at_ms: 0,
+        history: Vec::new(),
+        callback_url: None,
+    }
+}
+
 /// `target/<profile>`, found from the running test binary (`.../deps/test-hash`).
 pub(crate) fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
@@ -247,6 +266,19 @@ impl Stack {
             .expect("gateway reachable");
         let status = response.status().as_u16();
         (status, response.json().await.expect("JSON body"))
+    }
+
+    /// Waits until the status record says a worker is generating.
+    pub async fn wait_running(&self, id: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, record) = self.status_of(id).await;
+            if record["status"] == "running" {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{id} never started: {record}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Polls the status record until it is terminal; returns it.

@@ -28,19 +28,8 @@ async fn ask_many(stack: &Stack, count: usize, max_tokens: u32) -> Vec<String> {
 }
 
 async fn wait_all_running(stack: &Stack, ids: &[String]) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     for id in ids {
-        loop {
-            let (_, record) = stack.status_of(id).await;
-            if record["status"] == "running" {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{id} never started: {record}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        stack.wait_running(id).await;
     }
 }
 
@@ -205,19 +194,8 @@ fn question_needing(positions: usize, index: usize) -> Value {
     )
     .unwrap();
     let job = ebb_nats::Job {
-        id: "probe".into(),
-        question: question.trim().into(),
-        history: Vec::new(),
-        grade: None,
-        course: None,
         language: Some("en".into()),
-        max_tokens: 1,
-        sampling: Default::default(),
-        priority: Default::default(),
-        model: String::new(),
-        cache_key: None,
-        enqueued_at_ms: 0,
-        callback_url: None,
+        ..ebb_tests::tiny_job(question.trim(), 1, None)
     };
     let prompt_len = prompts.request(&job, 8_192).unwrap().prompt.ids.len();
     assert!(prompt_len + 20 < positions, "prompt of {prompt_len} tokens");

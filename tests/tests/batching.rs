@@ -15,21 +15,7 @@ use ebb_worker::model::{ModelFiles, Qwen, WeightFiles};
 use ebb_worker::tiny::{self, Shape};
 
 fn job(question: &str, max_tokens: u32, grade: u8) -> Job {
-    Job {
-        id: "q".into(),
-        question: question.into(),
-        grade: Some(grade),
-        course: None,
-        language: None,
-        max_tokens,
-        sampling: Default::default(),
-        priority: Default::default(),
-        model: "ebb/tiny-qwen2@test".into(),
-        cache_key: None,
-        enqueued_at_ms: 0,
-        history: Vec::new(),
-        callback_url: None,
-    }
+    ebb_tests::tiny_job(question, max_tokens, Some(grade))
 }
 
 /// Eight questions of different lengths and `max_tokens`, two grades (so

@@ -17,22 +17,6 @@ async fn accepted_id(stack: &Stack, question: &str, max_tokens: u32) -> String {
     body["id"].as_str().unwrap().to_owned()
 }
 
-/// Waits until the status record says a worker is generating.
-async fn wait_running(stack: &Stack, id: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, record) = stack.status_of(id).await;
-        if record["status"] == "running" {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{id} never started: {record}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_worker_killed_mid_answer_loses_nothing() {
     let stack = Stack::start(StackOptions {
@@ -43,7 +27,7 @@ async fn a_worker_killed_mid_answer_loses_nothing() {
     let mut doomed = stack.worker(&SLOW);
     stack.wait_ready(&doomed).await;
     let id = accepted_id(&stack, "Explain fractions.", 40).await;
-    wait_running(&stack, &id).await;
+    stack.wait_running(&id).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     doomed.signal("KILL");
     doomed.wait_exit(Duration::from_secs(5)).await;
@@ -95,7 +79,7 @@ async fn sigterm_drains_the_question_in_hand_then_exits_0() {
     let mut worker = stack.worker(&[&SLOW[..], &["--max-batch", "1"]].concat());
     stack.wait_ready(&worker).await;
     let in_hand = accepted_id(&stack, "What is a noun?", 30).await;
-    wait_running(&stack, &in_hand).await;
+    stack.wait_running(&in_hand).await;
     let queued_behind = accepted_id(&stack, "What is a verb?", 30).await;
 
     worker.signal("TERM");
@@ -179,7 +163,7 @@ async fn a_worker_lost_on_the_last_delivery_still_gives_a_failed_status() {
     let mut worker = stack.worker(&SLOW);
     stack.wait_ready(&worker).await;
     let id = accepted_id(&stack, "Why do leaves change colour?", 40).await;
-    wait_running(&stack, &id).await;
+    stack.wait_running(&id).await;
     worker.signal("KILL");
     worker.wait_exit(Duration::from_secs(5)).await;
 

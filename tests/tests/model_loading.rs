@@ -14,21 +14,7 @@ use ebb_worker::model::{HubOptions, ModelError, ModelFiles, ModelRequest, Qwen, 
 use ebb_worker::tiny::{self, Shape};
 
 fn job(question: &str, max_tokens: u32) -> Job {
-    Job {
-        id: "q".into(),
-        question: question.into(),
-        grade: Some(5),
-        course: None,
-        language: None,
-        max_tokens,
-        sampling: Default::default(),
-        priority: Default::default(),
-        model: "ebb/tiny-qwen2@test".into(),
-        cache_key: None,
-        enqueued_at_ms: 0,
-        history: Vec::new(),
-        callback_url: None,
-    }
+    ebb_tests::tiny_job(question, max_tokens, Some(5))
 }
 
 fn dir_request(dir: &Path) -> ModelRequest<'_> {

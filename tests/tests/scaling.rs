@@ -17,6 +17,19 @@ cooldowns: {scale_down_stabilization: 1s, scale_to_zero_idle: 3s}
 health: {init_timeout: 30s, restart_backoff: 200ms, stop_grace: 20s}
 "#;
 
+/// `count` distinct questions at once; their ids.
+async fn ask_burst(stack: &Stack, count: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for n in 0..count {
+        let (code, body) = stack
+            .ask(json!({"question": format!("Burst question {n}?"), "max_tokens": 20, "wait_seconds": 0}))
+            .await;
+        assert_eq!(code, 202, "{body}");
+        ids.push(body["id"].as_str().unwrap().to_owned());
+    }
+    ids
+}
+
 fn workers(status: &Value, state: &str) -> u64 {
     status["actual"][state].as_u64().unwrap_or(0)
 }
@@ -39,14 +52,7 @@ async fn a_burst_scales_from_zero_to_max_answers_everything_and_returns_to_zero(
         .await;
     assert_eq!(running(&idle), 0);
 
-    let mut ids = Vec::new();
-    for n in 0..12 {
-        let (code, body) = stack
-            .ask(json!({"question": format!("Burst question {n}?"), "max_tokens": 20, "wait_seconds": 0}))
-            .await;
-        assert_eq!(code, 202, "{body}");
-        ids.push(body["id"].as_str().unwrap().to_owned());
-    }
+    let ids = ask_burst(&stack, 12).await;
     let started = scaler
         .wait_status(Duration::from_secs(5), "a worker started", |s| {
             !s["activation_delays_ms"].as_array().unwrap().is_empty()
@@ -106,6 +112,68 @@ async fn a_burst_scales_from_zero_to_max_answers_everything_and_returns_to_zero(
     assert!(
         metrics.contains("ebb_scaler_activation_delay_seconds{quantile=\"0.99\"}"),
         "{metrics}"
+    );
+}
+
+/// The same 12-question burst on workers of `slots` slots (the scaler told
+/// so until their heartbeats say it): the most workers running at once.
+/// Every question must be answered and the fleet must return to zero.
+async fn burst_peak_workers(slots: u32) -> u64 {
+    let stack = Stack::start(StackOptions::default()).await;
+    let policy = format!(
+        "tick: 200ms\n\
+         resources: {{min_instances: 0, max_instances: 6}}\n\
+         target: {{utilization: 1.0, drain_target: 2s, latency_goal: 60s, default_service_time: 1s, slots_per_worker: {slots}, stable_window: 5s, panic_window: 2s}}\n\
+         cooldowns: {{scale_down_stabilization: 1s, scale_to_zero_idle: 3s}}\n\
+         health: {{init_timeout: 30s, restart_backoff: 200ms, stop_grace: 20s}}\n"
+    );
+    let slots_arg = slots.to_string();
+    let worker_args = ["--debug-token-delay", "40ms", "--max-batch", &slots_arg];
+    let scaler = ScalerProcess::start(&stack, &policy, &worker_args);
+    scaler
+        .wait_status(Duration::from_secs(10), "zero workers at rest", |s| {
+            s["desired"] == 0
+        })
+        .await;
+    let ids = ask_burst(&stack, 12).await;
+    let mut peak = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let mut unanswered = ids.clone();
+    while !unanswered.is_empty() {
+        peak = peak.max(running(&scaler.status().await));
+        let mut still = Vec::new();
+        for id in unanswered {
+            let (_, record) = stack.status_of(&id).await;
+            match record["status"].as_str() {
+                Some("done") => {}
+                Some("failed") => panic!("{record}"),
+                _ => still.push(id),
+            }
+        }
+        unanswered = still;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "unanswered: {unanswered:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    scaler
+        .wait_status(
+            Duration::from_secs(60),
+            "back to zero running workers",
+            |s| s["desired"] == 0 && running(s) == 0,
+        )
+        .await;
+    peak
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batching_workers_meet_a_burst_with_fewer_workers() {
+    let one_slot = burst_peak_workers(1).await;
+    let four_slots = burst_peak_workers(4).await;
+    assert!(
+        four_slots < one_slot,
+        "workers of 4 slots peaked at {four_slots}, of 1 slot at {one_slot}"
     );
 }
 

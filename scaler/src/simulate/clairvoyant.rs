@@ -3,6 +3,14 @@
 //! started exactly one (mean) cold start earlier. A worker stops as soon as
 //! it is idle unless its next question comes within a cold start: stopping
 //! and starting again would cost more worker-seconds than waiting.
+//!
+//! With a worker profile every question takes a slot for its service at
+//! the full batch's per-question rate (`aggregate(slots) / slots`, see
+//! [`super::worker::WorkerModel::service`]): the reference plans its workers
+//! full, which is what foresight aims at. Its answers are then slower than a
+//! half-empty worker's would be, and its cost is what full batches allow;
+//! the lower bound ([`super::run`]) instead takes every answer at the best
+//! aggregate rate, so it stays below every policy, this one included.
 
 use std::collections::HashSet;
 

@@ -1,8 +1,16 @@
 //! The discrete-event replay: arrivals from a trace, a FIFO queue per
-//! priority, workers with cold starts, per-worker concurrency and graceful
+//! priority, workers with cold starts, per-worker slots and graceful
 //! drain, and one [`Autoscaler`] asked on its own schedule. Time is virtual
 //! (seconds since the trace's start) and every random draw comes from the
 //! seed, so a replay is a pure function of its inputs.
+//!
+//! A question's answer is planned when it starts; with a worker profile
+//! (its decode rate depends on how many questions share the worker), every
+//! join and leave re-plans the others on that worker from their work left
+//! (`Sequence::replan`) and the event of the old plan is skipped as stale.
+//! The event heap orders by time, then insertion, so ties replay the same.
+
+mod outcome;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashSet, VecDeque};
@@ -15,10 +23,11 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::trace::Trace;
-use super::worker::ColdStart;
 pub use super::worker::WorkerModel;
+use super::worker::{ColdStart, Sequence};
 use crate::policy::{Observation, WorkerCounts};
 use crate::signals::RateCounter;
+pub use outcome::{Fate, Outcome, Sample, measured_seconds};
 
 /// What every replay of one run shares.
 #[derive(Debug, Clone, Copy)]
@@ -45,46 +54,6 @@ pub trait Autoscaler {
     }
 }
 
-/// One question's fate.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Fate {
-    /// Seconds to the first token and to the whole answer.
-    Answered {
-        first_token: f32,
-        total: f32,
-    },
-    Cached,
-    Rejected,
-}
-
-/// A point of the plot: the maxima over one bucket of time.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Sample {
-    pub arrivals: u32,
-    pub lag: u64,
-    pub workers: u32,
-}
-
-/// Everything a replay measured.
-#[derive(Debug, Clone)]
-pub struct Outcome {
-    /// Per arrival, in trace order.
-    pub fates: Vec<Fate>,
-    /// The first arrival measured (the warm-up's are not).
-    pub first_measured: usize,
-    /// Start request to exit, summed over workers, from the measurement's
-    /// start up to `horizon`.
-    pub worker_seconds: f64,
-    /// Worker starts after the warm-up.
-    pub cold_starts: u64,
-    /// Changes of the desired count after the warm-up.
-    pub scale_events: u64,
-    /// Seconds replayed: the trace, or the last answer if later.
-    pub horizon: f64,
-    pub bucket_seconds: f64,
-    pub samples: Vec<Sample>,
-}
-
 /// Plot resolution.
 pub const PLOT_BUCKETS: usize = 600;
 /// Cold starts kept for the p90 the policy sees (as live).
@@ -94,7 +63,8 @@ const COLD_START_SAMPLES: usize = 50;
 struct Worker {
     requested_at: f64,
     ready: bool,
-    active: u32,
+    /// The questions it answers now, in the order they joined.
+    sequences: Vec<Sequence>,
     stopping: bool,
     exited_at: Option<f64>,
     /// Moving averages as its heartbeats would report them.
@@ -102,11 +72,18 @@ struct Worker {
     mean_response: Option<f64>,
 }
 
+impl Worker {
+    fn active(&self) -> u32 {
+        self.sequences.len() as u32
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Event {
     Ready(usize),
-    /// Worker, arrival index.
-    Done(usize, usize),
+    /// Worker, arrival index, and the plan it was scheduled for (a later
+    /// plan makes it stale).
+    Done(usize, usize, u32),
     Decide,
 }
 
@@ -267,7 +244,12 @@ impl<'a> Sim<'a> {
                 self.now = at;
                 match event {
                     Event::Ready(worker) => self.ready(worker),
-                    Event::Done(worker, question) => self.done(worker, question),
+                    Event::Done(worker, question, plan) => {
+                        if !self.done(worker, question, plan) {
+                            // A stale plan: nothing changed.
+                            continue;
+                        }
+                    }
                     Event::Decide => self.decide(),
                 }
             }
@@ -324,9 +306,21 @@ impl<'a> Sim<'a> {
         }
     }
 
-    fn done(&mut self, worker_index: usize, question: usize) {
+    /// Finishes `question` if `plan` is still its plan; false if stale.
+    fn done(&mut self, worker_index: usize, question: usize, plan: u32) -> bool {
+        let sequences = &mut self.workers[worker_index].sequences;
+        let Some(position) = sequences
+            .iter()
+            .position(|s| s.question == question && s.plan == plan)
+        else {
+            return false;
+        };
+        let sequence = sequences.remove(position);
+        self.fates[question] = Some(Fate::Answered {
+            first_token: (sequence.waited + sequence.first) as f32,
+            total: (sequence.waited + sequence.total) as f32,
+        });
         let arrival = &self.trace.arrivals[question];
-        let (_, service) = self.model.service(arrival);
         self.in_service -= 1;
         self.last_done = self.now;
         let at = self.virtual_time(self.now);
@@ -336,24 +330,49 @@ impl<'a> Sim<'a> {
         }
         let response = self.now - arrival.at;
         let worker = &mut self.workers[worker_index];
-        worker.mean_job = Some(moving_average(worker.mean_job, service));
+        // As its heartbeat: the time this question spent in the worker.
+        worker.mean_job = Some(moving_average(worker.mean_job, sequence.total));
         worker.mean_response = Some(moving_average(worker.mean_response, response));
-        worker.active -= 1;
-        if worker.stopping && worker.active == 0 {
+        if worker.stopping && worker.sequences.is_empty() {
             worker.exited_at = Some(self.now);
+        }
+        self.replan(worker_index);
+        true
+    }
+
+    /// Re-plans the questions on a worker whose decode rate changed (with a
+    /// profile, any join or leave; without one, never).
+    fn replan(&mut self, worker_index: usize) {
+        let worker = &mut self.workers[worker_index];
+        let rate = self.model.decode_rate(worker.active());
+        let now = self.now;
+        let events: Vec<(f64, Event)> = worker
+            .sequences
+            .iter_mut()
+            .filter_map(|sequence| {
+                sequence.replan(now, rate).then(|| {
+                    let event = Event::Done(worker_index, sequence.question, sequence.plan);
+                    (sequence.done_at(), event)
+                })
+            })
+            .collect();
+        for (at, event) in events {
+            self.schedule(at, event);
         }
     }
 
-    /// Hands waiting questions, most urgent first, to free ready workers.
+    /// Hands waiting questions, most urgent first, to free ready workers;
+    /// each worker that took one re-plans once, with all its joiners in.
     fn dispatch(&mut self) {
         let concurrency = self.model.concurrency;
         let mut position = 0;
+        let mut joined: Vec<usize> = Vec::new();
         while self.queues.iter().any(|q| !q.is_empty()) {
             let Some(offset) = self.alive[position..].iter().position(|&i| {
                 let w = &self.workers[i];
-                w.ready && !w.stopping && w.exited_at.is_none() && w.active < concurrency
+                w.ready && !w.stopping && w.exited_at.is_none() && w.active() < concurrency
             }) else {
-                return;
+                break;
             };
             position += offset;
             let worker_index = self.alive[position];
@@ -363,15 +382,19 @@ impl<'a> Sim<'a> {
                 .find_map(VecDeque::pop_front)
                 .expect("a queue is not empty");
             let arrival = &self.trace.arrivals[question];
-            let (first, total) = self.model.service(arrival);
-            let waited = self.now - arrival.at;
-            self.fates[question] = Some(Fate::Answered {
-                first_token: (waited + first) as f32,
-                total: (waited + total) as f32,
-            });
-            self.workers[worker_index].active += 1;
+            let worker = &mut self.workers[worker_index];
+            let rate = self.model.decode_rate(worker.active() + 1);
+            let sequence = Sequence::start(self.model, arrival, question, self.now, rate);
+            let at = sequence.done_at();
+            worker.sequences.push(sequence);
             self.in_service += 1;
-            self.schedule(self.now + total, Event::Done(worker_index, question));
+            self.schedule(at, Event::Done(worker_index, question, 0));
+            if joined.last() != Some(&worker_index) {
+                joined.push(worker_index);
+            }
+        }
+        for worker_index in joined {
+            self.replan(worker_index);
         }
     }
 
@@ -397,23 +420,25 @@ impl<'a> Sim<'a> {
     fn observe(&mut self) -> Observation {
         let now = self.virtual_time(self.now);
         let (stable, panic) = self.autoscaler.rate_windows();
-        let concurrency = self.model.concurrency as f64;
+        let slots = self.model.concurrency;
         let mut counts = WorkerCounts::default();
-        let mut active_slots = 0;
         self.prune();
+        // In slots, as the live scaler counts heartbeats: a worker with a
+        // question in flight is busy, its slots in use are its questions.
         for worker in self.alive.iter().map(|&i| &self.workers[i]) {
             if worker.stopping {
                 counts.draining += 1;
             } else if worker.ready {
-                counts.idle += 1;
-                active_slots += worker.active;
+                match worker.active() {
+                    0 => counts.idle += 1,
+                    _ => counts.busy += 1,
+                }
+                counts.slots += slots;
+                counts.active_slots += worker.active();
             } else {
                 counts.starting += 1;
             }
         }
-        // Busy in slot-equivalents, so utilisation means the same at any concurrency.
-        counts.busy = ((active_slots as f64 / concurrency).ceil() as u32).min(counts.idle);
-        counts.idle -= counts.busy;
         let oldest = self
             .queues
             .iter()
@@ -445,8 +470,10 @@ impl<'a> Sim<'a> {
             panic_arrival_rate: self.arrivals.rate(now, panic),
             completion_rate: self.completions.rate(now, stable),
             new_arrivals: std::mem::take(&mut self.new_arrivals),
-            // Worker time per question: what one worker gives each answer.
-            service_time: mean_job.map(|s| Duration::from_secs_f64(s / concurrency)),
+            // As live: one question's time in its worker (its slot's
+            // service time), and the slots each worker has.
+            service_time: mean_job.map(Duration::from_secs_f64),
+            slots_per_worker: slots,
             avg_response_time: mean_response.map(Duration::from_secs_f64),
             cold_start_p90: p90,
             workers: counts,
@@ -475,7 +502,7 @@ impl<'a> Sim<'a> {
             let mut victims = running;
             victims.sort_by_key(|&i| {
                 let worker = &self.workers[i];
-                match (worker.ready, worker.active) {
+                match (worker.ready, worker.active()) {
                     (true, 0) => (0, 0, Reverse(i)),
                     (false, _) => (1, 0, Reverse(i)),
                     (true, active) => (2, active, Reverse(i)),
@@ -484,7 +511,7 @@ impl<'a> Sim<'a> {
             for i in victims.into_iter().take((count - self.desired) as usize) {
                 let worker = &mut self.workers[i];
                 worker.stopping = true;
-                if worker.active == 0 {
+                if worker.sequences.is_empty() {
                     worker.exited_at = Some(self.now);
                 }
             }
@@ -495,7 +522,7 @@ impl<'a> Sim<'a> {
         self.workers.push(Worker {
             requested_at: self.now,
             ready,
-            active: 0,
+            sequences: Vec::new(),
             stopping: false,
             exited_at: None,
             mean_job: None,
@@ -513,76 +540,4 @@ impl<'a> Sim<'a> {
     fn virtual_time(&self, seconds: f64) -> DateTime<Utc> {
         self.trace.start + chrono::Duration::nanoseconds((seconds * 1e9) as i64)
     }
-
-    fn bucket_index(&self, at: f64) -> usize {
-        ((at / self.bucket_seconds) as usize).min(PLOT_BUCKETS)
-    }
-
-    fn bucket(&mut self) -> &mut Sample {
-        let index = self.bucket_index(self.now);
-        &mut self.samples[index]
-    }
-
-    /// Buckets since the last sample held its state until now.
-    fn carry_to(&mut self, index: usize) {
-        let (last, state) = self.sampled;
-        for bucket in &mut self.samples[(last + 1).min(index)..=index] {
-            bucket.lag = bucket.lag.max(state.lag);
-            bucket.workers = bucket.workers.max(state.workers);
-        }
-    }
-
-    fn sample(&mut self) {
-        let index = self.bucket_index(self.now);
-        self.carry_to(index);
-        let state = Sample {
-            arrivals: 0,
-            lag: self.waiting() + self.in_service,
-            workers: self
-                .alive
-                .iter()
-                .filter(|&&i| self.workers[i].exited_at.is_none())
-                .count() as u32,
-        };
-        let bucket = &mut self.samples[index];
-        bucket.lag = bucket.lag.max(state.lag);
-        bucket.workers = bucket.workers.max(state.workers);
-        self.sampled = (index, state);
-    }
-
-    fn finish(mut self) -> Outcome {
-        let horizon = self.now;
-        self.carry_to(self.bucket_index(horizon));
-        let worker_seconds = self
-            .workers
-            .iter()
-            .map(|w| (w.requested_at, w.exited_at.unwrap_or(horizon)))
-            .map(|(from, to)| measured_seconds(from, to, self.measure_from, horizon))
-            .sum();
-        let buckets = ((horizon / self.bucket_seconds).ceil() as usize).clamp(1, PLOT_BUCKETS + 1);
-        let mut samples = self.samples;
-        samples.truncate(buckets);
-        Outcome {
-            fates: self
-                .fates
-                .into_iter()
-                .map(|fate| fate.expect("every arrival is answered, cached or rejected"))
-                .collect(),
-            first_measured: self
-                .trace
-                .arrivals
-                .partition_point(|a| a.at < self.measure_from),
-            worker_seconds,
-            cold_starts: self.started,
-            scale_events: self.scale_events,
-            horizon,
-            bucket_seconds: self.bucket_seconds,
-            samples,
-        }
-    }
-}
-
-/// The part of `[from, to)` inside `[measure_from, horizon)`, in seconds.
-pub fn measured_seconds(from: f64, to: f64, measure_from: f64, horizon: f64) -> f64 {
-    (to.min(horizon) - from.max(measure_from)).max(0.0)
 }

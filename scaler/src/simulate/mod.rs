@@ -5,7 +5,8 @@
 //! # Layout
 //! - [`trace`]: trace formats, rate and time scaling, rate-profile expansion.
 //! - [`engine`]: the discrete-event replay and the [`engine::Autoscaler`] trait;
-//!   [`worker`]: the simulated worker's cost and speed.
+//!   [`worker`]: the simulated worker's cost and speed; [`worker_profile`]:
+//!   the measured engine's decode rate by batch size (`--worker-profile`).
 //! - [`policies`]: ebb's [`crate::policy::decide`], the seed's rules, a fixed
 //!   fleet, KEDA-like and Knative-like models.
 //! - [`clairvoyant`]: the perfect-foresight reference.
@@ -19,6 +20,7 @@ pub mod report;
 pub mod school;
 pub mod trace;
 pub mod worker;
+pub mod worker_profile;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -32,6 +34,11 @@ use engine::{Fate, Outcome, Setup, WorkerModel};
 use policies::{Ebb, Fixed, KedaLike, KnativeLike};
 use report::{PolicyResult, Report, Slo, TraceSummary};
 use trace::{LoadOptions, Trace, TraceError};
+use worker_profile::{ProfileError, WorkerProfile};
+
+/// Prompt tokens per second without a profile: an assumption for a GPU
+/// (README's Simulation section), not measured here.
+const DEFAULT_PREFILL: f64 = 2000.0;
 
 /// ebb's default policy, the one `simulate` uses without `--config`.
 pub const DEFAULT_CONFIG: &str = include_str!("../../config/default.yaml");
@@ -118,15 +125,32 @@ pub struct SimulateArgs {
     /// 90th percentile cold start (log-normal between the two).
     #[arg(long, default_value = "45s", value_parser = ebb_nats::duration::parse)]
     pub cold_start_p90: Duration,
-    /// Prompt tokens per second per question in service.
-    #[arg(long, default_value_t = 2000.0)]
-    pub prefill_tokens_per_s: f64,
-    /// Answer tokens per second per question in service.
+    /// Prompt tokens per second per question in service (default: 2000, or
+    /// with --worker-profile the profile's; given, it holds with one too).
+    #[arg(long)]
+    pub prefill_tokens_per_s: Option<f64>,
+    /// Answer tokens per second per question in service (replaced by the
+    /// profile's with --worker-profile).
     #[arg(long, default_value_t = 21.0)]
     pub decode_tokens_per_s: f64,
-    /// Questions one worker answers at once.
-    #[arg(long, default_value_t = 1)]
-    pub concurrency: u32,
+    /// Questions one worker answers at once, its slots (default: 1; with
+    /// --worker-profile, the largest batch size measured).
+    #[arg(long)]
+    pub concurrency: Option<u32>,
+    /// The worker benchmark's JSON (`target/bench/decode.json`): a worker
+    /// with k questions in flight decodes each at the measured aggregate(k)
+    /// / k tokens/s, interpolated between measured batch sizes and flat
+    /// beyond the largest; prefill at the measured rate.
+    #[arg(long)]
+    pub worker_profile: Option<PathBuf>,
+    /// The profile's format (weights) to use (default: `f16` if the file
+    /// has it, else its only one).
+    #[arg(long)]
+    pub worker_profile_format: Option<String>,
+    /// Multiply every rate of the profile by this: scales a curve measured
+    /// on a CPU to the GPU the replay assumes.
+    #[arg(long, default_value_t = 1.0)]
+    pub profile_speedup: f64,
     /// Money per worker-hour.
     #[arg(long, default_value_t = 1.0)]
     pub price_per_hour: f64,
@@ -170,6 +194,12 @@ fn bad(option: &'static str, message: impl Into<String>) -> SimulateError {
     }
 }
 
+impl From<ProfileError> for SimulateError {
+    fn from(err: ProfileError) -> SimulateError {
+        bad(err.option, err.message)
+    }
+}
+
 /// A finished run: the report and each policy's time series for the plot.
 #[derive(Debug)]
 pub struct Simulation {
@@ -192,7 +222,23 @@ impl SimulateArgs {
         if self.cold_start_p90 < self.cold_start {
             return Err(bad("cold-start-p90", "must not be below --cold-start"));
         }
-        if self.concurrency == 0 {
+        let profile = match &self.worker_profile {
+            Some(path) => Some(WorkerProfile::load(
+                path,
+                self.worker_profile_format.as_deref(),
+                self.profile_speedup,
+            )?),
+            None if self.worker_profile_format.is_some() => {
+                return Err(bad("worker-profile-format", "needs --worker-profile"));
+            }
+            None => None,
+        };
+        positive("profile-speedup", self.profile_speedup)?;
+        let concurrency = self
+            .concurrency
+            .or(profile.as_ref().map(WorkerProfile::largest_batch))
+            .unwrap_or(1);
+        if concurrency == 0 {
             return Err(bad("concurrency", "must be at least 1"));
         }
         if !(0.0..1.0).contains(&self.cache_hit_ratio) {
@@ -201,15 +247,31 @@ impl SimulateArgs {
         if !(self.slo_target > 0.0 && self.slo_target <= 1.0) {
             return Err(bad("slo-target", "must be in (0, 1]"));
         }
+        let prefill = self.prefill_tokens_per_s;
+        let prefill = positive("prefill-tokens-per-s", prefill.unwrap_or(DEFAULT_PREFILL))?;
+        let decode = positive("decode-tokens-per-s", self.decode_tokens_per_s)?;
+        // With a profile, the decode rate is a full batch's (what the
+        // clairvoyant reference and the initial fleet assume), and prefill
+        // is the profile's unless given: a GPU's prefill is compute-bound,
+        // so a CPU's, scaled by the decode speedup, can be far off.
+        let (prefill, decode) = match &profile {
+            Some(profile) => (
+                self.prefill_tokens_per_s
+                    .map_or(profile.prefill_tokens_per_s, |_| prefill),
+                profile.per_sequence(concurrency),
+            ),
+            None => (prefill, decode),
+        };
         Ok(WorkerModel {
             cold_start_median_s: self.cold_start.as_secs_f64(),
             cold_start_p90_s: self.cold_start_p90.as_secs_f64(),
-            prefill_tokens_per_s: positive("prefill-tokens-per-s", self.prefill_tokens_per_s)?,
-            decode_tokens_per_s: positive("decode-tokens-per-s", self.decode_tokens_per_s)?,
-            concurrency: self.concurrency,
+            prefill_tokens_per_s: prefill,
+            decode_tokens_per_s: decode,
+            concurrency,
             price_per_hour: positive("price-per-hour", self.price_per_hour)?,
             queue_max: self.queue_max.max(1),
             cache_hit_ratio: self.cache_hit_ratio,
+            profile,
         })
     }
 
@@ -238,7 +300,6 @@ pub fn run(args: &SimulateArgs) -> Result<Simulation, SimulateError> {
         first_token_s: args.slo_first_token.as_secs_f64(),
         target: args.slo_target,
     };
-    let concurrency = model.concurrency;
     let warm_up = args.warm_up.as_secs_f64();
     if warm_up >= trace.duration {
         return Err(bad(
@@ -267,7 +328,7 @@ pub fn run(args: &SimulateArgs) -> Result<Simulation, SimulateError> {
             _ => 0.0,
         })
         .sum();
-    let lower_bound = work / concurrency as f64;
+    let lower_bound = lower_bound(&trace, &reference, &model, work);
     let served = measured
         .iter()
         .filter(|f| matches!(f, Fate::Answered { .. }))
@@ -412,6 +473,28 @@ impl Bench<'_> {
     }
 }
 
+/// Worker-seconds of the measured answers at no idle and no cold start:
+/// the clairvoyant's service work over the slots per worker. With a
+/// profile, a question's work is its prompt (per slot, at the measured
+/// prefill rate) plus its answer at the best aggregate decode rate a worker
+/// reaches (normally the full batch's); no policy can do with less.
+fn lower_bound(trace: &Trace, reference: &Outcome, model: &WorkerModel, work: f64) -> f64 {
+    let slots = f64::from(model.concurrency);
+    if model.profile.is_none() {
+        return work / slots;
+    }
+    let peak = model.peak_decode_rate();
+    trace.arrivals[reference.first_measured..]
+        .iter()
+        .zip(&reference.fates[reference.first_measured..])
+        .filter(|(_, fate)| matches!(fate, Fate::Answered { .. }))
+        .map(|(arrival, _)| {
+            let (prefill, _, _) = model.service_at(arrival, model.decode_tokens_per_s);
+            prefill / slots + arrival.output_tokens.max(1) as f64 / peak
+        })
+        .sum()
+}
+
 /// A replay starts as if the service had been running: every dynamic policy
 /// begins with enough ready workers for the busiest of the trace's first
 /// five minutes (offered load: arrivals x service time). A trace cut from a
@@ -499,7 +582,10 @@ pub fn write(simulation: &Simulation, dir: &Path) -> Result<(), SimulateError> {
         .iter()
         .map(|(name, outcome)| (name.as_str(), outcome))
         .collect();
-    write("report.svg", report::svg(&panels))
+    write(
+        "report.svg",
+        report::svg(&panels, &simulation.report.worker),
+    )
 }
 
 #[cfg(test)]

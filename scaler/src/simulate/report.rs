@@ -15,7 +15,8 @@ pub struct Report {
     pub seed: u64,
     pub worker: WorkerModel,
     pub slo: Slo,
-    /// Total service work / per-worker concurrency: no idle, no cold start.
+    /// Total service work / slots per worker: no idle, no cold start (with
+    /// a profile, answers at the best aggregate decode rate).
     pub lower_bound_worker_seconds: f64,
     pub policies: Vec<PolicyResult>,
 }
@@ -195,16 +196,10 @@ impl Report {
             trace.arrival_cv,
             self.seed
         );
-        let worker = &self.worker;
         let _ = writeln!(
             out,
-            "Worker: cold start median {} s (p90 {} s), prefill {} tok/s, decode {} tok/s, concurrency {}, {}/worker-hour. SLO: first token <= {} s for {}% of questions. Lower bound: {:.1} worker-hours.\n",
-            worker.cold_start_median_s,
-            worker.cold_start_p90_s,
-            worker.prefill_tokens_per_s,
-            worker.decode_tokens_per_s,
-            worker.concurrency,
-            worker.price_per_hour,
+            "Worker: {}. SLO: first token <= {} s for {}% of questions. Lower bound: {:.1} worker-hours.\n",
+            self.worker.describe(),
             self.slo.first_token_s,
             self.slo.target * 100.0,
             self.lower_bound_worker_seconds / 3600.0
@@ -245,8 +240,9 @@ impl Report {
 }
 
 /// One panel per policy: arrivals per second (grey area), questions in the
-/// system (orange) and workers running (blue), each bucket's maximum.
-pub fn svg(panels: &[(&str, &Outcome)]) -> String {
+/// system (orange) and workers running (blue), each bucket's maximum,
+/// under a caption naming the worker model.
+pub fn svg(panels: &[(&str, &Outcome)], worker: &WorkerModel) -> String {
     const WIDTH: f64 = 960.0;
     const PANEL: f64 = 150.0;
     const LEFT: f64 = 60.0;
@@ -267,7 +263,9 @@ pub fn svg(panels: &[(&str, &Outcome)]) -> String {
         .max()
         .unwrap_or(1)
         .max(2);
-    let height = PANEL * panels.len() as f64 + 40.0;
+    // Two caption lines above the panels.
+    const CAPTION: f64 = 44.0;
+    let height = PANEL * panels.len() as f64 + CAPTION + 10.0;
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -278,8 +276,13 @@ pub fn svg(panels: &[(&str, &Outcome)]) -> String {
         r##"<text x="{LEFT}" y="16">grey: arrivals/s (max {max_rate:.1}) · orange: questions in system (max {max_lag:.0}) · blue: workers (max {max_workers:.0}) · x: {:.1} h</text>"##,
         bucket * buckets as f64 / 3600.0
     );
+    let _ = writeln!(
+        out,
+        r##"<text x="{LEFT}" y="30">worker: {}</text>"##,
+        escape(&worker.describe())
+    );
     for (index, (name, outcome)) in panels.iter().enumerate() {
-        let top = 30.0 + index as f64 * PANEL;
+        let top = CAPTION + index as f64 * PANEL;
         let bottom = top + PANEL - 20.0;
         let x = |i: usize| LEFT + plot_width * i as f64 / (buckets - 1) as f64;
         let y = |value: f64, max: f64| bottom - (PANEL - 30.0) * value / max;
@@ -319,4 +322,11 @@ pub fn svg(panels: &[(&str, &Outcome)]) -> String {
     }
     out.push_str("</svg>\n");
     out
+}
+
+/// Text for SVG: the profile's file name is the user's.
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }

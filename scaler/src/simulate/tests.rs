@@ -24,6 +24,7 @@ fn model() -> WorkerModel {
         price_per_hour: 3.6,
         queue_max: 100,
         cache_hit_ratio: 0.0,
+        profile: None,
     }
 }
 
@@ -400,7 +401,7 @@ fn bad_options_name_the_flag() {
     let message = |args: SimulateArgs| run(&args).unwrap_err().to_string();
     assert!(
         message(SimulateArgs {
-            concurrency: 0,
+            concurrency: Some(0),
             ..base.clone()
         })
         .starts_with("--concurrency")
@@ -444,3 +445,7 @@ fn the_plot_carries_workers_through_quiet_buckets() {
     // Two lives of 15 s in 10 s buckets: a few buckets each, never 0 within.
     assert!((2..=6).contains(&busy), "{busy}");
 }
+
+/// The measured engine (`--worker-profile`).
+#[path = "profile_tests.rs"]
+mod profile;
