@@ -204,20 +204,22 @@ async fn scale(
 async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
     let status = state.shared.status();
     let mut text = String::new();
-    let mut gauge = |name: &str, help: &str, samples: &[(String, f64)]| {
-        let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} gauge");
+    let mut metric = |kind: &str, name: &str, help: &str, samples: &[(String, f64)]| {
+        let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for (labels, value) in samples {
             let _ = writeln!(text, "{name}{labels} {value}");
         }
     };
     let plain = |value: f64| vec![(String::new(), value)];
-    gauge(
+    metric(
+        "gauge",
         "ebb_scaler_desired_workers",
         "Workers the scaler wants running.",
         &plain(status.desired.into()),
     );
     let actual = status.actual;
-    gauge(
+    metric(
+        "gauge",
         "ebb_scaler_workers",
         "Workers by state.",
         &[
@@ -229,36 +231,53 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
         ]
         .map(|(state, n)| (format!("{{state=\"{state}\"}}"), n.into())),
     );
-    gauge(
+    metric(
+        "gauge",
         "ebb_scaler_slots",
         "Slots (questions answered at once) of ready workers: all, and in use.",
         &[("total", actual.slots), ("active", actual.active_slots)]
             .map(|(kind, n)| (format!("{{kind=\"{kind}\"}}"), n.into())),
     );
-    gauge(
+    metric(
+        "gauge",
         "ebb_scaler_slots_per_worker",
         "Slots per worker the plan counts on (reported, or the config's).",
         &plain(status.signals.slots_per_worker.into()),
     );
     // One series per worker the pool has: bounded by max_instances.
-    let per_worker = |value: fn(&WorkerView) -> u32| -> Vec<(String, f64)> {
+    let per_worker = |value: fn(&WorkerView) -> f64| -> Vec<(String, f64)> {
         status
             .workers
             .iter()
-            .map(|w| (format!("{{worker=\"{}\"}}", w.id), value(w).into()))
+            .map(|w| (format!("{{worker=\"{}\"}}", w.id), value(w)))
             .collect()
     };
-    gauge(
+    metric(
+        "gauge",
         "ebb_scaler_worker_slots",
         "Slots of each worker, from its heartbeat.",
-        &per_worker(|w| w.slots),
+        &per_worker(|w| w.slots.into()),
     );
-    gauge(
+    metric(
+        "gauge",
         "ebb_scaler_worker_active_slots",
         "Questions each worker answers now, from its heartbeat.",
-        &per_worker(|w| w.active),
+        &per_worker(|w| w.active.into()),
     );
-    gauge(
+    metric(
+        "counter",
+        "ebb_scaler_worker_prefill_tokens_total",
+        "Prompt tokens each worker ran through its model, from its heartbeat.",
+        &per_worker(|w| w.prefill_tokens as f64),
+    );
+    metric(
+        "counter",
+        "ebb_scaler_worker_prefill_tokens_saved_total",
+        "Prompt tokens each worker's shared-prompt cache saved it running.",
+        &per_worker(|w| w.prefill_tokens_saved as f64),
+    );
+    metric(
+        "gauge",
         "ebb_scaler_queue_lag",
         "Questions waiting or being answered.",
         &plain(status.signals.lag as f64),
@@ -273,22 +292,26 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
             )
         })
         .collect();
-    gauge(
+    metric(
+        "gauge",
         "ebb_scaler_queue_lag_by_priority",
         "Questions waiting or being answered, per priority.",
         &by_priority,
     );
-    gauge(
+    metric(
+        "gauge",
         "ebb_scaler_oldest_waiting_seconds",
         "Age of the oldest question no worker has taken.",
         &plain(status.signals.oldest_waiting.as_secs_f64()),
     );
-    gauge(
+    metric(
+        "gauge",
         "ebb_scaler_arrival_rate",
         "Questions per second (stable window).",
         &plain(status.signals.arrival_rate),
     );
-    gauge(
+    metric(
+        "gauge",
         "ebb_scaler_asleep",
         "1 while no worker is wanted.",
         &plain(f64::from(u8::from(

@@ -84,6 +84,9 @@ pub struct WorkerView {
     /// before its first heartbeat).
     pub slots: u32,
     pub active: u32,
+    /// Prompt tokens it ran, and those its prefix cache saved it running.
+    pub prefill_tokens: u64,
+    pub prefill_tokens_saved: u64,
     pub why_unhealthy: Option<String>,
 }
 
@@ -212,6 +215,8 @@ impl Signals {
                     jobs_done: beat.map_or(0, |(b, _)| b.jobs_done),
                     slots,
                     active,
+                    prefill_tokens: beat.map_or(0, |(b, _)| b.prefill_tokens),
+                    prefill_tokens_saved: beat.map_or(0, |(b, _)| b.prefill_tokens_saved),
                     why_unhealthy: why,
                 }
             })

@@ -79,6 +79,8 @@ async fn back_to_back_questions_are_served_without_an_idle_gap() {
     let stack = Stack::start(StackOptions::default()).await;
     let worker = stack.worker(&["--max-batch", "1"]);
     stack.wait_ready(&worker).await;
+    let client = stack.nats_client().await;
+    let mut beats = client.subscribe(subjects::HEARTBEAT).await.unwrap();
     let ids = ask_many(&stack, 6, 8).await;
     let mut spans: Vec<(u64, u64)> = all_terminal(&stack, &ids)
         .await
@@ -92,6 +94,23 @@ async fn back_to_back_questions_are_served_without_an_idle_gap() {
             gap < 1_000,
             "{gap} ms idle between two queued questions: {spans:?}"
         );
+    }
+    // The same system prompt six times: the prefix cache ran it once.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let message = tokio::time::timeout_at(deadline, beats.next())
+            .await
+            .expect("a heartbeat after the six answers")
+            .unwrap();
+        let beat: Heartbeat = serde_json::from_slice(&message.payload).unwrap();
+        if beat.worker_id == worker.id && beat.jobs_done == 6 {
+            assert!(beat.prefill_tokens > 0, "{beat:?}");
+            assert!(
+                beat.prefill_tokens_saved > 0,
+                "five prefixes reused: {beat:?}"
+            );
+            break;
+        }
     }
 }
 

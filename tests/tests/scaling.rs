@@ -157,6 +157,20 @@ async fn burst_peak_workers(slots: u32) -> u64 {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Every burst question has the same system prompt: the workers' prefix
+    // caches saved its prefill, and the scaler's /metrics says so.
+    let metrics = reqwest::get(format!("{}/metrics", scaler.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let saved: f64 = metrics
+        .lines()
+        .filter(|line| line.starts_with("ebb_scaler_worker_prefill_tokens_saved_total{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(saved > 0.0, "no prefill saved: {metrics}");
     scaler
         .wait_status(
             Duration::from_secs(60),
