@@ -183,7 +183,12 @@ impl Worker {
             }
             self.publish_load(jobs.len(), shutdown.is_cancelled());
             let changed = self.memory.changed.notified();
+            // Read once for the select below: a shutdown during the pull
+            // above must not leave it waiting with nothing in flight.
             let open = !shutdown.is_cancelled();
+            if !open && jobs.is_empty() {
+                return Ok(());
+            }
             tokio::select! {
                 Some(joined) = jobs.join_next() => {
                     // A panic in candle: this process is no longer trustworthy.
