@@ -102,7 +102,6 @@ impl MemoryGate {
 
     /// A question of `positions` got its memory.
     pub fn admitted(&self, positions: usize) {
-        self.changed.notify_one();
         let previous = self.typical_positions.load(Ordering::Relaxed);
         let mean = ebb_nats::messages::moving_average(
             (previous > 0).then_some(previous as f64),
@@ -110,6 +109,8 @@ impl MemoryGate {
         );
         self.typical_positions
             .store(mean.ceil() as u64, Ordering::Relaxed);
+        // After the store: the serve loop reads the new size when it wakes.
+        self.changed.notify_one();
     }
 }
 
@@ -129,8 +130,9 @@ pub(crate) fn pull_count(
         return 0;
     }
     if typical_positions == 0 {
-        // Nothing measured yet: one at a time until a size is known.
-        return 1;
+        // Nothing measured yet: one question, and no more until its size
+        // is known (or it is done).
+        return usize::from(in_flight == 0);
     }
     let fitting = ((free_positions / typical_positions) as usize).min(free_slots);
     if in_flight == 0 {
@@ -162,12 +164,23 @@ impl Worker {
                     return Ok(());
                 }
             } else {
+                let waiting = self.memory.waiting.load(Ordering::Relaxed);
+                let typical = self.memory.typical_positions.load(Ordering::Relaxed);
+                // Questions pulled but not yet holding memory will need
+                // about a typical question's room each.
+                let unreserved = jobs
+                    .len()
+                    .saturating_sub(self.budget.holders() as usize + waiting);
+                let free = self
+                    .budget
+                    .free_positions()
+                    .saturating_sub(unreserved as u64 * typical);
                 let wanted = pull_count(
                     self.slots.saturating_sub(jobs.len()),
                     jobs.len(),
-                    self.memory.waiting.load(Ordering::Relaxed),
-                    self.budget.free_positions(),
-                    self.memory.typical_positions.load(Ordering::Relaxed),
+                    waiting,
+                    free,
+                    typical,
                 );
                 if wanted > 0 {
                     let messages = self.pull(wanted, backlog).await;
@@ -336,9 +349,9 @@ mod tests {
     }
 
     #[test]
-    fn an_idle_worker_always_takes_one_and_a_new_one_goes_one_at_a_time() {
+    fn an_idle_worker_always_takes_one_and_a_new_one_waits_for_the_first_size() {
         assert_eq!(pull_count(8, 0, 0, 10, 1_000), 1);
         assert_eq!(pull_count(8, 0, 0, 10, 0), 1);
-        assert_eq!(pull_count(7, 1, 0, 1_000_000, 0), 1);
+        assert_eq!(pull_count(7, 1, 0, 1_000_000, 0), 0);
     }
 }
