@@ -97,6 +97,16 @@ impl ScalerProcess {
         }
     }
 
+    /// The scaler's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.url))
+            .await
+            .expect("scaler reachable")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     pub async fn status(&self) -> Value {
         reqwest::get(format!("{}/status", self.url))
             .await

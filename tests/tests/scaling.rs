@@ -99,12 +99,7 @@ async fn a_burst_scales_from_zero_to_max_answers_everything_and_returns_to_zero(
         "every worker process exited"
     );
 
-    let metrics = reqwest::get(format!("{}/metrics", scaler.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scaler.metrics().await;
     assert!(
         metrics.contains("ebb_scaler_desired_workers 0"),
         "{metrics}"
@@ -159,12 +154,7 @@ async fn burst_peak_workers(slots: u32) -> u64 {
     }
     // Every burst question has the same system prompt: the workers' prefix
     // caches saved its prefill, and the scaler's /metrics says so.
-    let metrics = reqwest::get(format!("{}/metrics", scaler.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scaler.metrics().await;
     let saved: f64 = metrics
         .lines()
         .filter(|line| line.starts_with("ebb_scaler_worker_prefill_tokens_saved_total{"))
