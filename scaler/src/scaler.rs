@@ -19,6 +19,16 @@ use crate::signals::{Condition, Signals, WorkerView};
 use crate::timetable::Window;
 
 /// Decisions kept for `/status`.
+/// What one control round saw and did, for `/status`.
+struct Round<'a> {
+    previous: u32,
+    decision: &'a Decision,
+    workers: Vec<WorkerView>,
+    signals: Observation,
+    activation: Option<Duration>,
+    errors: Vec<String>,
+}
+
 const DECISION_LOG: usize = 50;
 /// Activation delays kept for the percentiles.
 const ACTIVATION_SAMPLES: usize = 200;
@@ -205,15 +215,15 @@ impl<P: WorkerPool> Scaler<P> {
         let activation = self
             .reconcile(&views, decision.desired, first_unserved, now, &mut errors)
             .await;
-        self.publish(
+        let round = Round {
             previous,
-            &decision,
-            views,
-            observation,
+            decision: &decision,
+            workers: views,
+            signals: observation,
             activation,
             errors,
-            now,
-        );
+        };
+        self.publish(round, now);
         self.shared
             .asleep
             .store(decision.desired == 0, Ordering::Relaxed);
@@ -313,17 +323,15 @@ impl<P: WorkerPool> Scaler<P> {
         activation
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn publish(
-        &self,
-        previous: u32,
-        decision: &Decision,
-        workers: Vec<WorkerView>,
-        signals: Observation,
-        activation: Option<Duration>,
-        errors: Vec<String>,
-        now: DateTime<Utc>,
-    ) {
+    fn publish(&self, round: Round<'_>, now: DateTime<Utc>) {
+        let Round {
+            previous,
+            decision,
+            workers,
+            signals,
+            activation,
+            errors,
+        } = round;
         let next_window = self.policy.timetable.next_window(now);
         let mut status = self.shared.status.lock().expect("status lock");
         if decision.desired != previous {
