@@ -97,23 +97,23 @@ impl ScalerProcess {
         }
     }
 
-    /// The scaler's `/metrics` text.
-    pub async fn metrics(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.url))
+    /// The body of `GET path` on the scaler.
+    async fn get(&self, path: &str) -> String {
+        reqwest::get(format!("{}{path}", self.url))
             .await
             .expect("scaler reachable")
             .text()
             .await
-            .expect("metrics text")
+            .expect("a body")
+    }
+
+    /// The scaler's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        self.get("/metrics").await
     }
 
     pub async fn status(&self) -> Value {
-        reqwest::get(format!("{}/status", self.url))
-            .await
-            .expect("scaler reachable")
-            .json()
-            .await
-            .expect("status JSON")
+        serde_json::from_str(&self.get("/status").await).expect("status JSON")
     }
 
     /// Polls `/status` until `done` holds; returns that status.
