@@ -68,7 +68,11 @@ impl Forward {
         let ids = Tensor::from_vec(ids, tokens, &self.device)?;
         let positions = Tensor::from_vec(positions, tokens, &self.device)?;
         let (cos, sin) = self.rope.at(&positions)?;
-        let mut x = self.weights.embed.index_select(&ids, 0)?;
+        let mut x = self
+            .weights
+            .embed
+            .index_select(&ids, 0)?
+            .to_dtype(self.weights.dtype)?;
         for (index, layer) in self.weights.layers.iter().enumerate() {
             x = self.layer(index, layer, &x, segments, &cos, &sin)?;
         }

@@ -9,6 +9,7 @@
 //! - [`weights`]: reading both formats into one set of layers.
 //! - [`attention`]: rotary positions and per-sequence attention.
 //! - [`kv_cache`]: per-sequence caches and the shared-prefix cache.
+//! - [`matmul`]: ebb's CPU kernels for f16 and Q8_0 matrices.
 //! - [`batch`]: one forward step over many sequences.
 //! - this module: [`ModelError`], the device and dtype choice, and [`Qwen`].
 
@@ -16,6 +17,7 @@ pub mod attention;
 pub mod batch;
 pub mod files;
 pub mod kv_cache;
+pub mod matmul;
 pub mod weights;
 
 use std::path::PathBuf;

@@ -1,16 +1,20 @@
 //! Qwen2 weights in one form for both file formats: safetensors (f16, bf16,
-//! f32 matrices) and GGUF (quantized matrices). Both become [`Linear`]s over
-//! candle's `QMatMul`, so the batch step in [`super::batch`] has one code
-//! path; only the activation dtype differs (GGUF runs in f32, as its
-//! quantized kernels take f32 input).
+//! f32 matrices) and GGUF (quantized matrices). Both become [`Linear`]s, so
+//! the batch step in [`super::batch`] has one code path. On CPU, f16 and
+//! Q8_0 matrices go through ebb's own kernels ([`super::matmul`]) with f32
+//! activations; everything else (CUDA, f32, bf16, other quantizations)
+//! through candle's `QMatMul`.
 
 use std::path::Path;
+use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor, gguf_file};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
+use candle_core::{DType, Device, Layout, Module, Storage, Tensor, WithDType};
 use candle_transformers::models::qwen2;
+use half::f16;
 
 use super::ModelError;
+use super::matmul::{self, Q8Matrix};
 
 /// Sizes the forward pass and the KV cache need.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -30,18 +34,69 @@ pub struct Dims {
 /// `x W^T + b` with `W` full-precision or quantized.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: QMatMul,
+    weight: Matrix,
     bias: Option<Tensor>,
 }
 
+/// A [`Linear`]'s `W`, `[out, in]`, and the kernel that multiplies by it.
+#[derive(Debug, Clone)]
+enum Matrix {
+    Candle(QMatMul),
+    /// f16 on CPU, read in place by [`matmul::f16_product`].
+    F16(Tensor),
+    /// Q8_0 on CPU, [`matmul::Q8Matrix::product`].
+    Q8_0(Arc<Q8Matrix>),
+}
+
 impl Linear {
+    /// `x` is `[tokens, in]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.weight.forward(x)?;
+        let y = match &self.weight {
+            Matrix::Candle(weight) => weight.forward(x)?,
+            Matrix::F16(weight) => {
+                let (cols, k) = weight.dims2()?;
+                let (storage, layout) = weight.storage_and_layout();
+                let w = cpu_slice::<f16>(&storage, layout)?;
+                on_rows(x, cols, |xs, rows| {
+                    matmul::f16_product(xs, rows, w, cols, k)
+                })?
+            }
+            Matrix::Q8_0(weight) => on_rows(x, weight.cols(), |xs, rows| weight.product(xs, rows))?,
+        };
         match &self.bias {
             Some(bias) => y.broadcast_add(bias),
             None => Ok(y),
         }
     }
+}
+
+/// `product(x, rows)` on `x` as contiguous f32 `[rows, in]`, returned as
+/// `[rows, cols]`.
+fn on_rows(
+    x: &Tensor,
+    cols: usize,
+    product: impl FnOnce(&[f32], usize) -> Vec<f32>,
+) -> candle_core::Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let (rows, _) = x.dims2()?;
+    let out = {
+        let (storage, layout) = x.storage_and_layout();
+        product(cpu_slice::<f32>(&storage, layout)?, rows)
+    };
+    Tensor::from_vec(out, (rows, cols), x.device())
+}
+
+fn cpu_slice<'a, T: WithDType>(
+    storage: &'a Storage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [T]> {
+    let Storage::Cpu(cpu) = storage else {
+        candle_core::bail!("ebb's CPU matmul got a tensor on another device")
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("ebb's CPU matmul needs contiguous tensors")
+    };
+    Ok(&cpu.as_slice::<T>()?[start..end])
 }
 
 /// One decoder layer.
@@ -80,6 +135,10 @@ impl Weights {
         dtype: DType,
     ) -> Result<Weights, ModelError> {
         let config = read_config(config_path)?;
+        // f16 matrices on CPU take ebb's kernels, which want f32 activations
+        // (f16 arithmetic on CPU is emulated and slow).
+        let own_kernels = device.is_cpu() && dtype == DType::F16;
+        let activations = if own_kernels { DType::F32 } else { dtype };
         // SAFETY: the weights are memory-mapped read-only; ebb never writes
         // model files while a worker runs, and a user who edits them
         // underneath a running worker gets garbage, not UB in ebb's own data.
@@ -100,14 +159,19 @@ impl Weights {
         let hidden = dims.hidden;
         let kv = dims.kv_heads * dims.head_dim;
         let inner = config.intermediate_size;
+        let matrix = |weight: Tensor| match own_kernels {
+            true => Matrix::F16(weight),
+            false => Matrix::Candle(QMatMul::Tensor(weight)),
+        };
+        let dense = |name: &str, len: usize| vars.get(len, name)?.to_dtype(activations);
         let linear =
             |name: &str, rows: usize, cols: usize, bias: bool| -> candle_core::Result<Linear> {
                 let weight = vars.get((rows, cols), &format!("{name}.weight"))?;
                 let bias = bias
-                    .then(|| vars.get(rows, &format!("{name}.bias")))
+                    .then(|| dense(&format!("{name}.bias"), rows))
                     .transpose()?;
                 Ok(Linear {
-                    weight: QMatMul::Tensor(weight),
+                    weight: matrix(weight),
                     bias,
                 })
             };
@@ -116,12 +180,12 @@ impl Weights {
         for layer in 0..dims.layers {
             let p = format!("model.layers.{layer}");
             layers.push(Layer {
-                attn_norm: vars.get(hidden, &format!("{p}.input_layernorm.weight"))?,
+                attn_norm: dense(&format!("{p}.input_layernorm.weight"), hidden)?,
                 q: linear(&format!("{p}.self_attn.q_proj"), hidden, hidden, true)?,
                 k: linear(&format!("{p}.self_attn.k_proj"), kv, hidden, true)?,
                 v: linear(&format!("{p}.self_attn.v_proj"), kv, hidden, true)?,
                 o: linear(&format!("{p}.self_attn.o_proj"), hidden, hidden, false)?,
-                mlp_norm: vars.get(hidden, &format!("{p}.post_attention_layernorm.weight"))?,
+                mlp_norm: dense(&format!("{p}.post_attention_layernorm.weight"), hidden)?,
                 gate: linear(&format!("{p}.mlp.gate_proj"), inner, hidden, false)?,
                 up: linear(&format!("{p}.mlp.up_proj"), inner, hidden, false)?,
                 down: linear(&format!("{p}.mlp.down_proj"), hidden, inner, false)?,
@@ -129,7 +193,7 @@ impl Weights {
         }
         let lm_head = if config.tie_word_embeddings {
             Linear {
-                weight: QMatMul::Tensor(embed.clone()),
+                weight: matrix(embed.clone()),
                 bias: None,
             }
         } else {
@@ -137,10 +201,10 @@ impl Weights {
         };
         Ok(Weights {
             dims,
-            dtype,
+            dtype: activations,
             embed,
             layers,
-            norm: vars.get(hidden, "model.norm.weight")?,
+            norm: dense("model.norm.weight", hidden)?,
             lm_head,
         })
     }
@@ -180,19 +244,20 @@ impl Weights {
                 mlp_norm: gguf.dense(&format!("{p}.ffn_norm.weight"))?,
             });
         }
+        let embed = embed_q.dequantize(device)?;
         let lm_head = if gguf.content.tensor_infos.contains_key("output.weight") {
             gguf.linear("output", false)?
         } else {
             // Tied embeddings: the quantized embedding matrix is the head.
             Linear {
-                weight: QMatMul::from_qtensor(gguf.tensor("token_embd.weight")?)?,
+                weight: gguf.matrix(embed_q)?,
                 bias: None,
             }
         };
         Ok(Weights {
             dims,
             dtype: DType::F32,
-            embed: embed_q.dequantize(device)?,
+            embed,
             layers,
             norm: gguf.dense("output_norm.weight")?,
             lm_head,
@@ -257,8 +322,19 @@ impl Gguf {
         Ok(self.tensor(name)?.dequantize(&device)?)
     }
 
+    fn matrix(&self, weight: QTensor) -> Result<Matrix, ModelError> {
+        if !(self.device.is_cpu() && weight.dtype() == GgmlDType::Q8_0) {
+            return Ok(Matrix::Candle(QMatMul::from_qtensor(weight)?));
+        }
+        let (cols, k) = weight.shape().dims2()?;
+        let own = Q8Matrix::from_ggml(&weight.data()?, cols, k)
+            .map_err(|message| self.invalid(format!("{message} ({} x {})", cols, k)))?;
+        Ok(Matrix::Q8_0(Arc::new(own)))
+    }
+
     fn linear(&mut self, name: &str, bias: bool) -> Result<Linear, ModelError> {
-        let weight = QMatMul::from_qtensor(self.tensor(&format!("{name}.weight"))?)?;
+        let weight = self.tensor(&format!("{name}.weight"))?;
+        let weight = self.matrix(weight)?;
         let bias = bias
             .then(|| self.dense(&format!("{name}.bias")))
             .transpose()?;

@@ -1,0 +1,251 @@
+//! `x W^T` on CPU for the few rows of a decode step, f16 and Q8_0 weights.
+//!
+//! candle's CPU matmul (the `gemm` crate) packs the right-hand side on every
+//! call; for a step of 2-16 rows that repacks every weight every step and
+//! ran slower at 8 rows than at 1. These kernels read each weight where it
+//! lies: a tile of [`COLS`] weight rows is loaded (and converted) once and
+//! dotted with up to [`ROWS`] activation rows held in registers, so a batch
+//! of 8 costs about one weight read, and threads split the output columns.
+//!
+//! Every output `(i, j)` is summed in the same order whatever the number of
+//! rows beside it, so a sequence's logits are bit-identical batched and
+//! alone (the batching tests compare tokens exactly).
+//!
+//! # Layout
+//! - this module: the tiling and threading ([`product`]), [`f16_product`],
+//!   [`Q8Matrix`] and the choice of instruction set.
+//! - [`avx2`]: the x86-64 AVX2 + FMA + F16C tiles.
+//! - [`portable`]: the same tiles in plain Rust, for other CPUs and as the
+//!   reference in tests.
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod portable;
+
+use std::sync::OnceLock;
+
+use half::f16;
+use rayon::prelude::*;
+
+/// Activation rows one tile holds in registers.
+pub const ROWS: usize = 4;
+/// Weight rows (output columns) one tile loads at a time.
+pub const COLS: usize = 2;
+/// Columns of a one-row tile: with a single activation row, eight
+/// independent sums keep the FMA units busy while the weights stream in.
+pub const WIDE_COLS: usize = 8;
+/// Activation rows kept hot in L2 while a thread walks its columns: a long
+/// prefill chunk is taken in slices of this many rows.
+const ROW_SLICE: usize = 32;
+/// Weights per Q8_0 block (GGML's layout: one f16 scale, 32 `i8`).
+pub const Q8_BLOCK: usize = 32;
+
+/// Up to `ROWS x WIDE_COLS` dot products; only the top-left `rows x cols`
+/// are meaningful.
+pub type Tile = [[f32; WIDE_COLS]; ROWS];
+
+/// Instruction set the kernels use, chosen once per process so that every
+/// step sums in the same order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Avx2,
+    Portable,
+}
+
+pub fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            return Isa::Avx2;
+        }
+        Isa::Portable
+    })
+}
+
+/// `[rows, k] x [cols, k]^T` for f16 weights: `x` is row-major f32, `w`
+/// row-major f16 with one row per output column.
+pub fn f16_product(x: &[f32], rows: usize, w: &[f16], cols: usize, k: usize) -> Vec<f32> {
+    assert_eq!(x.len(), rows * k, "activations are [rows, k]");
+    assert_eq!(w.len(), cols * k, "weights are [cols, k]");
+    let isa = isa();
+    product(rows, cols, |i, ni, j, nj| {
+        let x = &x[i * k..(i + ni) * k];
+        let w = &w[j * k..(j + nj) * k];
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => avx2::f16_tile(x, ni, w, nj, k),
+            _ => portable::f16_tile(x, ni, w, nj, k),
+        }
+    })
+}
+
+/// A GGML Q8_0 matrix `[cols, k]` in its file layout, split into scales and
+/// quants so both are read with aligned strides.
+#[derive(Debug, Clone)]
+pub struct Q8Matrix {
+    /// One f16 scale per block, as raw bits, `[cols, k / 32]`.
+    scales: Vec<u16>,
+    quants: Vec<[i8; Q8_BLOCK]>,
+    cols: usize,
+    k: usize,
+}
+
+/// One row block of activations quantized for a Q8_0 product.
+#[derive(Debug, Clone, Copy)]
+pub struct XBlock {
+    pub scale: f32,
+    pub quants: [i8; Q8_BLOCK],
+}
+
+impl Q8Matrix {
+    /// From GGML's bytes: per block a little-endian f16 scale then 32 `i8`.
+    pub fn from_ggml(bytes: &[u8], cols: usize, k: usize) -> Result<Q8Matrix, String> {
+        if k % Q8_BLOCK != 0 {
+            return Err(format!("Q8_0 rows of {k} are not whole blocks of 32"));
+        }
+        let blocks = cols * k / Q8_BLOCK;
+        if bytes.len() != blocks * (2 + Q8_BLOCK) {
+            return Err(format!(
+                "Q8_0 [{cols}, {k}] needs {} bytes, has {}",
+                blocks * (2 + Q8_BLOCK),
+                bytes.len()
+            ));
+        }
+        let mut scales = Vec::with_capacity(blocks);
+        let mut quants = Vec::with_capacity(blocks);
+        for block in bytes.chunks_exact(2 + Q8_BLOCK) {
+            scales.push(u16::from_le_bytes([block[0], block[1]]));
+            quants.push(std::array::from_fn(|q| block[2 + q] as i8));
+        }
+        Ok(Q8Matrix {
+            scales,
+            quants,
+            cols,
+            k,
+        })
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// `[rows, k] x self^T`, the activations quantized to Q8_0 per block
+    /// first (as llama.cpp does), so the inner loop is integer dot products.
+    pub fn product(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        assert_eq!(x.len(), rows * self.k, "activations are [rows, k]");
+        let xq: Vec<XBlock> = x.chunks_exact(Q8_BLOCK).map(quantize_block).collect();
+        let per_row = self.k / Q8_BLOCK;
+        let isa = isa();
+        product(rows, self.cols, |i, ni, j, nj| {
+            let x = &xq[i * per_row..(i + ni) * per_row];
+            let blocks = j * per_row..(j + nj) * per_row;
+            let (scales, quants) = (&self.scales[blocks.clone()], &self.quants[blocks]);
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => avx2::q8_tile(x, ni, scales, quants, nj, per_row),
+                _ => portable::q8_tile(x, ni, scales, quants, nj, per_row),
+            }
+        })
+    }
+}
+
+/// Symmetric 8-bit quantization of 32 activations: `x ~ scale * q`.
+fn quantize_block(x: &[f32]) -> XBlock {
+    let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let scale = max / 127.0;
+    let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    XBlock {
+        scale,
+        quants: std::array::from_fn(|q| (x[q] * inverse).round() as i8),
+    }
+}
+
+/// The output `[rows, cols]` of `tile(i, rows, j, cols)` over every tile.
+///
+/// Threads take contiguous chunks of columns (weight rows), so each weight
+/// is read by one thread; within a chunk, a pair of weight rows stays in L1
+/// while every activation row of the slice passes it.
+fn product(
+    rows: usize,
+    cols: usize,
+    tile: impl Fn(usize, usize, usize, usize) -> Tile + Sync,
+) -> Vec<f32> {
+    let mut out = vec![0f32; rows * cols];
+    let threads = rayon::current_num_threads().max(1);
+    // A few chunks per thread balance uneven progress; each a whole number
+    // of tiles.
+    let chunk = cols
+        .div_ceil(threads * 4)
+        .next_multiple_of(WIDE_COLS)
+        .max(16);
+    let wide = if rows == 1 { WIDE_COLS } else { COLS };
+    let target = OutputColumns::new(&mut out, cols);
+    (0..cols.div_ceil(chunk)).into_par_iter().for_each(|c| {
+        let (first, end) = (c * chunk, ((c + 1) * chunk).min(cols));
+        for slice in (0..rows).step_by(ROW_SLICE) {
+            let slice_end = (slice + ROW_SLICE).min(rows);
+            let mut j = first;
+            while j < end {
+                let nj = match end - j {
+                    left if left >= wide => wide,
+                    left if left >= COLS => COLS,
+                    _ => 1,
+                };
+                for i in (slice..slice_end).step_by(ROWS) {
+                    let ni = (slice_end - i).min(ROWS);
+                    target.write(i, ni, j, nj, &tile(i, ni, j, nj));
+                }
+                j += nj;
+            }
+        }
+    });
+    out
+}
+
+/// `[rows, cols]` output that threads fill in disjoint column ranges.
+struct OutputColumns {
+    ptr: *mut f32,
+    len: usize,
+    cols: usize,
+}
+
+// SAFETY: `product` hands each column range to exactly one task, so no two
+// threads ever write the same element, and `out` outlives the parallel loop.
+#[allow(unsafe_code)]
+unsafe impl Sync for OutputColumns {}
+
+impl OutputColumns {
+    fn new(out: &mut [f32], cols: usize) -> OutputColumns {
+        OutputColumns {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+            cols,
+        }
+    }
+
+    fn write(&self, i: usize, ni: usize, j: usize, nj: usize, tile: &Tile) {
+        for (a, row) in tile.iter().enumerate().take(ni) {
+            for (b, value) in row.iter().enumerate().take(nj) {
+                let at = (i + a) * self.cols + j + b;
+                assert!(at < self.len);
+                // SAFETY: in bounds (checked above) and written by this
+                // task only (see `Sync`).
+                #[allow(unsafe_code)]
+                unsafe {
+                    self.ptr.add(at).write(*value)
+                };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
