@@ -5,7 +5,10 @@
 //! registers: `4 x 2` for batches (8 accumulators, 2 weight rows, 4 rows of
 //! activations) and `1 x 8` for one row (8 independent FMA chains).
 //! Every accumulator sums its 8 lanes over `k` in order and is then reduced
-//! by [`sum_lanes`], the same for every tile shape.
+//! by [`sum_lanes`], the same for every tile shape. A core alone cannot
+//! stream weights as fast as it multiplies them, so each tile prefetches
+//! the next tile's weight rows (those after its own in memory) while it
+//! computes, overlapping the two.
 
 // Intrinsics on raw pointers; every entry point checks the slice lengths the
 // pointers walk, and is only reached when the CPU has the features (see
@@ -71,6 +74,13 @@ unsafe fn f16_fixed<const I: usize, const J: usize>(
     let body = k - k % 8;
     let mut c = 0;
     while c < body {
+        if c % 32 == 0 {
+            // The next tile's weight rows (one cache line each), so that
+            // memory streams them in while this tile computes.
+            for j in J..2 * J {
+                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(j * k + c).cast());
+            }
+        }
         let mut weights = [_mm256_setzero_ps(); J];
         for (j, weight) in weights.iter_mut().enumerate() {
             // SAFETY: c + 8 <= k and j < J: inside row j.
@@ -134,6 +144,12 @@ unsafe fn q8_fixed<const I: usize, const J: usize>(
     let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); J]; I];
     for b in 0..per_row {
+        if b % 2 == 0 {
+            // The next tile's quants, one cache line per two blocks.
+            for j in J..2 * J {
+                _mm_prefetch::<_MM_HINT_T0>(quants.wrapping_add(j * per_row + b).cast());
+            }
+        }
         let mut signed = [_mm256_setzero_si256(); J];
         let mut magnitude = [_mm256_setzero_si256(); J];
         let mut scale = [0f32; J];
