@@ -27,9 +27,10 @@ def prompt_tokens(length, salt):
 
 
 class Engine:
-    def __init__(self, path, threads, sequences):
+    def __init__(self, path, threads, sequences, repack=True):
         L.llama_backend_init()
         model_params = L.llama_model_default_params()
+        model_params.use_extra_bufts = repack
         self.model = L.llama_model_load_from_file(path.encode(), model_params)
         if not self.model:
             raise SystemExit(f"llama.cpp could not load {path}")

@@ -19,7 +19,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::{COLS, Q8_BLOCK, ROWS, Tile, WIDE_COLS, XBlock};
+use super::{Blocks, COLS, Q8_BLOCK, ROWS, Tile, WIDE_COLS};
 
 /// Calls `$kernel::<I, J>` for the tile's shape and widens its result.
 macro_rules! by_shape {
@@ -110,35 +110,30 @@ unsafe fn f16_fixed<const I: usize, const J: usize>(
     out
 }
 
-/// `rows` rows of quantized activations (`per_row` blocks each) dotted with
-/// `cols` Q8_0 weight rows.
-pub fn q8_tile(
-    x: &[XBlock],
-    rows: usize,
-    scales: &[u16],
-    quants: &[[i8; Q8_BLOCK]],
-    cols: usize,
-    per_row: usize,
-) -> Tile {
-    assert!(rows <= ROWS && cols <= WIDE_COLS.max(COLS));
-    assert!(x.len() >= rows * per_row);
-    assert!(scales.len() >= cols * per_row && quants.len() >= cols * per_row);
+/// `rows` rows of quantized activations dotted with `cols` Q8_0 weight rows.
+pub fn q8_tile(x: Blocks<'_, f32>, rows: usize, w: Blocks<'_, u16>, cols: usize) -> Tile {
+    assert!(rows <= ROWS && cols <= WIDE_COLS.max(COLS) && x.per_row == w.per_row);
+    let per_row = x.per_row;
+    assert!(x.scales.len() >= rows * per_row && x.quants.len() >= rows * per_row);
+    assert!(w.scales.len() >= cols * per_row && w.quants.len() >= cols * per_row);
     by_shape!(
         q8_fixed,
         rows,
         cols,
-        x.as_ptr(),
-        scales.as_ptr(),
-        quants.as_ptr(),
+        x.scales.as_ptr(),
+        x.quants.as_ptr(),
+        w.scales.as_ptr(),
+        w.quants.as_ptr(),
         per_row
     )
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q8_fixed<const I: usize, const J: usize>(
-    x: *const XBlock,
-    scales: *const u16,
-    quants: *const [i8; Q8_BLOCK],
+    x_scales: *const f32,
+    x_quants: *const [i8; Q8_BLOCK],
+    w_scales: *const u16,
+    w_quants: *const [i8; Q8_BLOCK],
     per_row: usize,
 ) -> [[f32; J]; I] {
     let ones = _mm256_set1_epi16(1);
@@ -147,7 +142,7 @@ unsafe fn q8_fixed<const I: usize, const J: usize>(
         if b % 2 == 0 {
             // The next tile's quants, one cache line per two blocks.
             for j in J..2 * J {
-                _mm_prefetch::<_MM_HINT_T0>(quants.wrapping_add(j * per_row + b).cast());
+                _mm_prefetch::<_MM_HINT_T0>(w_quants.wrapping_add(j * per_row + b).cast());
             }
         }
         let mut signed = [_mm256_setzero_si256(); J];
@@ -157,8 +152,8 @@ unsafe fn q8_fixed<const I: usize, const J: usize>(
             // SAFETY: b < per_row and j < J: block b of weight row j.
             let (q, bits) = unsafe {
                 (
-                    _mm256_loadu_si256(quants.add(j * per_row + b).cast()),
-                    *scales.add(j * per_row + b),
+                    _mm256_loadu_si256(w_quants.add(j * per_row + b).cast()),
+                    *w_scales.add(j * per_row + b),
                 )
             };
             signed[j] = q;
@@ -167,15 +162,18 @@ unsafe fn q8_fixed<const I: usize, const J: usize>(
         }
         for (i, sums) in acc.iter_mut().enumerate() {
             // SAFETY: block b of activation row i.
-            let block = unsafe { &*x.add(i * per_row + b) };
-            // SAFETY: 32 bytes of the block's quants.
-            let xq = unsafe { _mm256_loadu_si256(block.quants.as_ptr().cast()) };
+            let (xq, x_scale) = unsafe {
+                (
+                    _mm256_loadu_si256(x_quants.add(i * per_row + b).cast()),
+                    *x_scales.add(i * per_row + b),
+                )
+            };
             for j in 0..J {
                 // |w| * (x * sign(w)) = w * x, in the unsigned x signed
                 // form `maddubs` takes; |q| <= 127 keeps pairs in i16.
                 let products = _mm256_maddubs_epi16(magnitude[j], _mm256_sign_epi8(xq, signed[j]));
                 let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(products, ones));
-                sums[j] = _mm256_fmadd_ps(_mm256_set1_ps(scale[j] * block.scale), dot, sums[j]);
+                sums[j] = _mm256_fmadd_ps(_mm256_set1_ps(scale[j] * x_scale), dot, sums[j]);
             }
         }
     }

@@ -14,12 +14,15 @@
 //! # Layout
 //! - this module: the tiling and threading ([`product`]), [`f16_product`],
 //!   [`Q8Matrix`] and the choice of instruction set.
+//! - [`avx512`]: the x86-64 AVX-512 (F, BW, VNNI) tiles.
 //! - [`avx2`]: the x86-64 AVX2 + FMA + F16C tiles.
 //! - [`portable`]: the same tiles in plain Rust, for other CPUs and as the
 //!   reference in tests.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod portable;
 
 use std::sync::OnceLock;
@@ -48,22 +51,58 @@ pub type Tile = [[f32; WIDE_COLS]; ROWS];
 /// step sums in the same order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
+    Avx512,
     Avx2,
     Portable,
 }
 
+/// The best instruction set this CPU has, or the one `EBB_MATMUL_ISA`
+/// (`avx512`, `avx2`, `portable`) names if the CPU has it, to compare them.
 pub fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-        {
-            return Isa::Avx2;
+        let supported = supported();
+        let wanted = std::env::var("EBB_MATMUL_ISA").ok();
+        let named = supported.iter().find(|isa| Some(isa.name()) == wanted.as_deref());
+        match (named, wanted) {
+            (Some(isa), _) => *isa,
+            (None, Some(wanted)) => {
+                tracing::warn!(
+                    wanted,
+                    "EBB_MATMUL_ISA names an instruction set this CPU lacks (or none); using the best"
+                );
+                supported[0]
+            }
+            (None, None) => supported[0],
         }
-        Isa::Portable
     })
+}
+
+/// The instruction sets this CPU runs, best first.
+fn supported() -> Vec<Isa> {
+    let mut found = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") && has!("f16c") {
+            found.push(Isa::Avx512);
+        }
+        if has!("avx2") && has!("fma") && has!("f16c") {
+            found.push(Isa::Avx2);
+        }
+    }
+    found.push(Isa::Portable);
+    found
+}
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2",
+            Isa::Portable => "portable",
+        }
+    }
 }
 
 /// `[rows, k] x [cols, k]^T` for f16 weights: `x` is row-major f32, `w`
@@ -77,14 +116,37 @@ pub fn f16_product(x: &[f32], rows: usize, w: &[f16], cols: usize, k: usize) -> 
         let w = &w[j * k..(j + nj) * k];
         match isa {
             #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => avx512::f16_tile(x, ni, w, nj, k),
+            #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => avx2::f16_tile(x, ni, w, nj, k),
             _ => portable::f16_tile(x, ni, w, nj, k),
         }
     })
 }
 
-/// A GGML Q8_0 matrix `[cols, k]` in its file layout, split into scales and
-/// quants so both are read with aligned strides.
+/// Q8_0 blocks of some rows, `per_row` each: a scale (f16 bits in weight
+/// files, f32 for activations) and 32 quants per block, in two arrays so
+/// that consecutive blocks' quants are contiguous.
+#[derive(Debug, Clone, Copy)]
+pub struct Blocks<'a, S> {
+    pub scales: &'a [S],
+    pub quants: &'a [[i8; Q8_BLOCK]],
+    pub per_row: usize,
+}
+
+impl<S> Blocks<'_, S> {
+    /// Rows `first..first + count`.
+    fn rows(&self, first: usize, count: usize) -> Blocks<'_, S> {
+        let range = first * self.per_row..(first + count) * self.per_row;
+        Blocks {
+            scales: &self.scales[range.clone()],
+            quants: &self.quants[range],
+            per_row: self.per_row,
+        }
+    }
+}
+
+/// A GGML Q8_0 matrix `[cols, k]`.
 #[derive(Debug, Clone)]
 pub struct Q8Matrix {
     /// One f16 scale per block, as raw bits, `[cols, k / 32]`.
@@ -94,17 +156,10 @@ pub struct Q8Matrix {
     k: usize,
 }
 
-/// One row block of activations quantized for a Q8_0 product.
-#[derive(Debug, Clone, Copy)]
-pub struct XBlock {
-    pub scale: f32,
-    pub quants: [i8; Q8_BLOCK],
-}
-
 impl Q8Matrix {
     /// From GGML's bytes: per block a little-endian f16 scale then 32 `i8`.
     pub fn from_ggml(bytes: &[u8], cols: usize, k: usize) -> Result<Q8Matrix, String> {
-        if k % Q8_BLOCK != 0 {
+        if !k.is_multiple_of(Q8_BLOCK) {
             return Err(format!("Q8_0 rows of {k} are not whole blocks of 32"));
         }
         let blocks = cols * k / Q8_BLOCK;
@@ -133,39 +188,50 @@ impl Q8Matrix {
         self.cols
     }
 
-    pub fn k(&self) -> usize {
-        self.k
+    fn blocks(&self) -> Blocks<'_, u16> {
+        Blocks {
+            scales: &self.scales,
+            quants: &self.quants,
+            per_row: self.k / Q8_BLOCK,
+        }
     }
 
     /// `[rows, k] x self^T`, the activations quantized to Q8_0 per block
     /// first (as llama.cpp does), so the inner loop is integer dot products.
     pub fn product(&self, x: &[f32], rows: usize) -> Vec<f32> {
         assert_eq!(x.len(), rows * self.k, "activations are [rows, k]");
-        let xq: Vec<XBlock> = x.chunks_exact(Q8_BLOCK).map(quantize_block).collect();
-        let per_row = self.k / Q8_BLOCK;
+        let (x_scales, x_quants) = quantize(x);
+        let x = Blocks {
+            scales: &x_scales,
+            quants: &x_quants,
+            per_row: self.k / Q8_BLOCK,
+        };
+        let w = self.blocks();
         let isa = isa();
         product(rows, self.cols, |i, ni, j, nj| {
-            let x = &xq[i * per_row..(i + ni) * per_row];
-            let blocks = j * per_row..(j + nj) * per_row;
-            let (scales, quants) = (&self.scales[blocks.clone()], &self.quants[blocks]);
+            let (x, w) = (x.rows(i, ni), w.rows(j, nj));
             match isa {
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => avx2::q8_tile(x, ni, scales, quants, nj, per_row),
-                _ => portable::q8_tile(x, ni, scales, quants, nj, per_row),
+                Isa::Avx512 => avx512::q8_tile(x, ni, w, nj),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => avx2::q8_tile(x, ni, w, nj),
+                _ => portable::q8_tile(x, ni, w, nj),
             }
         })
     }
 }
 
-/// Symmetric 8-bit quantization of 32 activations: `x ~ scale * q`.
-fn quantize_block(x: &[f32]) -> XBlock {
-    let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let scale = max / 127.0;
-    let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-    XBlock {
-        scale,
-        quants: std::array::from_fn(|q| (x[q] * inverse).round() as i8),
-    }
+/// Symmetric 8-bit quantization per block of 32: `x ~ scale * q`.
+fn quantize(x: &[f32]) -> (Vec<f32>, Vec<[i8; Q8_BLOCK]>) {
+    x.chunks_exact(Q8_BLOCK)
+        .map(|block| {
+            let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = max / 127.0;
+            let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            let quants = std::array::from_fn(|q| (block[q] * inverse).round() as i8);
+            (scale, quants)
+        })
+        .unzip()
 }
 
 /// The output `[rows, cols]` of `tile(i, rows, j, cols)` over every tile.

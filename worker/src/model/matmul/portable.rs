@@ -4,7 +4,7 @@
 
 use half::f16;
 
-use super::{Q8_BLOCK, Tile, XBlock};
+use super::{Blocks, Tile};
 
 pub fn f16_tile(x: &[f32], rows: usize, w: &[f16], cols: usize, k: usize) -> Tile {
     let mut tile = Tile::default();
@@ -21,32 +21,25 @@ pub fn f16_tile(x: &[f32], rows: usize, w: &[f16], cols: usize, k: usize) -> Til
     tile
 }
 
-pub fn q8_tile(
-    x: &[XBlock],
-    rows: usize,
-    scales: &[u16],
-    quants: &[[i8; Q8_BLOCK]],
-    cols: usize,
-    per_row: usize,
-) -> Tile {
+pub fn q8_tile(x: Blocks<'_, f32>, rows: usize, w: Blocks<'_, u16>, cols: usize) -> Tile {
     let mut tile = Tile::default();
     for (i, out) in tile.iter_mut().enumerate().take(rows) {
-        let x = &x[i * per_row..(i + 1) * per_row];
+        let x = x.rows(i, 1);
         for (j, value) in out.iter_mut().enumerate().take(cols) {
-            let blocks = j * per_row..(j + 1) * per_row;
-            *value = x
+            let w = w.rows(j, 1);
+            let blocks = x
+                .scales
                 .iter()
-                .zip(&scales[blocks.clone()])
-                .zip(&quants[blocks])
-                .fold(0.0, |sum, ((xb, bits), q)| {
-                    let dot: i32 = xb
-                        .quants
-                        .iter()
-                        .zip(q)
-                        .map(|(a, b)| i32::from(*a) * i32::from(*b))
-                        .sum();
-                    (f16::from_bits(*bits).to_f32() * xb.scale).mul_add(dot as f32, sum)
-                });
+                .zip(x.quants)
+                .zip(w.scales.iter().zip(w.quants));
+            *value = blocks.fold(0.0, |sum, ((x_scale, xq), (bits, wq))| {
+                let dot: i32 = xq
+                    .iter()
+                    .zip(wq)
+                    .map(|(a, b)| i32::from(*a) * i32::from(*b))
+                    .sum();
+                (f16::from_bits(*bits).to_f32() * x_scale).mul_add(dot as f32, sum)
+            });
         }
     }
     tile
