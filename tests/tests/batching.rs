@@ -67,7 +67,18 @@ fn prompts(files: &ModelFiles) -> Prompts {
 }
 
 fn engine(files: &ModelFiles, prefill_chunk: usize, prefix_cache_tokens: usize) -> Engine {
-    let model = Qwen::load(files, &Device::Cpu, DType::F32).unwrap();
+    engine_in(files, DType::F32, prefill_chunk, prefix_cache_tokens)
+}
+
+/// An engine on `files` loaded in `dtype` (f16 on CPU: ebb's own f16
+/// matmul; f32: candle's).
+fn engine_in(
+    files: &ModelFiles,
+    dtype: DType,
+    prefill_chunk: usize,
+    prefix_cache_tokens: usize,
+) -> Engine {
+    let model = Qwen::load(files, &Device::Cpu, dtype).unwrap();
     let config = EngineConfig {
         prefill_chunk,
         prefix_cache_tokens,
@@ -76,8 +87,8 @@ fn engine(files: &ModelFiles, prefill_chunk: usize, prefix_cache_tokens: usize) 
 }
 
 /// Each request answered alone, one after the other, on a fresh engine.
-fn alone(files: &ModelFiles, requests: &[Request]) -> Vec<Generation> {
-    let mut engine = engine(files, 512, 0);
+fn alone(files: &ModelFiles, dtype: DType, requests: &[Request]) -> Vec<Generation> {
+    let mut engine = engine_in(files, dtype, 512, 0);
     requests
         .iter()
         .map(|request| {
@@ -126,7 +137,7 @@ fn batched(mut engine: Engine, requests: &[Request]) -> (Vec<Generation>, Engine
     (answers, engine)
 }
 
-fn assert_same_tokens(files: &ModelFiles) {
+fn assert_same_tokens(files: &ModelFiles, dtype: DType) {
     let prompts = prompts(files);
     let requests: Vec<Request> = questions()
         .iter()
@@ -136,10 +147,10 @@ fn assert_same_tokens(files: &ModelFiles) {
         requests.iter().all(|r| r.prompt.shared_prefix > 0),
         "every prompt starts with its grade's system block"
     );
-    let reference = alone(files, &requests);
+    let reference = alone(files, dtype, &requests);
     // Small chunks: long prompts take several steps, interleaved with decodes.
-    let (with_prefixes, engine) = batched(engine(files, 16, 4096), &requests);
-    let (without_prefixes, _) = batched(self::engine(files, 16, 0), &requests);
+    let (with_prefixes, engine) = batched(engine_in(files, dtype, 16, 4096), &requests);
+    let (without_prefixes, _) = batched(engine_in(files, dtype, 16, 0), &requests);
     for (index, expected) in reference.iter().enumerate() {
         assert!(expected.completion_tokens >= 1);
         assert_eq!(
@@ -187,13 +198,19 @@ fn assert_same_tokens(files: &ModelFiles) {
 
 #[test]
 fn greedy_answers_are_token_identical_batched_and_alone_safetensors() {
-    assert_same_tokens(&safetensors_files());
+    assert_same_tokens(&safetensors_files(), DType::F32);
+}
+
+#[test]
+fn greedy_answers_are_token_identical_batched_and_alone_safetensors_f16() {
+    // f16 is the CPU default and runs on ebb's own matmul.
+    assert_same_tokens(&safetensors_files(), DType::F16);
 }
 
 #[test]
 fn greedy_answers_are_token_identical_batched_and_alone_gguf() {
     let dir = TempDir::new("batching-gguf");
-    assert_same_tokens(&gguf_files(&dir));
+    assert_same_tokens(&gguf_files(&dir), DType::F32);
 }
 
 #[test]
@@ -203,7 +220,7 @@ fn max_tokens_stop_tokens_and_seeds_are_per_sequence() {
     let base = prompts
         .request(&job("Tell me a story about a cat.", 24, 5), 8_192)
         .unwrap();
-    let reference = alone(&files, std::slice::from_ref(&base));
+    let reference = alone(&files, DType::F32, std::slice::from_ref(&base));
     let answer = &reference[0].tokens;
     assert!(
         answer.len() >= 6,
@@ -252,7 +269,7 @@ fn max_tokens_stop_tokens_and_seeds_are_per_sequence() {
     );
     assert_eq!(got(2).finish_reason, FinishReason::Stop);
     // Seeded sampling inside the batch is what the same seed gives alone.
-    let sampled_alone = alone(&files, &[sampled(7), sampled(8)]);
+    let sampled_alone = alone(&files, DType::F32, &[sampled(7), sampled(8)]);
     assert_eq!(got(3).tokens, sampled_alone[0].tokens, "seed 7");
     assert_eq!(got(4).tokens, sampled_alone[1].tokens, "seed 8");
 }
