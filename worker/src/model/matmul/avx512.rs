@@ -109,94 +109,37 @@ pub fn q8_tile(x: Blocks<'_, f32>, rows: usize, w: Blocks<'_, u16>, cols: usize)
     let per_row = x.per_row;
     assert!(x.scales.len() >= rows * per_row && x.quants.len() >= rows * per_row);
     assert!(w.scales.len() >= cols * per_row && w.quants.len() >= cols * per_row);
-    by_shape!(
-        q8_fixed,
-        rows,
-        cols,
-        x.scales.as_ptr(),
-        x.quants.as_ptr(),
-        w.scales.as_ptr(),
-        w.quants.as_ptr(),
-        per_row
-    )
+    let at = Q8Pointers {
+        x_scales: x.scales.as_ptr(),
+        x_quants: x.quants.as_ptr(),
+        w_scales: w.scales.as_ptr(),
+        w_quants: w.quants.as_ptr(),
+        per_row,
+    };
+    by_shape!(q8_fixed, rows, cols, at)
 }
 
-/// Lanes 0-7 `low`, lanes 8-15 `high`: the scales of a pair of blocks. An
-/// odd last block (`count` 1) gets 0 for its missing partner, whose zero
-/// quants then add exactly 0.
-#[target_feature(enable = "avx512f")]
-fn scales(low: f32, high: f32, count: usize) -> __m512 {
-    let high = if count == 2 { high } else { 0.0 };
-    _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(low), _mm512_set1_ps(high))
-}
-
-#[target_feature(enable = "f16c")]
-fn f16_bits_to_f32(bits: u16) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
-}
-
-/// Two consecutive blocks' quants (64 bytes), or one and zeros for an odd
-/// last block.
-///
-/// # Safety
-/// `at` must point at `count` (1 or 2) readable blocks.
-#[target_feature(enable = "avx512f")]
-unsafe fn load_pair(at: *const [i8; Q8_BLOCK], count: usize) -> __m512i {
-    // SAFETY: the caller's contract.
-    unsafe {
-        match count {
-            2 => _mm512_loadu_si512(at.cast()),
-            _ => _mm512_zextsi256_si512(_mm256_loadu_si256(at.cast())),
-        }
-    }
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
-unsafe fn q8_fixed<const I: usize, const J: usize>(
+/// Where a Q8_0 tile reads: rows of `per_row` blocks from each start.
+#[derive(Clone, Copy)]
+struct Q8Pointers {
     x_scales: *const f32,
     x_quants: *const [i8; Q8_BLOCK],
     w_scales: *const u16,
     w_quants: *const [i8; Q8_BLOCK],
     per_row: usize,
-) -> [[f32; J]; I] {
-    let zero = _mm512_setzero_si512();
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+unsafe fn q8_fixed<const I: usize, const J: usize>(at: Q8Pointers) -> [[f32; J]; I] {
     let mut acc = [[_mm512_setzero_ps(); J]; I];
-    let mut b = 0;
-    while b < per_row {
-        let count = (per_row - b).min(2);
-        let mut negative = [0u64; J];
-        let mut magnitude = [zero; J];
-        let mut w_scale = [_mm512_setzero_ps(); J];
-        for j in 0..J {
-            let row = j * per_row;
-            _mm_prefetch::<_MM_HINT_T0>(w_quants.wrapping_add(J * per_row + row + b).cast());
-            // SAFETY: blocks b..b + count of weight row j.
-            let q = unsafe { load_pair(w_quants.add(row + b), count) };
-            negative[j] = _mm512_movepi8_mask(q);
-            magnitude[j] = _mm512_abs_epi8(q);
-            // SAFETY: the same blocks' scales.
-            let (low, high) =
-                unsafe { (*w_scales.add(row + b), *w_scales.add(row + b + count - 1)) };
-            w_scale[j] = scales(f16_bits_to_f32(low), f16_bits_to_f32(high), count);
-        }
-        for (i, sums) in acc.iter_mut().enumerate() {
-            let row = i * per_row;
-            // SAFETY: blocks b..b + count of activation row i.
-            let xq = unsafe { load_pair(x_quants.add(row + b), count) };
-            // SAFETY: the same blocks' scales.
-            let (low, high) =
-                unsafe { (*x_scales.add(row + b), *x_scales.add(row + b + count - 1)) };
-            let x_scale = scales(low, high, count);
-            for j in 0..J {
-                // |w| * (x * sign(w)) = w * x, in the unsigned x signed
-                // form `vpdpbusd` takes.
-                let signed = _mm512_mask_sub_epi8(xq, negative[j], zero, xq);
-                let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, magnitude[j], signed));
-                let scale = _mm512_mul_ps(w_scale[j], x_scale);
-                sums[j] = _mm512_fmadd_ps(scale, dot, sums[j]);
-            }
-        }
-        b += count;
+    let pairs = at.per_row / 2;
+    for pair in 0..pairs {
+        // SAFETY: blocks 2 * pair and 2 * pair + 1 < per_row.
+        unsafe { q8_blocks::<I, J, true>(&mut acc, at, 2 * pair) };
+    }
+    if at.per_row % 2 == 1 {
+        // SAFETY: the last block.
+        unsafe { q8_blocks::<I, J, false>(&mut acc, at, at.per_row - 1) };
     }
     let mut out = [[0.0; J]; I];
     for (row, sums) in out.iter_mut().zip(&acc) {
@@ -205,4 +148,65 @@ unsafe fn q8_fixed<const I: usize, const J: usize>(
         }
     }
     out
+}
+
+/// Adds blocks `b` and `b + 1` (`PAIR`) or block `b` alone to every sum:
+/// lanes 0-7 hold block `b`, lanes 8-15 block `b + 1` (zeros, with a zero
+/// scale, when alone, so they add exactly 0).
+///
+/// # Safety
+/// The blocks must exist in every row the tile reads.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+unsafe fn q8_blocks<const I: usize, const J: usize, const PAIR: bool>(
+    acc: &mut [[__m512; J]; I],
+    at: Q8Pointers,
+    b: usize,
+) {
+    let zero = _mm512_setzero_si512();
+    // Lanes 0-7 from element 0, lanes 8-15 from element 1.
+    let spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    // SAFETY (all reads below): the caller's contract.
+    let quants = |q: *const [i8; Q8_BLOCK]| unsafe {
+        match PAIR {
+            true => _mm512_loadu_si512(q.cast()),
+            false => _mm512_zextsi256_si512(_mm256_loadu_si256(q.cast())),
+        }
+    };
+    let mut negative = [0u64; J];
+    let mut magnitude = [zero; J];
+    let mut w_scale = [_mm512_setzero_ps(); J];
+    for j in 0..J {
+        let block = j * at.per_row + b;
+        _mm_prefetch::<_MM_HINT_T0>(at.w_quants.wrapping_add(J * at.per_row + block).cast());
+        let q = quants(at.w_quants.wrapping_add(block));
+        negative[j] = _mm512_movepi8_mask(q);
+        magnitude[j] = _mm512_abs_epi8(q);
+        let bits = unsafe {
+            match PAIR {
+                true => at.w_scales.add(block).cast::<u32>().read_unaligned(),
+                false => u32::from(*at.w_scales.add(block)),
+            }
+        };
+        let pair = _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32));
+        w_scale[j] = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(pair));
+    }
+    for (i, sums) in acc.iter_mut().enumerate() {
+        let block = i * at.per_row + b;
+        let xq = quants(at.x_quants.wrapping_add(block));
+        let pair = unsafe {
+            match PAIR {
+                true => _mm_castpd_ps(_mm_load_sd(at.x_scales.add(block).cast())),
+                false => _mm_load_ss(at.x_scales.add(block)),
+            }
+        };
+        let x_scale = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(pair));
+        for j in 0..J {
+            // |w| * (x * sign(w)) = w * x, in the unsigned x signed form
+            // `vpdpbusd` takes.
+            let signed = _mm512_mask_sub_epi8(xq, negative[j], zero, xq);
+            let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, magnitude[j], signed));
+            sums[j] = _mm512_fmadd_ps(_mm512_mul_ps(w_scale[j], x_scale), dot, sums[j]);
+        }
+    }
 }
