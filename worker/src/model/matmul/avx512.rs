@@ -13,40 +13,11 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::{Blocks, COLS, Q8_BLOCK, ROWS, Tile, WIDE_COLS};
-
-/// Calls `$kernel::<I, J>` for the tile's shape and widens its result.
-macro_rules! by_shape {
-    ($kernel:ident, $rows:expr, $cols:expr, $($arg:expr),*) => {
-        // SAFETY: the caller checked lengths; `isa()` checked the features.
-        unsafe {
-            match ($rows, $cols) {
-                (1, 1) => widen($kernel::<1, 1>($($arg),*)),
-                (1, 2) => widen($kernel::<1, 2>($($arg),*)),
-                (1, WIDE_COLS) => widen($kernel::<1, WIDE_COLS>($($arg),*)),
-                (2, 1) => widen($kernel::<2, 1>($($arg),*)),
-                (2, 2) => widen($kernel::<2, 2>($($arg),*)),
-                (3, 1) => widen($kernel::<3, 1>($($arg),*)),
-                (3, 2) => widen($kernel::<3, 2>($($arg),*)),
-                (4, 1) => widen($kernel::<4, 1>($($arg),*)),
-                (4, 2) => widen($kernel::<4, 2>($($arg),*)),
-                (rows, cols) => unreachable!("no {rows}x{cols} tile"),
-            }
-        }
-    };
-}
-
-fn widen<const I: usize, const J: usize>(fixed: [[f32; J]; I]) -> Tile {
-    let mut tile = [[0.0; WIDE_COLS]; ROWS];
-    for (row, values) in tile.iter_mut().zip(fixed) {
-        row[..J].copy_from_slice(&values);
-    }
-    tile
-}
+use super::{Blocks, Q8_BLOCK, ROWS, Tile, WIDE_COLS};
 
 /// `rows` activation rows of `x` dotted with `cols` f16 weight rows of `w`.
 pub fn f16_tile(x: &[f32], rows: usize, w: &[f16], cols: usize, k: usize) -> Tile {
-    assert!(rows <= ROWS && cols <= WIDE_COLS.max(COLS));
+    assert!(rows <= ROWS && cols <= WIDE_COLS);
     assert!(x.len() >= rows * k && w.len() >= cols * k);
     by_shape!(
         f16_fixed,
@@ -105,7 +76,7 @@ unsafe fn f16_fixed<const I: usize, const J: usize>(
 
 /// `rows` rows of quantized activations dotted with `cols` Q8_0 weight rows.
 pub fn q8_tile(x: Blocks<'_, f32>, rows: usize, w: Blocks<'_, u16>, cols: usize) -> Tile {
-    assert!(rows <= ROWS && cols <= WIDE_COLS.max(COLS) && x.per_row == w.per_row);
+    assert!(rows <= ROWS && cols <= WIDE_COLS && x.per_row == w.per_row);
     let per_row = x.per_row;
     assert!(x.scales.len() >= rows * per_row && x.quants.len() >= rows * per_row);
     assert!(w.scales.len() >= cols * per_row && w.quants.len() >= cols * per_row);

@@ -19,6 +19,34 @@
 //! - [`portable`]: the same tiles in plain Rust, for other CPUs and as the
 //!   reference in tests.
 
+/// Calls `$kernel::<I, J>($args)` for a tile of `$rows x $cols` and widens
+/// its `[[f32; J]; I]` to a [`Tile`]. The shapes are those
+/// [`Isa::tile_cols`] and the remainders of [`product`] ask for.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_shape {
+    ($kernel:ident, $rows:expr, $cols:expr, $($arg:expr),*) => {
+        // SAFETY: the caller checked lengths; `isa()` checked the features.
+        unsafe {
+            match ($rows, $cols) {
+                (1, 1) => $crate::model::matmul::widen($kernel::<1, 1>($($arg),*)),
+                (1, 2) => $crate::model::matmul::widen($kernel::<1, 2>($($arg),*)),
+                (1, 4) => $crate::model::matmul::widen($kernel::<1, 4>($($arg),*)),
+                (1, 8) => $crate::model::matmul::widen($kernel::<1, 8>($($arg),*)),
+                (2, 1) => $crate::model::matmul::widen($kernel::<2, 1>($($arg),*)),
+                (2, 2) => $crate::model::matmul::widen($kernel::<2, 2>($($arg),*)),
+                (2, 4) => $crate::model::matmul::widen($kernel::<2, 4>($($arg),*)),
+                (3, 1) => $crate::model::matmul::widen($kernel::<3, 1>($($arg),*)),
+                (3, 2) => $crate::model::matmul::widen($kernel::<3, 2>($($arg),*)),
+                (3, 4) => $crate::model::matmul::widen($kernel::<3, 4>($($arg),*)),
+                (4, 1) => $crate::model::matmul::widen($kernel::<4, 1>($($arg),*)),
+                (4, 2) => $crate::model::matmul::widen($kernel::<4, 2>($($arg),*)),
+                (4, 4) => $crate::model::matmul::widen($kernel::<4, 4>($($arg),*)),
+                (rows, cols) => unreachable!("no {rows}x{cols} tile"),
+            }
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
@@ -32,8 +60,10 @@ use rayon::prelude::*;
 
 /// Activation rows one tile holds in registers.
 pub const ROWS: usize = 4;
-/// Weight rows (output columns) one tile loads at a time.
+/// Weight rows (output columns) a batch tile loads at a time with AVX2's 16
+/// registers (4 x 2 sums); AVX-512's 32 hold 4 x 4.
 pub const COLS: usize = 2;
+const AVX512_COLS: usize = 4;
 /// Columns of a one-row tile: with a single activation row, eight
 /// independent sums keep the FMA units busy while the weights stream in.
 pub const WIDE_COLS: usize = 8;
@@ -96,6 +126,17 @@ fn supported() -> Vec<Isa> {
 }
 
 impl Isa {
+    /// Weight rows per tile for a product of `rows` activation rows. More
+    /// columns per tile mean fewer reloads of the activations, which for a
+    /// prefill chunk come from L2 and bound the speed.
+    fn tile_cols(self, rows: usize) -> usize {
+        match (rows, self) {
+            (1, _) => WIDE_COLS,
+            (_, Isa::Avx512) => AVX512_COLS,
+            _ => COLS,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Isa::Avx512 => "avx512",
@@ -111,7 +152,7 @@ pub fn f16_product(x: &[f32], rows: usize, w: &[f16], cols: usize, k: usize) -> 
     assert_eq!(x.len(), rows * k, "activations are [rows, k]");
     assert_eq!(w.len(), cols * k, "weights are [cols, k]");
     let isa = isa();
-    product(rows, cols, |i, ni, j, nj| {
+    product(rows, cols, isa.tile_cols(rows), |i, ni, j, nj| {
         let x = &x[i * k..(i + ni) * k];
         let w = &w[j * k..(j + nj) * k];
         match isa {
@@ -208,7 +249,7 @@ impl Q8Matrix {
         };
         let w = self.blocks();
         let isa = isa();
-        product(rows, self.cols, |i, ni, j, nj| {
+        product(rows, self.cols, isa.tile_cols(rows), |i, ni, j, nj| {
             let (x, w) = (x.rows(i, ni), w.rows(j, nj));
             match isa {
                 #[cfg(target_arch = "x86_64")]
@@ -234,14 +275,16 @@ fn quantize(x: &[f32]) -> (Vec<f32>, Vec<[i8; Q8_BLOCK]>) {
         .unzip()
 }
 
-/// The output `[rows, cols]` of `tile(i, rows, j, cols)` over every tile.
+/// The output `[rows, cols]` of `tile(i, rows, j, cols)` over every tile,
+/// `wide` columns a tile where they remain.
 ///
 /// Threads take contiguous chunks of columns (weight rows), so each weight
-/// is read by one thread; within a chunk, a pair of weight rows stays in L1
-/// while every activation row of the slice passes it.
+/// is read by one thread; within a chunk, a tile's weight rows stay in L1
+/// while every activation row of the slice passes them.
 fn product(
     rows: usize,
     cols: usize,
+    wide: usize,
     tile: impl Fn(usize, usize, usize, usize) -> Tile + Sync,
 ) -> Vec<f32> {
     let mut out = vec![0f32; rows * cols];
@@ -252,7 +295,6 @@ fn product(
         .div_ceil(threads * 4)
         .next_multiple_of(WIDE_COLS)
         .max(16);
-    let wide = if rows == 1 { WIDE_COLS } else { COLS };
     let target = OutputColumns::new(&mut out, cols);
     (0..cols.div_ceil(chunk)).into_par_iter().for_each(|c| {
         let (first, end) = (c * chunk, ((c + 1) * chunk).min(cols));
@@ -274,6 +316,15 @@ fn product(
         }
     });
     out
+}
+
+#[cfg(target_arch = "x86_64")]
+fn widen<const I: usize, const J: usize>(fixed: [[f32; J]; I]) -> Tile {
+    let mut tile = [[0.0; WIDE_COLS]; ROWS];
+    for (row, values) in tile.iter_mut().zip(fixed) {
+        row[..J].copy_from_slice(&values);
+    }
+    tile
 }
 
 /// `[rows, cols]` output that threads fill in disjoint column ranges.

@@ -155,7 +155,16 @@ fn the_simd_tiles_agree_with_the_portable_ones() {
     };
     let close = |a: f32, b: f32| (a - b).abs() <= 1e-4 * (1.0 + b.abs());
     let mut checked = 0;
-    for (rows, cols) in [(1, 1), (1, 2), (1, 8), (2, 2), (3, 1), (4, 2)] {
+    for (rows, cols) in [
+        (1, 1),
+        (1, 2),
+        (1, 8),
+        (2, 2),
+        (3, 1),
+        (4, 2),
+        (3, 4),
+        (4, 4),
+    ] {
         let want_f16 = portable::f16_tile(&x, rows, &w, cols, k);
         let want_q8 = portable::q8_tile(xq, rows, q.blocks(), cols);
         let mut simd: Vec<(&str, Tile, Tile)> = Vec::new();
