@@ -49,6 +49,13 @@ impl Forward {
     /// caches, and returns `[segments wanting logits, vocab]` f32 logits in
     /// segment order.
     pub fn step(&self, segments: &mut [Segment<'_>]) -> candle_core::Result<Tensor> {
+        // On a thread of the matmul pool, so that each of the step's ~170
+        // matmuls runs partly on this thread instead of waking the pool and
+        // sleeping until it is done.
+        rayon::scope(|_| self.run(segments))
+    }
+
+    fn run(&self, segments: &mut [Segment<'_>]) -> candle_core::Result<Tensor> {
         let dims = &self.weights.dims;
         let mut ids = Vec::new();
         let mut positions = Vec::new();

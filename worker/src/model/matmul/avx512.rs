@@ -150,6 +150,10 @@ unsafe fn q8_blocks<const I: usize, const J: usize, const PAIR: bool>(
     for j in 0..J {
         let block = j * at.per_row + b;
         _mm_prefetch::<_MM_HINT_T0>(at.w_quants.wrapping_add(J * at.per_row + block).cast());
+        if b % 32 == 0 {
+            // And its scales, 32 to a cache line.
+            _mm_prefetch::<_MM_HINT_T0>(at.w_scales.wrapping_add(J * at.per_row + block).cast());
+        }
         let q = quants(at.w_quants.wrapping_add(block));
         negative[j] = _mm512_movepi8_mask(q);
         magnitude[j] = _mm512_abs_epi8(q);
