@@ -19,7 +19,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::{Blocks, Q8_BLOCK, ROWS, Tile, WIDE_COLS};
+use super::{Q8_BLOCK, ROWS, Tile, WBlocks, WIDE_COLS, XBlocks};
 
 /// `rows` activation rows of `x` dotted with `cols` f16 weight rows of `w`.
 pub fn f16_tile(x: &[f32], rows: usize, w: &[f16], cols: usize, k: usize) -> Tile {
@@ -82,7 +82,7 @@ unsafe fn f16_fixed<const I: usize, const J: usize>(
 }
 
 /// `rows` rows of quantized activations dotted with `cols` Q8_0 weight rows.
-pub fn q8_tile(x: Blocks<'_, f32>, rows: usize, w: Blocks<'_, u16>, cols: usize) -> Tile {
+pub fn q8_tile(x: XBlocks<'_>, rows: usize, w: WBlocks<'_>, cols: usize) -> Tile {
     assert!(rows <= ROWS && cols <= WIDE_COLS && x.per_row == w.per_row);
     let per_row = x.per_row;
     assert!(x.scales.len() >= rows * per_row && x.quants.len() >= rows * per_row);
@@ -104,10 +104,11 @@ unsafe fn q8_fixed<const I: usize, const J: usize>(
     x_scales: *const f32,
     x_quants: *const [i8; Q8_BLOCK],
     w_scales: *const u16,
-    w_quants: *const [i8; Q8_BLOCK],
+    w_quants: *const [u8; Q8_BLOCK],
     per_row: usize,
 ) -> [[f32; J]; I] {
     let ones = _mm256_set1_epi16(1);
+    let bias = _mm256_set1_epi8(-128);
     let mut acc = [[_mm256_setzero_ps(); J]; I];
     for b in 0..per_row {
         if b % 2 == 0 {
@@ -127,6 +128,7 @@ unsafe fn q8_fixed<const I: usize, const J: usize>(
                     *w_scales.add(j * per_row + b),
                 )
             };
+            let q = _mm256_xor_si256(q, bias);
             signed[j] = q;
             magnitude[j] = _mm256_sign_epi8(q, q);
             scale[j] = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))));

@@ -13,7 +13,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::{Blocks, Q8_BLOCK, ROWS, Tile, WIDE_COLS};
+use super::{Q8_BLOCK, ROWS, Tile, WBlocks, WIDE_COLS, XBlocks};
 
 /// `rows` activation rows of `x` dotted with `cols` f16 weight rows of `w`.
 pub fn f16_tile(x: &[f32], rows: usize, w: &[f16], cols: usize, k: usize) -> Tile {
@@ -75,7 +75,7 @@ unsafe fn f16_fixed<const I: usize, const J: usize>(
 }
 
 /// `rows` rows of quantized activations dotted with `cols` Q8_0 weight rows.
-pub fn q8_tile(x: Blocks<'_, f32>, rows: usize, w: Blocks<'_, u16>, cols: usize) -> Tile {
+pub fn q8_tile(x: XBlocks<'_>, rows: usize, w: WBlocks<'_>, cols: usize) -> Tile {
     assert!(rows <= ROWS && cols <= WIDE_COLS && x.per_row == w.per_row);
     let per_row = x.per_row;
     assert!(x.scales.len() >= rows * per_row && x.quants.len() >= rows * per_row);
@@ -96,7 +96,7 @@ struct Q8Pointers {
     x_scales: *const f32,
     x_quants: *const [i8; Q8_BLOCK],
     w_scales: *const u16,
-    w_quants: *const [i8; Q8_BLOCK],
+    w_quants: *const [u8; Q8_BLOCK],
     per_row: usize,
 }
 
@@ -125,6 +125,10 @@ unsafe fn q8_fixed<const I: usize, const J: usize>(at: Q8Pointers) -> [[f32; J];
 /// lanes 0-7 hold block `b`, lanes 8-15 block `b + 1` (zeros, with a zero
 /// scale, when alone, so they add exactly 0).
 ///
+/// The weights are biased (`w + 128`, unsigned), so `vpdpbusd` multiplies
+/// them with the signed activations directly: `sum (w + 128) x` started from
+/// `-128 sum x` (one more `vpdpbusd` per activation block) is `sum w x`.
+///
 /// # Safety
 /// The blocks must exist in every row the tile reads.
 #[inline]
@@ -134,18 +138,17 @@ unsafe fn q8_blocks<const I: usize, const J: usize, const PAIR: bool>(
     at: Q8Pointers,
     b: usize,
 ) {
-    let zero = _mm512_setzero_si512();
     // Lanes 0-7 from element 0, lanes 8-15 from element 1.
     let spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    let bias = _mm512_set1_epi8(-128);
     // SAFETY (all reads below): the caller's contract.
-    let quants = |q: *const [i8; Q8_BLOCK]| unsafe {
+    let load = |q: *const u8| unsafe {
         match PAIR {
             true => _mm512_loadu_si512(q.cast()),
             false => _mm512_zextsi256_si512(_mm256_loadu_si256(q.cast())),
         }
     };
-    let mut negative = [0u64; J];
-    let mut magnitude = [zero; J];
+    let mut weights = [_mm512_setzero_si512(); J];
     let mut w_scale = [_mm512_setzero_ps(); J];
     for j in 0..J {
         let block = j * at.per_row + b;
@@ -154,9 +157,7 @@ unsafe fn q8_blocks<const I: usize, const J: usize, const PAIR: bool>(
             // And its scales, 32 to a cache line.
             _mm_prefetch::<_MM_HINT_T0>(at.w_scales.wrapping_add(J * at.per_row + block).cast());
         }
-        let q = quants(at.w_quants.wrapping_add(block));
-        negative[j] = _mm512_movepi8_mask(q);
-        magnitude[j] = _mm512_abs_epi8(q);
+        weights[j] = load(at.w_quants.wrapping_add(block).cast());
         let bits = unsafe {
             match PAIR {
                 true => at.w_scales.add(block).cast::<u32>().read_unaligned(),
@@ -168,7 +169,13 @@ unsafe fn q8_blocks<const I: usize, const J: usize, const PAIR: bool>(
     }
     for (i, sums) in acc.iter_mut().enumerate() {
         let block = i * at.per_row + b;
-        let xq = quants(at.x_quants.wrapping_add(block));
+        let xq = load(at.x_quants.wrapping_add(block).cast());
+        // -128 * (sum of each lane's 4 activations); `bias` read unsigned is
+        // +128, so negate.
+        let unbias = _mm512_sub_epi32(
+            _mm512_setzero_si512(),
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, xq),
+        );
         let pair = unsafe {
             match PAIR {
                 true => _mm_castpd_ps(_mm_load_sd(at.x_scales.add(block).cast())),
@@ -177,10 +184,7 @@ unsafe fn q8_blocks<const I: usize, const J: usize, const PAIR: bool>(
         };
         let x_scale = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(pair));
         for j in 0..J {
-            // |w| * (x * sign(w)) = w * x, in the unsigned x signed form
-            // `vpdpbusd` takes.
-            let signed = _mm512_mask_sub_epi8(xq, negative[j], zero, xq);
-            let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, magnitude[j], signed));
+            let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(unbias, weights[j], xq));
             sums[j] = _mm512_fmadd_ps(_mm512_mul_ps(w_scale[j], x_scale), dot, sums[j]);
         }
     }

@@ -165,19 +165,31 @@ pub fn f16_product(x: &[f32], rows: usize, w: &[f16], cols: usize, k: usize) -> 
     })
 }
 
-/// Q8_0 blocks of some rows, `per_row` each: a scale (f16 bits in weight
-/// files, f32 for activations) and 32 quants per block, in two arrays so
-/// that consecutive blocks' quants are contiguous.
+/// Q8_0 blocks of some rows, `per_row` each: a scale and 32 quants per
+/// block, in two arrays so that consecutive blocks' quants are contiguous.
 #[derive(Debug, Clone, Copy)]
-pub struct Blocks<'a, S> {
+pub struct Blocks<'a, S, Q> {
     pub scales: &'a [S],
-    pub quants: &'a [[i8; Q8_BLOCK]],
+    pub quants: &'a [[Q; Q8_BLOCK]],
     pub per_row: usize,
 }
 
-impl<S> Blocks<'_, S> {
+/// Activations: f32 scales, `i8` quants.
+pub type XBlocks<'a> = Blocks<'a, f32, i8>;
+/// Weights: f16 scales (raw bits, as in the file) and quants stored biased,
+/// `q + 128` as `u8`: the unsigned operand `vpdpbusd` multiplies with the
+/// activations' signed one (the bias is taken back out per activation
+/// block, see `avx512`).
+pub type WBlocks<'a> = Blocks<'a, u16, u8>;
+
+/// A weight quant back from its biased form.
+pub fn unbias(q: u8) -> i8 {
+    (q ^ 0x80) as i8
+}
+
+impl<S, Q> Blocks<'_, S, Q> {
     /// Rows `first..first + count`.
-    fn rows(&self, first: usize, count: usize) -> Blocks<'_, S> {
+    fn rows(&self, first: usize, count: usize) -> Blocks<'_, S, Q> {
         let range = first * self.per_row..(first + count) * self.per_row;
         Blocks {
             scales: &self.scales[range.clone()],
@@ -192,7 +204,8 @@ impl<S> Blocks<'_, S> {
 pub struct Q8Matrix {
     /// One f16 scale per block, as raw bits, `[cols, k / 32]`.
     scales: Vec<u16>,
-    quants: Vec<[i8; Q8_BLOCK]>,
+    /// Biased (see [`WBlocks`]).
+    quants: Vec<[u8; Q8_BLOCK]>,
     cols: usize,
     k: usize,
 }
@@ -215,7 +228,7 @@ impl Q8Matrix {
         let mut quants = Vec::with_capacity(blocks);
         for block in bytes.chunks_exact(2 + Q8_BLOCK) {
             scales.push(u16::from_le_bytes([block[0], block[1]]));
-            quants.push(std::array::from_fn(|q| block[2 + q] as i8));
+            quants.push(std::array::from_fn(|q| block[2 + q] ^ 0x80));
         }
         Ok(Q8Matrix {
             scales,
@@ -229,7 +242,7 @@ impl Q8Matrix {
         self.cols
     }
 
-    fn blocks(&self) -> Blocks<'_, u16> {
+    fn blocks(&self) -> WBlocks<'_> {
         Blocks {
             scales: &self.scales,
             quants: &self.quants,

@@ -4,7 +4,7 @@
 
 use half::f16;
 
-use super::{Blocks, Tile};
+use super::{Tile, WBlocks, XBlocks, unbias};
 
 pub fn f16_tile(x: &[f32], rows: usize, w: &[f16], cols: usize, k: usize) -> Tile {
     let mut tile = Tile::default();
@@ -21,7 +21,7 @@ pub fn f16_tile(x: &[f32], rows: usize, w: &[f16], cols: usize, k: usize) -> Til
     tile
 }
 
-pub fn q8_tile(x: Blocks<'_, f32>, rows: usize, w: Blocks<'_, u16>, cols: usize) -> Tile {
+pub fn q8_tile(x: XBlocks<'_>, rows: usize, w: WBlocks<'_>, cols: usize) -> Tile {
     let mut tile = Tile::default();
     for (i, out) in tile.iter_mut().enumerate().take(rows) {
         let x = x.rows(i, 1);
@@ -36,7 +36,7 @@ pub fn q8_tile(x: Blocks<'_, f32>, rows: usize, w: Blocks<'_, u16>, cols: usize)
                 let dot: i32 = xq
                     .iter()
                     .zip(wq)
-                    .map(|(a, b)| i32::from(*a) * i32::from(*b))
+                    .map(|(a, b)| i32::from(*a) * i32::from(unbias(*b)))
                     .sum();
                 (f16::from_bits(*bits).to_f32() * x_scale).mul_add(dot as f32, sum)
             });

@@ -148,7 +148,7 @@ fn the_simd_tiles_agree_with_the_portable_ones() {
     let w: Vec<f16> = values(8 * k, 2).into_iter().map(f16::from_f32).collect();
     let q = q8_matrix(&values(8 * k, 3), 8, k);
     let (x_scales, x_quants) = quantize(&x);
-    let xq = Blocks {
+    let xq = XBlocks {
         scales: &x_scales,
         quants: &x_quants,
         per_row: k / Q8_BLOCK,
