@@ -45,7 +45,7 @@ unsafe fn f16_fixed<const I: usize, const J: usize>(
     let body = k - k % 8;
     let mut c = 0;
     while c < body {
-        if c % 32 == 0 {
+        if c.is_multiple_of(32) {
             // The next tile's weight rows (one cache line each), so that
             // memory streams them in while this tile computes.
             for j in J..2 * J {
@@ -111,7 +111,7 @@ unsafe fn q8_fixed<const I: usize, const J: usize>(
     let bias = _mm256_set1_epi8(-128);
     let mut acc = [[_mm256_setzero_ps(); J]; I];
     for b in 0..per_row {
-        if b % 2 == 0 {
+        if b.is_multiple_of(2) {
             // The next tile's quants, one cache line per two blocks.
             for j in J..2 * J {
                 _mm_prefetch::<_MM_HINT_T0>(w_quants.wrapping_add(j * per_row + b).cast());

@@ -39,7 +39,7 @@ unsafe fn f16_fixed<const I: usize, const J: usize>(
     let body = k - k % 16;
     let mut c = 0;
     while c < body {
-        if c % 32 == 0 {
+        if c.is_multiple_of(32) {
             // The next tile's weight rows, one cache line each.
             for j in J..2 * J {
                 _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(j * k + c).cast());
@@ -153,7 +153,7 @@ unsafe fn q8_blocks<const I: usize, const J: usize, const PAIR: bool>(
     for j in 0..J {
         let block = j * at.per_row + b;
         _mm_prefetch::<_MM_HINT_T0>(at.w_quants.wrapping_add(J * at.per_row + block).cast());
-        if b % 32 == 0 {
+        if b.is_multiple_of(32) {
             // And its scales, 32 to a cache line.
             _mm_prefetch::<_MM_HINT_T0>(at.w_scales.wrapping_add(J * at.per_row + block).cast());
         }
