@@ -92,12 +92,20 @@ def main():
         document = json.load(f)
     threads = document["threads"]
     peer = {"threads": threads, "version": L.__version__}
-    # ebb format -> llama.cpp file with the same matrices
-    for ours, file in [("f16", "peer-f16.gguf"), ("gguf-q8_0", "peer-q8_0.gguf")]:
+    # ebb format -> llama.cpp file with the same matrices, and whether
+    # llama.cpp may repack the weights for its extra CPU buffer types. Its
+    # AMX repack of Q8_0 crashes llama.cpp (SIGSEGV) on CPUs that report
+    # amx_tile to a VM that cannot run it (seen on the development machine);
+    # without it llama.cpp runs its AVX-512/AVX2 kernels on the file's layout.
+    for ours, file, repack in [
+        ("f16", "peer-f16.gguf", True),
+        ("gguf-q8_0", "peer-q8_0.gguf", False),
+    ]:
         if ours not in document.get("formats", {}):
             continue
-        engine = Engine(f"{args.models}/{file}", threads, 8)
+        engine = Engine(f"{args.models}/{file}", threads, 8, repack)
         figures = {
+            "repack": repack,
             "aggregate_tokens_per_s": {"1": engine.aggregate_rate(1), "8": engine.aggregate_rate(8)},
             "prefill_tokens_per_s": engine.prefill_rate(),
         }

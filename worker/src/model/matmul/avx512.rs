@@ -1,8 +1,10 @@
 //! The tiles on x86-64 with AVX-512 F, BW and VNNI (Intel since Ice Lake,
-//! AMD since Zen 4), chosen at run time by [`super::isa`]: the shapes and
-//! prefetching of [`super::avx2`] at twice the width, and Q8_0 dot products
-//! on two blocks at once with `vpdpbusd` (one instruction for the
-//! multiply-and-add of 64 quant pairs).
+//! AMD since Zen 4), chosen at run time by [`super::isa`]: the prefetching
+//! of [`super::avx2`] at twice the width, batch tiles of `4 x 4` (32
+//! registers hold 16 accumulators: half the activation reloads of `4 x 2`,
+//! which bound prefill), and Q8_0 dot products on two blocks at once with
+//! `vpdpbusd` (one instruction for the multiply-and-add of 64 quant pairs,
+//! fed the biased weights directly).
 
 // Intrinsics on raw pointers; every entry point checks the slice lengths the
 // pointers walk, and is only reached when the CPU has the features (see

@@ -3,9 +3,11 @@
 //! candle's CPU matmul (the `gemm` crate) packs the right-hand side on every
 //! call; for a step of 2-16 rows that repacks every weight every step and
 //! ran slower at 8 rows than at 1. These kernels read each weight where it
-//! lies: a tile of [`COLS`] weight rows is loaded (and converted) once and
-//! dotted with up to [`ROWS`] activation rows held in registers, so a batch
-//! of 8 costs about one weight read, and threads split the output columns.
+//! lies: a tile of 2-8 weight rows ([`Isa::tile_cols`]) is loaded (and
+//! converted) once and dotted with up to [`ROWS`] activation rows held in
+//! registers, so a batch of 8 costs about one weight read; the next tile is
+//! prefetched meanwhile, and threads (rayon's pool, which the forward step
+//! runs on) split the output columns.
 //!
 //! Every output `(i, j)` is summed in the same order whatever the number of
 //! rows beside it, so a sequence's logits are bit-identical batched and
