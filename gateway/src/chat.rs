@@ -6,17 +6,22 @@
 //! so answers are cacheable and repeatable), `n` must be 1, and only text
 //! content is accepted. ebb's own fields (`grade`, `course`, `language`,
 //! `callback_url`) may ride along (`extra_body` in OpenAI's Python client).
+//! OpenAI's other documented parameters are accepted and ignored
+//! ([`crate::request::ChatCompletionRequest`] lists them); any other field
+//! is refused by name.
 
 use std::time::Duration;
 
 use ebb_nats::{ChatMessage, FinishReason, Role, Sampling, Timings};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use crate::error::ApiError;
 use crate::openapi::{AssistantMessage, ChatCompletion, Choice, EbbInfo, Usage};
 use crate::question::{
-    Context, Limits, MAX_QUESTION_CHARS, NewQuestion, json_object, optional_string, question_text,
+    Context, ContextFields, Limits, MAX_QUESTION_CHARS, NewQuestion, in_range, optional_text,
+    question_text,
 };
+use crate::request::{self, ChatCompletionRequest, ChatRole, RequestMessage};
 
 const MAX_MESSAGES: usize = 64;
 /// All messages together, in characters.
@@ -36,8 +41,11 @@ pub struct ChatRequest {
 
 impl ChatRequest {
     pub fn from_json(body: &[u8], limits: Limits) -> Result<ChatRequest, ApiError> {
-        let fields = json_object(body)?;
-        let mut messages = parse_messages(&fields)?;
+        ChatRequest::validate(request::parse(body)?, limits)
+    }
+
+    pub fn validate(body: ChatCompletionRequest, limits: Limits) -> Result<ChatRequest, ApiError> {
+        let mut messages = conversation(body.messages)?;
         let question = match messages.pop() {
             Some(ChatMessage {
                 role: Role::User,
@@ -50,135 +58,73 @@ impl ChatRequest {
                 ));
             }
         };
-        let max_tokens_field = if fields.contains_key("max_completion_tokens") {
-            "max_completion_tokens"
-        } else {
-            "max_tokens"
+        let max_tokens = match body.max_completion_tokens {
+            Some(tokens) => ("max_completion_tokens", Some(tokens)),
+            None => ("max_tokens", body.max_tokens),
         };
-        let context = Context::from_fields(&fields, limits, max_tokens_field)?;
-        let sampling = Sampling {
-            temperature: number(&fields, "temperature", 0.0, 2.0)?.unwrap_or(0.0),
-            top_p: number(&fields, "top_p", f64::MIN_POSITIVE, 1.0)?.unwrap_or(1.0),
-            seed: match fields.get("seed") {
-                None | Some(Value::Null) => 0,
-                Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64().unwrap_or(0),
-                Some(_) => return Err(ApiError::invalid("seed", "must be a non-negative integer")),
+        let context = Context::validate(
+            ContextFields {
+                grade: body.grade,
+                course: body.course,
+                language: body.language,
+                callback_url: body.callback_url,
+                max_tokens,
             },
+            limits,
+        )?;
+        if body.top_p == Some(0.0) {
+            return Err(ApiError::invalid("top_p", "must be above 0"));
+        }
+        let sampling = Sampling {
+            temperature: in_range("temperature", body.temperature, 0.0, 2.0)?.unwrap_or(0.0),
+            top_p: in_range("top_p", body.top_p, 0.0, 1.0)?.unwrap_or(1.0),
+            seed: body.seed.unwrap_or(0),
         };
-        if let Some(n) = fields.get("n").filter(|n| !n.is_null())
-            && n.as_u64() != Some(1)
-        {
+        if body.n.is_some_and(|n| n != 1) {
             return Err(ApiError::invalid("n", "must be 1: one answer per question"));
         }
-        let stream = boolean(&fields, "stream")?;
-        let include_usage = match fields.get("stream_options") {
-            None | Some(Value::Null) => false,
-            Some(Value::Object(options)) => boolean(options, "include_usage")?,
-            Some(_) => return Err(ApiError::invalid("stream_options", "must be an object")),
-        };
-        // `user` identifies the end user to the app; accepted, never logged.
-        optional_string(&fields, "user", MAX_USER_CHARS)?;
-        let model = match fields.get("model") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(model)) => Some(model.clone()),
-            Some(_) => return Err(ApiError::invalid("model", "must be a string")),
-        };
+        // `user` identifies the end user to the app; checked, never logged.
+        optional_text("user", body.user, MAX_USER_CHARS)?;
         let mut question = NewQuestion::new(question, context, sampling, Duration::ZERO);
         question.history = messages;
         Ok(ChatRequest {
             question,
-            model,
-            stream,
-            include_usage,
+            model: body.model,
+            stream: body.stream.unwrap_or(false),
+            include_usage: body
+                .stream_options
+                .and_then(|options| options.include_usage)
+                .unwrap_or(false),
         })
     }
 }
 
-fn parse_messages(fields: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError> {
+fn conversation(messages: Option<Vec<RequestMessage>>) -> Result<Vec<ChatMessage>, ApiError> {
     let invalid = |message: &str| ApiError::invalid("messages", message);
-    let list = match fields.get("messages") {
-        None | Some(Value::Null) => return Err(invalid("is required")),
-        Some(Value::Array(list)) => list,
-        Some(_) => return Err(invalid("must be an array")),
+    let Some(messages) = messages else {
+        return Err(invalid("is required"));
     };
-    if list.is_empty() || list.len() > MAX_MESSAGES {
+    if messages.is_empty() || messages.len() > MAX_MESSAGES {
         return Err(invalid(&format!("must hold 1 to {MAX_MESSAGES} messages")));
     }
     let mut total_chars = 0;
-    let mut messages = Vec::with_capacity(list.len());
-    for (index, message) in list.iter().enumerate() {
-        let Value::Object(message) = message else {
-            return Err(invalid(&format!("[{index}] must be an object")));
-        };
-        let role = match message.get("role").and_then(Value::as_str) {
-            Some("system" | "developer") => Role::System,
-            Some("user") => Role::User,
-            Some("assistant") => Role::Assistant,
-            Some(other) => {
-                return Err(invalid(&format!(
-                    "[{index}].role `{other}` is not supported (system, developer, user, assistant)"
-                )));
-            }
-            None => return Err(invalid(&format!("[{index}].role is required"))),
-        };
-        let content = match message.get("content") {
-            Some(Value::String(text)) => text.clone(),
-            // Content parts: text only.
-            Some(Value::Array(parts)) => {
-                let mut text = String::new();
-                for part in parts {
-                    match (part.get("type").and_then(Value::as_str), part.get("text")) {
-                        (Some("text"), Some(Value::String(piece))) => text.push_str(piece),
-                        _ => {
-                            return Err(invalid(&format!(
-                                "[{index}].content: only text parts are supported"
-                            )));
-                        }
-                    }
-                }
-                text
-            }
-            _ => return Err(invalid(&format!("[{index}].content must be a string"))),
-        };
+    let mut conversation = Vec::with_capacity(messages.len());
+    for message in messages {
+        let content = message.content.into_text();
         total_chars += content.chars().count();
         if total_chars > MAX_CONVERSATION_CHARS {
             return Err(invalid(&format!(
                 "hold more than {MAX_CONVERSATION_CHARS} characters together"
             )));
         }
-        messages.push(ChatMessage { role, content });
+        let role = match message.role {
+            ChatRole::System | ChatRole::Developer => Role::System,
+            ChatRole::User => Role::User,
+            ChatRole::Assistant => Role::Assistant,
+        };
+        conversation.push(ChatMessage { role, content });
     }
-    Ok(messages)
-}
-
-fn number(
-    fields: &Map<String, Value>,
-    field: &'static str,
-    min: f64,
-    max: f64,
-) -> Result<Option<f64>, ApiError> {
-    match fields.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => match n.as_f64() {
-            Some(value) if (min..=max).contains(&value) => Ok(Some(value)),
-            _ => Err(ApiError::invalid(
-                field,
-                format!(
-                    "must be a number from {} to {max}",
-                    if min > 0.0 { "above 0" } else { "0" }
-                ),
-            )),
-        },
-        Some(_) => Err(ApiError::invalid(field, "must be a number")),
-    }
-}
-
-fn boolean(fields: &Map<String, Value>, field: &'static str) -> Result<bool, ApiError> {
-    match fields.get(field) {
-        None | Some(Value::Null) => Ok(false),
-        Some(Value::Bool(value)) => Ok(*value),
-        Some(_) => Err(ApiError::invalid(field, "must be true or false")),
-    }
+    Ok(conversation)
 }
 
 /// `chatcmpl-<question id>`: the question can be looked up from the id.
@@ -286,9 +232,14 @@ mod tests {
         ChatRequest::from_json(body.to_string().as_bytes(), LIMITS)
     }
 
-    fn field_of(result: Result<ChatRequest, ApiError>) -> &'static str {
+    /// The top-level field an error names (`messages` for `messages[0].role`).
+    fn field_of(result: Result<ChatRequest, ApiError>) -> String {
         match result {
-            Err(ApiError::InvalidField { field, .. }) => field,
+            Err(ApiError::InvalidField { field, .. }) => field
+                .split(['[', '.'])
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
             other => panic!("expected a field error, got {other:?}"),
         }
     }
@@ -339,6 +290,26 @@ mod tests {
         assert_ne!(
             alone.question.cache_key("m@main"),
             after.question.cache_key("m@main")
+        );
+    }
+
+    #[test]
+    fn openai_parameters_ebb_does_not_act_on_are_accepted_and_others_refused() {
+        let user = json!([{"role": "user", "content": "Hi", "name": "kim"}]);
+        let request = parse(json!({
+            "messages": user, "stop": ["\n"], "frequency_penalty": 0.5,
+            "logit_bias": {"42": 1}, "store": false, "metadata": {"class": "7b"},
+            "tools": [], "response_format": {"type": "text"},
+            "stream_options": {"include_usage": true, "include_obfuscation": false},
+        }))
+        .unwrap();
+        assert_eq!(request.question.question, "Hi");
+        let err = parse(json!({"messages": user, "temprature": 0.2})).unwrap_err();
+        assert!(matches!(&err, ApiError::InvalidField { field, .. } if field == "temprature"));
+        let nested = parse(json!({"messages": [{"role": "user", "content": "Hi", "tone": 1}]}));
+        assert!(
+            matches!(&nested, Err(ApiError::InvalidField { field, .. }) if field == "messages[0].tone"),
+            "{nested:?}"
         );
     }
 

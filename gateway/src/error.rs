@@ -3,6 +3,7 @@
 //! field): ebb's shape and OpenAI's at once, so OpenAI clients raise their
 //! usual exceptions. `type` (= `code`) strings are stable API.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use axum::http::{HeaderValue, StatusCode, header};
@@ -20,7 +21,8 @@ pub enum ApiError {
     InvalidJson(String),
     #[error("`{field}` {message}")]
     InvalidField {
-        field: &'static str,
+        /// The field's path in the body, e.g. `messages[2].role`.
+        field: Cow<'static, str>,
         message: String,
     },
     #[error("{0}")]
@@ -65,9 +67,9 @@ fn seconds(duration: Duration) -> u64 {
 }
 
 impl ApiError {
-    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+    pub fn invalid(field: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Self {
         ApiError::InvalidField {
-            field,
+            field: field.into(),
             message: message.into(),
         }
     }
@@ -135,7 +137,7 @@ impl ApiError {
     /// The JSON body (also sent as an SSE `error` event mid-stream).
     pub fn body(&self) -> serde_json::Value {
         let field = match self {
-            ApiError::InvalidField { field, .. } => Some(*field),
+            ApiError::InvalidField { field, .. } => Some(&**field),
             ApiError::ModelNotFound { .. } => Some("model"),
             _ => None,
         };

@@ -8,7 +8,8 @@
 //!
 //! # Layout
 //! - [`config`]: flags, env vars and the `--config` file ([`Config`]).
-//! - [`question`] and [`chat`]: body validation into
+//! - [`request`]: the request bodies as serde types, which are also their
+//!   OpenAPI schemas; [`question`] and [`chat`] validate them into
 //!   [`question::NewQuestion`]; the cache key; OpenAI's response shapes.
 //! - [`error`]: the single error -> HTTP mapping ([`error::ApiError`]).
 //! - [`auth`], [`rate_limit`], [`overload`]: who may ask, how often, and
@@ -33,6 +34,7 @@ pub mod priority;
 pub mod question;
 pub mod queue;
 pub mod rate_limit;
+pub mod request;
 pub mod routes;
 pub mod webhook;
 

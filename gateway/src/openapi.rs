@@ -1,9 +1,8 @@
 //! The OpenAPI document served at `/openapi.json`, generated from the
 //! handlers' `#[utoipa::path]` attributes and the types below.
 //!
-//! Request bodies are parsed by hand (for errors that name the field), so
-//! their schemas are the `*Request` types here; a test sends every example
-//! the schema allows and checks none is refused as malformed JSON.
+//! Request bodies are the parser's own types ([`crate::request`]); the
+//! response types are here.
 
 use serde::Serialize;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -12,113 +11,6 @@ use utoipa::{Modify, OpenApi, ToSchema};
 
 use crate::routes::admission::Answered;
 use crate::routes::questions::Pending;
-
-/// `POST /v1/questions` body.
-#[derive(Debug, ToSchema)]
-#[allow(dead_code)]
-pub struct QuestionRequest {
-    /// The question, at most 4000 characters after trimming.
-    #[schema(min_length = 1, max_length = 4000)]
-    question: String,
-    #[schema(minimum = 0, maximum = 13)]
-    grade: Option<u8>,
-    #[schema(max_length = 100)]
-    course: Option<String>,
-    /// Language to answer in; detected from the question when absent.
-    #[schema(max_length = 35)]
-    language: Option<String>,
-    /// Up to the gateway's --max-tokens-limit (default 4096).
-    #[schema(minimum = 1, maximum = 4096)]
-    max_tokens: Option<u32>,
-    /// How long to hold the request open for the answer (default 30).
-    #[schema(minimum = 0, maximum = 120)]
-    wait_seconds: Option<f64>,
-    /// http(s) URL that receives the final record, signed (README: Webhooks).
-    #[schema(max_length = 2048, format = "uri")]
-    callback_url: Option<String>,
-}
-
-#[derive(Debug, ToSchema)]
-#[serde(rename_all = "lowercase")]
-#[allow(dead_code)]
-pub enum ChatRole {
-    System,
-    Developer,
-    User,
-    Assistant,
-}
-
-#[derive(Debug, ToSchema)]
-#[allow(dead_code)]
-pub enum TextPartType {
-    #[serde(rename = "text")]
-    Text,
-}
-
-#[derive(Debug, ToSchema)]
-#[allow(dead_code)]
-pub struct TextPart {
-    r#type: TextPartType,
-    text: String,
-}
-
-#[derive(Debug, ToSchema)]
-#[serde(untagged)]
-#[allow(dead_code)]
-pub enum MessageContent {
-    Text(String),
-    Parts(Vec<TextPart>),
-}
-
-#[derive(Debug, ToSchema)]
-#[allow(dead_code)]
-pub struct RequestMessage {
-    role: ChatRole,
-    content: MessageContent,
-}
-
-#[derive(Debug, ToSchema)]
-#[allow(dead_code)]
-pub struct StreamOptions {
-    include_usage: Option<bool>,
-}
-
-/// `POST /v1/chat/completions` body: OpenAI's, plus ebb's optional fields.
-#[derive(Debug, ToSchema)]
-#[allow(dead_code)]
-pub struct ChatCompletionRequest {
-    /// The served model's id (optional; others are 404 `model_not_found`).
-    model: Option<String>,
-    /// The conversation; the last message must be the user's question.
-    #[schema(min_items = 1, max_items = 64)]
-    messages: Vec<RequestMessage>,
-    #[schema(minimum = 1, maximum = 4096)]
-    max_tokens: Option<u32>,
-    #[schema(minimum = 1, maximum = 4096)]
-    max_completion_tokens: Option<u32>,
-    /// 0 (the default here) is greedy and cacheable.
-    #[schema(minimum = 0, maximum = 2)]
-    temperature: Option<f64>,
-    #[schema(exclusive_minimum = 0, maximum = 1)]
-    top_p: Option<f64>,
-    #[schema(minimum = 0)]
-    seed: Option<u64>,
-    #[schema(minimum = 1, maximum = 1)]
-    n: Option<u32>,
-    stream: Option<bool>,
-    stream_options: Option<StreamOptions>,
-    /// The app's id for its end user; accepted, never logged.
-    #[schema(max_length = 256)]
-    user: Option<String>,
-    #[schema(minimum = 0, maximum = 13)]
-    grade: Option<u8>,
-    #[schema(max_length = 100)]
-    course: Option<String>,
-    #[schema(max_length = 35)]
-    language: Option<String>,
-    #[schema(max_length = 2048, format = "uri")]
-    callback_url: Option<String>,
-}
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct AssistantMessage {

@@ -5,18 +5,18 @@ use std::time::Duration;
 
 use ebb_nats::messages::PROMPT_TEMPLATE_VERSION;
 use ebb_nats::{ChatMessage, Sampling};
-use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use unicode_normalization::UnicodeNormalization;
 
 use crate::error::ApiError;
+use crate::request::{self, QuestionRequest};
 
 /// Longest question accepted, in characters.
 pub const MAX_QUESTION_CHARS: usize = 4_000;
 /// Longest a client may hold the request open for its answer.
 pub const MAX_WAIT: Duration = Duration::from_secs(120);
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
-const MAX_GRADE: i64 = 13;
+const MAX_GRADE: u8 = 13;
 const MAX_COURSE_CHARS: usize = 100;
 const MAX_LANGUAGE_CHARS: usize = 35;
 const MAX_URL_CHARS: usize = 2_048;
@@ -46,7 +46,7 @@ pub struct NewQuestion {
     pub callback_url: Option<reqwest::Url>,
 }
 
-/// The fields `POST /v1/questions` and the chat body share.
+/// The fields `POST /v1/questions` and the chat body share, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Context {
     pub grade: Option<u8>,
@@ -56,25 +56,30 @@ pub struct Context {
     pub callback_url: Option<reqwest::Url>,
 }
 
+/// The shared fields as a body gives them.
+#[derive(Debug, Default)]
+pub struct ContextFields {
+    pub grade: Option<u8>,
+    pub course: Option<String>,
+    pub language: Option<String>,
+    pub callback_url: Option<String>,
+    /// `max_tokens`, or the chat body's `max_completion_tokens`, and which.
+    pub max_tokens: (&'static str, Option<u32>),
+}
+
 impl Context {
-    /// Reads the shared fields; `max_tokens_field` is where the chat body
-    /// may call it `max_completion_tokens`.
-    pub fn from_fields(
-        fields: &Map<String, Value>,
-        limits: Limits,
-        max_tokens_field: &'static str,
-    ) -> Result<Context, ApiError> {
-        let grade = optional_integer(fields, "grade", 0, MAX_GRADE)?.map(|grade| grade as u8);
-        let max_tokens =
-            optional_integer(fields, max_tokens_field, 1, limits.max_tokens_limit.into())?
-                .map_or(limits.default_max_tokens, |tokens| tokens as u32);
-        let callback_url = optional_string(fields, "callback_url", MAX_URL_CHARS)?
+    pub fn validate(fields: ContextFields, limits: Limits) -> Result<Context, ApiError> {
+        let grade = in_range("grade", fields.grade, 0, MAX_GRADE)?;
+        let (max_tokens_field, max_tokens) = fields.max_tokens;
+        let max_tokens = in_range(max_tokens_field, max_tokens, 1, limits.max_tokens_limit)?
+            .unwrap_or(limits.default_max_tokens);
+        let callback_url = optional_text("callback_url", fields.callback_url, MAX_URL_CHARS)?
             .map(|text| parse_callback_url(&text))
             .transpose()?;
         Ok(Context {
             grade,
-            course: optional_string(fields, "course", MAX_COURSE_CHARS)?,
-            language: optional_string(fields, "language", MAX_LANGUAGE_CHARS)?,
+            course: optional_text("course", fields.course, MAX_COURSE_CHARS)?,
+            language: optional_text("language", fields.language, MAX_LANGUAGE_CHARS)?,
             max_tokens,
             callback_url,
         })
@@ -96,18 +101,6 @@ fn parse_callback_url(text: &str) -> Result<reqwest::Url, ApiError> {
     Ok(url)
 }
 
-/// Parses the body as a JSON object.
-pub fn json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|err| ApiError::InvalidJson(err.to_string()))?;
-    let Value::Object(fields) = value else {
-        return Err(ApiError::InvalidJson(
-            "the body must be a JSON object".into(),
-        ));
-    };
-    Ok(fields)
-}
-
 /// Trims a question's text and checks its length.
 pub fn question_text(text: &str, field: &'static str) -> Result<String, ApiError> {
     let text = text.trim();
@@ -124,31 +117,67 @@ pub fn question_text(text: &str, field: &'static str) -> Result<String, ApiError
     Ok(text.to_owned())
 }
 
+/// `value` if it lies in `min..=max` (or is absent).
+pub fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
+    field: &'static str,
+    value: Option<T>,
+    min: T,
+    max: T,
+) -> Result<Option<T>, ApiError> {
+    match value {
+        Some(value) if !(min..=max).contains(&value) => Err(ApiError::invalid(
+            field,
+            format!("must be between {min} and {max}"),
+        )),
+        value => Ok(value),
+    }
+}
+
+/// Trimmed text of at most `max_chars` characters; empty is absent.
+pub fn optional_text(
+    field: &'static str,
+    text: Option<String>,
+    max_chars: usize,
+) -> Result<Option<String>, ApiError> {
+    let Some(text) = text else { return Ok(None) };
+    let text = text.trim();
+    if text.chars().count() > max_chars {
+        return Err(ApiError::invalid(
+            field,
+            format!("must be at most {max_chars} characters"),
+        ));
+    }
+    Ok((!text.is_empty()).then(|| text.to_owned()))
+}
+
 impl NewQuestion {
     /// Validates a JSON body, naming the first offending field.
     pub fn from_json(body: &[u8], limits: Limits) -> Result<NewQuestion, ApiError> {
-        let fields = json_object(body)?;
-        let question = match fields.get("question") {
-            None | Some(Value::Null) => return Err(ApiError::invalid("question", "is required")),
-            Some(Value::String(text)) => question_text(text, "question")?,
-            Some(_) => return Err(ApiError::invalid("question", "must be a string")),
+        NewQuestion::validate(request::parse(body)?, limits)
+    }
+
+    pub fn validate(body: QuestionRequest, limits: Limits) -> Result<NewQuestion, ApiError> {
+        let question = match body.question {
+            None => return Err(ApiError::invalid("question", "is required")),
+            Some(text) => question_text(&text, "question")?,
         };
-        let context = Context::from_fields(&fields, limits, "max_tokens")?;
-        let wait = match fields.get("wait_seconds") {
-            None | Some(Value::Null) => DEFAULT_WAIT,
-            Some(Value::Number(number)) => match number.as_f64() {
-                Some(seconds) if (0.0..=MAX_WAIT.as_secs_f64()).contains(&seconds) => {
-                    Duration::from_secs_f64(seconds)
-                }
-                _ => {
-                    return Err(ApiError::invalid(
-                        "wait_seconds",
-                        format!("must be between 0 and {}", MAX_WAIT.as_secs()),
-                    ));
-                }
+        let context = Context::validate(
+            ContextFields {
+                grade: body.grade,
+                course: body.course,
+                language: body.language,
+                callback_url: body.callback_url,
+                max_tokens: ("max_tokens", body.max_tokens),
             },
-            Some(_) => return Err(ApiError::invalid("wait_seconds", "must be a number")),
-        };
+            limits,
+        )?;
+        let wait = in_range(
+            "wait_seconds",
+            body.wait_seconds,
+            0.0,
+            MAX_WAIT.as_secs_f64(),
+        )?
+        .map_or(DEFAULT_WAIT, Duration::from_secs_f64);
         Ok(NewQuestion::new(
             question,
             context,
@@ -219,47 +248,6 @@ pub fn normalise(question: &str) -> String {
     caseless::default_case_fold_str(&collapsed)
 }
 
-pub fn optional_integer(
-    fields: &Map<String, Value>,
-    field: &'static str,
-    min: i64,
-    max: i64,
-) -> Result<Option<i64>, ApiError> {
-    match fields.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(number)) => match number.as_i64() {
-            Some(value) if (min..=max).contains(&value) => Ok(Some(value)),
-            _ => Err(ApiError::invalid(
-                field,
-                format!("must be an integer between {min} and {max}"),
-            )),
-        },
-        Some(_) => Err(ApiError::invalid(field, "must be an integer")),
-    }
-}
-
-pub fn optional_string(
-    fields: &Map<String, Value>,
-    field: &'static str,
-    max_chars: usize,
-) -> Result<Option<String>, ApiError> {
-    match fields.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(text)) => {
-            let text = text.trim();
-            if text.chars().count() > max_chars {
-                Err(ApiError::invalid(
-                    field,
-                    format!("must be at most {max_chars} characters"),
-                ))
-            } else {
-                Ok((!text.is_empty()).then(|| text.to_owned()))
-            }
-        }
-        Some(_) => Err(ApiError::invalid(field, "must be a string")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,9 +261,9 @@ mod tests {
         NewQuestion::from_json(body.as_bytes(), LIMITS)
     }
 
-    fn field_of(result: Result<NewQuestion, ApiError>) -> &'static str {
+    fn field_of(result: Result<NewQuestion, ApiError>) -> String {
         match result {
-            Err(ApiError::InvalidField { field, .. }) => field,
+            Err(ApiError::InvalidField { field, .. }) => field.into_owned(),
             other => panic!("expected a field error, got {other:?}"),
         }
     }
@@ -330,6 +318,18 @@ mod tests {
     }
 
     #[test]
+    fn unknown_fields_are_refused_by_name() {
+        // A misspelt `max_tokens` must not silently give the default limit.
+        let err = parse(r#"{"question":"x","max_token":5}"#).unwrap_err();
+        assert_eq!(err.status(), axum::http::StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(
+            err.to_string().contains("unknown field `max_token`"),
+            "{err}"
+        );
+        assert_eq!(field_of(Err(err)), "max_token");
+    }
+
+    #[test]
     fn a_question_at_the_limit_counts_characters_not_bytes() {
         let body = format!(r#"{{"question":"{}"}}"#, "光".repeat(MAX_QUESTION_CHARS));
         assert!(parse(&body).is_ok());
@@ -339,6 +339,10 @@ mod tests {
     fn malformed_bodies_are_json_errors() {
         assert!(matches!(parse("{"), Err(ApiError::InvalidJson(_))));
         assert!(matches!(parse("[1,2]"), Err(ApiError::InvalidJson(_))));
+        assert!(matches!(
+            parse(r#"{"question":"x"} {}"#),
+            Err(ApiError::InvalidJson(_))
+        ));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use chrono::Utc;
 use serde_json::{Value, json};
 
 use crate::policy::Override;
-use crate::scaler::Shared;
+use crate::scaler::{Shared, Startup};
 use crate::signals::WorkerView;
 
 /// Longest a manual override may last.
@@ -108,14 +108,24 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/status", get(status))
         .route("/scale", post(scale))
         .route("/metrics", get(metrics))
-        .route(
-            "/healthz",
-            get(|| async { Json(json!({"status": "healthy"})) }),
-        )
+        .route("/healthz", get(healthz))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::extract::DefaultBodyLimit::max(4096))
         .with_state(state)
+}
+
+/// 200 once the loop runs; 503 naming what a starting scaler waits for,
+/// so an orchestrator sees it alive but not ready.
+async fn healthz(State(state): State<Arc<ApiState>>) -> Response {
+    match state.shared.startup() {
+        Startup::Ready => Json(json!({"status": "healthy"})).into_response(),
+        waiting => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "starting", "waiting_for": waiting.to_string()})),
+        )
+            .into_response(),
+    }
 }
 
 async fn status(State(state): State<Arc<ApiState>>) -> Json<crate::scaler::Status> {

@@ -37,13 +37,14 @@ use chrono::Utc;
 use ebb_nats::{Heartbeat, subjects};
 use futures::StreamExt;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use config::{BackendConfig, ScalerConfig};
 use policy::Policy;
 use pool::WorkerPool;
 use pool::docker::DockerPool;
 use pool::process::ProcessPool;
-use scaler::{Scaler, Shared};
+use scaler::{Scaler, Shared, Startup};
 use timetable::Timetable;
 
 #[derive(Debug, thiserror::Error)]
@@ -58,8 +59,9 @@ pub enum ScalerError {
     Serve(#[from] std::io::Error),
 }
 
-/// Connects, adopts the workers it started before, and scales until
-/// `shutdown`. Workers keep running when the scaler stops.
+/// Serves the HTTP API at once (`/healthz` answers 503 naming what the
+/// scaler still waits for), connects, adopts the workers it started before,
+/// and scales until `shutdown`. Workers keep running when the scaler stops.
 pub async fn run(
     config: ScalerConfig,
     timetable: Timetable,
@@ -67,63 +69,93 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ScalerError> {
-    let client = ebb_nats::connect(nats_url, "ebb-scaler", None).await?;
-    let questions = wait_for_queue(&client).await?;
+    let stopping = CancellationToken::new();
+    let shared = Arc::new(Shared::default());
+    let api = tokio::spawn(serve_api(
+        api_state(&config, &shared),
+        listener,
+        stopping.clone(),
+    ));
+    let on_signal = stopping.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        on_signal.cancel();
+    });
+    let scaled = start_and_scale(config, timetable, nats_url, shared, stopping.clone()).await;
+    stopping.cancel();
+    let served = api.await.expect("the API task does not panic");
+    scaled.and(served)
+}
+
+/// Waits for what the loop needs, then runs it until `stopping`.
+async fn start_and_scale(
+    config: ScalerConfig,
+    timetable: Timetable,
+    nats_url: &str,
+    shared: Arc<Shared>,
+    stopping: CancellationToken,
+) -> Result<(), ScalerError> {
+    let connect = async {
+        shared.starting(Startup::Nats);
+        let client = ebb_nats::connect(nats_url, "ebb-scaler", None).await?;
+        shared.starting(Startup::QuestionStream);
+        let questions = wait_for_queue(&client).await?;
+        listen_for_signals(&client, &shared, &config).await?;
+        Ok::<_, ScalerError>((client, questions))
+    };
+    // Kept to the end: the subscriptions feeding the signals live on it.
+    let (_client, questions) = tokio::select! {
+        connected = connect => connected?,
+        () = stopping.cancelled() => return Ok(()),
+    };
+    shared.starting(Startup::Pool);
     let grace = config.health.stop_grace;
-    match config.backend.clone() {
+    let policy = Policy::new(config.clone(), timetable);
+    match config.backend {
         BackendConfig::Process(process) => {
             let pool = ProcessPool::open(process, grace)?;
-            serve(
-                config, timetable, client, questions, pool, listener, shutdown,
-            )
-            .await
+            scale(Scaler::new(policy, pool, questions, shared), stopping).await
         }
         BackendConfig::Docker(docker) => {
             let pool = DockerPool::connect(docker, grace).await?;
-            serve(
-                config, timetable, client, questions, pool, listener, shutdown,
-            )
-            .await
+            scale(Scaler::new(policy, pool, questions, shared), stopping).await
         }
     }
 }
 
-/// Runs the loop over `pool` and the HTTP API until `shutdown`.
-async fn serve<P: WorkerPool + 'static>(
-    config: ScalerConfig,
-    timetable: Timetable,
-    client: async_nats::Client,
-    questions: async_nats::jetstream::stream::Stream,
-    pool: P,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+async fn scale<P: WorkerPool + 'static>(
+    scaler: Scaler<P>,
+    stopping: CancellationToken,
 ) -> Result<(), ScalerError> {
-    let shared = Arc::new(Shared::default());
+    scaler.shared.starting(Startup::Ready);
+    scaler.run(stopping.cancelled_owned()).await;
+    Ok(())
+}
+
+fn api_state(config: &ScalerConfig, shared: &Arc<Shared>) -> Arc<http::ApiState> {
     let admin_token = std::env::var(&config.admin_token_env)
         .ok()
         .filter(|token| !token.is_empty());
     if admin_token.is_none() {
         tracing::warn!(variable = %config.admin_token_env, "no admin token: POST /scale is disabled");
     }
-    let api = Arc::new(http::ApiState {
+    Arc::new(http::ApiState {
         shared: shared.clone(),
         admin_token,
         max_instances: config.resources.max_instances,
-    });
-    listen_for_signals(&client, &shared, &config).await?;
+    })
+}
 
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let scaler = Scaler::new(Policy::new(config, timetable), pool, questions, shared);
-    let scaling = tokio::spawn(scaler.run(async {
-        let _ = stopped.await;
-    }));
+async fn serve_api(
+    api: Arc<http::ApiState>,
+    listener: TcpListener,
+    stopping: CancellationToken,
+) -> Result<(), ScalerError> {
     tracing::info!(address = %listener.local_addr()?, "scaler listening");
-    let served = axum::serve(listener, http::router(api))
-        .with_graceful_shutdown(shutdown)
-        .await;
-    let _ = stop.send(());
-    let _ = scaling.await;
-    Ok(served?)
+    axum::serve(listener, http::router(api))
+        .with_graceful_shutdown(stopping.cancelled_owned())
+        .await?;
+    Ok(())
 }
 
 /// The scaler only reads the queue; it waits for the gateway or a worker to

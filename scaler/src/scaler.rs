@@ -65,9 +65,33 @@ pub struct Status {
     pub last_error: Option<String>,
 }
 
+/// What a starting scaler still waits for; `/healthz` names it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Startup {
+    #[default]
+    Nats,
+    QuestionStream,
+    Pool,
+    Ready,
+}
+
+impl std::fmt::Display for Startup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Startup::Nats => "connecting to NATS",
+            Startup::QuestionStream => {
+                "waiting for the question stream (the gateway creates it; is NATS reachable?)"
+            }
+            Startup::Pool => "opening the worker pool",
+            Startup::Ready => "ready",
+        })
+    }
+}
+
 /// State shared with the HTTP API.
 #[derive(Debug, Default)]
 pub struct Shared {
+    pub startup: Mutex<Startup>,
     pub status: Mutex<Status>,
     /// A `POST /scale` waiting for the next decision.
     pub pending_override: Mutex<Option<Override>>,
@@ -80,6 +104,17 @@ pub struct Shared {
 impl Shared {
     pub fn status(&self) -> Status {
         self.status.lock().expect("status lock").clone()
+    }
+
+    pub fn starting(&self, step: Startup) {
+        *self.startup.lock().expect("startup lock") = step;
+        if step != Startup::Ready {
+            tracing::info!(step = %step, "scaler starting");
+        }
+    }
+
+    pub fn startup(&self) -> Startup {
+        *self.startup.lock().expect("startup lock")
     }
 }
 

@@ -51,26 +51,85 @@ pub fn process_backend(stack: &Stack, state_dir: &std::path::Path, worker_args: 
 }
 
 impl ScalerProcess {
-    /// Starts a scaler with `policy` (YAML without the backend section).
+    /// Starts a scaler with `policy` (YAML without the backend section) and
+    /// waits until its loop runs.
     pub fn start(stack: &Stack, policy: &str, worker_args: &[&str]) -> ScalerProcess {
+        let mut scaler = ScalerProcess::configure(stack.nats.url(), |state_dir| {
+            format!(
+                "{policy}\n{}",
+                process_backend(stack, state_dir, worker_args)
+            )
+        });
+        scaler.restart();
+        scaler
+    }
+
+    /// Starts a scaler against a NATS server that may not hold ebb's
+    /// streams yet; returns once it listens, without waiting for health.
+    pub fn start_before_the_queue(nats_url: String, policy: &str) -> ScalerProcess {
+        let mut scaler = ScalerProcess::configure(nats_url, |state_dir| {
+            format!(
+                "{policy}\nbackend:\n  kind: process\n  command: {}\n  state_dir: {}\n  pool: test\n",
+                worker_binary().display(),
+                state_dir.display()
+            )
+        });
+        scaler.launch();
+        scaler
+    }
+
+    fn configure(
+        nats_url: String,
+        config: impl FnOnce(&std::path::Path) -> String,
+    ) -> ScalerProcess {
         let state = TempDir::new("scaler");
         let config_path = state.path().join("scaler.yaml");
-        let backend = process_backend(stack, &state.path().join("workers"), worker_args);
-        std::fs::write(&config_path, format!("{policy}\n{backend}")).expect("write config");
-        let mut scaler = ScalerProcess {
+        std::fs::write(&config_path, config(&state.path().join("workers"))).expect("write config");
+        ScalerProcess {
             child: None,
             url: String::new(),
             config_path,
             state,
             port: free_port(),
-            nats_url: stack.nats.url(),
-        };
-        scaler.restart();
-        scaler
+            nats_url,
+        }
     }
 
-    /// (Re)starts the scaler process on the same config and state.
+    /// (Re)starts the scaler process on the same config and state and waits
+    /// until `/healthz` says its loop runs.
     pub fn restart(&mut self) {
+        self.launch();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.health_status() != Some(200) {
+            assert!(Instant::now() < deadline, "ebb-scaler never became healthy");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The status code of `GET /healthz` (plain HTTP/1.0: this is called
+    /// from synchronous code), or `None` if it does not answer.
+    fn health_status(&self) -> Option<u16> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        stream
+            .write_all(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .ok()?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).ok()?;
+        std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+    }
+
+    /// `GET /healthz`: status code and body.
+    pub async fn healthz(&self) -> (u16, Value) {
+        let response = reqwest::get(format!("{}/healthz", self.url))
+            .await
+            .expect("scaler reachable");
+        let code = response.status().as_u16();
+        (code, response.json().await.expect("healthz JSON"))
+    }
+
+    fn launch(&mut self) {
         assert!(self.child.is_none(), "scaler already running");
         self.url = format!("http://127.0.0.1:{}", self.port);
         let child = Command::new(scaler_binary())

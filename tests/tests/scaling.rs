@@ -6,7 +6,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use chrono::{Timelike, Utc};
-use ebb_tests::{ADMIN_TOKEN, ScalerProcess, Stack, StackOptions, scaler_binary};
+use ebb_nats::{QueueConfig, Topology};
+use ebb_tests::{ADMIN_TOKEN, NatsServer, ScalerProcess, Stack, StackOptions, scaler_binary};
 use serde_json::{Value, json};
 
 const ELASTIC: &str = r#"
@@ -210,6 +211,38 @@ async fn a_timetable_window_prewarms_workers_before_it_opens() {
     );
     assert_eq!(warm["reason"], "timetable floor 'period-1' 2");
     assert_eq!(warm["timetable_floor"]["name"], "period-1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scaler_started_before_the_queue_answers_healthz_at_once_naming_what_it_waits_for() {
+    let nats = NatsServer::start();
+    let scaler = ScalerProcess::start_before_the_queue(nats.url(), ELASTIC);
+    let (code, body) = scaler.healthz().await;
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["status"], "starting");
+    let waiting_for = body["waiting_for"].as_str().unwrap_or_default();
+    assert!(
+        waiting_for.contains("question stream") || waiting_for.contains("NATS"),
+        "{body}"
+    );
+    // What the gateway does at its start.
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    Topology::ensure(client, &QueueConfig::default())
+        .await
+        .expect("create the streams");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, body) = scaler.healthz().await;
+        if code == 200 {
+            assert_eq!(body["status"], "healthy");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never healthy: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn scale(scaler: &ScalerProcess, token: Option<&str>, body: &str) -> (u16, Value) {

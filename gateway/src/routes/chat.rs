@@ -28,7 +28,7 @@ use crate::queue;
     post,
     path = "/v1/chat/completions",
     tag = "openai",
-    request_body = crate::openapi::ChatCompletionRequest,
+    request_body = crate::request::ChatCompletionRequest,
     responses(
         (status = 200, description = "The answer; with `stream: true` a `text/event-stream` of `chat.completion.chunk`s", content(
             (ChatCompletion = "application/json"),

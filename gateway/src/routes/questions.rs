@@ -34,7 +34,7 @@ pub struct Pending {
     post,
     path = "/v1/questions",
     tag = "questions",
-    request_body = crate::openapi::QuestionRequest,
+    request_body = crate::request::QuestionRequest,
     responses(
         (status = 200, description = "Answered (from the cache or within `wait_seconds`)", body = Answered),
         (status = 202, description = "Queued; not answered within `wait_seconds`", body = Pending),
