@@ -5,8 +5,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ebb_nats::timetable::TimetableEntry;
-use ebb_nats::{ModelArgs, QueueConfig, ServiceArgs};
+use ebb_nats::QueueConfig;
+use ebb_runtime::{ModelArgs, ServiceArgs};
+use ebb_schedule::timetable::TimetableEntry;
 use ipnet::IpNet;
 
 use crate::auth::ApiKey;
@@ -59,7 +60,7 @@ pub struct Config {
     #[command(flatten)]
     pub webhooks: WebhookArgs,
     /// Interval of SSE keep-alive comments on idle streams.
-    #[arg(long, env = "EBB_SSE_KEEP_ALIVE", default_value = "15s", value_parser = ebb_nats::duration::parse)]
+    #[arg(long, env = "EBB_SSE_KEEP_ALIVE", default_value = "15s", value_parser = ebb_runtime::duration::parse)]
     pub sse_keep_alive: Duration,
     #[command(flatten)]
     pub queue: QueueConfig,
@@ -94,10 +95,10 @@ pub struct OverloadArgs {
     pub max_workers: u32,
     /// A new question is refused (429 overloaded) when the questions ahead of
     /// it would take longer than this even at --max-workers.
-    #[arg(long, env = "EBB_LATENCY_GOAL", default_value = "60s", value_parser = ebb_nats::duration::parse)]
+    #[arg(long, env = "EBB_LATENCY_GOAL", default_value = "60s", value_parser = ebb_runtime::duration::parse)]
     pub latency_goal: Duration,
     /// Time one worker takes per question until heartbeats report it.
-    #[arg(long, env = "EBB_SERVICE_TIME_ESTIMATE", default_value = "10s", value_parser = ebb_nats::duration::parse)]
+    #[arg(long, env = "EBB_SERVICE_TIME_ESTIMATE", default_value = "10s", value_parser = ebb_runtime::duration::parse)]
     pub service_time_estimate: Duration,
 }
 
@@ -113,7 +114,7 @@ pub struct WebhookArgs {
     #[arg(long, env = "EBB_WEBHOOK_ALLOW", value_delimiter = ',')]
     pub webhook_allow: Vec<IpNet>,
     /// Longest one webhook call may take.
-    #[arg(long, env = "EBB_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = ebb_nats::duration::parse)]
+    #[arg(long, env = "EBB_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = ebb_runtime::duration::parse)]
     pub webhook_timeout: Duration,
 }
 

@@ -4,21 +4,12 @@ use ebb_gateway::Config;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    let _telemetry = ebb_nats::telemetry::init("ebb-gateway")?;
+    let _telemetry = ebb_runtime::telemetry::init("ebb-gateway")?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|err| anyhow::anyhow!("cannot listen on {} (--listen): {err}", config.listen))?;
-    ebb_gateway::run(config, listener, shutdown_signal()).await?;
+    let shutdown =
+        ebb_runtime::shutdown::first_signal("shutting down: finishing in-flight requests");
+    ebb_gateway::run(config, listener, shutdown).await?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler installs");
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down: finishing in-flight requests");
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use ebb_nats::Priority;
-use ebb_nats::timetable::{Timetable, TimetableEntry};
+use ebb_schedule::timetable::{Timetable, TimetableEntry};
 
 /// The `priority:` block of the gateway config.
 #[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]

@@ -6,7 +6,8 @@ use async_nats::connection::State;
 use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
-use ebb_nats::{AnswerEvent, Job, subjects, telemetry};
+use ebb_nats::{AnswerEvent, Job, subjects};
+use ebb_runtime::telemetry;
 use futures::StreamExt;
 
 use crate::error::ApiError;

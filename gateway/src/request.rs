@@ -95,6 +95,8 @@ pub struct ChatCompletionRequest {
     /// The app's id for its end user; accepted, never logged.
     #[schema(max_length = 256)]
     pub user: Option<String>,
+    // ebb's fields, as in `QuestionRequest`: written out in both because
+    // serde cannot refuse unknown fields next to a `flatten`ed struct.
     #[schema(minimum = 0, maximum = 13)]
     pub grade: Option<u8>,
     #[schema(max_length = 100)]

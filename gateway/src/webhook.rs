@@ -115,8 +115,8 @@ pub fn signature(secret: &str, unix_seconds: u64, body: &[u8]) -> String {
 
 /// Backoff before delivery `n + 1`: 2^(n-1) s, capped at 5 minutes.
 fn retry_delay(deliveries: i64) -> Duration {
-    let doublings = deliveries.saturating_sub(1).clamp(0, 16) as u32;
-    Duration::from_secs(1 << doublings).min(Duration::from_secs(300))
+    let deliveries = deliveries.max(0) as u64;
+    ebb_runtime::backoff::exponential(Duration::from_secs(1), deliveries, Duration::from_secs(300))
 }
 
 #[derive(Debug)]

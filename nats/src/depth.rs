@@ -22,7 +22,7 @@ pub struct PriorityDepth {
     /// Delivered, not yet acknowledged (being answered or waiting for redelivery).
     pub ack_pending: u64,
     /// Age of the oldest question not yet delivered; zero when none waits.
-    #[serde(serialize_with = "crate::duration::serialize_seconds")]
+    #[serde(serialize_with = "ebb_runtime::duration::serialize_seconds")]
     pub oldest_waiting: Duration,
 }
 

@@ -16,27 +16,18 @@
 //! - [`dead_letter`]: gives a terminal status to questions whose last delivery
 //!   was lost with a crashed worker.
 //! - [`webhook`]: the queue of callback calls the gateway delivers.
-//! - [`telemetry`]: tracing/OpenTelemetry setup and W3C `traceparent`
-//!   propagation through message headers.
-//! - [`cron`] and [`timetable`]: school timetables (5-field cron in IANA
-//!   time zones) that the scaler pre-warms for and the gateway prioritises by.
-//! - [`duration`]: the `30s` / `500ms` syntax every duration flag accepts.
-//! - [`args`]: flags every process shares ([`ServiceArgs`], [`ModelArgs`]).
+//!
+//! Timetables live in `ebb-schedule`, process plumbing (telemetry, shared
+//! flags, durations) in `ebb-runtime`.
 
-pub mod args;
-pub mod cron;
 pub mod dead_letter;
 pub mod depth;
-pub mod duration;
 pub mod messages;
 pub mod store;
 pub mod subjects;
-pub mod telemetry;
-pub mod timetable;
 pub mod topology;
 pub mod webhook;
 
-pub use args::{ModelArgs, ServiceArgs};
 pub use depth::{PriorityDepth, QueueDepth, queue_depth};
 pub use messages::{
     AnswerEvent, ChatMessage, DeadLetter, FinishReason, Heartbeat, Job, Role, Sampling, Timings,

@@ -52,15 +52,15 @@ pub struct QueueConfig {
     #[arg(long = "max-deliver", env = "EBB_MAX_DELIVER", default_value_t = 5, value_parser = clap::value_parser!(i64).range(1..))]
     pub max_deliver: i64,
     /// Window in which a republished question id is dropped as a duplicate.
-    #[arg(long = "duplicate-window", env = "EBB_DUPLICATE_WINDOW", default_value = "2m", value_parser = crate::duration::parse)]
+    #[arg(long = "duplicate-window", env = "EBB_DUPLICATE_WINDOW", default_value = "2m", value_parser = ebb_runtime::duration::parse)]
     pub duplicate_window: Duration,
     /// How long dead letters are kept in the `EBB_DEAD` stream.
-    #[arg(long = "dead-letter-max-age", env = "EBB_DEAD_LETTER_MAX_AGE", default_value = "14d", value_parser = crate::duration::parse)]
+    #[arg(long = "dead-letter-max-age", env = "EBB_DEAD_LETTER_MAX_AGE", default_value = "14d", value_parser = ebb_runtime::duration::parse)]
     pub dead_letter_max_age: Duration,
 }
 
 fn parse_ack_wait(text: &str) -> Result<Duration, String> {
-    let wait = crate::duration::parse(text)?;
+    let wait = ebb_runtime::duration::parse(text)?;
     if wait < Duration::from_secs(1) {
         return Err("must be at least 1s (workers send progress acks every third of it)".into());
     }
@@ -261,7 +261,11 @@ pub async fn connect(
         .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(2))
         .reconnect_delay_callback(|attempts| {
-            Duration::from_millis(100u64.saturating_mul(1 << attempts.min(5)).min(2_000))
+            ebb_runtime::backoff::exponential(
+                Duration::from_millis(100),
+                attempts as u64 + 1,
+                Duration::from_secs(2),
+            )
         })
         .connect(url)
         .await

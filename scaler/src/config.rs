@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::timetable::{Timetable, TimetableEntry, TimetableError};
+use ebb_schedule::timetable::{Timetable, TimetableEntry, TimetableError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -47,7 +47,7 @@ pub struct ScalerConfig {
     /// workers wake the scaler at once, whatever the tick).
     #[serde(
         default = "defaults::tick",
-        deserialize_with = "ebb_nats::duration::deserialize"
+        deserialize_with = "ebb_runtime::duration::deserialize"
     )]
     pub tick: Duration,
     pub resources: Resources,
@@ -105,8 +105,8 @@ pub struct Condition {
     pub threshold: f64,
     #[serde(
         default,
-        deserialize_with = "ebb_nats::duration::deserialize",
-        serialize_with = "ebb_nats::duration::serialize_seconds"
+        deserialize_with = "ebb_runtime::duration::deserialize",
+        serialize_with = "ebb_runtime::duration::serialize_seconds"
     )]
     pub duration: Duration,
 }
@@ -153,22 +153,22 @@ pub struct TargetTracking {
     pub attainment: f64,
     /// Time in which a backlog should be drained.
     #[serde(
-        deserialize_with = "ebb_nats::duration::deserialize",
-        serialize_with = "ebb_nats::duration::serialize_seconds"
+        deserialize_with = "ebb_runtime::duration::deserialize",
+        serialize_with = "ebb_runtime::duration::serialize_seconds"
     )]
     pub drain_target: Duration,
     /// End-to-end latency students should see; an oldest waiting question
     /// older than half of it means panic.
     #[serde(
-        deserialize_with = "ebb_nats::duration::deserialize",
-        serialize_with = "ebb_nats::duration::serialize_seconds"
+        deserialize_with = "ebb_runtime::duration::deserialize",
+        serialize_with = "ebb_runtime::duration::serialize_seconds"
     )]
     pub latency_goal: Duration,
     /// Service time per question until workers report one: with batching,
     /// the time one question spends in its slot (heartbeat `mean_job_ms`).
     #[serde(
-        deserialize_with = "ebb_nats::duration::deserialize",
-        serialize_with = "ebb_nats::duration::serialize_seconds"
+        deserialize_with = "ebb_runtime::duration::deserialize",
+        serialize_with = "ebb_runtime::duration::serialize_seconds"
     )]
     pub default_service_time: Duration,
     /// Questions one worker answers at once (its `--max-batch`) until
@@ -177,14 +177,14 @@ pub struct TargetTracking {
     pub slots_per_worker: u32,
     /// Window of the stable arrival rate.
     #[serde(
-        deserialize_with = "ebb_nats::duration::deserialize",
-        serialize_with = "ebb_nats::duration::serialize_seconds"
+        deserialize_with = "ebb_runtime::duration::deserialize",
+        serialize_with = "ebb_runtime::duration::serialize_seconds"
     )]
     pub stable_window: Duration,
     /// Window of the panic arrival rate.
     #[serde(
-        deserialize_with = "ebb_nats::duration::deserialize",
-        serialize_with = "ebb_nats::duration::serialize_seconds"
+        deserialize_with = "ebb_runtime::duration::deserialize",
+        serialize_with = "ebb_runtime::duration::serialize_seconds"
     )]
     pub panic_window: Duration,
 }
@@ -214,15 +214,15 @@ pub struct Cooldowns {
     /// (never below 1 this way). Longer than `target.stable_window`, a
     /// just-started scaler cannot scale down on its half-empty rate window.
     #[serde(
-        deserialize_with = "ebb_nats::duration::deserialize",
-        serialize_with = "ebb_nats::duration::serialize_seconds"
+        deserialize_with = "ebb_runtime::duration::deserialize",
+        serialize_with = "ebb_runtime::duration::serialize_seconds"
     )]
     pub scale_down_stabilization: Duration,
     /// No question waiting, arriving or being answered for this long before
     /// the last worker stops (the seed's 5-minute scale-down duration).
     #[serde(
-        deserialize_with = "ebb_nats::duration::deserialize",
-        serialize_with = "ebb_nats::duration::serialize_seconds"
+        deserialize_with = "ebb_runtime::duration::deserialize",
+        serialize_with = "ebb_runtime::duration::serialize_seconds"
     )]
     pub scale_to_zero_idle: Duration,
 }
@@ -241,16 +241,16 @@ impl Default for Cooldowns {
 #[serde(deny_unknown_fields, default)]
 pub struct Health {
     /// A worker not ready this long after its start is unhealthy and replaced.
-    #[serde(deserialize_with = "ebb_nats::duration::deserialize")]
+    #[serde(deserialize_with = "ebb_runtime::duration::deserialize")]
     pub init_timeout: Duration,
     /// A ready worker whose heartbeat is older than this is unhealthy.
-    #[serde(deserialize_with = "ebb_nats::duration::deserialize")]
+    #[serde(deserialize_with = "ebb_runtime::duration::deserialize")]
     pub heartbeat_timeout: Duration,
     /// First delay before replacing a crashed worker; doubles per crash in a row (max 5 min).
-    #[serde(deserialize_with = "ebb_nats::duration::deserialize")]
+    #[serde(deserialize_with = "ebb_runtime::duration::deserialize")]
     pub restart_backoff: Duration,
     /// How long a stopping worker may drain before it is killed.
-    #[serde(deserialize_with = "ebb_nats::duration::deserialize")]
+    #[serde(deserialize_with = "ebb_runtime::duration::deserialize")]
     pub stop_grace: Duration,
 }
 
@@ -321,7 +321,7 @@ mod defaults {
 fn optional_duration<'de, D: serde::Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Option<Duration>, D::Error> {
-    ebb_nats::duration::deserialize(deserializer).map(Some)
+    ebb_runtime::duration::deserialize(deserializer).map(Some)
 }
 
 impl TargetTracking {

@@ -132,15 +132,12 @@ async fn status(State(state): State<Arc<ApiState>>) -> Json<crate::scaler::Statu
     Json(state.shared.status())
 }
 
-/// Constant-time comparison (in content and length), so the token cannot be
-/// guessed byte by byte.
+/// Compares digests in constant time (as the gateway does its keys), so
+/// neither the token's bytes nor its length can be guessed from timing.
 fn same_token(given: &[u8], expected: &[u8]) -> bool {
-    let length = given.len().max(expected.len());
-    let byte = |bytes: &[u8], i: usize| bytes.get(i).copied().unwrap_or(0);
-    let diff = (0..length).fold(given.len() ^ expected.len(), |diff, i| {
-        diff | usize::from(byte(given, i) ^ byte(expected, i))
-    });
-    diff == 0
+    use sha2::{Digest, Sha256};
+    use subtle::ConstantTimeEq;
+    bool::from(Sha256::digest(given).ct_eq(&Sha256::digest(expected)))
 }
 
 async fn scale(
@@ -346,12 +343,11 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
             "# HELP ebb_scaler_activation_delay_seconds First question at zero workers to worker start issued.\n# TYPE ebb_scaler_activation_delay_seconds summary"
         );
         for quantile in [0.5, 0.99] {
-            let index =
-                ((delays.len() as f64 * quantile).ceil() as usize).clamp(1, delays.len()) - 1;
+            let delay = ebb_runtime::quantile::nearest_rank(&delays, quantile).unwrap_or(0.0);
             let _ = writeln!(
                 text,
                 "ebb_scaler_activation_delay_seconds{{quantile=\"{quantile}\"}} {}",
-                delays[index] / 1000.0
+                delay / 1000.0
             );
         }
         let _ = writeln!(

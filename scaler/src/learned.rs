@@ -17,7 +17,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::timetable::Window;
+use ebb_schedule::timetable::Window;
 
 /// Resolution of a learned profile.
 const STEP_SECONDS: i64 = 60;

@@ -4,8 +4,6 @@
 //!
 //! # Layout
 //! - [`config`]: the YAML config file, validated with errors naming the key.
-//! - [`cron`] and [`timetable`]: 5-field cron in IANA time zones; windows
-//!   that put a floor under the worker count.
 //! - [`policy`]: the pure [`policy::decide`] and its inputs and outputs;
 //!   [`learned`]: timetable windows that learn their floor.
 //! - [`signals`]: arrivals, heartbeats and pool listings into an observation.
@@ -18,7 +16,6 @@
 //! [`run`] serves until `shutdown` resolves; `main` only parses flags.
 
 pub mod config;
-pub use ebb_nats::cron;
 pub mod http;
 pub mod learned;
 pub mod policy;
@@ -26,7 +23,6 @@ pub mod pool;
 pub mod scaler;
 pub mod signals;
 pub mod simulate;
-pub use ebb_nats::timetable;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -40,12 +36,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use config::{BackendConfig, ScalerConfig};
+use ebb_schedule::timetable::Timetable;
 use policy::Policy;
 use pool::WorkerPool;
 use pool::docker::DockerPool;
 use pool::process::ProcessPool;
 use scaler::{Scaler, Shared, Startup};
-use timetable::Timetable;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScalerError {

@@ -80,7 +80,7 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
         .config
         .ok_or_else(|| anyhow::anyhow!("--config (EBB_SCALER_CONFIG) is required"))?;
     let (config, timetable) = ScalerConfig::load(&path)?;
-    let _telemetry = ebb_nats::telemetry::init("ebb-scaler")?;
+    let _telemetry = ebb_runtime::telemetry::init("ebb-scaler")?;
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
         .map_err(|err| anyhow::anyhow!("cannot listen on {} (--listen): {err}", cli.listen))?;
@@ -89,7 +89,8 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
         timetable,
         &cli.nats_url,
         listener,
-        shutdown_signal(),
+        // Workers keep running and are adopted by the next scaler.
+        ebb_runtime::shutdown::first_signal("stopping the scaler; workers keep running"),
     )
     .await?;
     Ok(())
@@ -176,24 +177,4 @@ fn print_timetable(file: &std::path::Path, days: u32) -> ExitCode {
         );
     }
     ExitCode::SUCCESS
-}
-
-/// First SIGTERM/Ctrl-C stops the scaler (its workers keep running and are
-/// adopted by the next scaler); a second exits at once.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
-    let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = interrupt.recv() => {}
-    }
-    tracing::info!("stopping the scaler; workers keep running");
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = interrupt.recv() => {}
-        }
-        std::process::exit(130);
-    });
 }

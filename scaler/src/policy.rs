@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::config::{Condition, Metric, Rules, ScalerConfig};
 use crate::learned::LearnedFloors;
-use crate::timetable::{Timetable, Window, highest_floor};
+use ebb_schedule::timetable::{Timetable, Window, highest_floor};
 
 /// Workers by state, as the scaler sees them, and the slots of the ready
 /// ones: a worker answers up to `slots` questions at once (its batch).
@@ -69,7 +69,7 @@ pub struct Observation {
     /// Of those, the questions no worker has taken yet (`num_pending`).
     pub waiting: u64,
     /// Age of the oldest question no worker has taken.
-    #[serde(serialize_with = "ebb_nats::duration::serialize_seconds")]
+    #[serde(serialize_with = "ebb_runtime::duration::serialize_seconds")]
     pub oldest_waiting: Duration,
     /// Arrivals per second over the stable window.
     pub arrival_rate: f64,
@@ -158,7 +158,7 @@ pub struct Decision {
     /// Why `desired` is what it is, for the decision log.
     pub reason: String,
     /// When a new decision could differ even without new signals.
-    #[serde(serialize_with = "ebb_nats::duration::serialize_seconds")]
+    #[serde(serialize_with = "ebb_runtime::duration::serialize_seconds")]
     pub next_wake: Duration,
     /// The timetable window holding a floor now, if any.
     pub floor: Option<Window>,

@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 use crate::policy::{Decision, Observation, Override, Policy, PolicyState, WorkerCounts, decide};
 use crate::pool::{Phase, WorkerPool};
 use crate::signals::{Condition, Signals, WorkerView};
-use crate::timetable::Window;
+use ebb_schedule::timetable::Window;
 
 /// Decisions kept for `/status`.
 /// What one control round saw and did, for `/status`.
@@ -272,13 +272,11 @@ impl<P: WorkerPool> Scaler<P> {
 
     fn crashed(&mut self, id: &str, why: &str, now: DateTime<Utc>) {
         self.crashes_in_a_row += 1;
-        let backoff = self
-            .policy
-            .config
-            .health
-            .restart_backoff
-            .saturating_mul(1 << self.crashes_in_a_row.min(16).saturating_sub(1))
-            .min(MAX_RESTART_BACKOFF);
+        let backoff = ebb_runtime::backoff::exponential(
+            self.policy.config.health.restart_backoff,
+            self.crashes_in_a_row.into(),
+            MAX_RESTART_BACKOFF,
+        );
         self.next_start_allowed = now + backoff;
         self.last_crash_at = Some(now);
         tracing::warn!(worker_id = %id, why, crashes_in_a_row = self.crashes_in_a_row, backoff_ms = backoff.as_millis() as u64, "worker lost; replacing it after a backoff");

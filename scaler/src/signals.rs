@@ -150,8 +150,7 @@ impl Signals {
     fn cold_start_p90(&self) -> Option<Duration> {
         let mut samples: Vec<Duration> = self.cold_starts.iter().copied().collect();
         samples.sort();
-        let index = (samples.len() * 9).div_ceil(10).checked_sub(1)?;
-        samples.get(index).copied()
+        ebb_runtime::quantile::nearest_rank(&samples, 0.9)
     }
 
     /// Classifies each pool worker from its heartbeats and age.

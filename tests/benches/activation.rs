@@ -19,8 +19,7 @@ cooldowns: {scale_down_stabilization: 1s, scale_to_zero_idle: 1s}
 "#;
 
 fn percentile(sorted: &[f64], quantile: f64) -> f64 {
-    let index = ((sorted.len() as f64 * quantile).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[index]
+    ebb_runtime::quantile::nearest_rank(sorted, quantile).expect("at least one trial")
 }
 
 #[tokio::main(flavor = "multi_thread")]

@@ -64,9 +64,8 @@ where
     done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+fn median(values: Vec<f64>) -> f64 {
+    ebb_runtime::quantile::of(values, 0.5)
 }
 
 fn report(name: &str, ours: &[f64], baseline_name: &str, baseline: &[f64], goal: f64) {

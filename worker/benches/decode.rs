@@ -141,11 +141,7 @@ fn until_first_token(engine: &mut Engine, id: u64) -> Duration {
     }
 }
 
-fn percentile(mut samples: Vec<f64>, p: f64) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    let rank = ((p * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
-    samples[rank - 1]
-}
+use ebb_runtime::quantile::of as percentile;
 
 /// Time to first token of a `prompt_len` prompt joining `batch - 1`
 /// decoding sequences, and alone; `rounds` samples each, (p50, p99) ratios.

@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ebb_nats::{ModelArgs, QueueConfig, ServiceArgs};
+use ebb_nats::QueueConfig;
+use ebb_runtime::{ModelArgs, ServiceArgs};
 
 /// ebb's worker: pulls questions from JetStream and answers them with a
 /// Qwen2 model on candle.
@@ -69,7 +70,7 @@ pub struct Config {
     #[arg(long, env = "EBB_TOKENIZER_REPO")]
     pub tokenizer_repo: Option<String>,
     /// Give up on a model file download that takes longer than this.
-    #[arg(long, env = "EBB_DOWNLOAD_TIMEOUT", default_value = "30m", value_parser = ebb_nats::duration::parse)]
+    #[arg(long, env = "EBB_DOWNLOAD_TIMEOUT", default_value = "30m", value_parser = ebb_runtime::duration::parse)]
     pub download_timeout: Duration,
     /// Processor to run the model on.
     #[arg(long, env = "EBB_DEVICE", value_enum, default_value_t = DeviceKind::Cpu)]
@@ -99,14 +100,14 @@ pub struct Config {
     #[arg(long, env = "EBB_SYSTEM_PROMPT", default_value = crate::generate::DEFAULT_SYSTEM_PROMPT)]
     pub system_prompt: String,
     /// How long an answer stays in the cache.
-    #[arg(long, env = "EBB_CACHE_TTL", default_value = "7d", value_parser = ebb_nats::duration::parse)]
+    #[arg(long, env = "EBB_CACHE_TTL", default_value = "7d", value_parser = ebb_runtime::duration::parse)]
     pub cache_ttl: Duration,
     /// Delay before the first retry of a failed question; doubles per attempt (max 1 min).
-    #[arg(long, env = "EBB_RETRY_BACKOFF", default_value = "1s", value_parser = ebb_nats::duration::parse)]
+    #[arg(long, env = "EBB_RETRY_BACKOFF", default_value = "1s", value_parser = ebb_runtime::duration::parse)]
     pub retry_backoff: Duration,
     /// A normal or low question that has waited this long is served before
     /// fresher, more urgent ones, so no priority starves (see README).
-    #[arg(long, env = "EBB_PRIORITY_AGING", default_value = "60s", value_parser = ebb_nats::duration::parse)]
+    #[arg(long, env = "EBB_PRIORITY_AGING", default_value = "60s", value_parser = ebb_runtime::duration::parse)]
     pub priority_aging: Duration,
     /// Name in heartbeats and logs (default: a random id). The scaler sets it.
     #[arg(long, env = "EBB_WORKER_ID")]
@@ -117,7 +118,7 @@ pub struct Config {
     pub debug_fail_marker: Option<String>,
     /// Test hook: sleep this long after each batch step that generated
     /// text, so tests can act mid-generation. Never set in production.
-    #[arg(long, env = "EBB_DEBUG_TOKEN_DELAY", hide = true, value_parser = ebb_nats::duration::parse)]
+    #[arg(long, env = "EBB_DEBUG_TOKEN_DELAY", hide = true, value_parser = ebb_runtime::duration::parse)]
     pub debug_token_delay: Option<Duration>,
     #[command(flatten)]
     pub queue: QueueConfig,

@@ -16,8 +16,9 @@ use bytes::Bytes;
 use ebb_nats::messages::moving_average;
 use ebb_nats::{
     AnswerEvent, CachedAnswer, FinishReason, Job, QuestionRecord, QuestionStatus, Timings,
-    dead_letter, subjects, telemetry, webhook,
+    dead_letter, subjects, webhook,
 };
+use ebb_runtime::telemetry;
 use tracing::Instrument;
 
 use crate::engine::positions_needed;
@@ -348,9 +349,8 @@ struct Answer<'a> {
 
 /// `base * 2^(deliveries - 1)`, capped at one minute.
 fn retry_delay(base: Duration, deliveries: i64) -> Duration {
-    let doublings = deliveries.saturating_sub(1).clamp(0, 16) as u32;
-    base.saturating_mul(1 << doublings)
-        .min(Duration::from_secs(60))
+    let deliveries = deliveries.max(0) as u64;
+    ebb_runtime::backoff::exponential(base, deliveries, Duration::from_secs(60))
 }
 
 async fn ack(message: &jetstream::Message) {

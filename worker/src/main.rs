@@ -5,7 +5,7 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let _telemetry = ebb_nats::telemetry::init("ebb-worker")?;
+    let _telemetry = ebb_runtime::telemetry::init("ebb-worker")?;
     if let Some(Command::TinyModel { dir, seed, gguf }) = cli.command {
         let shape = ebb_worker::tiny::Shape::TINY;
         if gguf {
@@ -20,27 +20,12 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let shutdown = CancellationToken::new();
-    tokio::spawn(watch_signals(shutdown.clone()));
+    // A second signal exits at once: the questions in hand are redelivered.
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        ebb_runtime::shutdown::first_signal("draining: finishing the questions in flight").await;
+        on_signal.cancel();
+    });
     ebb_worker::run(cli.config, shutdown).await?;
     Ok(())
-}
-
-/// First SIGTERM/Ctrl-C drains; the second exits at once (the question in
-/// hand is then redelivered to another worker).
-async fn watch_signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
-    let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
-    for round in 0.. {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = interrupt.recv() => {}
-        }
-        if round == 0 {
-            shutdown.cancel();
-        } else {
-            eprintln!("second signal: exiting without finishing the question in hand");
-            std::process::exit(130);
-        }
-    }
 }

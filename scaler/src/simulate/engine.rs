@@ -447,10 +447,8 @@ impl<'a> Sim<'a> {
             .fold(f64::INFINITY, f64::min);
         let mut cold_starts: Vec<f64> = self.cold_starts.iter().copied().collect();
         cold_starts.sort_by(f64::total_cmp);
-        let p90 = (cold_starts.len() * 9)
-            .div_ceil(10)
-            .checked_sub(1)
-            .map(|i| Duration::from_secs_f64(cold_starts[i]));
+        let p90 =
+            ebb_runtime::quantile::nearest_rank(&cold_starts, 0.9).map(Duration::from_secs_f64);
         // As live: the mean over the workers there now of what each reports.
         let mean = |field: fn(&Worker) -> Option<f64>| {
             let values: Vec<f64> = self

@@ -99,7 +99,7 @@ pub struct SimulateArgs {
     pub out: Option<PathBuf>,
     /// Replay this much of the trace first without counting it: policies
     /// that learn (timetable floors) start from what they would know.
-    #[arg(long, default_value = "0s", value_parser = ebb_nats::duration::parse)]
+    #[arg(long, default_value = "0s", value_parser = ebb_runtime::duration::parse)]
     pub warm_up: Duration,
     /// Multiply arrival rates by this (per-request traces are thinned or copied).
     #[arg(long, default_value_t = 1.0)]
@@ -120,10 +120,10 @@ pub struct SimulateArgs {
     #[arg(long, default_value_t = 211.0)]
     pub mean_output_tokens: f64,
     /// Median cold start of a worker (start request to ready).
-    #[arg(long, default_value = "30s", value_parser = ebb_nats::duration::parse)]
+    #[arg(long, default_value = "30s", value_parser = ebb_runtime::duration::parse)]
     pub cold_start: Duration,
     /// 90th percentile cold start (log-normal between the two).
-    #[arg(long, default_value = "45s", value_parser = ebb_nats::duration::parse)]
+    #[arg(long, default_value = "45s", value_parser = ebb_runtime::duration::parse)]
     pub cold_start_p90: Duration,
     /// Prompt tokens per second per question in service (default: 2000, or
     /// with --worker-profile the profile's; given, it holds with one too).
@@ -162,7 +162,7 @@ pub struct SimulateArgs {
     #[arg(long, default_value_t = 0.0)]
     pub cache_hit_ratio: f64,
     /// Time to first token a question must get to count as served in time.
-    #[arg(long, default_value = "5s", value_parser = ebb_nats::duration::parse)]
+    #[arg(long, default_value = "5s", value_parser = ebb_runtime::duration::parse)]
     pub slo_first_token: Duration,
     /// Fraction of questions that must meet the SLO (the fixed fleet is sized by it).
     #[arg(long, default_value_t = 0.999)]
@@ -380,7 +380,7 @@ struct Bench<'a> {
     slo: &'a Slo,
     /// The `ebb` policy's config; its `max_instances` caps KEDA and Knative too.
     config: &'a ScalerConfig,
-    timetable: &'a crate::timetable::Timetable,
+    timetable: &'a ebb_schedule::timetable::Timetable,
     config_name: String,
     initial: u32,
     mean_service: f64,

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use super::engine::Autoscaler;
 use crate::config::ScalerConfig;
 use crate::policy::{Observation, Policy, PolicyState, decide};
-use crate::timetable::Timetable;
+use ebb_schedule::timetable::Timetable;
 
 /// ebb's scaler loop: the real [`decide`], asked again when it says.
 #[derive(Debug)]

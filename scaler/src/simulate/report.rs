@@ -94,11 +94,7 @@ fn round(value: f64, decimals: i32) -> f64 {
 fn percentiles(mut values: Vec<f32>) -> Percentiles {
     values.sort_by(f32::total_cmp);
     let at = |quantile: f64| {
-        if values.is_empty() {
-            return 0.0;
-        }
-        let index = ((values.len() as f64 * quantile).ceil() as usize).clamp(1, values.len()) - 1;
-        round(values[index] as f64, 3)
+        ebb_runtime::quantile::nearest_rank(&values, quantile).map_or(0.0, |v| round(v as f64, 3))
     };
     Percentiles {
         p50: at(0.5),

@@ -44,7 +44,7 @@ pub struct TimetableEntry {
     /// IANA time zone, e.g. `Asia/Shanghai`.
     pub timezone: String,
     /// How long each window stays open: `90m`, `2h`, or seconds.
-    #[serde(deserialize_with = "crate::duration::deserialize")]
+    #[serde(deserialize_with = "ebb_runtime::duration::deserialize")]
     pub duration: Duration,
     /// Workers kept running while a window is open (scaler only).
     #[serde(default)]
@@ -276,7 +276,7 @@ mod tests {
             name: name.into(),
             cron: cron.into(),
             timezone: zone.into(),
-            duration: crate::duration::parse(duration).unwrap(),
+            duration: ebb_runtime::duration::parse(duration).unwrap(),
             min_workers: workers,
             learn: false,
         }

@@ -27,7 +27,7 @@ pub fn parse(text: &str) -> Result<Duration, String> {
 }
 
 /// Serde support: a duration field written as `"90m"`, `"30s"` or a number
-/// of seconds (`#[serde(deserialize_with = "ebb_nats::duration::deserialize")]`).
+/// of seconds (`#[serde(deserialize_with = "ebb_runtime::duration::deserialize")]`).
 pub fn deserialize<'de, D: serde::Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Duration, D::Error> {

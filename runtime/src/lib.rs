@@ -1,0 +1,22 @@
+//! Process plumbing every ebb binary shares, none of it specific to the
+//! queue, the store or the model.
+//!
+//! # Layout
+//! - [`telemetry`]: tracing/OpenTelemetry setup and W3C `traceparent`
+//!   propagation through NATS message headers.
+//! - [`args`]: flags every process shares ([`ServiceArgs`], [`ModelArgs`]).
+//! - [`backoff`]: the one exponential retry backoff.
+//! - [`duration`]: the `30s` / `500ms` syntax every duration flag and
+//!   config key accepts.
+//! - [`shutdown`]: the first SIGTERM/Ctrl-C stops gracefully, a second
+//!   exits at once.
+//! - [`quantile`]: one definition of a percentile of samples.
+
+pub mod args;
+pub mod backoff;
+pub mod duration;
+pub mod quantile;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use args::{ModelArgs, ServiceArgs};
