@@ -221,8 +221,12 @@ async fn nats_down_means_503_and_nothing_accepted_until_it_is_back() {
     drop(worker);
 }
 
+/// What this proves: the gateway's accept path does not need Redis (no
+/// cache lookup, no `queued` record), and the question waits in JetStream
+/// until it can be answered. Answering while Redis is still down is not
+/// claimed: a worker's `finish` needs the store (issue 14).
 #[tokio::test]
-async fn redis_down_degrades_to_answering_without_the_cache() {
+async fn redis_down_at_accept_still_queues_the_question_and_it_is_answered_once_redis_is_back() {
     let mut stack = Stack::start(StackOptions::default()).await;
     stack.redis.stop();
     let (code, body) = stack

@@ -80,36 +80,32 @@ fn a_generated_school_day_replays_against_every_policy_reproducibly() {
 fn bad_traces_and_flags_are_named() {
     let dir = TempDir::new("simulate-bad");
     let trace = dir.path().join("bad.csv");
+    let path = trace.to_str().unwrap();
     std::fs::write(
         &trace,
         "arrival_s,input_tokens,output_tokens\n1,2,3\n2,two,3\n",
     )
     .unwrap();
-    let output = scaler(&["simulate", "--trace", trace.to_str().unwrap()]);
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("line 3: input_tokens `two`"), "{stderr}");
+    refused(&["simulate", "--trace", path], "line 3: input_tokens `two`");
 
     std::fs::write(&trace, "when,what\n1,2\n").unwrap();
-    let output = scaler(&["simulate", "--trace", trace.to_str().unwrap()]);
-    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown trace format"));
+    refused(&["simulate", "--trace", path], "unknown trace format");
 
     std::fs::write(&trace, "arrival_s,input_tokens,output_tokens\n1,2,3\n").unwrap();
-    let output = scaler(&[
-        "simulate",
-        "--trace",
-        trace.to_str().unwrap(),
+    refused(
+        &["simulate", "--trace", path, "--policies", "ebb,hpa"],
         "--policies",
-        "ebb,hpa",
-    ]);
-    assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("--policies"));
-    let output = scaler(&[
-        "simulate",
-        "--trace",
-        trace.to_str().unwrap(),
+    );
+    refused(
+        &["simulate", "--trace", path, "--rate-scale", "0"],
         "--rate-scale",
-        "0",
-    ]);
-    assert!(String::from_utf8_lossy(&output.stderr).contains("--rate-scale"));
+    );
+}
+
+/// The command fails (non-zero exit) and its stderr names `what`.
+fn refused(args: &[&str], what: &str) {
+    let output = scaler(args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{args:?} succeeded: {stderr}");
+    assert!(stderr.contains(what), "{args:?}: {stderr}");
 }
