@@ -6,13 +6,16 @@
 //! - [`servers`]: [`NatsServer`], [`RedisServer`], [`TempDir`], port helpers.
 //! - [`stack`]: [`Stack`] (servers + gateway + tiny model) and [`WorkerProcess`].
 //! - [`sse`]: a Server-Sent Events reader.
+//! - [`eventually()`]: the one polling wait.
 //! - [`scaler`]: [`ScalerProcess`], an `ebb-scaler` running tiny-model workers.
 
+pub mod eventually;
 pub mod scaler;
 pub mod servers;
 pub mod sse;
 pub mod stack;
 
+pub use eventually::eventually;
 pub use scaler::{ADMIN_TOKEN, ScalerProcess, scaler_binary};
 pub use servers::{NatsServer, RedisServer, TempDir, free_port};
 pub use sse::{SseEvent, SseReader};

@@ -182,18 +182,16 @@ impl ScalerProcess {
         what: &str,
         done: impl Fn(&Value) -> bool,
     ) -> Value {
-        let deadline = Instant::now() + within;
-        loop {
+        let done = &done;
+        crate::eventually(within, what, || async move {
             let status = self.status().await;
             if done(&status) {
-                return status;
+                Ok(status)
+            } else {
+                Err(status)
             }
-            assert!(
-                Instant::now() < deadline,
-                "scaler never reached: {what}; last status: {status:#}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await
     }
 
     /// Pids of the workers recorded in the state directory.

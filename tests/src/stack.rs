@@ -12,6 +12,7 @@ use futures::StreamExt;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
+use crate::eventually;
 use crate::servers::{NatsServer, RedisServer};
 
 pub const TINY_MODEL: &str = "ebb/tiny-qwen2";
@@ -191,19 +192,19 @@ impl Stack {
     }
 
     async fn wait_healthy(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let response = self
-                .http
-                .get(format!("{}/healthz", self.gateway_url))
-                .send()
-                .await;
-            if response.is_ok_and(|r| r.status().is_success()) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "gateway not healthy within 20 s");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let url = &format!("{}/healthz", self.gateway_url);
+        eventually(
+            Duration::from_secs(20),
+            "the gateway healthy",
+            || async move {
+                match self.http.get(url).send().await {
+                    Ok(response) if response.status().is_success() => Ok(()),
+                    Ok(response) => Err(response.status().to_string()),
+                    Err(err) => Err(err.to_string()),
+                }
+            },
+        )
+        .await
     }
 
     /// Starts an `ebb-worker` process on the tiny model.
@@ -270,31 +271,32 @@ impl Stack {
 
     /// Waits until the status record says a worker is generating.
     pub async fn wait_running(&self, id: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let (_, record) = self.status_of(id).await;
-            if record["status"] == "running" {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{id} never started: {record}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(
+            Duration::from_secs(30),
+            &format!("{id} running"),
+            || async move {
+                let (_, record) = self.status_of(id).await;
+                if record["status"] == "running" {
+                    Ok(())
+                } else {
+                    Err(record)
+                }
+            },
+        )
+        .await
     }
 
     /// Polls the status record until it is terminal; returns it.
     pub async fn wait_terminal(&self, id: &str, within: Duration) -> Value {
-        let deadline = Instant::now() + within;
-        loop {
+        eventually(within, &format!("question {id} finished"), || async move {
             let (code, record) = self.status_of(id).await;
             if code == 200 && matches!(record["status"].as_str(), Some("done" | "failed")) {
-                return record;
+                Ok(record)
+            } else {
+                Err(record)
             }
-            assert!(
-                Instant::now() < deadline,
-                "question {id} not finished in {within:?}: {record}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        })
+        .await
     }
 
     /// Questions stored in the queue right now.

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use ebb_nats::{CachedAnswer, Store};
-use ebb_tests::{Stack, StackOptions, TempDir};
+use ebb_tests::{Stack, StackOptions, TempDir, eventually};
 use serde_json::{Value, json};
 
 const KEY: &str = "sk-test-app";
@@ -386,18 +386,24 @@ async fn admin_scale_is_forwarded_to_the_scaler_with_its_token() {
             .body(body)
     };
     // The scaler may still be starting: retry while it is unreachable.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let (code, _, body) = loop {
-        let answer = send(scale(
-            r#"{"action":"set","count":1,"ttl_seconds":60}"#,
-            ADMIN,
-        ))
-        .await;
-        if answer.0 != 502 || std::time::Instant::now() > deadline {
-            break answer;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let (send, scale) = (&send, &scale);
+    let (code, _, body) = eventually(
+        Duration::from_secs(30),
+        "the scaler reachable",
+        || async move {
+            let answer = send(scale(
+                r#"{"action":"set","count":1,"ttl_seconds":60}"#,
+                ADMIN,
+            ))
+            .await;
+            if answer.0 != 502 {
+                Ok(answer)
+            } else {
+                Err(answer.2)
+            }
+        },
+    )
+    .await;
     assert_eq!(code, 200, "{body}");
     scaler
         .wait_status(Duration::from_secs(30), "the override", |status| {

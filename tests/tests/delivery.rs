@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use ebb_tests::{Stack, StackOptions};
+use ebb_tests::{Stack, StackOptions, eventually};
 use serde_json::json;
 
 /// Slow enough generation (40 pieces x 100 ms) to act mid-answer.
@@ -197,21 +197,22 @@ async fn nats_down_means_503_and_nothing_accepted_until_it_is_back() {
         assert_eq!(body["error"]["type"], "queue_unavailable");
     }
     stack.nats.resume();
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let id = loop {
-        let (code, body) = stack
-            .ask(json!({"question": "back?", "wait_seconds": 0}))
-            .await;
-        match code {
-            202 => break body["id"].as_str().unwrap().to_owned(),
-            503 => assert!(
-                std::time::Instant::now() < deadline,
-                "gateway never recovered: {body}"
-            ),
-            other => panic!("unexpected {other}: {body}"),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let accepting = &stack;
+    let id = eventually(
+        Duration::from_secs(15),
+        "the gateway accepting again",
+        || async move {
+            let (code, body) = accepting
+                .ask(json!({"question": "back?", "wait_seconds": 0}))
+                .await;
+            match code {
+                202 => Ok(body["id"].as_str().unwrap().to_owned()),
+                503 => Err(body),
+                other => panic!("unexpected {other}: {body}"),
+            }
+        },
+    )
+    .await;
     // Only the question accepted after recovery is in the queue.
     let stream = stack.questions_stream().await;
     assert_eq!(stream.get_info().await.unwrap().state.messages, 1);

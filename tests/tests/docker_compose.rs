@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ebb_scaler::pool::docker::POOL_LABEL;
-use ebb_tests::{TempDir, free_port};
+use ebb_tests::{TempDir, eventually, free_port};
 use serde_json::{Value, json};
 
 const IMAGES: [&str; 5] = [
@@ -141,14 +141,18 @@ async fn docker_compose_runs_the_stack_and_scales_workers_from_zero_and_back() {
         String::from_utf8_lossy(&up.stderr)
     );
     let gateway = format!("http://127.0.0.1:{gateway_port}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while get_json(&format!("{gateway}/healthz"))
-        .await
-        .is_none_or(|(code, _)| code != 200)
-    {
-        assert!(Instant::now() < deadline, "gateway never healthy");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let healthz = &format!("{gateway}/healthz");
+    eventually(
+        Duration::from_secs(60),
+        "the gateway healthy",
+        || async move {
+            match get_json(healthz).await {
+                Some((200, _)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
     assert!(
         compose.worker_containers().is_empty(),
         "no worker before the first question"
@@ -169,14 +173,20 @@ async fn docker_compose_runs_the_stack_and_scales_workers_from_zero_and_back() {
         "the scaler created a worker container"
     );
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !compose.worker_containers().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the worker container never went away"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let compose_ref = &compose;
+    eventually(
+        Duration::from_secs(60),
+        "the worker container gone",
+        || async move {
+            let left = compose_ref.worker_containers();
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{left:?}"))
+            }
+        },
+    )
+    .await;
     let (_, status) = get_json(&format!("http://127.0.0.1:{scaler_port}/status"))
         .await
         .expect("scaler status");

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use chrono::{Timelike, Utc};
 use ebb_nats::{QueueConfig, Topology};
-use ebb_tests::{ADMIN_TOKEN, NatsServer, ScalerProcess, Stack, StackOptions, scaler_binary};
+use ebb_tests::{
+    ADMIN_TOKEN, NatsServer, ScalerProcess, Stack, StackOptions, eventually, scaler_binary,
+};
 use serde_json::{Value, json};
 
 const ELASTIC: &str = r#"
@@ -230,19 +232,17 @@ async fn a_scaler_started_before_the_queue_answers_healthz_at_once_naming_what_i
     Topology::ensure(client, &QueueConfig::default())
         .await
         .expect("create the streams");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let (code, body) = scaler.healthz().await;
-        if code == 200 {
-            assert_eq!(body["status"], "healthy");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never healthy: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let scaler = &scaler;
+    let body = eventually(
+        Duration::from_secs(20),
+        "the scaler healthy",
+        || async move {
+            let (code, body) = scaler.healthz().await;
+            if code == 200 { Ok(body) } else { Err(body) }
+        },
+    )
+    .await;
+    assert_eq!(body["status"], "healthy");
 }
 
 async fn scale(scaler: &ScalerProcess, token: Option<&str>, body: &str) -> (u16, Value) {
