@@ -89,10 +89,12 @@ impl NatsServer {
 
     /// Starts with extra arguments (e.g. `-c server.conf`); the port and
     /// store directory flags given here still win over a config file.
+    /// The server picks its own port (`-p -1`, read back from its ports
+    /// file), so parallel tests cannot race for one.
     pub fn start_with(extra_args: Vec<String>) -> NatsServer {
         let mut server = NatsServer {
             child: None,
-            port: free_port(),
+            port: 0,
             store: TempDir::new("nats"),
             extra_args,
         };
@@ -109,21 +111,58 @@ impl NatsServer {
         kill(&mut self.child);
     }
 
-    /// Starts it again on the same port with the same store.
+    /// Starts it again on the same port with the same store (the first
+    /// start lets the server choose the port).
     pub fn resume(&mut self) {
         assert!(self.child.is_none(), "nats-server is already running");
+        let ports_dir = self.store.path().join("ports");
+        std::fs::create_dir_all(&ports_dir).expect("create the ports file directory");
+        let port = match self.port {
+            0 => "-1".to_owned(),
+            port => port.to_string(),
+        };
         let mut args = self.extra_args.clone();
         args.extend([
             "-js".to_owned(),
             "-a".to_owned(),
             "127.0.0.1".to_owned(),
             "-p".to_owned(),
-            self.port.to_string(),
+            port,
             "-sd".to_owned(),
             self.store.path().display().to_string(),
+            "--ports_file_dir".to_owned(),
+            ports_dir.display().to_string(),
         ]);
-        self.child = Some(spawn("nats-server", &args));
+        let child = spawn("nats-server", &args);
+        if self.port == 0 {
+            self.port = client_port(&ports_dir.join(format!("nats-server_{}.ports", child.id())));
+        }
+        self.child = Some(child);
         wait_for_port(self.port, "nats-server");
+    }
+}
+
+/// The client port in a nats-server ports file (`{"nats":["nats://host:port"]}`),
+/// waiting for the server to write it.
+fn client_port(ports_file: &Path) -> u16 {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let ports = std::fs::read(ports_file)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok());
+        let port = ports
+            .as_ref()
+            .and_then(|ports| ports["nats"][0].as_str())
+            .and_then(|url| url.rsplit_once(':').and_then(|(_, port)| port.parse().ok()));
+        if let Some(port) = port {
+            return port;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nats-server wrote no ports file at {} within 15 s",
+            ports_file.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
