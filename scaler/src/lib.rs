@@ -4,22 +4,27 @@
 //!
 //! # Layout
 //! - [`config`]: the YAML config file, validated with errors naming the key.
+//! - [`controller`]: [`controller::Controller::step`], the pure core the
+//!   live loop and the simulator both execute: signals in, a plan out.
 //! - [`policy`]: the pure [`policy::decide`] and its inputs and outputs;
-//!   [`learned`]: timetable windows that learn their floor.
+//!   [`reason`]: why it chose its count; [`learned`]: timetable windows
+//!   that learn their floor.
 //! - [`signals`]: arrivals, heartbeats and pool listings into an observation.
 //! - [`pool`]: the [`pool::WorkerPool`] trait and the process backend.
-//! - [`scaler`]: the loop: observe, decide, reconcile.
+//! - [`scaler`]: the loop: list, step the controller, carry out its plan.
 //! - [`http`]: `/status`, `/scale`, `/metrics`, `/healthz`.
 //! - [`simulate`]: the trace replay (`simulate`) and school-day trace
-//!   generator (`gen-trace`), running the same [`policy::decide`].
+//!   generator (`gen-trace`), running the same controller.
 //!
 //! [`run`] serves until `shutdown` resolves; `main` only parses flags.
 
 pub mod config;
+pub mod controller;
 pub mod http;
 pub mod learned;
 pub mod policy;
 pub mod pool;
+pub mod reason;
 pub mod scaler;
 pub mod signals;
 pub mod simulate;
@@ -36,6 +41,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use config::{BackendConfig, ScalerConfig};
+use controller::{Controller, EbbPolicy};
 use ebb_schedule::timetable::Timetable;
 use policy::Policy;
 use pool::WorkerPool;
@@ -66,7 +72,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ScalerError> {
     let stopping = CancellationToken::new();
-    let shared = Arc::new(Shared::default());
+    let controller = Controller::new(
+        EbbPolicy::new(Policy::new(config.clone(), timetable)),
+        config.health.clone(),
+        config.target.slots_per_worker,
+    );
+    let shared = Arc::new(Shared::new(controller));
     let api = tokio::spawn(serve_api(
         api_state(&config, &shared),
         listener,
@@ -77,7 +88,7 @@ pub async fn run(
         shutdown.await;
         on_signal.cancel();
     });
-    let scaled = start_and_scale(config, timetable, nats_url, shared, stopping.clone()).await;
+    let scaled = start_and_scale(config, nats_url, shared, stopping.clone()).await;
     stopping.cancel();
     let served = api.await.expect("the API task does not panic");
     scaled.and(served)
@@ -86,7 +97,6 @@ pub async fn run(
 /// Waits for what the loop needs, then runs it until `stopping`.
 async fn start_and_scale(
     config: ScalerConfig,
-    timetable: Timetable,
     nats_url: &str,
     shared: Arc<Shared>,
     stopping: CancellationToken,
@@ -96,7 +106,7 @@ async fn start_and_scale(
         let client = ebb_nats::connect(nats_url, "ebb-scaler", None).await?;
         shared.starting(Startup::QuestionStream);
         let questions = wait_for_queue(&client).await?;
-        listen_for_signals(&client, &shared, &config).await?;
+        listen_for_signals(&client, &shared).await?;
         Ok::<_, ScalerError>((client, questions))
     };
     // Kept to the end: the subscriptions feeding the signals live on it.
@@ -106,15 +116,14 @@ async fn start_and_scale(
     };
     shared.starting(Startup::Pool);
     let grace = config.health.stop_grace;
-    let policy = Policy::new(config.clone(), timetable);
     match config.backend {
         BackendConfig::Process(process) => {
             let pool = ProcessPool::open(process, grace)?;
-            scale(Scaler::new(policy, pool, questions, shared), stopping).await
+            scale(Scaler::new(pool, questions, shared, config.tick), stopping).await
         }
         BackendConfig::Docker(docker) => {
             let pool = DockerPool::connect(docker, grace).await?;
-            scale(Scaler::new(policy, pool, questions, shared), stopping).await
+            scale(Scaler::new(pool, questions, shared, config.tick), stopping).await
         }
     }
 }
@@ -179,9 +188,7 @@ async fn wait_for_queue(
 async fn listen_for_signals(
     client: &async_nats::Client,
     shared: &Arc<Shared>,
-    config: &ScalerConfig,
 ) -> Result<(), ScalerError> {
-    *shared.signals.lock().expect("signals lock") = Some(signals::Signals::new(&config.target));
     let mut arrivals = client
         .subscribe(subjects::QUESTIONS_WILDCARD)
         .await
@@ -193,9 +200,11 @@ async fn listen_for_signals(
     let on_arrival = shared.clone();
     tokio::spawn(async move {
         while arrivals.next().await.is_some() {
-            if let Some(signals) = on_arrival.signals.lock().expect("signals lock").as_mut() {
-                signals.question_arrived(Utc::now());
-            }
+            on_arrival
+                .controller
+                .lock()
+                .expect("controller lock")
+                .question_arrived(Utc::now());
             if on_arrival.asleep.load(Ordering::Relaxed) {
                 on_arrival.wake.notify_one();
             }
@@ -205,13 +214,11 @@ async fn listen_for_signals(
     tokio::spawn(async move {
         while let Some(message) = heartbeats.next().await {
             match serde_json::from_slice::<Heartbeat>(&message.payload) {
-                Ok(beat) => {
-                    if let Some(signals) =
-                        on_heartbeat.signals.lock().expect("signals lock").as_mut()
-                    {
-                        signals.heartbeat(beat, Utc::now());
-                    }
-                }
+                Ok(beat) => on_heartbeat
+                    .controller
+                    .lock()
+                    .expect("controller lock")
+                    .heartbeat(beat, Utc::now()),
                 Err(err) => tracing::debug!(cause = %err, "unreadable heartbeat"),
             }
         }

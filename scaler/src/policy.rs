@@ -2,15 +2,19 @@
 //! what was observed, what was decided before, the config and the time, so
 //! the live loop and the replay simulator run exactly the same code.
 //!
-//! Order of concerns in [`decide`]:
-//! 1. a manual override, while it lasts, replaces the policy;
-//! 2. the policy (seed-style rules, or target tracking with panic mode)
-//!    proposes a count; questions waiting at zero workers always activate one;
-//! 3. the timetable raises it to its floor (for `learn` entries, at least
-//!    what the entry's previous opening needed); `min`/`max` clamp it;
-//! 4. going up happens at once; going down waits for the stabilization
-//!    window, then goes to the most the policy wanted during it (rules: one
-//!    `step_down`), and, for the last worker, waits for the idle window.
+//! [`decide`] runs named stages in order:
+//! 1. `manual_decision`: a manual override, while it lasts, replaces the
+//!    policy;
+//! 2. `apply_rules` (seed-style rules) or `target_tracking` (with panic
+//!    mode) proposes a count; `activate`: questions waiting at zero workers
+//!    always get one;
+//! 3. `within_limits`: the timetable raises it to its floor (for `learn`
+//!    entries, at least what the entry's previous opening needed);
+//!    `min`/`max` clamp it;
+//! 4. `cool_down`: going up happens at once; going down waits for the
+//!    stabilization window, then goes to the most the policy wanted during
+//!    it (rules: one `step_down`), and, for the last worker, waits for the
+//!    idle window; `next_wake` says when to ask again.
 
 use std::time::Duration;
 
@@ -19,6 +23,7 @@ use serde::Serialize;
 
 use crate::config::{Condition, Metric, Rules, ScalerConfig};
 use crate::learned::LearnedFloors;
+use crate::reason::{Reading, Reason};
 use ebb_schedule::timetable::{Timetable, Window, highest_floor};
 
 /// Workers by state, as the scaler sees them, and the slots of the ready
@@ -156,7 +161,7 @@ pub struct PolicyState {
 pub struct Decision {
     pub desired: u32,
     /// Why `desired` is what it is, for the decision log.
-    pub reason: String,
+    pub reason: Reason,
     /// When a new decision could differ even without new signals.
     #[serde(serialize_with = "ebb_runtime::duration::serialize_seconds")]
     pub next_wake: Duration,
@@ -195,8 +200,10 @@ fn since(now: DateTime<Utc>, start: DateTime<Utc>) -> Duration {
     (now - start).to_std().unwrap_or_default()
 }
 
-fn seconds(duration: Duration) -> String {
-    format!("{}s", (duration.as_secs_f64() * 10.0).round() / 10.0)
+/// What the policy alone proposes, before floors, limits and cooldowns.
+struct Proposal {
+    wanted: u32,
+    reason: Reason,
 }
 
 /// Decides the worker count. Pure: no I/O, no clock, no randomness.
@@ -206,12 +213,6 @@ pub fn decide(
     policy: &Policy,
     now: DateTime<Utc>,
 ) -> Decision {
-    let config = &policy.config;
-    let (min, max) = (
-        config.resources.min_instances,
-        config.resources.max_instances,
-    );
-    let current = state.desired;
     let mut next = state.clone();
     next.idle_since = match (observation.is_idle(), state.idle_since) {
         (false, _) => None,
@@ -227,119 +228,191 @@ pub fn decide(
         }
         window
     }));
-    let tick = config.tick;
-
     if let Some(manual) = state.manual.clone().filter(|manual| manual.expires > now) {
-        let desired = manual.count.clamp(min, max);
-        next.desired = desired;
-        next.lower_since = None;
-        next.lower_peak = None;
-        let until = manual.expires.format("%H:%M:%SZ");
-        return Decision {
-            desired,
-            reason: format!("manual override {desired} until {until}"),
-            next_wake: tick.min(since(manual.expires, now)),
-            floor,
-            state: next,
-        };
+        return manual_decision(manual, policy, next, floor, now);
     }
     next.manual = None;
 
-    let (mut wanted, mut reason, demand) = match &config.rules {
+    let (proposal, demand) = match &policy.config.rules {
         Some(rules) => {
-            let (wanted, reason) = apply_rules(rules, observation, state, &mut next, now);
-            (wanted, reason, wanted)
+            let proposal = apply_rules(rules, observation, state, &mut next, now);
+            let demand = proposal.wanted;
+            (proposal, demand)
         }
-        None => target_tracking(policy, observation, current, &mut next, now),
+        None => target_tracking(policy, observation, state.desired, &mut next, now),
     };
     next.learned.record(&active, now, demand);
-    if current == 0 && (observation.lag > 0 || observation.new_arrivals > 0) && wanted == 0 {
-        wanted = 1;
-        reason = format!(
-            "activation: {} question(s) waiting at zero workers",
-            observation.lag.max(observation.new_arrivals)
-        );
-    }
-    if let Some(window) = &floor
-        && window.min_workers > wanted
-    {
-        wanted = window.min_workers;
-        reason = format!("timetable floor '{}' {}", window.name, window.min_workers);
-    }
-    if wanted < min {
-        reason = format!("min_instances {min}");
-    } else if wanted > max {
-        reason = format!("{reason}; capped at max_instances {max}");
-    }
-    let wanted = wanted.clamp(min, max);
-
-    let cooldowns = &config.cooldowns;
-    let (desired, reason) = if wanted >= current {
-        next.lower_since = None;
-        next.lower_peak = None;
-        (wanted, reason)
-    } else if current == 1 {
-        // The last worker: only after the idle window.
-        next.lower_since = None;
-        next.lower_peak = None;
-        match next.idle_since {
-            Some(idle) if since(now, idle) >= cooldowns.scale_to_zero_idle => {
-                (0, format!("idle {} -> 0", seconds(since(now, idle))))
-            }
-            _ => (
-                current,
-                format!(
-                    "waiting for {} idle before 0",
-                    seconds(cooldowns.scale_to_zero_idle)
-                ),
-            ),
-        }
-    } else {
-        let lower_since = *next.lower_since.get_or_insert(now);
-        let peak = next.lower_peak.map_or(wanted, |peak| peak.max(wanted));
-        next.lower_peak = Some(peak);
-        if since(now, lower_since) >= cooldowns.scale_down_stabilization {
-            // Target tracking drops to the most it wanted in the window (a
-            // big fleet shrinks in one go once the load has really gone);
-            // rules move one step_down at a time.
-            let desired = match &config.rules {
-                Some(rules) => current.saturating_sub(rules.step_down).max(wanted),
-                None => peak,
-            }
-            .max(1);
-            next.lower_since = (desired > wanted).then_some(now);
-            next.lower_peak = (desired > wanted).then_some(wanted);
-            (
-                desired,
-                format!(
-                    "{reason}; stable for {} -> {desired}",
-                    seconds(cooldowns.scale_down_stabilization)
-                ),
-            )
-        } else {
-            (current, format!("stabilizing: {reason}"))
-        }
-    };
+    let proposal = within_limits(
+        activate(proposal, observation, state.desired),
+        floor.as_ref(),
+        &policy.config,
+    );
+    let (desired, reason) = cool_down(proposal, policy, &mut next, now);
     next.desired = desired;
-    let nothing_running = observation.workers == WorkerCounts::default();
-    let next_wake = if desired == 0 && floor.is_none() && nothing_running {
-        // Arrivals wake the scaler; only the next window needs a timer.
-        policy
-            .timetable
-            .next_window(now)
-            .map(|window| since(window.start, now).saturating_sub(policy.prewarm_lead(observation)))
-            .unwrap_or(MAX_SLEEP)
-            .clamp(tick.min(MAX_SLEEP), MAX_SLEEP)
-    } else {
-        tick
-    };
     Decision {
         desired,
         reason,
-        next_wake,
+        next_wake: next_wake(desired, floor.is_none(), observation, policy, now),
         floor,
         state: next,
     }
+}
+
+/// A manual override replaces the policy while it lasts.
+fn manual_decision(
+    manual: Override,
+    policy: &Policy,
+    mut next: PolicyState,
+    floor: Option<Window>,
+    now: DateTime<Utc>,
+) -> Decision {
+    let resources = &policy.config.resources;
+    let desired = manual
+        .count
+        .clamp(resources.min_instances, resources.max_instances);
+    next.desired = desired;
+    next.lower_since = None;
+    next.lower_peak = None;
+    Decision {
+        desired,
+        reason: Reason::Manual {
+            count: desired,
+            until: manual.expires,
+        },
+        next_wake: policy.config.tick.min(since(manual.expires, now)),
+        floor,
+        state: next,
+    }
+}
+
+/// Questions waiting at zero workers always get one, whatever the policy.
+fn activate(proposal: Proposal, observation: &Observation, current: u32) -> Proposal {
+    let asked = observation.lag > 0 || observation.new_arrivals > 0;
+    if current == 0 && asked && proposal.wanted == 0 {
+        return Proposal {
+            wanted: 1,
+            reason: Reason::Activation {
+                waiting: observation.lag.max(observation.new_arrivals),
+            },
+        };
+    }
+    proposal
+}
+
+/// Raises the proposal to the timetable's floor, then clamps it to
+/// `min_instances..=max_instances`.
+fn within_limits(proposal: Proposal, floor: Option<&Window>, config: &ScalerConfig) -> Proposal {
+    let Proposal {
+        mut wanted,
+        mut reason,
+    } = proposal;
+    if let Some(window) = floor
+        && window.min_workers > wanted
+    {
+        wanted = window.min_workers;
+        reason = Reason::TimetableFloor {
+            window: window.name.clone(),
+            workers: window.min_workers,
+        };
+    }
+    let (min, max) = (
+        config.resources.min_instances,
+        config.resources.max_instances,
+    );
+    if wanted < min {
+        reason = Reason::MinInstances(min);
+    } else if wanted > max {
+        reason = Reason::Capped {
+            wanted: Box::new(reason),
+            max,
+        };
+    }
+    Proposal {
+        wanted: wanted.clamp(min, max),
+        reason,
+    }
+}
+
+/// Going up happens at once; going down waits for the stabilization
+/// window (the last worker, for the idle window).
+fn cool_down(
+    proposal: Proposal,
+    policy: &Policy,
+    next: &mut PolicyState,
+    now: DateTime<Utc>,
+) -> (u32, Reason) {
+    let Proposal { wanted, reason } = proposal;
+    let config = &policy.config;
+    let cooldowns = &config.cooldowns;
+    let current = next.desired;
+    if wanted >= current || current == 1 {
+        next.lower_since = None;
+        next.lower_peak = None;
+    }
+    if wanted >= current {
+        return (wanted, reason);
+    }
+    if current == 1 {
+        return match next.idle_since {
+            Some(idle) if since(now, idle) >= cooldowns.scale_to_zero_idle => (
+                0,
+                Reason::IdleToZero {
+                    idle: since(now, idle),
+                },
+            ),
+            _ => (
+                current,
+                Reason::AwaitingIdle {
+                    window: cooldowns.scale_to_zero_idle,
+                },
+            ),
+        };
+    }
+    let lower_since = *next.lower_since.get_or_insert(now);
+    let peak = next.lower_peak.map_or(wanted, |peak| peak.max(wanted));
+    next.lower_peak = Some(peak);
+    if since(now, lower_since) < cooldowns.scale_down_stabilization {
+        return (current, Reason::Stabilizing(Box::new(reason)));
+    }
+    // Target tracking drops to the most it wanted in the window (a big
+    // fleet shrinks in one go once the load has really gone); rules move
+    // one step_down at a time.
+    let desired = match &config.rules {
+        Some(rules) => current.saturating_sub(rules.step_down).max(wanted),
+        None => peak,
+    }
+    .max(1);
+    next.lower_since = (desired > wanted).then_some(now);
+    next.lower_peak = (desired > wanted).then_some(wanted);
+    let stable = Reason::Stable {
+        wanted: Box::new(reason),
+        window: cooldowns.scale_down_stabilization,
+        to: desired,
+    };
+    (desired, stable)
+}
+
+/// When a new decision could differ even without new signals: every tick,
+/// except at zero with nothing running, where arrivals wake the scaler and
+/// only the next timetable window needs a timer.
+fn next_wake(
+    desired: u32,
+    no_floor: bool,
+    observation: &Observation,
+    policy: &Policy,
+    now: DateTime<Utc>,
+) -> Duration {
+    let tick = policy.config.tick;
+    let nothing_running = observation.workers == WorkerCounts::default();
+    if !(desired == 0 && no_floor && nothing_running) {
+        return tick;
+    }
+    policy
+        .timetable
+        .next_window(now)
+        .map(|window| since(window.start, now).saturating_sub(policy.prewarm_lead(observation)))
+        .unwrap_or(MAX_SLEEP)
+        .clamp(tick.min(MAX_SLEEP), MAX_SLEEP)
 }
 
 /// Seed-style rules: up by `step_up` when any `scale_up` condition has held
@@ -350,7 +423,7 @@ fn apply_rules(
     state: &PolicyState,
     next: &mut PolicyState,
     now: DateTime<Utc>,
-) -> (u32, String) {
+) -> Proposal {
     let conditions: Vec<(&Condition, bool)> = rules
         .scale_up
         .iter()
@@ -373,39 +446,45 @@ fn apply_rules(
             }
         })
         .collect();
+    let ups = rules.scale_up.len();
     let held = |index: usize| {
         let (condition, _) = conditions[index];
         next.condition_since[index].filter(|start| since(now, *start) >= condition.duration)
     };
-    let describe = |index: usize, op: &str| {
+    let reading = |index: usize| {
         let (condition, _) = conditions[index];
-        let value = observation.metric(condition.metric);
-        let start = next.condition_since[index].unwrap_or(now);
-        format!(
-            "{} {:.2} {op} {} for {}",
-            condition.metric.name(),
-            value,
-            condition.threshold,
-            seconds(since(now, start))
-        )
+        Reading {
+            metric: condition.metric,
+            value: observation.metric(condition.metric),
+            above: index < ups,
+            threshold: condition.threshold,
+            held: since(now, next.condition_since[index].unwrap_or(now)),
+        }
     };
     let current = state.desired;
-    let ups = rules.scale_up.len();
     if let Some(index) = (0..ups).find(|&index| held(index).is_some()) {
-        let reason = describe(index, ">");
+        let reason = Reason::Rules(vec![reading(index)]);
         // Each step must be earned anew: the next one waits a full duration
         // again, giving the new workers time to start.
         for since in next.condition_since.iter_mut().take(ups).flatten() {
             *since = now;
         }
-        return (current.saturating_add(rules.step_up), reason);
+        return Proposal {
+            wanted: current.saturating_add(rules.step_up),
+            reason,
+        };
     }
     let downs: Vec<usize> = (ups..conditions.len()).collect();
     if !downs.is_empty() && downs.iter().all(|&index| held(index).is_some()) {
-        let reasons: Vec<String> = downs.iter().map(|&index| describe(index, "<")).collect();
-        return (current.saturating_sub(rules.step_down), reasons.join(", "));
+        return Proposal {
+            wanted: current.saturating_sub(rules.step_down),
+            reason: Reason::Rules(downs.iter().map(|&index| reading(index)).collect()),
+        };
     }
-    (current, "rules: no condition held long enough".to_owned())
+    Proposal {
+        wanted: current,
+        reason: Reason::RulesQuiet,
+    }
 }
 
 /// Target tracking. The load, in busy slots, is arrival rate x service
@@ -425,7 +504,7 @@ fn target_tracking(
     current: u32,
     next: &mut PolicyState,
     now: DateTime<Utc>,
-) -> (u32, String, u32) {
+) -> (Proposal, u32) {
     let target = &policy.config.target;
     let service = observation
         .service_time
@@ -466,28 +545,29 @@ fn target_tracking(
         next.panic_until = None;
     }
     let reason = if too_old {
-        format!(
-            "panic: queue_age {} > {} (half the latency goal)",
-            seconds(observation.oldest_waiting),
-            seconds(target.latency_goal / 2)
-        )
+        Reason::PanicQueueAge {
+            age: observation.oldest_waiting,
+            limit: target.latency_goal / 2,
+        }
     } else if burst_panic {
-        format!(
-            "panic: {:.1} arrivals/s over {} need {burst} workers, {ready} ready",
-            observation.panic_arrival_rate,
-            seconds(target.panic_window)
-        )
+        Reason::PanicBurst {
+            arrival_rate: observation.panic_arrival_rate,
+            window: target.panic_window,
+            needed: burst,
+            ready,
+        }
     } else if panicking {
-        "panic: holding workers".to_owned()
+        Reason::PanicHolding
     } else {
-        format!(
-            "target: {:.2} arrivals/s x {} + waiting {} / {} at {:.0}% of {slots} slot(s) each -> {stable}",
-            observation.arrival_rate,
-            seconds(Duration::from_secs_f64(service)),
-            observation.waiting,
-            seconds(target.drain_target),
-            target.utilization * 100.0
-        )
+        Reason::Target {
+            arrival_rate: observation.arrival_rate,
+            service_time: Duration::from_secs_f64(service),
+            waiting: observation.waiting,
+            drain_target: target.drain_target,
+            utilization: target.utilization,
+            slots_per_worker: slots,
+            workers: stable,
+        }
     };
     // While questions age, add a worker per decision, but only once the
     // previous one has finished starting (it may be all that is missing).
@@ -506,7 +586,7 @@ fn target_tracking(
     // What the load itself asks for over the stable window, without
     // panic's holding or the short window's spikes: what a learning
     // timetable window remembers.
-    (wanted, reason, stable)
+    (Proposal { wanted, reason }, stable)
 }
 
 /// Workers that hold `servers` slots: a worker's slots cannot be split.

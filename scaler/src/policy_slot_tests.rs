@@ -32,7 +32,14 @@ fn eight_slots_per_worker_need_fewer_workers_than_one_for_the_same_load() {
     let batched_decision = decide(&load(8), &state(2), &policy, t0());
     assert_eq!(batched_decision.desired, 2, "ceil(10 slots / 8)");
     assert!(
-        batched_decision.reason.contains("of 8 slot(s) each -> 2"),
+        matches!(
+            batched_decision.reason,
+            Reason::Target {
+                slots_per_worker: 8,
+                workers: 2,
+                ..
+            }
+        ),
         "{}",
         batched_decision.reason
     );

@@ -1,8 +1,8 @@
-//! The thin loop around [`decide`]: gather signals, decide, reconcile the
-//! pool, publish status. Wakes every `tick`, and at once when a question
-//! arrives while no worker runs.
+//! The thin loop around the [`Controller`]: list the pool, read the queue
+//! depth, step the controller, carry out its plan, publish status. Wakes
+//! every `tick`, and at once when a question arrives while no worker runs.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,27 +13,17 @@ use ebb_nats::{PriorityDepth, QueueDepth};
 use serde::Serialize;
 use tokio::sync::Notify;
 
-use crate::policy::{Decision, Observation, Override, Policy, PolicyState, WorkerCounts, decide};
-use crate::pool::{Phase, WorkerPool};
-use crate::signals::{Condition, Signals, WorkerView};
+use crate::controller::{Controller, EbbPolicy, Inputs, Plan};
+use crate::policy::{Observation, Override, WorkerCounts};
+use crate::pool::WorkerPool;
+use crate::reason::Reason;
+use crate::signals::WorkerView;
 use ebb_schedule::timetable::Window;
 
 /// Decisions kept for `/status`.
-/// What one control round saw and did, for `/status`.
-struct Round<'a> {
-    previous: u32,
-    decision: &'a Decision,
-    workers: Vec<WorkerView>,
-    signals: Observation,
-    activation: Option<Duration>,
-    errors: Vec<String>,
-}
-
 const DECISION_LOG: usize = 50;
 /// Activation delays kept for the percentiles.
 const ACTIVATION_SAMPLES: usize = 200;
-/// Longest wait before replacing a crash-looping worker.
-const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(300);
 
 /// One change of the desired count.
 #[derive(Debug, Clone, Serialize)]
@@ -41,7 +31,7 @@ pub struct DecisionRecord {
     pub at: DateTime<Utc>,
     pub from: u32,
     pub to: u32,
-    pub reason: String,
+    pub reason: Reason,
 }
 
 /// What `/status` and `/metrics` show.
@@ -54,14 +44,15 @@ pub struct Status {
     pub workers: Vec<WorkerView>,
     pub signals: Observation,
     pub lag_by_priority: Vec<PriorityDepth>,
-    pub reason: String,
+    pub reason: Option<Reason>,
     pub timetable_floor: Option<Window>,
     pub next_window: Option<Window>,
     pub manual_override: Option<Override>,
     pub decisions: VecDeque<DecisionRecord>,
     /// First question at zero workers -> worker start issued, milliseconds.
     pub activation_delays_ms: VecDeque<f64>,
-    pub decisions_by_reason: std::collections::BTreeMap<String, u64>,
+    /// Changes of the desired count by [`Reason::label`].
+    pub decisions_by_reason: BTreeMap<&'static str, u64>,
     pub last_error: Option<String>,
 }
 
@@ -88,20 +79,32 @@ impl std::fmt::Display for Startup {
     }
 }
 
-/// State shared with the HTTP API.
-#[derive(Debug, Default)]
+/// State shared with the HTTP API and the signal listeners.
+#[derive(Debug)]
 pub struct Shared {
     pub startup: Mutex<Startup>,
     pub status: Mutex<Status>,
     /// A `POST /scale` waiting for the next decision.
     pub pending_override: Mutex<Option<Override>>,
-    pub signals: Mutex<Option<Signals>>,
+    /// Arrivals and heartbeats go straight in; the loop steps it.
+    pub controller: Mutex<Controller<EbbPolicy>>,
     /// Set while no worker is wanted: arrivals then wake the loop at once.
     pub asleep: AtomicBool,
     pub wake: Notify,
 }
 
 impl Shared {
+    pub fn new(controller: Controller<EbbPolicy>) -> Shared {
+        Shared {
+            startup: Mutex::default(),
+            status: Mutex::default(),
+            pending_override: Mutex::default(),
+            controller: Mutex::new(controller),
+            asleep: AtomicBool::new(false),
+            wake: Notify::new(),
+        }
+    }
+
     pub fn status(&self) -> Status {
         self.status.lock().expect("status lock").clone()
     }
@@ -116,43 +119,36 @@ impl Shared {
     pub fn startup(&self) -> Startup {
         *self.startup.lock().expect("startup lock")
     }
+
+    fn controller(&self) -> std::sync::MutexGuard<'_, Controller<EbbPolicy>> {
+        self.controller.lock().expect("controller lock")
+    }
 }
 
 /// The reconcile loop and what it carries between ticks.
 pub struct Scaler<P: WorkerPool> {
-    pub policy: Policy,
     pub pool: P,
     pub questions: Stream,
     pub shared: Arc<Shared>,
-    pub state: PolicyState,
-    crashes_in_a_row: u32,
-    next_start_allowed: DateTime<Utc>,
-    last_crash_at: Option<DateTime<Utc>>,
-    /// Whether the first round has taken over the workers already running.
-    adopted: bool,
+    tick: Duration,
     last_depth: QueueDepth,
 }
 
 impl<P: WorkerPool> std::fmt::Debug for Scaler<P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Scaler")
-            .field("state", &self.state)
+            .field("tick", &self.tick)
             .finish_non_exhaustive()
     }
 }
 
 impl<P: WorkerPool> Scaler<P> {
-    pub fn new(policy: Policy, pool: P, questions: Stream, shared: Arc<Shared>) -> Self {
+    pub fn new(pool: P, questions: Stream, shared: Arc<Shared>, tick: Duration) -> Self {
         Scaler {
-            policy,
             pool,
             questions,
             shared,
-            state: PolicyState::default(),
-            crashes_in_a_row: 0,
-            next_start_allowed: DateTime::<Utc>::MIN_UTC,
-            last_crash_at: None,
-            adopted: false,
+            tick,
             last_depth: QueueDepth {
                 priorities: Vec::new(),
             },
@@ -173,14 +169,14 @@ impl<P: WorkerPool> Scaler<P> {
         }
     }
 
-    /// One round: observe, decide, reconcile. Returns when to wake next.
+    /// One round: list, step the controller, carry out its plan. Returns
+    /// when to wake next.
     pub async fn tick(&mut self) -> Duration {
         let now = Utc::now();
         // Set before observing, so an arrival during this round still wakes
         // the next one at once.
-        self.shared
-            .asleep
-            .store(self.state.desired == 0, Ordering::Relaxed);
+        let desired = self.shared.controller().desired();
+        self.shared.asleep.store(desired == 0, Ordering::Relaxed);
         let mut errors = Vec::new();
         let listed = match self.pool.list().await {
             Ok(listed) => listed,
@@ -189,197 +185,110 @@ impl<P: WorkerPool> Scaler<P> {
                 let error = format!("listing workers: {err}");
                 tracing::warn!(cause = %error, "skipping this round");
                 self.shared.status.lock().expect("status lock").last_error = Some(error);
-                return self.policy.config.tick;
+                return self.tick;
             }
         };
-        for worker in &listed {
-            if let Phase::Exited {
-                status,
-                requested: false,
-            } = &worker.phase
-            {
-                self.crashed(&worker.id, &format!("exited on its own: {status}"), now);
-            }
-        }
         match ebb_nats::queue_depth(&self.questions).await {
             Ok(depth) => self.last_depth = depth,
             Err(err) => errors.push(format!("queue depth: {err}")),
         }
-        if let Some(manual) = self
+        let manual = self
             .shared
             .pending_override
             .lock()
             .expect("override lock")
-            .take()
-        {
-            self.state.manual = Some(manual);
-        }
-        let config = &self.policy.config;
-        let (views, observation, first_unserved) = {
-            let mut signals = self.shared.signals.lock().expect("signals lock");
-            let signals = signals.get_or_insert_with(|| Signals::new(&config.target));
-            let views = signals.classify(&listed, &config.health, now);
-            let observation = signals.observe(&self.last_depth, &views, &config.target, now);
-            if observation.workers.capacity() > 0 {
-                signals.first_unserved_arrival = None;
+            .take();
+        let plan = {
+            let mut controller = self.shared.controller();
+            if let Some(manual) = manual {
+                controller.manual_override(manual);
             }
-            (views, observation, signals.first_unserved_arrival)
+            let inputs = Inputs {
+                workers: &listed,
+                depth: &self.last_depth,
+            };
+            controller.step(inputs, now)
         };
-        if !self.adopted {
-            // A restarted scaler continues from the workers it finds, so any
-            // scale-down still goes through the cooldowns.
-            self.adopted = true;
-            self.state.desired = observation.workers.capacity();
+        for lost in &plan.lost {
+            tracing::warn!(worker_id = %lost.id, why = %lost.why, crashes_in_a_row = lost.crashes_in_a_row, backoff_ms = lost.backoff.as_millis() as u64, "worker lost; replacing it after a backoff");
         }
-        let last_crash = self.last_crash_at;
-        if views.iter().any(|w| {
-            matches!(w.condition, Condition::Idle | Condition::Busy)
-                && last_crash.is_some_and(|at| w.started_at > at)
-        }) {
-            // A worker started after the last loss came up: the loop is broken.
-            self.crashes_in_a_row = 0;
-            self.last_crash_at = None;
+        let verdict = &plan.verdict;
+        if verdict.desired != plan.previous {
+            tracing::info!(from = plan.previous, to = verdict.desired, reason = %verdict.reason, "desired workers changed");
         }
-
-        let decision = decide(&observation, &self.state, &self.policy, now);
-        let previous = self.state.desired;
-        self.state = decision.state.clone();
-        if decision.desired != previous {
-            tracing::info!(from = previous, to = decision.desired, reason = %decision.reason, "desired workers changed");
-        }
-        let activation = self
-            .reconcile(&views, decision.desired, first_unserved, now, &mut errors)
-            .await;
-        let round = Round {
-            previous,
-            decision: &decision,
-            workers: views,
-            signals: observation,
-            activation,
-            errors,
-        };
-        self.publish(round, now);
+        let activation = self.carry_out(&plan, now, &mut errors).await;
+        self.publish(&plan, activation, errors, now);
         self.shared
             .asleep
-            .store(decision.desired == 0, Ordering::Relaxed);
+            .store(verdict.desired == 0, Ordering::Relaxed);
         tracing::debug!(
-            desired = decision.desired,
-            next_wake_ms = decision.next_wake.as_millis() as u64,
+            desired = verdict.desired,
+            next_wake_ms = verdict.next_wake.as_millis() as u64,
             "decision round done"
         );
-        decision.next_wake
+        verdict.next_wake
     }
 
-    fn crashed(&mut self, id: &str, why: &str, now: DateTime<Utc>) {
-        self.crashes_in_a_row += 1;
-        let backoff = ebb_runtime::backoff::exponential(
-            self.policy.config.health.restart_backoff,
-            self.crashes_in_a_row.into(),
-            MAX_RESTART_BACKOFF,
-        );
-        self.next_start_allowed = now + backoff;
-        self.last_crash_at = Some(now);
-        tracing::warn!(worker_id = %id, why, crashes_in_a_row = self.crashes_in_a_row, backoff_ms = backoff.as_millis() as u64, "worker lost; replacing it after a backoff");
-    }
-
-    /// Starts or stops workers to match `desired`; returns the activation
-    /// delay when this round started the first worker for waiting questions.
-    async fn reconcile(
+    /// Stops and starts what the plan says; returns the activation delay
+    /// when this round started the first worker for waiting questions.
+    async fn carry_out(
         &mut self,
-        views: &[WorkerView],
-        desired: u32,
-        first_unserved: Option<DateTime<Utc>>,
+        plan: &Plan,
         now: DateTime<Utc>,
         errors: &mut Vec<String>,
     ) -> Option<Duration> {
-        for unhealthy in views.iter().filter(|w| w.condition == Condition::Unhealthy) {
-            let why = unhealthy.why_unhealthy.clone().unwrap_or_default();
-            self.crashed(&unhealthy.id, &format!("unhealthy: {why}"), now);
-            if let Err(err) = self.pool.stop(&unhealthy.id).await {
-                errors.push(format!("stopping {}: {err}", unhealthy.id));
+        for id in &plan.stop {
+            if let Err(err) = self.pool.stop(id).await {
+                errors.push(format!("stopping {id}: {err}"));
             }
         }
-        let healthy: Vec<&WorkerView> = views
-            .iter()
-            .filter(|w| {
-                matches!(
-                    w.condition,
-                    Condition::Starting | Condition::Idle | Condition::Busy
-                )
-            })
-            .collect();
-        let count = healthy.len() as u32;
+        if let Some(until) = plan.held_back_until {
+            errors.push(format!(
+                "restart backoff until {}",
+                until.format("%H:%M:%S")
+            ));
+        }
         let mut activation = None;
-        if desired > count {
-            if now < self.next_start_allowed {
-                errors.push(format!(
-                    "restart backoff until {}",
-                    self.next_start_allowed.format("%H:%M:%S")
-                ));
-            } else {
-                for _ in count..desired {
-                    match self.pool.start().await {
-                        Ok(_) => {
-                            if count == 0
-                                && activation.is_none()
-                                && let Some(since) = first_unserved
-                            {
-                                activation =
-                                    Some((Utc::now() - since).to_std().unwrap_or_default());
-                            }
-                        }
-                        Err(err) => {
-                            // A start that fails backs off like a crash, so a
-                            // bad command is not retried every round.
-                            self.crashed("(not started)", &err.to_string(), now);
-                            errors.push(err.to_string());
-                            break;
-                        }
-                    }
-                }
+        for _ in 0..plan.start {
+            if let Err(err) = self.pool.start().await {
+                let lost = self.shared.controller().start_failed(err.to_string(), now);
+                tracing::warn!(why = %lost.why, crashes_in_a_row = lost.crashes_in_a_row, backoff_ms = lost.backoff.as_millis() as u64, "worker did not start; retrying after a backoff");
+                errors.push(err.to_string());
+                break;
             }
-        } else if desired < count {
-            // Idle workers first, then ones still loading, busy ones last:
-            // a busy worker drains its question before it stops anyway.
-            let mut victims = healthy.clone();
-            victims.sort_by_key(|w| match w.condition {
-                Condition::Idle => 0,
-                Condition::Starting => 1,
-                _ => 2,
-            });
-            for victim in victims.into_iter().take((count - desired) as usize) {
-                if let Err(err) = self.pool.stop(&victim.id).await {
-                    errors.push(format!("stopping {}: {err}", victim.id));
-                }
+            if activation.is_none()
+                && let Some(since) = plan.unserved_since
+            {
+                activation = Some((Utc::now() - since).to_std().unwrap_or_default());
             }
         }
         activation
     }
 
-    fn publish(&self, round: Round<'_>, now: DateTime<Utc>) {
-        let Round {
-            previous,
-            decision,
-            workers,
-            signals,
-            activation,
-            errors,
-        } = round;
-        let next_window = self.policy.timetable.next_window(now);
+    fn publish(
+        &self,
+        plan: &Plan,
+        activation: Option<Duration>,
+        errors: Vec<String>,
+        now: DateTime<Utc>,
+    ) {
+        let (next_window, manual) = {
+            let controller = self.shared.controller();
+            let ebb = controller.autoscaler();
+            (ebb.timetable().next_window(now), ebb.state.manual.clone())
+        };
+        let verdict = &plan.verdict;
         let mut status = self.shared.status.lock().expect("status lock");
-        if decision.desired != previous {
-            let reason_kind = decision
-                .reason
-                .split([' ', ':'])
-                .next()
-                .unwrap_or_default()
-                .to_owned();
-            *status.decisions_by_reason.entry(reason_kind).or_default() += 1;
+        if verdict.desired != plan.previous {
+            *status
+                .decisions_by_reason
+                .entry(verdict.reason.label())
+                .or_default() += 1;
             status.decisions.push_back(DecisionRecord {
                 at: now,
-                from: previous,
-                to: decision.desired,
-                reason: decision.reason.clone(),
+                from: plan.previous,
+                to: verdict.desired,
+                reason: verdict.reason.clone(),
             });
             if status.decisions.len() > DECISION_LOG {
                 status.decisions.pop_front();
@@ -401,15 +310,15 @@ impl<P: WorkerPool> Scaler<P> {
             tracing::warn!(cause = %error, "scaler round had a problem");
         }
         status.updated_at = Some(now);
-        status.desired = decision.desired;
-        status.actual = signals.workers;
-        status.workers = workers;
-        status.signals = signals;
+        status.desired = verdict.desired;
+        status.actual = plan.observation.workers;
+        status.workers = plan.workers.clone();
+        status.signals = plan.observation.clone();
         status.lag_by_priority = self.last_depth.priorities.clone();
-        status.reason = decision.reason.clone();
-        status.timetable_floor = decision.floor.clone();
+        status.reason = Some(verdict.reason.clone());
+        status.timetable_floor = verdict.floor.clone();
         status.next_window = next_window;
-        status.manual_override = decision.state.manual.clone();
+        status.manual_override = manual;
         status.last_error = errors.into_iter().next();
     }
 }

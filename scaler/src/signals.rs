@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use ebb_nats::{Heartbeat, QueueDepth, WorkerState};
 use serde::Serialize;
 
-use crate::config::{Health, TargetTracking};
+use crate::config::Health;
 use crate::policy::{Observation, WorkerCounts};
 use crate::pool::{Phase, PoolWorker};
 
@@ -90,9 +90,19 @@ pub struct WorkerView {
     pub why_unhealthy: Option<String>,
 }
 
+/// The two windows arrival rates are read over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateWindows {
+    pub stable: Duration,
+    pub panic: Duration,
+}
+
 /// Everything the scaler has heard, between decisions.
 #[derive(Debug)]
 pub struct Signals {
+    windows: RateWindows,
+    /// Slots per worker the plan counts on before any worker reports its own.
+    planned_slots: u32,
     arrivals: RateCounter,
     completions: RateCounter,
     new_arrivals: u64,
@@ -102,13 +112,15 @@ pub struct Signals {
     first_seen: HashMap<String, DateTime<Utc>>,
     cold_starts: VecDeque<Duration>,
     /// The first question no worker has been there to take.
-    pub first_unserved_arrival: Option<DateTime<Utc>>,
+    pub(crate) first_unserved_arrival: Option<DateTime<Utc>>,
 }
 
 impl Signals {
-    pub fn new(target: &TargetTracking) -> Signals {
-        let horizon = target.stable_window.max(target.panic_window);
+    pub fn new(windows: RateWindows, planned_slots: u32) -> Signals {
+        let horizon = windows.stable.max(windows.panic);
         Signals {
+            windows,
+            planned_slots,
             arrivals: RateCounter::new(horizon),
             completions: RateCounter::new(horizon),
             new_arrivals: 0,
@@ -228,7 +240,6 @@ impl Signals {
         &mut self,
         depth: &QueueDepth,
         workers: &[WorkerView],
-        target: &TargetTracking,
         now: DateTime<Utc>,
     ) -> Observation {
         self.heartbeats
@@ -263,13 +274,13 @@ impl Signals {
             lag: depth.lag(),
             waiting: depth.waiting(),
             oldest_waiting: depth.oldest_waiting(),
-            arrival_rate: self.arrivals.rate(now, target.stable_window),
-            panic_arrival_rate: self.arrivals.rate(now, target.panic_window),
-            completion_rate: self.completions.rate(now, target.stable_window),
+            arrival_rate: self.arrivals.rate(now, self.windows.stable),
+            panic_arrival_rate: self.arrivals.rate(now, self.windows.panic),
+            completion_rate: self.completions.rate(now, self.windows.stable),
             new_arrivals: std::mem::take(&mut self.new_arrivals),
             service_time: mean(|b| b.mean_job_ms),
             slots_per_worker: common_slots(self.heartbeats.values().map(|(b, _)| b))
-                .unwrap_or(target.slots_per_worker),
+                .unwrap_or(self.planned_slots),
             avg_response_time: mean(|b| b.mean_response_ms),
             cold_start_p90: self.cold_start_p90(),
             workers: counts,
@@ -344,11 +355,11 @@ mod tests {
     #[test]
     fn capacity_is_counted_in_the_slots_the_workers_report() {
         let t = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
-        let target = TargetTracking {
-            slots_per_worker: 4,
-            ..TargetTracking::default()
+        let windows = RateWindows {
+            stable: Duration::from_secs(60),
+            panic: Duration::from_secs(6),
         };
-        let mut signals = Signals::new(&target);
+        let mut signals = Signals::new(windows, 4);
         let pool: Vec<PoolWorker> = ["a", "b", "c", "old"]
             .iter()
             .map(|id| PoolWorker {
@@ -361,7 +372,7 @@ mod tests {
         let health = Health::default();
         // Before any heartbeat: the config's slots per worker, no capacity yet.
         let views = signals.classify(&pool, &health, t);
-        let observation = signals.observe(&depth, &views, &target, t);
+        let observation = signals.observe(&depth, &views, t);
         assert_eq!(observation.slots_per_worker, 4);
         assert_eq!(observation.workers.slots, 0);
 
@@ -385,7 +396,7 @@ mod tests {
             (1, 1),
             "busy means one in use"
         );
-        let observation = signals.observe(&depth, &views, &target, t);
+        let observation = signals.observe(&depth, &views, t);
         assert_eq!(observation.slots_per_worker, 8, "most workers have 8");
         assert_eq!(observation.workers.slots, 25);
         assert_eq!(observation.workers.active_slots, 6);

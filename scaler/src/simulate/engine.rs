@@ -1,8 +1,12 @@
 //! The discrete-event replay: arrivals from a trace, a FIFO queue per
 //! priority, workers with cold starts, per-worker slots and graceful
-//! drain, and one [`Autoscaler`] asked on its own schedule. Time is virtual
-//! (seconds since the trace's start) and every random draw comes from the
-//! seed, so a replay is a pure function of its inputs.
+//! drain, and the live scaler's own [`Controller`] stepped on its
+//! autoscaler's schedule: the replay feeds it what live workers and NATS
+//! would (arrivals, heartbeats, a pool listing, the queue depth) and
+//! carries out its plan, so classification, observation, the order of
+//! stops and the restart backoff are the live code, not a model of it.
+//! Time is virtual (seconds since the trace's start) and every random draw
+//! comes from the seed, so a replay is a pure function of its inputs.
 //!
 //! A question's answer is planned when it starts; with a worker profile
 //! (its decode rate depends on how many questions share the worker), every
@@ -17,16 +21,18 @@ use std::collections::{BinaryHeap, HashSet, VecDeque};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use ebb_nats::Priority;
 use ebb_nats::messages::moving_average;
+use ebb_nats::{Heartbeat, Priority, PriorityDepth, QueueDepth, WorkerState};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::trace::Trace;
 pub use super::worker::WorkerModel;
 use super::worker::{ColdStart, Sequence};
-use crate::policy::{Observation, WorkerCounts};
-use crate::signals::RateCounter;
+use crate::config::Health;
+pub use crate::controller::Autoscaler;
+use crate::controller::{Controller, Inputs, Plan};
+use crate::pool::{Phase, PoolWorker};
 pub use outcome::{Fate, Outcome, Sample, measured_seconds};
 
 /// What every replay of one run shares.
@@ -39,30 +45,23 @@ pub struct Setup<'a> {
     /// Seconds into the trace from which cost and questions count; the
     /// warm-up before only teaches the policy.
     pub measure_from: f64,
-}
-
-/// A scaling policy as the replay sees it.
-pub trait Autoscaler {
-    /// Workers wanted now, and when to be asked again.
-    fn decide(&mut self, observation: &Observation, now: DateTime<Utc>) -> (u32, Duration);
-    /// Whether a question arriving while no worker is wanted asks at once
-    /// (ebb's wake-up, Knative's activator) rather than at the next poll.
-    fn wakes_on_arrival(&self) -> bool;
-    /// Windows of the stable and the panic arrival rates it reads.
-    fn rate_windows(&self) -> (Duration, Duration) {
-        (Duration::from_secs(60), Duration::from_secs(6))
-    }
+    /// When the controller calls a worker unhealthy, as live.
+    pub health: &'a Health,
 }
 
 /// Plot resolution.
 pub const PLOT_BUCKETS: usize = 600;
-/// Cold starts kept for the p90 the policy sees (as live).
-const COLD_START_SAMPLES: usize = 50;
 
 #[derive(Debug)]
 struct Worker {
+    /// As the pool names it; `w<index>`.
+    id: String,
     requested_at: f64,
     ready: bool,
+    /// When it became ready, as its heartbeat reports; `None` for a worker
+    /// the replay starts warm (its cold start was before the trace).
+    ready_at: Option<f64>,
+    jobs_done: u64,
     /// The questions it answers now, in the order they joined.
     sequences: Vec<Sequence>,
     stopping: bool,
@@ -121,7 +120,6 @@ pub fn replay(setup: &Setup, autoscaler: &mut dyn Autoscaler, initial_workers: u
         sim.workers[worker].mean_job = early_mean;
         sim.workers[worker].mean_response = early_mean;
     }
-    sim.desired = initial_workers;
     sim.schedule(0.0, Event::Decide);
     sim.run();
     sim.finish()
@@ -131,7 +129,7 @@ struct Sim<'a> {
     trace: &'a Trace,
     measure_from: f64,
     model: &'a WorkerModel,
-    autoscaler: &'a mut dyn Autoscaler,
+    controller: Controller<&'a mut dyn Autoscaler>,
     cold_start: ColdStart,
     cold_start_rng: ChaCha8Rng,
     cache_rng: ChaCha8Rng,
@@ -140,7 +138,8 @@ struct Sim<'a> {
     sequence: u64,
     next_arrival: usize,
     queues: [VecDeque<usize>; 3],
-    in_service: u64,
+    /// Questions being answered, by priority lane.
+    in_service: [u64; 3],
     /// Every worker ever started (their cost counts), and the ones not exited.
     workers: Vec<Worker>,
     alive: Vec<usize>,
@@ -149,10 +148,6 @@ struct Sim<'a> {
     decide_at: Option<f64>,
     fates: Vec<Option<Fate>>,
     answered_ids: HashSet<&'a str>,
-    arrivals: RateCounter,
-    completions: RateCounter,
-    new_arrivals: u64,
-    cold_starts: VecDeque<f64>,
     started: u64,
     scale_events: u64,
     last_done: f64,
@@ -165,7 +160,6 @@ struct Sim<'a> {
 impl<'a> Sim<'a> {
     fn new(setup: &Setup<'a>, autoscaler: &'a mut dyn Autoscaler) -> Sim<'a> {
         let (trace, model, seed) = (setup.trace, setup.model, setup.seed);
-        let (stable, panic) = autoscaler.rate_windows();
         let stream = |id: u64| {
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
             rng.set_stream(id);
@@ -175,7 +169,7 @@ impl<'a> Sim<'a> {
             trace,
             measure_from: setup.measure_from,
             model,
-            autoscaler,
+            controller: Controller::new(autoscaler, setup.health.clone(), model.concurrency),
             cold_start: model.cold_start(),
             cold_start_rng: stream(1),
             cache_rng: stream(2),
@@ -184,17 +178,13 @@ impl<'a> Sim<'a> {
             sequence: 0,
             next_arrival: 0,
             queues: Default::default(),
-            in_service: 0,
+            in_service: [0; 3],
             workers: Vec::new(),
             alive: Vec::new(),
             desired: 0,
             decide_at: None,
             fates: vec![None; trace.arrivals.len()],
             answered_ids: HashSet::new(),
-            arrivals: RateCounter::new(stable.max(panic)),
-            completions: RateCounter::new(stable.max(panic)),
-            new_arrivals: 0,
-            cold_starts: VecDeque::new(),
             started: 0,
             scale_events: 0,
             last_done: 0.0,
@@ -217,8 +207,12 @@ impl<'a> Sim<'a> {
         self.queues.iter().map(|q| q.len() as u64).sum()
     }
 
+    fn in_service(&self) -> u64 {
+        self.in_service.iter().sum()
+    }
+
     fn work_left(&self) -> bool {
-        self.next_arrival < self.trace.arrivals.len() || self.waiting() + self.in_service > 0
+        self.next_arrival < self.trace.arrivals.len() || self.waiting() + self.in_service() > 0
     }
 
     fn run(&mut self) {
@@ -274,36 +268,31 @@ impl<'a> Sim<'a> {
             self.fates[index] = Some(Fate::Cached);
             return;
         }
-        if self.waiting() + self.in_service >= self.model.queue_max {
+        if self.waiting() + self.in_service() >= self.model.queue_max {
             self.fates[index] = Some(Fate::Rejected);
             return;
         }
         let at = self.virtual_time(self.now);
-        self.arrivals.add(at, 1);
-        self.new_arrivals += 1;
-        let lane = Priority::ALL
-            .iter()
-            .position(|p| *p == arrival.priority)
-            .unwrap_or(1);
-        self.queues[lane].push_back(index);
+        self.controller.question_arrived(at);
+        self.queues[lane(arrival.priority)].push_back(index);
         if self.desired == 0
-            && self.autoscaler.wakes_on_arrival()
+            && self.controller.autoscaler().wakes_on_arrival()
             && self.decide_at != Some(self.now)
         {
             self.schedule(self.now, Event::Decide);
         }
     }
 
-    fn ready(&mut self, worker: usize) {
-        let worker = &mut self.workers[worker];
+    /// A worker finished loading; like a live one, it says so at once.
+    fn ready(&mut self, index: usize) {
+        let worker = &mut self.workers[index];
         if worker.exited_at.is_some() {
             return;
         }
         worker.ready = true;
-        self.cold_starts.push_back(self.now - worker.requested_at);
-        if self.cold_starts.len() > COLD_START_SAMPLES {
-            self.cold_starts.pop_front();
-        }
+        worker.ready_at = Some(self.now);
+        let beat = self.heartbeat(index);
+        self.controller.heartbeat(beat, self.virtual_time(self.now));
     }
 
     /// Finishes `question` if `plan` is still its plan; false if stale.
@@ -321,15 +310,14 @@ impl<'a> Sim<'a> {
             total: (sequence.waited + sequence.total) as f32,
         });
         let arrival = &self.trace.arrivals[question];
-        self.in_service -= 1;
+        self.in_service[lane(arrival.priority)] -= 1;
         self.last_done = self.now;
-        let at = self.virtual_time(self.now);
-        self.completions.add(at, 1);
         if let Some(id) = arrival.question_id.as_deref() {
             self.answered_ids.insert(id);
         }
         let response = self.now - arrival.at;
         let worker = &mut self.workers[worker_index];
+        worker.jobs_done += 1;
         // As its heartbeat: the time this question spent in the worker.
         worker.mean_job = Some(moving_average(worker.mean_job, sequence.total));
         worker.mean_response = Some(moving_average(worker.mean_response, response));
@@ -387,7 +375,7 @@ impl<'a> Sim<'a> {
             let sequence = Sequence::start(self.model, arrival, question, self.now, rate);
             let at = sequence.done_at();
             worker.sequences.push(sequence);
-            self.in_service += 1;
+            self.in_service[lane(arrival.priority)] += 1;
             self.schedule(at, Event::Done(worker_index, question, 0));
             if joined.last() != Some(&worker_index) {
                 joined.push(worker_index);
@@ -398,128 +386,132 @@ impl<'a> Sim<'a> {
         }
     }
 
+    /// Steps the controller with what live workers and NATS would tell
+    /// it, and carries out its plan.
     fn decide(&mut self) {
         if self.decide_at == Some(self.now) {
             self.decide_at = None;
         }
-        let observation = self.observe();
+        self.prune();
         let now = self.virtual_time(self.now);
-        let (desired, next) = self.autoscaler.decide(&observation, now);
-        if desired != self.desired {
-            self.scale_events += u64::from(self.now >= self.measure_from);
-            self.desired = desired;
+        for index in self.alive.clone() {
+            let beat = self.heartbeat(index);
+            self.controller.heartbeat(beat, now);
         }
-        self.reconcile();
+        let listing = self.listing();
+        let depth = self.depth();
+        let inputs = Inputs {
+            workers: &listing,
+            depth: &depth,
+        };
+        let plan = self.controller.step(inputs, now);
+        if plan.verdict.desired != self.desired {
+            self.scale_events += u64::from(self.now >= self.measure_from);
+            self.desired = plan.verdict.desired;
+        }
+        self.carry_out(&plan);
         // A decision already due sooner (an arrival's wake-up) stands.
-        let at = self.now + next.as_secs_f64().max(1e-3);
+        let at = self.now + plan.verdict.next_wake.as_secs_f64().max(1e-3);
         if self.decide_at.is_none_or(|due| due > at) {
             self.schedule(at, Event::Decide);
         }
     }
 
-    fn observe(&mut self) -> Observation {
-        let now = self.virtual_time(self.now);
-        let (stable, panic) = self.autoscaler.rate_windows();
-        let slots = self.model.concurrency;
-        let mut counts = WorkerCounts::default();
-        self.prune();
-        // In slots, as the live scaler counts heartbeats: a worker with a
-        // question in flight is busy, its slots in use are its questions.
-        for worker in self.alive.iter().map(|&i| &self.workers[i]) {
-            if worker.stopping {
-                counts.draining += 1;
-            } else if worker.ready {
-                match worker.active() {
-                    0 => counts.idle += 1,
-                    _ => counts.busy += 1,
-                }
-                counts.slots += slots;
-                counts.active_slots += worker.active();
-            } else {
-                counts.starting += 1;
-            }
-        }
-        let oldest = self
-            .queues
-            .iter()
-            .filter_map(|q| q.front())
-            .map(|&i| self.trace.arrivals[i].at)
-            .fold(f64::INFINITY, f64::min);
-        let mut cold_starts: Vec<f64> = self.cold_starts.iter().copied().collect();
-        cold_starts.sort_by(f64::total_cmp);
-        let p90 =
-            ebb_runtime::quantile::nearest_rank(&cold_starts, 0.9).map(Duration::from_secs_f64);
-        // As live: the mean over the workers there now of what each reports.
-        let mean = |field: fn(&Worker) -> Option<f64>| {
-            let values: Vec<f64> = self
-                .alive
-                .iter()
-                .filter_map(|&i| field(&self.workers[i]))
-                .collect();
-            (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+    /// What a live worker's heartbeat would say now.
+    fn heartbeat(&self, index: usize) -> Heartbeat {
+        let worker = &self.workers[index];
+        let ms = |seconds: f64| self.virtual_time(seconds).timestamp_millis().max(0) as u64;
+        let state = match (worker.stopping, worker.ready, worker.active()) {
+            (true, _, _) => WorkerState::Draining,
+            (false, false, _) => WorkerState::Loading,
+            (false, true, 0) => WorkerState::Ready,
+            (false, true, _) => WorkerState::Busy,
         };
-        let mean_job = mean(|w| w.mean_job);
-        let mean_response = mean(|w| w.mean_response);
-        Observation {
-            lag: self.waiting() + self.in_service,
-            waiting: self.waiting(),
-            oldest_waiting: Duration::from_secs_f64((self.now - oldest).max(0.0)),
-            arrival_rate: self.arrivals.rate(now, stable),
-            panic_arrival_rate: self.arrivals.rate(now, panic),
-            completion_rate: self.completions.rate(now, stable),
-            new_arrivals: std::mem::take(&mut self.new_arrivals),
-            // As live: one question's time in its worker (its slot's
-            // service time), and the slots each worker has.
-            service_time: mean_job.map(Duration::from_secs_f64),
-            slots_per_worker: slots,
-            avg_response_time: mean_response.map(Duration::from_secs_f64),
-            cold_start_p90: p90,
-            workers: counts,
+        Heartbeat {
+            worker_id: worker.id.clone(),
+            state,
+            model: String::new(),
+            started_at_ms: ms(worker.requested_at),
+            ready_at_ms: worker.ready_at.map(ms),
+            jobs_done: worker.jobs_done,
+            jobs_failed: 0,
+            slots: self.model.concurrency,
+            active: worker.active(),
+            prefill_tokens: 0,
+            prefill_tokens_saved: 0,
+            last_tokens_per_second: None,
+            mean_job_ms: worker.mean_job.map(|s| s * 1000.0),
+            mean_response_ms: worker.mean_response.map(|s| s * 1000.0),
+            sent_at_ms: ms(self.now),
         }
     }
 
-    /// Starts or stops workers to match the desired count: idle ones stop
-    /// first, then ones still starting, busy ones last (they drain).
-    fn reconcile(&mut self) {
-        self.prune();
-        let running: Vec<usize> = self
-            .alive
+    /// The workers not exited, as the pool lists them.
+    fn listing(&self) -> Vec<PoolWorker> {
+        self.alive
             .iter()
-            .copied()
-            .filter(|&i| !self.workers[i].stopping)
-            .collect();
-        let count = running.len() as u32;
-        if self.desired > count {
-            for _ in count..self.desired {
-                let delay = self.cold_start.sample(&mut self.cold_start_rng);
-                let worker = self.add_worker(false);
-                self.started += u64::from(self.now >= self.measure_from);
-                self.schedule(self.now + delay, Event::Ready(worker));
-            }
-        } else if self.desired < count {
-            let mut victims = running;
-            victims.sort_by_key(|&i| {
+            .map(|&i| {
                 let worker = &self.workers[i];
-                match (worker.ready, worker.active()) {
-                    (true, 0) => (0, 0, Reverse(i)),
-                    (false, _) => (1, 0, Reverse(i)),
-                    (true, active) => (2, active, Reverse(i)),
+                PoolWorker {
+                    id: worker.id.clone(),
+                    started_at: self.virtual_time(worker.requested_at),
+                    phase: match worker.stopping {
+                        true => Phase::Stopping {
+                            since: self.virtual_time(self.now),
+                        },
+                        false => Phase::Running,
+                    },
                 }
-            });
-            for i in victims.into_iter().take((count - self.desired) as usize) {
-                let worker = &mut self.workers[i];
-                worker.stopping = true;
-                if worker.sequences.is_empty() {
-                    worker.exited_at = Some(self.now);
+            })
+            .collect()
+    }
+
+    /// The queues as the worker consumers' state would show them.
+    fn depth(&self) -> QueueDepth {
+        let priorities = Priority::ALL
+            .iter()
+            .enumerate()
+            .map(|(lane, &priority)| {
+                let oldest = self.queues[lane]
+                    .front()
+                    .map_or(self.now, |&i| self.trace.arrivals[i].at);
+                PriorityDepth {
+                    priority,
+                    pending: self.queues[lane].len() as u64,
+                    ack_pending: self.in_service[lane],
+                    oldest_waiting: Duration::from_secs_f64((self.now - oldest).max(0.0)),
                 }
+            })
+            .collect();
+        QueueDepth { priorities }
+    }
+
+    /// Stops the workers the plan names (they drain) and starts the ones it
+    /// asks for, each ready after a drawn cold start.
+    fn carry_out(&mut self, plan: &Plan) {
+        for id in &plan.stop {
+            let worker = &mut self.workers[index_of(id)];
+            worker.stopping = true;
+            if worker.sequences.is_empty() {
+                worker.exited_at = Some(self.now);
             }
         }
+        for _ in 0..plan.start {
+            let delay = self.cold_start.sample(&mut self.cold_start_rng);
+            let worker = self.add_worker(false);
+            self.started += u64::from(self.now >= self.measure_from);
+            self.schedule(self.now + delay, Event::Ready(worker));
+        }
+        self.prune();
     }
 
     fn add_worker(&mut self, ready: bool) -> usize {
         self.workers.push(Worker {
+            id: format!("w{:08}", self.workers.len()),
             requested_at: self.now,
             ready,
+            ready_at: None,
+            jobs_done: 0,
             sequences: Vec::new(),
             stopping: false,
             exited_at: None,
@@ -538,4 +530,17 @@ impl<'a> Sim<'a> {
     fn virtual_time(&self, seconds: f64) -> DateTime<Utc> {
         self.trace.start + chrono::Duration::nanoseconds((seconds * 1e9) as i64)
     }
+}
+
+/// The queue lane of a priority (high, normal, low).
+fn lane(priority: Priority) -> usize {
+    Priority::ALL
+        .iter()
+        .position(|p| *p == priority)
+        .unwrap_or(1)
+}
+
+/// The worker index in an id from [`Sim::listing`].
+fn index_of(id: &str) -> usize {
+    id[1..].parse().expect("ids the replay made")
 }

@@ -31,7 +31,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::config::{ConfigError, ScalerConfig};
 use engine::{Fate, Outcome, Setup, WorkerModel};
-use policies::{Ebb, Fixed, KedaLike, KnativeLike};
+use policies::{Fixed, KedaLike, KnativeLike};
 use report::{PolicyResult, Report, Slo, TraceSummary};
 use trace::{LoadOptions, Trace, TraceError};
 use worker_profile::{ProfileError, WorkerProfile};
@@ -315,6 +315,7 @@ pub fn run(args: &SimulateArgs) -> Result<Simulation, SimulateError> {
         model: &model,
         seed: args.seed,
         measure_from: warm_up,
+        health: &config.health,
     };
 
     // The clairvoyant replay is also the yardstick: its answers are pure
@@ -426,7 +427,7 @@ impl Bench<'_> {
                     rules.scale_up[0].threshold, rules.scale_up[1].threshold
                 );
                 let start = self.initial.clamp(1, 10);
-                let mut policy = Ebb::new(config, timetable, start);
+                let mut policy = policies::ebb(config, timetable, start);
                 (detail, engine::replay(setup, &mut policy, start))
             }
             PolicyName::KedaLike => (
@@ -466,7 +467,7 @@ impl Bench<'_> {
                     config.resources.min_instances
                 );
                 let start = self.initial.clamp(config.resources.min_instances, max);
-                let mut policy = Ebb::new(config.clone(), self.timetable.clone(), start);
+                let mut policy = policies::ebb(config.clone(), self.timetable.clone(), start);
                 (detail, engine::replay(setup, &mut policy, start))
             }
         })

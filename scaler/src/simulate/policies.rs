@@ -7,44 +7,19 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::engine::Autoscaler;
 use crate::config::ScalerConfig;
-use crate::policy::{Observation, Policy, PolicyState, decide};
+use crate::controller::{Autoscaler, EbbPolicy, Verdict};
+use crate::policy::{Observation, Policy, PolicyState};
 use ebb_schedule::timetable::Timetable;
 
-/// ebb's scaler loop: the real [`decide`], asked again when it says.
-#[derive(Debug)]
-pub struct Ebb {
-    policy: Policy,
-    state: PolicyState,
-}
-
-impl Ebb {
-    pub fn new(config: ScalerConfig, timetable: Timetable, initial_workers: u32) -> Ebb {
-        Ebb {
-            policy: Policy::new(config, timetable),
-            state: PolicyState {
-                desired: initial_workers,
-                ..PolicyState::default()
-            },
-        }
-    }
-}
-
-impl Autoscaler for Ebb {
-    fn decide(&mut self, observation: &Observation, now: DateTime<Utc>) -> (u32, Duration) {
-        let decision = decide(observation, &self.state, &self.policy, now);
-        self.state = decision.state;
-        (decision.desired, decision.next_wake)
-    }
-
-    fn wakes_on_arrival(&self) -> bool {
-        true
-    }
-
-    fn rate_windows(&self) -> (Duration, Duration) {
-        let target = &self.policy.config.target;
-        (target.stable_window, target.panic_window)
+/// ebb's own policy, as live, continuing from `initial_workers`.
+pub fn ebb(config: ScalerConfig, timetable: Timetable, initial_workers: u32) -> EbbPolicy {
+    EbbPolicy {
+        policy: Policy::new(config, timetable),
+        state: PolicyState {
+            desired: initial_workers,
+            ..PolicyState::default()
+        },
     }
 }
 
@@ -78,8 +53,8 @@ backend: {{kind: process}}
 pub struct Fixed(pub u32);
 
 impl Autoscaler for Fixed {
-    fn decide(&mut self, _: &Observation, _: DateTime<Utc>) -> (u32, Duration) {
-        (self.0, Duration::from_secs(3600))
+    fn decide(&mut self, _: &Observation, _: DateTime<Utc>) -> Verdict {
+        Verdict::of("fixed", self.0, Duration::from_secs(3600))
     }
 
     fn wakes_on_arrival(&self) -> bool {
@@ -132,7 +107,19 @@ impl KedaLike {
 }
 
 impl Autoscaler for KedaLike {
-    fn decide(&mut self, observation: &Observation, now: DateTime<Utc>) -> (u32, Duration) {
+    fn decide(&mut self, observation: &Observation, now: DateTime<Utc>) -> Verdict {
+        let (desired, next_wake) = self.count(observation, now);
+        Verdict::of("keda-like", desired, next_wake)
+    }
+
+    fn wakes_on_arrival(&self) -> bool {
+        false
+    }
+}
+
+impl KedaLike {
+    /// Replicas wanted now, and when to be asked again.
+    fn count(&mut self, observation: &Observation, now: DateTime<Utc>) -> (u32, Duration) {
         let active = observation.lag > 0;
         if active {
             self.last_active = Some(now);
@@ -178,10 +165,6 @@ impl Autoscaler for KedaLike {
         }
         .clamp(1, self.max);
         (self.replicas, Self::HPA_SYNC)
-    }
-
-    fn wakes_on_arrival(&self) -> bool {
-        false
     }
 }
 
@@ -237,7 +220,19 @@ impl KnativeLike {
 }
 
 impl Autoscaler for KnativeLike {
-    fn decide(&mut self, observation: &Observation, now: DateTime<Utc>) -> (u32, Duration) {
+    fn decide(&mut self, observation: &Observation, now: DateTime<Utc>) -> Verdict {
+        let (desired, next_wake) = self.count(observation, now);
+        Verdict::of("knative-like", desired, next_wake)
+    }
+
+    fn wakes_on_arrival(&self) -> bool {
+        true
+    }
+}
+
+impl KnativeLike {
+    /// Replicas wanted now, and when to be asked again.
+    fn count(&mut self, observation: &Observation, now: DateTime<Utc>) -> (u32, Duration) {
         let in_flight = observation.lag;
         self.samples.push_back((now, in_flight));
         while self
@@ -281,10 +276,6 @@ impl Autoscaler for KnativeLike {
         self.desired = desired.min(self.max);
         (self.desired, Self::TICK)
     }
-
-    fn wakes_on_arrival(&self) -> bool {
-        true
-    }
 }
 
 #[cfg(test)]
@@ -320,27 +311,27 @@ mod tests {
     fn keda_activates_on_its_poll_limits_growth_and_stabilizes_down() {
         let mut keda = KedaLike::new(50, 0);
         // Poll at t=0 sees nothing; the next sync is not a poll.
-        assert_eq!(keda.decide(&lag(0, 0), at(0)).0, 0);
+        assert_eq!(keda.count(&lag(0, 0), at(0)).0, 0);
         assert_eq!(
-            keda.decide(&lag(300, 0), at(15)).0,
+            keda.count(&lag(300, 0), at(15)).0,
             0,
             "waits for the 30 s poll"
         );
-        assert_eq!(keda.decide(&lag(300, 0), at(30)).0, 1);
+        assert_eq!(keda.count(&lag(300, 0), at(30)).0, 1);
         // 300 lag wants 30: +4 at a time from 1, then doubling.
-        assert_eq!(keda.decide(&lag(300, 1), at(45)).0, 5);
-        assert_eq!(keda.decide(&lag(300, 5), at(60)).0, 10);
-        assert_eq!(keda.decide(&lag(300, 10), at(75)).0, 20);
-        assert_eq!(keda.decide(&lag(300, 20), at(90)).0, 30);
+        assert_eq!(keda.count(&lag(300, 1), at(45)).0, 5);
+        assert_eq!(keda.count(&lag(300, 5), at(60)).0, 10);
+        assert_eq!(keda.count(&lag(300, 10), at(75)).0, 20);
+        assert_eq!(keda.count(&lag(300, 20), at(90)).0, 30);
         // Lag gone: the highest recommendation of the last 300 s holds.
-        assert_eq!(keda.decide(&lag(1, 30), at(105)).0, 30);
-        assert_eq!(keda.decide(&lag(1, 30), at(390)).0, 30);
-        assert_eq!(keda.decide(&lag(1, 30), at(405)).0, 1, "after 300 s");
+        assert_eq!(keda.count(&lag(1, 30), at(105)).0, 30);
+        assert_eq!(keda.count(&lag(1, 30), at(390)).0, 30);
+        assert_eq!(keda.count(&lag(1, 30), at(405)).0, 1, "after 300 s");
         // Cooldown: to zero only on a poll 300 s after the last activity.
-        assert_eq!(keda.decide(&lag(0, 1), at(420)).0, 1);
-        assert_eq!(keda.decide(&lag(0, 1), at(690)).0, 1);
+        assert_eq!(keda.count(&lag(0, 1), at(420)).0, 1);
+        assert_eq!(keda.count(&lag(0, 1), at(690)).0, 1);
         let mut t = 705;
-        while keda.decide(&lag(0, 1), at(t)).0 != 0 {
+        while keda.count(&lag(0, 1), at(t)).0 != 0 {
             t += 15;
             assert!(t < 800, "scales to zero after the cooldown");
         }
@@ -353,29 +344,29 @@ mod tests {
         // 1 in flight per tick: target 0.7 per pod -> 2 pods.
         let mut now = 0;
         for _ in 0..30 {
-            kpa.decide(&lag(1, 1), at(now));
+            kpa.count(&lag(1, 1), at(now));
             now += 2;
         }
         assert_eq!(kpa.desired, 2);
         // A burst of 20 in flight.
         // The panic window's 3 samples average 22/3: ceil(7.33 / 0.7) = 11 >= 2 x 2 ready.
-        assert_eq!(kpa.decide(&lag(20, 2), at(now)).0, 11);
+        assert_eq!(kpa.count(&lag(20, 2), at(now)).0, 11);
         now += 2;
-        let (burst, _) = kpa.decide(&lag(20, 2), at(now));
+        let (burst, _) = kpa.count(&lag(20, 2), at(now));
         assert!(burst >= 19, "{burst}");
         assert!(kpa.panic_since.is_some());
         // Traffic stops: panic holds the count for 60 s, then halving steps.
         now += 2;
-        assert_eq!(kpa.decide(&lag(0, burst), at(now)).0, burst);
+        assert_eq!(kpa.count(&lag(0, burst), at(now)).0, burst);
         while kpa.desired > 1 {
             now += 2;
-            kpa.decide(&lag(0, kpa.desired), at(now));
+            kpa.count(&lag(0, kpa.desired), at(now));
             assert!(now < 400);
         }
         let last_traffic = kpa.last_traffic.unwrap();
         while kpa.desired > 0 {
             now += 2;
-            kpa.decide(&lag(0, 1), at(now));
+            kpa.count(&lag(0, 1), at(now));
         }
         let quiet = (at(now) - last_traffic).num_seconds();
         assert!(

@@ -11,6 +11,8 @@ use super::policies::Fixed;
 use super::report::Report;
 use super::trace::{Arrival, Trace, TraceFormat};
 use super::*;
+use crate::config::Health;
+use crate::controller::Verdict;
 use crate::policy::Observation;
 
 /// Answers take exactly `output_tokens` seconds; the first token 1 s.
@@ -55,8 +57,11 @@ fn setup<'a>(trace: &'a Trace, model: &'a WorkerModel) -> Setup<'a> {
         model,
         seed: 1,
         measure_from: 0.0,
+        health: &HEALTH,
     }
 }
+
+static HEALTH: std::sync::LazyLock<Health> = std::sync::LazyLock::new(Health::default);
 
 fn answered(fate: Fate) -> (f32, f32) {
     match fate {
@@ -70,8 +75,9 @@ fn answered(fate: Fate) -> (f32, f32) {
 struct OnDemand;
 
 impl Autoscaler for OnDemand {
-    fn decide(&mut self, observation: &Observation, _: DateTime<Utc>) -> (u32, Duration) {
-        (u32::from(observation.lag > 0), Duration::from_secs(1))
+    fn decide(&mut self, observation: &Observation, _: DateTime<Utc>) -> Verdict {
+        let desired = u32::from(observation.lag > 0);
+        Verdict::of("on-demand", desired, Duration::from_secs(1))
     }
     fn wakes_on_arrival(&self) -> bool {
         true
@@ -126,12 +132,10 @@ fn a_busy_worker_drains_before_it_exits() {
     /// Wants one worker for the first 3 s, then none.
     struct Shrink;
     impl Autoscaler for Shrink {
-        fn decide(&mut self, _: &Observation, now: DateTime<Utc>) -> (u32, Duration) {
+        fn decide(&mut self, _: &Observation, now: DateTime<Utc>) -> Verdict {
             let start = Utc.with_ymd_and_hms(2026, 3, 2, 12, 0, 0).unwrap();
-            (
-                u32::from((now - start).num_seconds() < 3),
-                Duration::from_secs(1),
-            )
+            let desired = u32::from((now - start).num_seconds() < 3);
+            Verdict::of("shrink", desired, Duration::from_secs(1))
         }
         fn wakes_on_arrival(&self) -> bool {
             false

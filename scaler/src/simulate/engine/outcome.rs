@@ -67,7 +67,7 @@ impl Sim<'_> {
         self.carry_to(index);
         let state = Sample {
             arrivals: 0,
-            lag: self.waiting() + self.in_service,
+            lag: self.waiting() + self.in_service(),
             workers: self
                 .alive
                 .iter()
