@@ -14,9 +14,9 @@ use axum::{Json, Router};
 use chrono::Utc;
 use serde_json::{Value, json};
 
-use crate::policy::Override;
 use crate::scaler::{Shared, Startup};
-use crate::signals::WorkerView;
+use ebb_control::policy::Override;
+use ebb_control::signals::WorkerView;
 
 /// Longest a manual override may last.
 const MAX_OVERRIDE_TTL_SECONDS: u64 = 7 * 86_400;

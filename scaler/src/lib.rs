@@ -3,31 +3,17 @@
 //! back.
 //!
 //! # Layout
-//! - [`config`]: the YAML config file, validated with errors naming the key.
-//! - [`controller`]: [`controller::Controller::step`], the pure core the
-//!   live loop and the simulator both execute: signals in, a plan out.
-//! - [`policy`]: the pure [`policy::decide`] and its inputs and outputs;
-//!   [`reason`]: why it chose its count; [`learned`]: timetable windows
-//!   that learn their floor.
-//! - [`signals`]: arrivals, heartbeats and pool listings into an observation.
+//! The decision itself is `ebb-control` ([`ebb_control::controller::Controller`],
+//! pure, shared with the simulator in `ebb-sim`); this crate carries it out.
 //! - [`pool`]: the [`pool::WorkerPool`] trait and the process backend.
 //! - [`scaler`]: the loop: list, step the controller, carry out its plan.
 //! - [`http`]: `/status`, `/scale`, `/metrics`, `/healthz`.
-//! - [`simulate`]: the trace replay (`simulate`) and school-day trace
-//!   generator (`gen-trace`), running the same controller.
 //!
 //! [`run`] serves until `shutdown` resolves; `main` only parses flags.
 
-pub mod config;
-pub mod controller;
 pub mod http;
-pub mod learned;
-pub mod policy;
 pub mod pool;
-pub mod reason;
 pub mod scaler;
-pub mod signals;
-pub mod simulate;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -40,10 +26,10 @@ use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use config::{BackendConfig, ScalerConfig};
-use controller::{Controller, EbbPolicy};
+use ebb_control::config::{BackendConfig, ScalerConfig};
+use ebb_control::controller::{Controller, EbbPolicy};
+use ebb_control::policy::Policy;
 use ebb_schedule::timetable::Timetable;
-use policy::Policy;
 use pool::WorkerPool;
 use pool::docker::DockerPool;
 use pool::process::ProcessPool;

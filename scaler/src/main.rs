@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use chrono::Utc;
 use clap::Parser;
-use ebb_scaler::config::ScalerConfig;
+use ebb_control::config::ScalerConfig;
 
 /// ebb's autoscaler: turns queue depth, latency and the school timetable into
 /// a worker count, and starts and stops workers to match, down to zero.
@@ -42,10 +42,10 @@ enum Command {
     /// Replay a trace on a virtual clock against several scaling policies
     /// and report cost and SLO attainment for each.
     // Boxed: its many flags would make every other command as large.
-    Simulate(Box<ebb_scaler::simulate::SimulateArgs>),
+    Simulate(Box<ebb_sim::SimulateArgs>),
     /// Write a synthetic school's questions (ebb's trace CSV) from a
     /// config's timetable.
-    GenTrace(ebb_scaler::simulate::school::GenTraceArgs),
+    GenTrace(ebb_sim::school::GenTraceArgs),
 }
 
 #[tokio::main]
@@ -96,11 +96,10 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn simulate(args: &ebb_scaler::simulate::SimulateArgs) -> ExitCode {
-    use ebb_scaler::simulate;
-    let result = simulate::run(args).and_then(|simulation| {
+fn simulate(args: &ebb_sim::SimulateArgs) -> ExitCode {
+    let result = ebb_sim::run(args).and_then(|simulation| {
         if let Some(dir) = &args.out {
-            simulate::write(&simulation, dir)?;
+            ebb_sim::write(&simulation, dir)?;
         }
         Ok(simulation)
     });
@@ -116,18 +115,18 @@ fn simulate(args: &ebb_scaler::simulate::SimulateArgs) -> ExitCode {
     }
 }
 
-fn gen_trace(args: &ebb_scaler::simulate::school::GenTraceArgs) -> ExitCode {
+fn gen_trace(args: &ebb_sim::school::GenTraceArgs) -> ExitCode {
     use std::io::Write;
     let result = match &args.out {
         Some(path) => std::fs::File::create(path)
             .map_err(Into::into)
             .and_then(|file| {
                 let mut out = std::io::BufWriter::new(file);
-                let count = ebb_scaler::simulate::school::generate(args, &mut out)?;
+                let count = ebb_sim::school::generate(args, &mut out)?;
                 out.flush()?;
                 Ok(count)
             }),
-        None => ebb_scaler::simulate::school::generate(args, &mut std::io::stdout().lock()),
+        None => ebb_sim::school::generate(args, &mut std::io::stdout().lock()),
     };
     match result {
         Ok(count) => {

@@ -13,8 +13,7 @@ pub mod process;
 
 use std::future::Future;
 
-use chrono::{DateTime, Utc};
-use serde::Serialize;
+pub use ebb_control::listing::{Phase, PoolWorker};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -32,30 +31,6 @@ pub enum PoolError {
     UnknownWorker(String),
     #[error("docker: {0}")]
     Engine(String),
-}
-
-/// Where a worker is in its life, as far as the backend can tell.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case", tag = "phase")]
-pub enum Phase {
-    Running,
-    /// Asked to drain; killed if still there after the grace period.
-    Stopping {
-        since: DateTime<Utc>,
-    },
-    /// Gone. Reported once, then forgotten.
-    Exited {
-        status: String,
-        requested: bool,
-    },
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct PoolWorker {
-    pub id: String,
-    pub started_at: DateTime<Utc>,
-    #[serde(flatten)]
-    pub phase: Phase,
 }
 
 /// A set of workers the scaler owns.

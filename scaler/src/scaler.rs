@@ -13,11 +13,11 @@ use ebb_nats::{PriorityDepth, QueueDepth};
 use serde::Serialize;
 use tokio::sync::Notify;
 
-use crate::controller::{Controller, EbbPolicy, Inputs, Plan};
-use crate::policy::{Observation, Override, WorkerCounts};
 use crate::pool::WorkerPool;
-use crate::reason::Reason;
-use crate::signals::WorkerView;
+use ebb_control::controller::{Controller, EbbPolicy, Inputs, Plan};
+use ebb_control::policy::{Observation, Override, WorkerCounts};
+use ebb_control::reason::Reason;
+use ebb_control::signals::WorkerView;
 use ebb_schedule::timetable::Window;
 
 /// Decisions kept for `/status`.

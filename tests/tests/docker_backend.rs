@@ -9,7 +9,8 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ebb_scaler::pool::docker::{DockerBackendConfig, DockerPool, POOL_LABEL};
+use ebb_control::config::DockerBackendConfig;
+use ebb_scaler::pool::docker::{DockerPool, POOL_LABEL};
 use ebb_scaler::pool::{Phase, PoolWorker, WorkerPool};
 use ebb_tests::TempDir;
 
@@ -90,7 +91,7 @@ fn config(pool: &str) -> DockerBackendConfig {
 }
 
 fn serde_norway_config(yaml: &str) -> DockerBackendConfig {
-    let (config, _) = ebb_scaler::config::ScalerConfig::parse(&format!(
+    let (config, _) = ebb_control::config::ScalerConfig::parse(&format!(
         "resources: {{min_instances: 0, max_instances: 2}}\nbackend:\n  kind: docker\n{}",
         yaml.lines()
             .map(|line| format!("  {line}\n"))
@@ -98,7 +99,7 @@ fn serde_norway_config(yaml: &str) -> DockerBackendConfig {
     ))
     .expect("valid docker backend config");
     match config.backend {
-        ebb_scaler::config::BackendConfig::Docker(docker) => docker,
+        ebb_control::config::BackendConfig::Docker(docker) => docker,
         other => panic!("expected the docker backend, got {other:?}"),
     }
 }
@@ -250,7 +251,7 @@ fn docker_readme_backend_example_is_valid() {
     assert_eq!(config.image, "ebb-worker:latest");
     assert!(matches!(
         config.gpus,
-        Some(ebb_scaler::pool::docker::GpuRequest::Count { count: 1 })
+        Some(ebb_control::config::GpuRequest::Count { count: 1 })
     ));
 }
 
@@ -263,7 +264,7 @@ async fn docker_backend_explains_gpus_without_a_gpu_runtime() {
         names: Vec::new(),
     };
     let mut config = config(&pool_name);
-    config.gpus = Some(ebb_scaler::pool::docker::GpuRequest::Count { count: 1 });
+    config.gpus = Some(ebb_control::config::GpuRequest::Count { count: 1 });
     let mut pool = DockerPool::connect(config, Duration::from_secs(1))
         .await
         .unwrap();

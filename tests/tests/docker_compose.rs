@@ -250,11 +250,11 @@ fn docker_compose_gpu_override_switches_the_scaler_config_and_worker_image() {
         "{text}"
     );
     let (config, _) =
-        ebb_scaler::config::ScalerConfig::load(&repo_root().join("deploy/scaler.gpu.yaml"))
+        ebb_control::config::ScalerConfig::load(&repo_root().join("deploy/scaler.gpu.yaml"))
             .expect("valid");
     assert!(
-        matches!(config.backend, ebb_scaler::config::BackendConfig::Docker(ref docker) if docker.gpus.is_some())
+        matches!(config.backend, ebb_control::config::BackendConfig::Docker(ref docker) if docker.gpus.is_some())
     );
-    ebb_scaler::config::ScalerConfig::load(&repo_root().join("deploy/scaler.cpu.yaml"))
+    ebb_control::config::ScalerConfig::load(&repo_root().join("deploy/scaler.cpu.yaml"))
         .expect("valid");
 }

@@ -13,7 +13,7 @@ fn scaler(args: &[&str]) -> Output {
 }
 
 fn school_config() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scaler/config/school.yaml")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../sim/config/school.yaml")
 }
 
 #[test]

@@ -7,7 +7,7 @@
 //! never touches anything else. Stopping sends SIGTERM (the worker drains),
 //! then SIGKILL after the grace period; exited containers are removed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use bollard::Docker;
@@ -20,54 +20,12 @@ use bollard::query_parameters::{
     StartContainerOptions,
 };
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
 
 use super::{Phase, PoolError, PoolWorker, WorkerPool};
+use ebb_control::config::{DockerBackendConfig, GpuRequest};
 
 pub const POOL_LABEL: &str = "io.ebb.pool";
 pub const WORKER_LABEL: &str = "io.ebb.worker-id";
-
-/// `backend: {kind: docker, ...}` in the scaler config.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DockerBackendConfig {
-    /// Worker image, e.g. `ebb-worker:latest`.
-    pub image: String,
-    /// Network the workers join (e.g. the compose network).
-    #[serde(default)]
-    pub network: Option<String>,
-    /// Overrides the image's command (the worker's flags).
-    #[serde(default)]
-    pub command: Option<Vec<String>>,
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    /// Bind mounts and volumes, `source:target[:ro]` (e.g. the shared
-    /// `HF_HOME` model cache, so a new worker does not download again).
-    #[serde(default)]
-    pub volumes: Vec<String>,
-    /// GPUs per worker: a count (`-1` = all) or device ids.
-    #[serde(default)]
-    pub gpus: Option<GpuRequest>,
-    /// CPU limit in cores.
-    #[serde(default)]
-    pub cpus: Option<f64>,
-    /// Memory limit in bytes.
-    #[serde(default)]
-    pub memory_bytes: Option<i64>,
-    #[serde(default = "default_pool")]
-    pub pool: String,
-}
-
-fn default_pool() -> String {
-    "default".into()
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum GpuRequest {
-    Count { count: i64 },
-    Devices { device_ids: Vec<String> },
-}
 
 #[derive(Debug)]
 pub struct DockerPool {

@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{Phase, PoolError, PoolWorker, WorkerPool};
-use crate::config::ProcessBackendConfig;
+use ebb_control::config::ProcessBackendConfig;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Record {

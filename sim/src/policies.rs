@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::config::ScalerConfig;
-use crate::controller::{Autoscaler, EbbPolicy, Verdict};
-use crate::policy::{Observation, Policy, PolicyState};
+use ebb_control::config::ScalerConfig;
+use ebb_control::controller::{Autoscaler, EbbPolicy, Verdict};
+use ebb_control::policy::{Observation, Policy, PolicyState};
 use ebb_schedule::timetable::Timetable;
 
 /// ebb's own policy, as live, continuing from `initial_workers`.
@@ -281,8 +281,8 @@ impl KnativeLike {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::WorkerCounts;
     use chrono::TimeZone;
+    use ebb_control::policy::WorkerCounts;
 
     fn at(seconds: i64) -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 3, 2, 0, 0, 0).unwrap() + chrono::Duration::seconds(seconds)

@@ -11,9 +11,9 @@ use super::policies::Fixed;
 use super::report::Report;
 use super::trace::{Arrival, Trace, TraceFormat};
 use super::*;
-use crate::config::Health;
-use crate::controller::Verdict;
-use crate::policy::Observation;
+use ebb_control::config::Health;
+use ebb_control::controller::Verdict;
+use ebb_control::policy::Observation;
 
 /// Answers take exactly `output_tokens` seconds; the first token 1 s.
 fn model() -> WorkerModel {

@@ -29,10 +29,10 @@ use rand_chacha::ChaCha8Rng;
 use super::trace::Trace;
 pub use super::worker::WorkerModel;
 use super::worker::{ColdStart, Sequence};
-use crate::config::Health;
-pub use crate::controller::Autoscaler;
-use crate::controller::{Controller, Inputs, Plan};
-use crate::pool::{Phase, PoolWorker};
+use ebb_control::config::Health;
+pub use ebb_control::controller::Autoscaler;
+use ebb_control::controller::{Controller, Inputs, Plan};
+use ebb_control::listing::{Phase, PoolWorker};
 pub use outcome::{Fate, Outcome, Sample, measured_seconds};
 
 /// What every replay of one run shares.

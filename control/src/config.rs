@@ -272,7 +272,7 @@ pub enum BackendConfig {
     /// `ebb-worker` processes on this machine.
     Process(ProcessBackendConfig),
     /// Worker containers on the local Docker engine.
-    Docker(crate::pool::docker::DockerBackendConfig),
+    Docker(DockerBackendConfig),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -465,6 +465,48 @@ impl ScalerConfig {
         }
         Ok(Timetable::new(&self.timetable)?)
     }
+}
+
+/// `backend: {kind: docker, ...}` in the scaler config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DockerBackendConfig {
+    /// Worker image, e.g. `ebb-worker:latest`.
+    pub image: String,
+    /// Network the workers join (e.g. the compose network).
+    #[serde(default)]
+    pub network: Option<String>,
+    /// Overrides the image's command (the worker's flags).
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Bind mounts and volumes, `source:target[:ro]` (e.g. the shared
+    /// `HF_HOME` model cache, so a new worker does not download again).
+    #[serde(default)]
+    pub volumes: Vec<String>,
+    /// GPUs per worker: a count (`-1` = all) or device ids.
+    #[serde(default)]
+    pub gpus: Option<GpuRequest>,
+    /// CPU limit in cores.
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    /// Memory limit in bytes.
+    #[serde(default)]
+    pub memory_bytes: Option<i64>,
+    #[serde(default = "default_pool")]
+    pub pool: String,
+}
+
+fn default_pool() -> String {
+    "default".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum GpuRequest {
+    Count { count: i64 },
+    Devices { device_ids: Vec<String> },
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Exp, Poisson, Zipf};
 
-use crate::config::{ConfigError, ScalerConfig};
+use ebb_control::config::{ConfigError, ScalerConfig};
 
 /// `ebb-scaler gen-trace` flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -212,7 +212,7 @@ pub fn generate(args: &GenTraceArgs, out: &mut dyn Write) -> Result<u64, GenTrac
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::simulate::DEFAULT_CONFIG;
+    use crate::DEFAULT_CONFIG;
 
     fn school_config() -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/school.yaml")

@@ -9,8 +9,8 @@ use ebb_nats::{Heartbeat, QueueDepth, WorkerState};
 use serde::Serialize;
 
 use crate::config::Health;
+use crate::listing::{Phase, PoolWorker};
 use crate::policy::{Observation, WorkerCounts};
-use crate::pool::{Phase, PoolWorker};
 
 /// Cold starts kept for the p90.
 const COLD_START_SAMPLES: usize = 50;

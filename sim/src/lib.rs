@@ -7,7 +7,7 @@
 //! - [`engine`]: the discrete-event replay and the [`engine::Autoscaler`] trait;
 //!   [`worker`]: the simulated worker's cost and speed; [`worker_profile`]:
 //!   the measured engine's decode rate by batch size (`--worker-profile`).
-//! - [`policies`]: ebb's [`crate::policy::decide`], the seed's rules, a fixed
+//! - [`policies`]: ebb's [`ebb_control::policy::decide`], the seed's rules, a fixed
 //!   fleet, KEDA-like and Knative-like models.
 //! - [`clairvoyant`]: the perfect-foresight reference.
 //! - [`report`]: JSON, Markdown and SVG output.
@@ -29,7 +29,7 @@ use chrono::{DateTime, Utc};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::{ConfigError, ScalerConfig};
+use ebb_control::config::{ConfigError, ScalerConfig};
 use engine::{Fate, Outcome, Setup, WorkerModel};
 use policies::{Fixed, KedaLike, KnativeLike};
 use report::{PolicyResult, Report, Slo, TraceSummary};
@@ -41,7 +41,7 @@ use worker_profile::{ProfileError, WorkerProfile};
 const DEFAULT_PREFILL: f64 = 2000.0;
 
 /// ebb's default policy, the one `simulate` uses without `--config`.
-pub const DEFAULT_CONFIG: &str = include_str!("../../config/default.yaml");
+pub const DEFAULT_CONFIG: &str = include_str!("../config/default.yaml");
 
 /// The policies `simulate` can compare.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -1,4 +1,4 @@
-//! The controller both loops execute: the live scaler ([`crate::scaler`])
+//! The controller both loops execute: the live scaler (`ebb_scaler::scaler`)
 //! and the simulator's replay engine feed it the same inputs (question
 //! arrivals, heartbeats, a pool listing, the queue depth) and carry out the
 //! [`Plan`] its [`Controller::step`] returns. Everything between the raw
@@ -13,8 +13,8 @@ use chrono::{DateTime, Utc};
 use ebb_nats::{Heartbeat, QueueDepth};
 
 use crate::config::Health;
+use crate::listing::{Phase, PoolWorker};
 use crate::policy::{Observation, Override, Policy, PolicyState, decide};
-use crate::pool::{Phase, PoolWorker};
 use crate::reason::Reason;
 use crate::signals::{Condition, RateWindows, Signals, WorkerView};
 use ebb_schedule::timetable::{Timetable, Window};
