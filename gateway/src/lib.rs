@@ -43,7 +43,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ebb_nats::{Store, Topology};
+use ebb_nats::Topology;
+use ebb_store::{Lifecycle, Store};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -57,7 +58,7 @@ pub enum GatewayError {
     #[error(transparent)]
     Queue(#[from] ebb_nats::QueueError),
     #[error(transparent)]
-    Store(#[from] ebb_nats::StoreError),
+    Store(#[from] ebb_store::StoreError),
     #[error("HTTP server failed: {0}")]
     Serve(#[from] std::io::Error),
 }
@@ -115,9 +116,9 @@ pub async fn run(
 
     let stop = CancellationToken::new();
     let mut background = tokio::task::JoinSet::new();
-    background.spawn(ebb_nats::dead_letter::run_reaper(
+    background.spawn(ebb_store::run_reaper(
         topology.clone(),
-        store,
+        Lifecycle::new(topology.jetstream.clone(), store),
         stop.clone().cancelled_owned(),
     ));
     background.spawn(webhook::run(

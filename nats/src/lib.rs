@@ -12,18 +12,17 @@
 //! - [`topology`]: the idempotent "ensure" step that creates or updates the
 //!   streams and the durable consumers ([`QueueConfig`]).
 //! - [`depth`]: queue-depth queries the scaler reads ([`QueueDepth`]).
-//! - [`store`]: Redis status records and the answer cache ([`Store`]).
-//! - [`dead_letter`]: gives a terminal status to questions whose last delivery
-//!   was lost with a crashed worker.
+//! - [`record`]: a question's status record ([`QuestionRecord`]) and a
+//!   cached answer: the JSON kept in Redis and sent to webhooks.
 //! - [`webhook`]: the queue of callback calls the gateway delivers.
 //!
-//! Timetables live in `ebb-schedule`, process plumbing (telemetry, shared
-//! flags, durations) in `ebb-runtime`.
+//! Reading and writing those records in Redis, and a question's terminal
+//! transitions, live in `ebb-store`; timetables in `ebb-schedule`; process
+//! plumbing (telemetry, shared flags, durations) in `ebb-runtime`.
 
-pub mod dead_letter;
 pub mod depth;
 pub mod messages;
-pub mod store;
+pub mod record;
 pub mod subjects;
 pub mod topology;
 pub mod webhook;
@@ -33,7 +32,7 @@ pub use messages::{
     AnswerEvent, ChatMessage, DeadLetter, FinishReason, Heartbeat, Job, Role, Sampling, Timings,
     WorkerState,
 };
-pub use store::{CachedAnswer, Pieces, QuestionRecord, QuestionStatus, Store, StoreError};
+pub use record::{CachedAnswer, QuestionRecord, QuestionStatus};
 pub use subjects::Priority;
 pub use topology::{QueueConfig, QueueError, Topology, connect};
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, stream};
 use serde::{Deserialize, Serialize};
 
-use crate::store::QuestionRecord;
+use crate::record::QuestionRecord;
 
 /// The stream of webhook calls not yet delivered.
 pub const STREAM: &str = "EBB_WEBHOOKS";

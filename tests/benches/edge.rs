@@ -22,7 +22,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::message::PublishMessage;
-use ebb_nats::{CachedAnswer, Job, Store, subjects};
+use ebb_nats::{CachedAnswer, Job, subjects};
+use ebb_store::Store;
 use ebb_tests::{Stack, StackOptions};
 use serde_json::json;
 
@@ -178,7 +179,7 @@ async fn main() {
     let hit_script = format!(
         "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = '{body}'\n"
     );
-    let cache_entry = ebb_nats::store::cache_key(&key);
+    let cache_entry = ebb_store::store::cache_key(&key);
     let (mut gateway_hits, mut redis_gets) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         gateway_hits.push(wrk(&url, &hit_script, connections, seconds));

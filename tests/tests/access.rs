@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use ebb_nats::{CachedAnswer, Store};
+use ebb_nats::CachedAnswer;
+use ebb_store::Store;
 use ebb_tests::{Stack, StackOptions, TempDir, eventually};
 use serde_json::{Value, json};
 

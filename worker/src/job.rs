@@ -14,11 +14,9 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
 use ebb_nats::messages::moving_average;
-use ebb_nats::{
-    AnswerEvent, CachedAnswer, FinishReason, Job, QuestionRecord, QuestionStatus, Timings,
-    dead_letter, subjects, webhook,
-};
+use ebb_nats::{AnswerEvent, CachedAnswer, Job, QuestionRecord, QuestionStatus, Timings, subjects};
 use ebb_runtime::telemetry;
+use ebb_store::Answer;
 use tracing::Instrument;
 
 use crate::engine::positions_needed;
@@ -34,7 +32,7 @@ enum JobError {
     #[error("failure injected by --debug-fail-marker")]
     Injected,
     #[error("status store: {0}")]
-    Store(#[from] ebb_nats::StoreError),
+    Store(#[from] ebb_store::StoreError),
 }
 
 impl Worker {
@@ -59,97 +57,111 @@ impl Worker {
     }
 
     async fn handle_job(&self, message: &jetstream::Message, job: Job, deliveries: i64) {
-        let started_ms = ebb_nats::now_ms();
-        let earlier = self.store.record(&job.id).await.ok().flatten();
-        if earlier
-            .as_ref()
-            .is_some_and(|record| record.status.is_terminal())
-        {
+        if self.already_ended(&job).await {
             tracing::info!("already answered; acknowledging the redelivery");
-            // The worker before may have died between its record and its
-            // webhook call; the call's message id makes this a no-op otherwise.
-            if let (Some(url), Some(record)) = (&job.callback_url, &earlier)
-                && let Err(err) =
-                    webhook::enqueue(&self.topology.jetstream, &job.id, url, record).await
-            {
-                tracing::warn!(cause = %err, "cannot queue the webhook call");
-            }
             ack(message).await;
             return;
         }
-        if let Some(hit) = self.cached(&job).await {
-            let answer = Answer {
-                text: &hit.answer,
-                model: &hit.model,
-                cached: true,
-                timings: None,
-                finish_reason: hit.finish_reason,
-            };
-            match self.finish(&job, deliveries, answer).await {
-                Ok(()) => ack(message).await,
-                Err(err) => {
-                    self.retry_or_fail(message, &job, deliveries, &err.into())
-                        .await
-                }
-            }
-            return;
+        let finished = match self.cached(&job).await {
+            Some(hit) => self.finish_from_cache(&job, deliveries, &hit).await,
+            None => self.generate_and_finish(message, &job, deliveries).await,
+        };
+        match finished {
+            Ok(()) => ack(message).await,
+            Err(err) => self.retry_or_fail(message, &job, deliveries, &err).await,
         }
-        let record = QuestionRecord {
+    }
+
+    /// Whether an earlier delivery already ended the question; if so, its
+    /// webhook call is queued again in case that worker died before it.
+    async fn already_ended(&self, job: &Job) -> bool {
+        let earlier = self
+            .store
+            .degradable("the redelivery check", self.store.record(&job.id))
+            .await
+            .flatten();
+        match earlier {
+            Some(record) if record.status.is_terminal() => {
+                self.lifecycle.redelivered(job, &record).await;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    async fn finish_from_cache(
+        &self,
+        job: &Job,
+        deliveries: i64,
+        hit: &CachedAnswer,
+    ) -> Result<(), JobError> {
+        let answer = Answer {
+            text: &hit.answer,
+            model: &hit.model,
+            cached: true,
+            timings: None,
+            finish_reason: hit.finish_reason,
+            cache_for: None,
+        };
+        Ok(self.lifecycle.finish(job, deliveries, answer).await?)
+    }
+
+    async fn generate_and_finish(
+        &self,
+        message: &jetstream::Message,
+        job: &Job,
+        deliveries: i64,
+    ) -> Result<(), JobError> {
+        let started_ms = ebb_nats::now_ms();
+        let running = QuestionRecord {
             status: QuestionStatus::Running,
             attempts: deliveries,
             model: Some(self.identity.clone()),
             updated_at_ms: started_ms,
-            ..QuestionRecord::of_job(&job)
+            ..QuestionRecord::of_job(job)
         };
-        if let Err(err) = self.store.put_record(&record).await {
-            tracing::warn!(cause = %err, "cannot mark the question running");
-        }
-
+        self.store
+            .degradable("the running mark", self.store.put_record(&running))
+            .await;
         let started = Instant::now();
-        let result = self.generate(message, &job, deliveries).await;
-        match result {
-            Ok(generation) => {
-                let timings = Timings {
-                    queue_ms: started_ms.saturating_sub(job.enqueued_at_ms),
-                    inference_ms: started.elapsed().as_millis() as u64,
-                    prompt_tokens: generation.prompt_tokens as u32,
-                    completion_tokens: generation.completion_tokens as u32,
-                };
-                let answer = Answer {
-                    text: &generation.text,
-                    model: &self.identity,
-                    cached: false,
-                    timings: Some(timings),
-                    finish_reason: generation.finish_reason,
-                };
-                match self.finish(&job, deliveries, answer).await {
-                    Ok(()) => {
-                        ack(message).await;
-                        self.heartbeat.send_modify(|beat| {
-                            beat.jobs_done += 1;
-                            beat.last_tokens_per_second = generation.decode_tokens_per_second();
-                            let job_ms = timings.inference_ms as f64;
-                            let response_ms = (timings.queue_ms + timings.inference_ms) as f64;
-                            beat.mean_job_ms = Some(moving_average(beat.mean_job_ms, job_ms));
-                            beat.mean_response_ms =
-                                Some(moving_average(beat.mean_response_ms, response_ms));
-                        });
-                        tracing::info!(
-                            prompt_tokens = generation.prompt_tokens,
-                            completion_tokens = generation.completion_tokens,
-                            inference_ms = timings.inference_ms,
-                            queue_ms = timings.queue_ms,
-                            "answered"
-                        );
-                    }
-                    Err(err) => {
-                        self.retry_or_fail(message, &job, deliveries, &err.into())
-                            .await
-                    }
-                }
-            }
-            Err(err) => self.retry_or_fail(message, &job, deliveries, &err).await,
-        }
+        let generation = self.generate(message, job, deliveries).await?;
+        let timings = Timings {
+            queue_ms: started_ms.saturating_sub(job.enqueued_at_ms),
+            inference_ms: started.elapsed().as_millis() as u64,
+            prompt_tokens: generation.prompt_tokens as u32,
+            completion_tokens: generation.completion_tokens as u32,
+        };
+        let answer = Answer {
+            text: &generation.text,
+            model: &self.identity,
+            cached: false,
+            timings: Some(timings),
+            finish_reason: generation.finish_reason,
+            // Only the model the gateway keyed the question for may answer
+            // under its key.
+            cache_for: (job.model == self.identity).then_some(self.config.cache_ttl),
+        };
+        self.lifecycle.finish(job, deliveries, answer).await?;
+        self.count_answered(&generation, timings);
+        Ok(())
+    }
+
+    fn count_answered(&self, generation: &Generation, timings: Timings) {
+        self.heartbeat.send_modify(|beat| {
+            beat.jobs_done += 1;
+            beat.last_tokens_per_second = generation.decode_tokens_per_second();
+            let job_ms = timings.inference_ms as f64;
+            let response_ms = (timings.queue_ms + timings.inference_ms) as f64;
+            beat.mean_job_ms = Some(moving_average(beat.mean_job_ms, job_ms));
+            beat.mean_response_ms = Some(moving_average(beat.mean_response_ms, response_ms));
+        });
+        tracing::info!(
+            prompt_tokens = generation.prompt_tokens,
+            completion_tokens = generation.completion_tokens,
+            inference_ms = timings.inference_ms,
+            queue_ms = timings.queue_ms,
+            "answered"
+        );
     }
 
     /// A cached answer another worker stored since the gateway looked.
@@ -158,7 +170,10 @@ impl Worker {
             .cache_key
             .as_deref()
             .filter(|_| job.model == self.identity)?;
-        self.store.cached_answer(key).await.ok().flatten()
+        self.store
+            .degradable("the cache lookup", self.store.cached_answer(key))
+            .await
+            .flatten()
     }
 
     /// Reserves the question's KV memory (waiting, progress-acked, while
@@ -212,9 +227,8 @@ impl Worker {
                 event = events.recv() => match event {
                     Some(SeqEvent::Text(text)) => {
                         // Stored before it is published: see AnswerEvent.
-                        if let Err(err) = self.store.append_piece(&job.id, attempt, seq, &text).await {
-                            tracing::debug!(cause = %err, "cannot store a piece for late joiners");
-                        }
+                        let piece = self.store.append_piece(&job.id, attempt, seq, &text);
+                        self.store.degradable("late joiners' pieces", piece).await;
                         let event = AnswerEvent::Token { text, seq, attempt };
                         seq += 1;
                         let body = Bytes::from(serde_json::to_vec(&event).expect("events serialize"));
@@ -235,67 +249,6 @@ impl Worker {
         tokio::time::interval((self.delivery.ack_wait / 3).max(Duration::from_millis(100)))
     }
 
-    /// Stores the answer (status record, cache), tells waiting clients and
-    /// queues the webhook call.
-    async fn finish(
-        &self,
-        job: &Job,
-        deliveries: i64,
-        answer: Answer<'_>,
-    ) -> Result<(), ebb_nats::StoreError> {
-        if !answer.cached
-            && let Some(key) = &job.cache_key
-            && job.model == self.identity
-        {
-            let entry = CachedAnswer {
-                answer: answer.text.to_owned(),
-                model: answer.model.to_owned(),
-                finish_reason: answer.finish_reason,
-                language: job.language.clone(),
-            };
-            self.store
-                .put_cached_answer(key, &entry, self.config.cache_ttl)
-                .await?;
-        }
-        let record = QuestionRecord {
-            status: QuestionStatus::Done,
-            answer: Some(answer.text.to_owned()),
-            model: Some(answer.model.to_owned()),
-            cached: answer.cached,
-            timings: answer.timings,
-            finish_reason: Some(answer.finish_reason),
-            attempts: deliveries,
-            updated_at_ms: ebb_nats::now_ms(),
-            ..QuestionRecord::of_job(job)
-        };
-        self.store.put_record(&record).await?;
-        let event = AnswerEvent::Done {
-            answer: answer.text.to_owned(),
-            model: answer.model.to_owned(),
-            cached: answer.cached,
-            timings: answer.timings,
-            finish_reason: answer.finish_reason,
-        };
-        let body = Bytes::from(serde_json::to_vec(&event).expect("events serialize"));
-        if let Err(err) = self
-            .topology
-            .jetstream
-            .client()
-            .publish(subjects::answers(&job.id), body)
-            .await
-        {
-            // The record is stored; a waiting client finds it when its wait ends.
-            tracing::warn!(cause = %err, "cannot publish the answer event");
-        }
-        if let Some(url) = &job.callback_url
-            && let Err(err) =
-                webhook::enqueue(&self.topology.jetstream, &job.id, url, &record).await
-        {
-            tracing::error!(cause = %err, "cannot queue the webhook call");
-        }
-        Ok(())
-    }
-
     /// Schedules a retry with exponential backoff, or, on the last allowed
     /// delivery (or a permanent error), fails the question for good.
     async fn retry_or_fail(
@@ -310,9 +263,7 @@ impl Worker {
         let max_deliver = self.delivery.max_deliver;
         if permanent || deliveries >= max_deliver {
             let reason = format!("{err}");
-            match dead_letter::fail_question(&self.topology, &self.store, job, &reason, deliveries)
-                .await
-            {
+            match self.lifecycle.fail(job, &reason, deliveries).await {
                 Ok(()) => ack(message).await,
                 // Leave the message unacknowledged: its max-deliveries
                 // advisory makes the gateway's reaper fail it once it can.
@@ -331,20 +282,13 @@ impl Worker {
             updated_at_ms: ebb_nats::now_ms(),
             ..QuestionRecord::of_job(job)
         };
-        let _ = self.store.put_record(&record).await;
+        self.store
+            .degradable("the retry's status", self.store.put_record(&record))
+            .await;
         if let Err(err) = message.ack_with(AckKind::Nak(Some(delay))).await {
             tracing::warn!(cause = %err, "nak failed; the question returns after the ack wait");
         }
     }
-}
-
-/// A finished answer, wherever it came from.
-struct Answer<'a> {
-    text: &'a str,
-    model: &'a str,
-    cached: bool,
-    timings: Option<Timings>,
-    finish_reason: FinishReason,
 }
 
 /// `base * 2^(deliveries - 1)`, capped at one minute.

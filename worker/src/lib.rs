@@ -26,7 +26,8 @@ pub mod tiny;
 
 use std::sync::Arc;
 
-use ebb_nats::{Heartbeat, Store, Topology, WorkerState};
+use ebb_nats::{Heartbeat, Topology, WorkerState};
+use ebb_store::{Lifecycle, Store};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -41,7 +42,7 @@ pub enum WorkerError {
     #[error(transparent)]
     Queue(#[from] ebb_nats::QueueError),
     #[error(transparent)]
-    Store(#[from] ebb_nats::StoreError),
+    Store(#[from] ebb_store::StoreError),
     #[error(transparent)]
     Model(#[from] model::ModelError),
     #[error("NATS: {0}")]
@@ -182,6 +183,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
         consumers,
         config: Arc::new(config),
         identity,
+        lifecycle: Lifecycle::new(topology.jetstream.clone(), store.clone()),
         topology,
         store,
         heartbeat,

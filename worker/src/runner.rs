@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use bytes::Bytes;
-use ebb_nats::{Heartbeat, Priority, Store, Topology, WorkerState, subjects};
+use ebb_nats::{Heartbeat, Priority, Topology, WorkerState, subjects};
+use ebb_store::{Lifecycle, Store};
 use futures::{FutureExt, StreamExt};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
@@ -41,6 +42,7 @@ pub(crate) struct Worker {
     pub identity: String,
     pub topology: Topology,
     pub store: Store,
+    pub lifecycle: Lifecycle,
     pub consumers: Vec<PullConsumer>,
     /// The consumers' delivery policy as the server holds it (not this
     /// process's flags: another process may have set it).

@@ -60,7 +60,10 @@ pub async fn admit(
     // text the key covers, and a hit then costs no detection at all.
     let cache_key = question.cache_key(&state.model_identity);
     if let Some(key) = &cache_key
-        && let Some(Some(hit)) = state.degradable(state.store.cached_answer(key)).await
+        && let Some(Some(hit)) = state
+            .store
+            .degradable("the cache lookup", state.store.cached_answer(key))
+            .await
     {
         let id = format!("{CACHED_ID_PREFIX}{key}");
         return Ok(from_cache(state, id, hit, question).await);
@@ -144,7 +147,11 @@ pub async fn admit(
         "question accepted"
     );
     state
-        .degradable(state.store.insert_queued(&QuestionRecord::of_job(&job)))
+        .store
+        .degradable(
+            "the queued record",
+            state.store.insert_queued(&QuestionRecord::of_job(&job)),
+        )
         .await;
     Ok(Admission::Queued(Queued {
         id,

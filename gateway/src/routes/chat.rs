@@ -89,7 +89,8 @@ pub(crate) async fn chat_completions(
     let mut answers = queued.answers.expect("Hold::Required subscribes");
     let Some(event) = queue::wait_for_answer(&mut answers, MAX_WAIT).await else {
         let status = state
-            .degradable(state.store.record(&queued.id))
+            .store
+            .degradable("the status record", state.store.record(&queued.id))
             .await
             .flatten()
             .map_or(QuestionStatus::Queued, |record| record.status);

@@ -23,7 +23,8 @@ use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use ebb_nats::{AnswerEvent, Store, subjects};
+use ebb_nats::{AnswerEvent, subjects};
+use ebb_store::Store;
 use futures::{Stream, StreamExt};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -150,7 +151,12 @@ pub async fn relay(
             .map(|record| Answered::from_record(record, default_model))
     };
     // Read after the pieces: a record finished now has all its pieces stored.
-    if let Some(answered) = finished(store.record(id).await.ok().flatten()) {
+    if let Some(answered) = finished(
+        store
+            .degradable("the status record", store.record(id))
+            .await
+            .flatten(),
+    ) {
         let _ = out.send(Relayed::Final(answered)).await;
         return;
     }
@@ -158,7 +164,7 @@ pub async fn relay(
         let message = tokio::select! {
             message = answers.next() => message,
             _ = tokio::time::sleep(RECHECK) => {
-                if let Some(answered) = finished(store.record(id).await.ok().flatten()) {
+                if let Some(answered) = finished(store.degradable("the status record", store.record(id)).await.flatten()) {
                     let _ = out.send(Relayed::Final(answered)).await;
                     return;
                 }
@@ -179,7 +185,10 @@ pub async fn relay(
                 }
             }
             event => {
-                let record = store.record(id).await.ok().flatten();
+                let record = store
+                    .degradable("the status record", store.record(id))
+                    .await
+                    .flatten();
                 let language = record.and_then(|record| record.language);
                 if let Some(answered) =
                     Answered::from_event(id.to_owned(), event, default_model, language)
@@ -224,7 +233,7 @@ pub(crate) async fn question_events(
             .get("last-event-id")
             .and_then(|value| value.to_str().ok()),
     );
-    let store_error = |err: ebb_nats::StoreError| ApiError::StoreUnavailable(err.to_string());
+    let store_error = |err: ebb_store::StoreError| ApiError::StoreUnavailable(err.to_string());
     if let Some(key) = id.strip_prefix(super::admission::CACHED_ID_PREFIX) {
         let hit = state.store.cached_answer(key).await.map_err(store_error)?;
         let hit = hit.ok_or_else(|| ApiError::QuestionNotFound(id.clone()))?;

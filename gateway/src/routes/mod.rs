@@ -19,7 +19,6 @@ pub mod questions;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
@@ -28,7 +27,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ebb_nats::{Store, Topology};
+use ebb_nats::Topology;
+use ebb_store::Store;
 use serde_json::json;
 use tokio::sync::Semaphore;
 
@@ -54,8 +54,6 @@ pub struct AppState {
     pub store: Store,
     /// Bounds the requests held open for an answer or a stream.
     pub waiting: Arc<Semaphore>,
-    /// Set while Redis is failing, so the degradation is logged once.
-    store_degraded: AtomicBool,
     pub keys: Keys,
     pub rate_limits: LimitArgs,
     pub ip_limiter: RateLimiter<IpAddr>,
@@ -87,7 +85,6 @@ impl AppState {
             topology,
             store,
             waiting: Arc::new(Semaphore::new(config.max_waiting)),
-            store_degraded: AtomicBool::new(false),
             keys,
             ip_limiter: RateLimiter::new(config.limits.max_clients),
             // One bucket per configured key: bounded by the config.
@@ -109,33 +106,6 @@ impl AppState {
     /// Whether `model` names the served model (its id, or `id@revision`).
     pub fn serves(&self, model: &str) -> bool {
         model == self.model || model == self.model_identity
-    }
-
-    /// Runs a Redis call whose failure only degrades the answer (no cache,
-    /// no status record): logs the first failure and the recovery, not each.
-    pub async fn degradable<T>(
-        &self,
-        call: impl Future<Output = Result<T, ebb_nats::StoreError>>,
-    ) -> Option<T> {
-        match call.await {
-            Ok(value) => {
-                if self.store_degraded.swap(false, Ordering::Relaxed) {
-                    tracing::info!("redis is back: cache and status records restored");
-                }
-                Some(value)
-            }
-            Err(err @ ebb_nats::StoreError::Corrupt { .. }) => {
-                // Redis answered: treat the unreadable entry as a miss.
-                tracing::warn!(cause = %err, "ignoring an unreadable Redis entry");
-                None
-            }
-            Err(err) => {
-                if !self.store_degraded.swap(true, Ordering::Relaxed) {
-                    tracing::error!(cause = %err, "redis unavailable: answering without cache or status records");
-                }
-                None
-            }
-        }
     }
 }
 

@@ -77,7 +77,11 @@ pub(crate) async fn post_question(
     let record = if wait.is_zero() {
         None
     } else {
-        state.degradable(state.store.record(&id)).await.flatten()
+        state
+            .store
+            .degradable("the status record", state.store.record(&id))
+            .await
+            .flatten()
     };
     match record {
         Some(record) if record.status.is_terminal() => {
@@ -110,7 +114,7 @@ pub(crate) async fn get_question(
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<QuestionRecord>, ApiError> {
     let id = question_id(id)?;
-    let unavailable = |err: ebb_nats::StoreError| ApiError::StoreUnavailable(err.to_string());
+    let unavailable = |err: ebb_store::StoreError| ApiError::StoreUnavailable(err.to_string());
     let record = match id.strip_prefix(CACHED_ID_PREFIX) {
         Some(key) => state
             .store

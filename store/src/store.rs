@@ -1,4 +1,5 @@
-//! Redis: one status record per question and the answer cache.
+//! Redis: one status record per question, the answer cache and the
+//! streamed pieces of answers in progress.
 //!
 //! Keys: `ebb:question:<id>` (JSON [`QuestionRecord`], 24 h),
 //! `ebb:cache:<sha256>` (JSON [`CachedAnswer`], TTL set by the writer) and
@@ -7,15 +8,20 @@
 //! attempt they are from).
 //! The connection is lazy and reconnects by itself, so a process starts and
 //! keeps serving while Redis is down; callers decide whether a failure is
-//! fatal (a worker's answer record) or a degradation (the gateway's cache).
+//! fatal (a worker's answer record) or a degradation (a cache lookup, a
+//! `running` mark): every degradation goes through [`Store::degradable`],
+//! which logs an outage once, when it starts, and once when it ends.
 
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::messages::{FinishReason, Job, Timings};
+use ebb_nats::{CachedAnswer, QuestionRecord};
 
 /// How long a status record lives after its last update.
 pub const RECORD_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -33,98 +39,6 @@ pub enum StoreError {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum QuestionStatus {
-    Queued,
-    Running,
-    Done,
-    Failed,
-}
-
-impl QuestionStatus {
-    /// The name on the wire (`queued`, `running`, `done`, `failed`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            QuestionStatus::Queued => "queued",
-            QuestionStatus::Running => "running",
-            QuestionStatus::Done => "done",
-            QuestionStatus::Failed => "failed",
-        }
-    }
-
-    pub fn is_terminal(self) -> bool {
-        matches!(self, QuestionStatus::Done | QuestionStatus::Failed)
-    }
-}
-
-/// What `GET /v1/questions/<id>` returns.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct QuestionRecord {
-    pub id: String,
-    pub status: QuestionStatus,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub answer: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub model: Option<String>,
-    #[serde(default)]
-    pub cached: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timings: Option<Timings>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub finish_reason: Option<FinishReason>,
-    /// The language the answer was asked in (given or detected).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub language: Option<String>,
-    /// Deliveries so far (1 on the first attempt).
-    #[serde(default)]
-    pub attempts: i64,
-    pub created_at_ms: u64,
-    pub updated_at_ms: u64,
-}
-
-impl QuestionRecord {
-    pub fn queued(id: &str, created_at_ms: u64) -> Self {
-        QuestionRecord {
-            id: id.to_owned(),
-            status: QuestionStatus::Queued,
-            answer: None,
-            error: None,
-            model: None,
-            cached: false,
-            timings: None,
-            finish_reason: None,
-            language: None,
-            attempts: 0,
-            created_at_ms,
-            updated_at_ms: created_at_ms,
-        }
-    }
-
-    /// The queued record of `job`.
-    pub fn of_job(job: &Job) -> Self {
-        QuestionRecord {
-            language: job.language.clone(),
-            ..QuestionRecord::queued(&job.id, job.enqueued_at_ms)
-        }
-    }
-}
-
-/// A cached answer, keyed by the gateway's cache key.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CachedAnswer {
-    pub answer: String,
-    pub model: String,
-    #[serde(default)]
-    pub finish_reason: FinishReason,
-    /// The language the answer was asked in, so a hit can report it
-    /// without detecting it again.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub language: Option<String>,
-}
-
 /// An answer's streamed pieces and the delivery attempt they belong to.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Pieces {
@@ -137,6 +51,9 @@ pub struct Pieces {
 #[derive(Clone)]
 pub struct Store {
     connection: ConnectionManager,
+    /// Whether the last degradable call failed: shared by every clone, so
+    /// an outage is logged once per process, not once per request.
+    degraded: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Store {
@@ -156,7 +73,42 @@ impl Store {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(2));
         let connection = ConnectionManager::new_lazy_with_config(client, config)?;
-        Ok(Store { connection })
+        Ok(Store {
+            connection,
+            degraded: Arc::default(),
+        })
+    }
+
+    /// Runs a Redis call whose failure only degrades the service (no cache,
+    /// no late-join pieces, a stale status): `None` on failure. Logs the
+    /// first failure of an outage with what it costs (`loses`), and the
+    /// recovery; not each failure in between.
+    pub async fn degradable<T>(
+        &self,
+        loses: &'static str,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Option<T> {
+        match call.await {
+            Ok(value) => {
+                if self.degraded.swap(false, Ordering::Relaxed) {
+                    tracing::info!("redis is back");
+                }
+                Some(value)
+            }
+            Err(err @ StoreError::Corrupt { .. }) => {
+                // Redis answered: the unreadable entry is treated as missing.
+                tracing::warn!(cause = %err, "ignoring an unreadable Redis entry");
+                None
+            }
+            Err(err) => {
+                if !self.degraded.swap(true, Ordering::Relaxed) {
+                    tracing::error!(cause = %err, loses, "redis unavailable: degrading until it is back");
+                } else {
+                    tracing::debug!(cause = %err, loses, "redis still unavailable");
+                }
+                None
+            }
+        }
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
@@ -316,21 +268,4 @@ pub fn pieces_attempt_key(id: &str) -> String {
 
 pub fn cache_key(key: &str) -> String {
     format!("ebb:cache:{key}")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn status_names_are_the_serde_names() {
-        for status in [
-            QuestionStatus::Queued,
-            QuestionStatus::Running,
-            QuestionStatus::Done,
-            QuestionStatus::Failed,
-        ] {
-            assert_eq!(serde_json::to_value(status).unwrap(), status.as_str());
-        }
-    }
 }

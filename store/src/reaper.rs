@@ -1,79 +1,18 @@
-//! Terminal failure: the `failed` status, the dead letter, the final event.
-//!
-//! A question reaches here in one of two ways. A worker whose last allowed
-//! attempt fails calls [`fail_question`] itself, with the error as reason.
-//! A worker that dies during the last attempt cannot, so the server's
-//! max-deliveries advisory (captured in the `EBB_ADVISORIES` stream) is
-//! drained by [`run_reaper`], which fails the question on its behalf.
+//! Failing questions for workers that died. A worker whose last allowed
+//! attempt fails calls [`Lifecycle::fail`] itself; one that dies during the
+//! last attempt cannot, so the server's max-deliveries advisory (captured in
+//! the `EBB_ADVISORIES` stream) is drained by [`run_reaper`], which fails the
+//! question on its behalf through the same lifecycle.
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
-use bytes::Bytes;
+use ebb_nats::{Job, Topology, subjects};
 use futures::StreamExt;
 use serde::Deserialize;
 
-use crate::messages::{AnswerEvent, DeadLetter, Job};
-use crate::store::{QuestionRecord, QuestionStatus, Store};
-use crate::subjects;
-use crate::topology::Topology;
-
-/// Marks the question `failed`, keeps a dead letter on `ebb.dead.<id>` and
-/// tells any waiting client. The dead letter is written first: it is the
-/// durable evidence, the status record and event follow from it.
-pub async fn fail_question(
-    topology: &Topology,
-    store: &Store,
-    job: &Job,
-    reason: &str,
-    deliveries: i64,
-) -> Result<(), async_nats::Error> {
-    let now = crate::now_ms();
-    let letter = DeadLetter {
-        job: job.clone(),
-        reason: reason.to_owned(),
-        deliveries,
-        failed_at_ms: now,
-    };
-    let publish = jetstream::message::PublishMessage::build()
-        .payload(serde_json::to_vec(&letter)?.into())
-        .message_id(format!("dead-{}", job.id));
-    topology
-        .jetstream
-        .send_publish(subjects::dead_letter(&job.id), publish)
-        .await?
-        .await?;
-
-    let record = QuestionRecord {
-        status: QuestionStatus::Failed,
-        error: Some(reason.to_owned()),
-        model: Some(job.model.clone()),
-        attempts: deliveries,
-        updated_at_ms: now,
-        ..QuestionRecord::of_job(job)
-    };
-    store.put_record(&record).await?;
-    let event = AnswerEvent::Failed {
-        error: reason.to_owned(),
-    };
-    topology
-        .jetstream
-        .client()
-        .publish(
-            subjects::answers(&job.id),
-            Bytes::from(serde_json::to_vec(&event)?),
-        )
-        .await?;
-    // After the event: a full webhook queue must not cost the waiting client
-    // its answer.
-    if let Some(url) = &job.callback_url
-        && let Err(err) = crate::webhook::enqueue(&topology.jetstream, &job.id, url, &record).await
-    {
-        tracing::error!(question_id = %job.id, cause = %err, "cannot queue the webhook call");
-    }
-    tracing::warn!(question_id = %job.id, deliveries, reason, "question failed and dead-lettered");
-    Ok(())
-}
+use crate::lifecycle::Lifecycle;
+use crate::store::StoreError;
 
 /// The fields of `io.nats.jetstream.advisory.v1.max_deliver` that matter here.
 #[derive(Debug, Deserialize)]
@@ -88,7 +27,7 @@ struct MaxDeliveriesAdvisory {
 /// shared durable work queue.
 pub async fn run_reaper(
     topology: Topology,
-    store: Store,
+    lifecycle: Lifecycle,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let mut shutdown = std::pin::pin!(shutdown);
@@ -108,7 +47,7 @@ pub async fn run_reaper(
                     _ = &mut shutdown => return,
                 };
                 match message {
-                    Some(Ok(message)) => handle_advisory(&topology, &store, message).await,
+                    Some(Ok(message)) => handle_advisory(&topology, &lifecycle, message).await,
                     Some(Err(err)) => {
                         tracing::warn!(cause = %err, "dead-letter reaper pull error");
                         break;
@@ -136,8 +75,8 @@ async fn advisory_messages(
     Ok(consumer.messages().await?)
 }
 
-async fn handle_advisory(topology: &Topology, store: &Store, message: jetstream::Message) {
-    match reap(topology, store, &message.payload).await {
+async fn handle_advisory(topology: &Topology, lifecycle: &Lifecycle, message: jetstream::Message) {
+    match reap(topology, lifecycle, &message.payload).await {
         Ok(()) => {
             if let Err(err) = message.ack().await {
                 tracing::warn!(cause = %err, "cannot ack max-deliveries advisory");
@@ -171,8 +110,8 @@ impl From<async_nats::Error> for ReapError {
     }
 }
 
-impl From<crate::store::StoreError> for ReapError {
-    fn from(err: crate::store::StoreError) -> Self {
+impl From<StoreError> for ReapError {
+    fn from(err: StoreError) -> Self {
         ReapError::Transient(err.into())
     }
 }
@@ -186,7 +125,7 @@ async fn delete(topology: &Topology, sequence: u64) -> Result<(), ReapError> {
     Ok(())
 }
 
-async fn reap(topology: &Topology, store: &Store, payload: &[u8]) -> Result<(), ReapError> {
+async fn reap(topology: &Topology, lifecycle: &Lifecycle, payload: &[u8]) -> Result<(), ReapError> {
     let advisory: MaxDeliveriesAdvisory = serde_json::from_slice(payload)?;
     let message = match topology
         .questions
@@ -202,7 +141,8 @@ async fn reap(topology: &Topology, store: &Store, payload: &[u8]) -> Result<(), 
     };
     let job: Job = serde_json::from_slice(&message.payload)?;
     // The last attempt may have finished and only its ack been lost.
-    if store
+    if lifecycle
+        .store()
         .record(&job.id)
         .await?
         .is_some_and(|record| record.status.is_terminal())
@@ -214,7 +154,8 @@ async fn reap(topology: &Topology, store: &Store, payload: &[u8]) -> Result<(), 
         "no answer after {} deliveries: the worker stopped responding during the last one",
         advisory.deliveries
     );
-    fail_question(topology, store, &job, &reason, advisory.deliveries)
+    lifecycle
+        .fail(&job, &reason, advisory.deliveries)
         .await
         .map_err(ReapError::Transient)?;
     delete(topology, advisory.stream_seq).await?;

@@ -1,0 +1,116 @@
+//! A question's status record and a cached answer: the JSON every process
+//! reads from Redis (`ebb-store` writes them), the body of a webhook call,
+//! and what `GET /v1/questions/<id>` returns.
+
+use serde::{Deserialize, Serialize};
+
+use crate::messages::{FinishReason, Job, Timings};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum QuestionStatus {
+    Queued,
+    Running,
+    Done,
+    Failed,
+}
+
+impl QuestionStatus {
+    /// The name on the wire (`queued`, `running`, `done`, `failed`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuestionStatus::Queued => "queued",
+            QuestionStatus::Running => "running",
+            QuestionStatus::Done => "done",
+            QuestionStatus::Failed => "failed",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, QuestionStatus::Done | QuestionStatus::Failed)
+    }
+}
+
+/// What `GET /v1/questions/<id>` returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct QuestionRecord {
+    pub id: String,
+    pub status: QuestionStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub cached: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings: Option<Timings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<FinishReason>,
+    /// The language the answer was asked in (given or detected).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
+    /// Deliveries so far (1 on the first attempt).
+    #[serde(default)]
+    pub attempts: i64,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+impl QuestionRecord {
+    pub fn queued(id: &str, created_at_ms: u64) -> Self {
+        QuestionRecord {
+            id: id.to_owned(),
+            status: QuestionStatus::Queued,
+            answer: None,
+            error: None,
+            model: None,
+            cached: false,
+            timings: None,
+            finish_reason: None,
+            language: None,
+            attempts: 0,
+            created_at_ms,
+            updated_at_ms: created_at_ms,
+        }
+    }
+
+    /// The queued record of `job`.
+    pub fn of_job(job: &Job) -> Self {
+        QuestionRecord {
+            language: job.language.clone(),
+            ..QuestionRecord::queued(&job.id, job.enqueued_at_ms)
+        }
+    }
+}
+
+/// A cached answer, keyed by the gateway's cache key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CachedAnswer {
+    pub answer: String,
+    pub model: String,
+    #[serde(default)]
+    pub finish_reason: FinishReason,
+    /// The language the answer was asked in, so a hit can report it
+    /// without detecting it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_names_are_the_serde_names() {
+        for status in [
+            QuestionStatus::Queued,
+            QuestionStatus::Running,
+            QuestionStatus::Done,
+            QuestionStatus::Failed,
+        ] {
+            assert_eq!(serde_json::to_value(status).unwrap(), status.as_str());
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! `ebb-store`: a question's state after the gateway accepts it.
+//!
+//! # Layout
+//! - [`store`]: Redis status records, the answer cache and the streamed
+//!   pieces late joiners read ([`Store`]); [`Store::degradable`] is the one
+//!   way a Redis failure is allowed to only degrade service.
+//! - [`lifecycle`]: the only writer of terminal records: [`Lifecycle::finish`]
+//!   (cache, record, event, webhook) and [`Lifecycle::fail`] (dead letter,
+//!   record, event, webhook), used by the worker and the reaper alike.
+//! - [`reaper`]: fails questions whose worker died during their last
+//!   delivery, from the server's max-deliveries advisories.
+//!
+//! The JSON of records is part of the queue contract (`ebb_nats::record`).
+
+pub mod lifecycle;
+pub mod reaper;
+pub mod store;
+
+pub use lifecycle::{Answer, Lifecycle};
+pub use reaper::run_reaper;
+pub use store::{Pieces, Store, StoreError};
