@@ -5,8 +5,23 @@
 //! Only matching lives here, not "next fire time": the timetable has to
 //! resolve every match in an IANA time zone anyway (DST gaps and repeats), so
 //! it walks local dates, skips whole days with [`CronSchedule::matches_date`]
-//! and expands [`CronSchedule::times_of_day`]. No cron crate: the grammar is
-//! small, and a misconfigured timetable must say which field is wrong.
+//! and expands [`CronSchedule::times_of_day`].
+//!
+//! Hand-written because no cron crate does what this module's tests and
+//! timetable.rs's tests require. `cron` 0.17 rejects standard 5-field
+//! expressions. `croner` 4.0.3 (5 fields, seconds and years disallowed),
+//! tried against those tests and the cases their comments name, gets these
+//! wrong:
+//! - `50/5` and `1/2` are rejected unless `sloppy_ranges` is on, and then a
+//!   day-of-week `1/2` runs to 7 and so also fires on Sundays;
+//! - `*/1` in a day field counts as a restriction, so `0 0 */1 * 5` fires
+//!   daily instead of on Fridays;
+//! - names are replaced across the whole pattern, so `MON * * * *` is minute
+//!   1; `0 1,,2 * * *` and `0 0 30 2 *` (never fires) are accepted;
+//! - errors do not name the field (`Component error: Number out of bounds.`);
+//! - its own next-occurrence search drops interval times in a DST gap
+//!   (`*/15 2 * * *` opens nothing on the spring-forward day) and gives up on
+//!   gaps over 2 hours (Samoa's lost 2011-12-30: `TimeSearchLimitExceeded`).
 
 use chrono::{Datelike, NaiveDate, NaiveDateTime, NaiveTime, Timelike};
 
@@ -333,8 +348,10 @@ mod tests {
         assert!(!thirteenth_or_friday.matches_date(at(2026, 3, 7, 0, 0).date()));
         assert!(!cron("0 0 13 * *").matches_date(at(2026, 3, 6, 0, 0).date()));
         assert!(!cron("0 0 * * 5").matches_date(at(2026, 4, 13, 0, 0).date()));
-        // `*/2` counts as a restriction, as in robfig/cron: odd days or Fridays.
+        // `*/2` counts as a restriction, as in robfig/cron: odd days or
+        // Fridays. `*/1` is a star: Fridays only.
         assert!(cron("0 0 */2 * 5").matches_date(at(2026, 3, 6, 0, 0).date()));
+        assert!(!cron("0 0 */1 * 5").matches_date(at(2026, 3, 7, 0, 0).date()));
     }
 
     #[test]
