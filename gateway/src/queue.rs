@@ -1,14 +1,11 @@
-//! Handing a question to the workers and waiting for its answer.
-
-use std::time::Duration;
+//! Handing a question to the workers.
 
 use async_nats::connection::State;
 use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
-use ebb_nats::{AnswerEvent, Job, subjects};
+use ebb_nats::{Job, subjects};
 use ebb_runtime::telemetry;
-use futures::StreamExt;
 
 use crate::error::ApiError;
 
@@ -62,23 +59,4 @@ fn is_queue_full(err: &async_nats::jetstream::context::PublishError) -> bool {
                 ErrorCode::STREAM_STORE_FAILED | ErrorCode::STORAGE_RESOURCES_EXCEEDED
             )
         })
-}
-
-/// Waits up to `wait` for the final answer event. `None` on timeout or when
-/// the subscription ends; the caller then falls back to the status record.
-pub async fn wait_for_answer(
-    answers: &mut async_nats::Subscriber,
-    wait: Duration,
-) -> Option<AnswerEvent> {
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        let message = tokio::time::timeout_at(deadline, answers.next())
-            .await
-            .ok()??;
-        match serde_json::from_slice::<AnswerEvent>(&message.payload) {
-            Ok(event) if event.is_final() => return Some(event),
-            Ok(_) => {}
-            Err(err) => tracing::warn!(cause = %err, "unreadable answer event"),
-        }
-    }
 }

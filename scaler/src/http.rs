@@ -1,9 +1,8 @@
 //! The scaler's HTTP API: `GET /status`, `POST /scale` (admin token),
-//! `GET /metrics` (Prometheus text), `GET /healthz`.
+//! `GET /metrics` (OpenMetrics text), `GET /healthz`.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -12,9 +11,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::Utc;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
 use serde_json::{Value, json};
 
-use crate::scaler::{Shared, Startup};
+use crate::scaler::{Shared, Startup, Status};
 use ebb_control::policy::Override;
 use ebb_control::signals::WorkerView;
 
@@ -208,160 +213,220 @@ async fn scale(
     ))
 }
 
-async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
-    let status = state.shared.status();
-    let mut text = String::new();
-    let mut metric = |kind: &str, name: &str, help: &str, samples: &[(String, f64)]| {
-        let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, value) in samples {
-            let _ = writeln!(text, "{name}{labels} {value}");
-        }
-    };
-    let plain = |value: f64| vec![(String::new(), value)];
-    metric(
-        "gauge",
-        "ebb_scaler_desired_workers",
-        "Workers the scaler wants running.",
-        &plain(status.desired.into()),
-    );
+/// What `/metrics` is served as: Prometheus reads the `_total` counter
+/// names and `# EOF` of this format, which its classic text parser would not.
+const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Bucket bounds of `ebb_scaler_activation_delay_seconds`. The process
+/// backend issues a start within milliseconds, a container can take seconds,
+/// and a start held back by restart backoff or a slow pool minutes: the
+/// bounds span 1 ms to 10 min so each of those lands in a bucket of its own.
+const ACTIVATION_DELAY_BUCKETS: [f64; 18] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0, 600.0,
+];
+
+/// The activation delay histogram; the loop observes each activation as it
+/// happens, so the distribution covers every one, not a recent window.
+pub fn activation_delay_histogram() -> Histogram {
+    Histogram::new(ACTIVATION_DELAY_BUCKETS)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+/// Worker ids are the pool's own names, one per worker it has: bounded by
+/// `max_instances`, never text from a client.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct WorkerLabels {
+    worker: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PriorityLabels {
+    priority: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+fn int_gauge(value: impl Into<i64>) -> Gauge {
+    let gauge = Gauge::default();
+    gauge.set(value.into());
+    gauge
+}
+
+fn float_gauge(value: f64) -> Gauge<f64, AtomicU64> {
+    let gauge = Gauge::default();
+    gauge.set(value);
+    gauge
+}
+
+fn gauges<S>(samples: impl IntoIterator<Item = (S, i64)>) -> Family<S, Gauge>
+where
+    S: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug,
+{
+    let family = Family::<S, Gauge>::default();
+    for (labels, value) in samples {
+        family.get_or_create(&labels).set(value);
+    }
+    family
+}
+
+/// Counters whose totals are kept elsewhere (heartbeats, the status): set
+/// to the current total at each scrape.
+fn counters<S>(samples: impl IntoIterator<Item = (S, u64)>) -> Family<S, Counter>
+where
+    S: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug,
+{
+    let family = Family::<S, Counter>::default();
+    for (labels, value) in samples {
+        family.get_or_create(&labels).inc_by(value);
+    }
+    family
+}
+
+/// The workers: wanted, by state, their slots, and each one's own readings.
+fn register_workers(registry: &mut Registry, status: &Status) {
     let actual = status.actual;
-    metric(
-        "gauge",
+    registry.register(
+        "ebb_scaler_desired_workers",
+        "Workers the scaler wants running",
+        int_gauge(status.desired),
+    );
+    let states = [
+        ("starting", actual.starting),
+        ("idle", actual.idle),
+        ("busy", actual.busy),
+        ("draining", actual.draining),
+        ("unhealthy", actual.unhealthy),
+    ];
+    registry.register(
         "ebb_scaler_workers",
-        "Workers by state.",
-        &[
-            ("starting", actual.starting),
-            ("idle", actual.idle),
-            ("busy", actual.busy),
-            ("draining", actual.draining),
-            ("unhealthy", actual.unhealthy),
-        ]
-        .map(|(state, n)| (format!("{{state=\"{state}\"}}"), n.into())),
+        "Workers by state",
+        gauges(states.map(|(state, n)| (StateLabels { state }, n.into()))),
     );
-    metric(
-        "gauge",
+    let kinds = [("total", actual.slots), ("active", actual.active_slots)];
+    registry.register(
         "ebb_scaler_slots",
-        "Slots (questions answered at once) of ready workers: all, and in use.",
-        &[("total", actual.slots), ("active", actual.active_slots)]
-            .map(|(kind, n)| (format!("{{kind=\"{kind}\"}}"), n.into())),
+        "Slots (questions answered at once) of ready workers: all, and in use",
+        gauges(kinds.map(|(kind, n)| (KindLabels { kind }, n.into()))),
     );
-    metric(
-        "gauge",
+    registry.register(
         "ebb_scaler_slots_per_worker",
-        "Slots per worker the plan counts on (reported, or the config's).",
-        &plain(status.signals.slots_per_worker.into()),
+        "Slots per worker the plan counts on (reported, or the config's)",
+        int_gauge(status.signals.slots_per_worker),
     );
-    // One series per worker the pool has: bounded by max_instances.
-    let per_worker = |value: fn(&WorkerView) -> f64| -> Vec<(String, f64)> {
-        status
-            .workers
-            .iter()
-            .map(|w| (format!("{{worker=\"{}\"}}", w.id), value(w)))
-            .collect()
+    let worker = |w: &WorkerView| WorkerLabels {
+        worker: w.id.clone(),
     };
-    metric(
-        "gauge",
+    let workers = &status.workers;
+    registry.register(
         "ebb_scaler_worker_slots",
-        "Slots of each worker, from its heartbeat.",
-        &per_worker(|w| w.slots.into()),
+        "Slots of each worker, from its heartbeat",
+        gauges(workers.iter().map(|w| (worker(w), w.slots.into()))),
     );
-    metric(
-        "gauge",
+    registry.register(
         "ebb_scaler_worker_active_slots",
-        "Questions each worker answers now, from its heartbeat.",
-        &per_worker(|w| w.active.into()),
+        "Questions each worker answers now, from its heartbeat",
+        gauges(workers.iter().map(|w| (worker(w), w.active.into()))),
     );
-    metric(
-        "counter",
-        "ebb_scaler_worker_prefill_tokens_total",
-        "Prompt tokens each worker ran through its model, from its heartbeat.",
-        &per_worker(|w| w.prefill_tokens as f64),
+    registry.register(
+        "ebb_scaler_worker_prefill_tokens",
+        "Prompt tokens each worker ran through its model, from its heartbeat",
+        counters(workers.iter().map(|w| (worker(w), w.prefill_tokens))),
     );
-    metric(
-        "counter",
-        "ebb_scaler_worker_prefill_tokens_saved_total",
-        "Prompt tokens each worker's shared-prompt cache saved it running.",
-        &per_worker(|w| w.prefill_tokens_saved as f64),
+    registry.register(
+        "ebb_scaler_worker_prefill_tokens_saved",
+        "Prompt tokens each worker's shared-prompt cache saved it running",
+        counters(workers.iter().map(|w| (worker(w), w.prefill_tokens_saved))),
     );
-    metric(
-        "gauge",
+}
+
+/// The queue and what the scaler made of it.
+fn register_queue(registry: &mut Registry, status: &Status, asleep: bool) {
+    let signals = &status.signals;
+    registry.register(
         "ebb_scaler_queue_lag",
-        "Questions waiting or being answered.",
-        &plain(status.signals.lag as f64),
+        "Questions waiting or being answered",
+        int_gauge(i64::try_from(signals.lag).unwrap_or(i64::MAX)),
     );
-    let by_priority: Vec<(String, f64)> = status
-        .lag_by_priority
-        .iter()
-        .map(|depth| {
-            (
-                format!("{{priority=\"{}\"}}", depth.priority),
-                depth.lag() as f64,
-            )
-        })
-        .collect();
-    metric(
-        "gauge",
+    let by_priority = status.lag_by_priority.iter().map(|depth| {
+        let priority = depth.priority.as_str();
+        let lag = i64::try_from(depth.lag()).unwrap_or(i64::MAX);
+        (PriorityLabels { priority }, lag)
+    });
+    registry.register(
         "ebb_scaler_queue_lag_by_priority",
-        "Questions waiting or being answered, per priority.",
-        &by_priority,
+        "Questions waiting or being answered, per priority",
+        gauges(by_priority),
     );
-    metric(
-        "gauge",
-        "ebb_scaler_oldest_waiting_seconds",
-        "Age of the oldest question no worker has taken.",
-        &plain(status.signals.oldest_waiting.as_secs_f64()),
+    registry.register_with_unit(
+        "ebb_scaler_oldest_waiting",
+        "Age of the oldest question no worker has taken",
+        Unit::Seconds,
+        float_gauge(signals.oldest_waiting.as_secs_f64()),
     );
-    metric(
-        "gauge",
+    registry.register(
         "ebb_scaler_arrival_rate",
-        "Questions per second (stable window).",
-        &plain(status.signals.arrival_rate),
+        "Questions per second (stable window)",
+        float_gauge(signals.arrival_rate),
     );
-    metric(
-        "gauge",
+    registry.register(
         "ebb_scaler_asleep",
-        "1 while no worker is wanted.",
-        &plain(f64::from(u8::from(
-            state.shared.asleep.load(Ordering::Relaxed),
-        ))),
+        "1 while no worker is wanted",
+        int_gauge(asleep),
     );
-    let _ = writeln!(
-        text,
-        "# HELP ebb_scaler_decisions_total Changes of the desired count, by reason.\n# TYPE ebb_scaler_decisions_total counter"
+    let decisions = status.decisions_by_reason.iter();
+    registry.register(
+        "ebb_scaler_decisions",
+        "Changes of the desired count, by reason",
+        counters(decisions.map(|(&reason, &n)| (ReasonLabels { reason }, n))),
     );
-    for (reason, count) in &status.decisions_by_reason {
-        let _ = writeln!(
-            text,
-            "ebb_scaler_decisions_total{{reason=\"{reason}\"}} {count}"
-        );
-    }
-    let mut delays: Vec<f64> = status.activation_delays_ms.iter().copied().collect();
-    delays.sort_by(f64::total_cmp);
-    if !delays.is_empty() {
-        let _ = writeln!(
-            text,
-            "# HELP ebb_scaler_activation_delay_seconds First question at zero workers to worker start issued.\n# TYPE ebb_scaler_activation_delay_seconds summary"
-        );
-        for quantile in [0.5, 0.99] {
-            let delay = ebb_runtime::quantile::nearest_rank(&delays, quantile).unwrap_or(0.0);
-            let _ = writeln!(
-                text,
-                "ebb_scaler_activation_delay_seconds{{quantile=\"{quantile}\"}} {}",
-                delay / 1000.0
-            );
-        }
-        let _ = writeln!(
-            text,
-            "ebb_scaler_activation_delay_seconds_count {}",
-            delays.len()
-        );
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// A registry built per scrape: the values live in the loop's [`Status`],
+/// so reading them then is the snapshot; only the histogram lives on.
+fn render(status: &Status, asleep: bool, activation_delay: &Histogram) -> String {
+    let mut registry = Registry::default();
+    register_workers(&mut registry, status);
+    register_queue(&mut registry, status, asleep);
+    registry.register_with_unit(
+        "ebb_scaler_activation_delay",
+        "First question at zero workers to worker start issued",
+        Unit::Seconds,
+        activation_delay.clone(),
+    );
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry)
+        .expect("writing to a String does not fail");
+    text
+}
+
+async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
+    let shared = &state.shared;
+    let text = render(
+        &shared.status(),
+        shared.asleep.load(Ordering::Relaxed),
+        &shared.activation_delay,
+    );
+    ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], text).into_response()
 }
 
 #[cfg(test)]
 mod tests {
-    use super::same_token;
+    use super::{activation_delay_histogram, render, same_token};
+    use crate::scaler::Status;
+    use ebb_control::signals::{Condition, WorkerView};
 
     #[test]
     fn tokens_match_only_exactly() {
@@ -369,5 +434,48 @@ mod tests {
         assert!(!same_token(b"secreT", b"secret"));
         assert!(!same_token(b"secret-and-more", b"secret"));
         assert!(!same_token(b"", b"secret"));
+    }
+
+    #[test]
+    fn metrics_keep_their_names_and_bucket_activations() {
+        let mut status = Status {
+            desired: 2,
+            ..Status::default()
+        };
+        status.actual.busy = 1;
+        status.decisions_by_reason.insert("backlog", 3);
+        status.workers.push(WorkerView {
+            id: "ebb-worker-1".into(),
+            condition: Condition::Busy,
+            started_at: chrono::Utc::now(),
+            ready_at_ms: None,
+            jobs_done: 0,
+            slots: 4,
+            active: 1,
+            prefill_tokens: 900,
+            prefill_tokens_saved: 120,
+            why_unhealthy: None,
+        });
+        let delays = activation_delay_histogram();
+        delays.observe(0.002);
+        delays.observe(42.0);
+        let text = render(&status, false, &delays);
+        for line in [
+            "ebb_scaler_desired_workers 2",
+            r#"ebb_scaler_workers{state="busy"} 1"#,
+            r#"ebb_scaler_worker_slots{worker="ebb-worker-1"} 4"#,
+            r#"ebb_scaler_worker_prefill_tokens_total{worker="ebb-worker-1"} 900"#,
+            r#"ebb_scaler_worker_prefill_tokens_saved_total{worker="ebb-worker-1"} 120"#,
+            r#"ebb_scaler_decisions_total{reason="backlog"} 3"#,
+            "ebb_scaler_asleep 0",
+            "# TYPE ebb_scaler_activation_delay_seconds histogram",
+            r#"ebb_scaler_activation_delay_seconds_bucket{le="0.0025"} 1"#,
+            r#"ebb_scaler_activation_delay_seconds_bucket{le="30.0"} 1"#,
+            r#"ebb_scaler_activation_delay_seconds_bucket{le="60.0"} 2"#,
+            "ebb_scaler_activation_delay_seconds_count 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

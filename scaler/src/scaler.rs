@@ -91,6 +91,8 @@ pub struct Shared {
     /// Set while no worker is wanted: arrivals then wake the loop at once.
     pub asleep: AtomicBool,
     pub wake: Notify,
+    /// Every activation delay, for `/metrics`.
+    pub activation_delay: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Shared {
@@ -102,6 +104,7 @@ impl Shared {
             controller: Mutex::new(controller),
             asleep: AtomicBool::new(false),
             wake: Notify::new(),
+            activation_delay: crate::http::activation_delay_histogram(),
         }
     }
 
@@ -299,6 +302,7 @@ impl<P: WorkerPool> Scaler<P> {
                 activation_ms = delay.as_secs_f64() * 1000.0,
                 "started a worker for questions waiting at zero"
             );
+            self.shared.activation_delay.observe(delay.as_secs_f64());
             status
                 .activation_delays_ms
                 .push_back(delay.as_secs_f64() * 1000.0);

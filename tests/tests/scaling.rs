@@ -107,8 +107,19 @@ async fn a_burst_scales_from_zero_to_max_answers_everything_and_returns_to_zero(
         metrics.contains("ebb_scaler_desired_workers 0"),
         "{metrics}"
     );
+    // The activation above is in the histogram, in a bucket under 1 s.
+    let sample = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
     assert!(
-        metrics.contains("ebb_scaler_activation_delay_seconds{quantile=\"0.99\"}"),
+        sample("ebb_scaler_activation_delay_seconds_count ") >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        sample("ebb_scaler_activation_delay_seconds_bucket{le=\"1.0\"} ") >= 1.0,
         "{metrics}"
     );
 }

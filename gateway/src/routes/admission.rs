@@ -3,11 +3,11 @@
 
 use std::time::Instant;
 
-use ebb_nats::{CachedAnswer, Job, Priority, QuestionRecord, QuestionStatus, Timings, subjects};
+use ebb_nats::{CachedAnswer, Job, Priority, QuestionRecord, QuestionStatus, Timings};
 use serde::Serialize;
-use tokio::sync::OwnedSemaphorePermit;
 
 use super::AppState;
+use super::feed::Waiter;
 use crate::error::ApiError;
 use crate::question::NewQuestion;
 use crate::{language, queue, webhook};
@@ -41,9 +41,9 @@ pub struct Queued {
     pub language: Option<String>,
     pub priority: Priority,
     pub accepted_at_ms: u64,
-    /// Subscribed before publishing, so no event can be missed.
-    pub answers: Option<async_nats::Subscriber>,
-    pub slot: Option<OwnedSemaphorePermit>,
+    /// Subscribed before publishing, so no event can be missed; `None`
+    /// when the caller does not hold the request open.
+    pub waiter: Option<Waiter>,
 }
 
 pub async fn admit(
@@ -87,14 +87,8 @@ pub async fn admit(
 
     let slot = match hold {
         Hold::No => None,
-        Hold::IfFree => state.waiting.clone().try_acquire_owned().ok(),
-        Hold::Required => Some(
-            state
-                .waiting
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| ApiError::TooManyWaiting)?,
-        ),
+        Hold::IfFree => Waiter::slot(state).ok(),
+        Hold::Required => Some(Waiter::slot(state)?),
     };
     let priority = state.priority.classify(
         question.grade,
@@ -120,16 +114,8 @@ pub async fn admit(
         enqueued_at_ms: accepted_at_ms,
         callback_url: question.callback_url.map(String::from),
     };
-    let answers = match slot {
-        Some(_) => Some(
-            state
-                .topology
-                .jetstream
-                .client()
-                .subscribe(subjects::answers(&id))
-                .await
-                .map_err(|err| ApiError::QueueUnavailable(err.to_string()))?,
-        ),
+    let waiter = match slot {
+        Some(slot) => Some(Waiter::subscribe(state, &id, slot).await?),
         None => None,
     };
     let started = Instant::now();
@@ -158,8 +144,7 @@ pub async fn admit(
         language: job.language,
         priority,
         accepted_at_ms,
-        answers,
-        slot,
+        waiter,
     }))
 }
 

@@ -10,17 +10,17 @@ use axum::http::HeaderMap;
 use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use ebb_nats::{FinishReason, QuestionStatus, Timings};
+use futures::{Stream, StreamExt};
 use serde_json::json;
-use tokio::sync::mpsc;
 
-use super::admission::{Admission, Answered, Hold, Queued, admit};
-use super::events::{Cursor, Relayed, relay, sse};
+use super::admission::{Admission, Answered, Hold, admit};
+use super::events::sse;
+use super::feed::{AnswerFeed, Cursor, Relayed};
 use super::{AppState, body_bytes, require_json};
 use crate::chat::{AnswerMeta, ChatRequest, chunk, usage_chunk};
 use crate::error::ApiError;
 use crate::openapi::{ChatCompletion, ModelList, ModelObject};
 use crate::question::MAX_WAIT;
-use crate::queue;
 
 /// Answer a chat (OpenAI's shape); `stream: true` answers with SSE chunks
 /// ending in `data: [DONE]`.
@@ -57,37 +57,39 @@ pub(crate) async fn chat_completions(
         Admission::Cached { id, hit, language } => {
             tracing::Span::current().record("cached", true);
             let answered = Answered::from_cache(id, hit, language);
-            if request.stream {
-                let (writer, events) = ChunkWriter::new(
-                    &answered.id,
-                    &answered.model,
-                    created,
-                    request.include_usage,
-                );
-                tokio::spawn(async move {
-                    let text = answered.answer.clone().unwrap_or_default();
-                    if writer.role().await && writer.piece(text).await {
-                        writer.finish(&answered).await;
-                    }
-                });
-                return Ok(sse(events, state.sse_keep_alive).into_response());
+            if !request.stream {
+                return Ok(completion(&answered, created));
             }
-            return Ok(completion(&answered, created));
+            let chunks = Chunks::new(
+                &answered.id,
+                &answered.model,
+                created,
+                request.include_usage,
+            );
+            let text = answered.answer.clone().unwrap_or_default();
+            let mut events = vec![chunks.role(), chunks.piece(&text)];
+            events.extend(chunks.finish(&answered));
+            return Ok(sse(futures::stream::iter(events), state.sse_keep_alive).into_response());
         }
         Admission::Queued(queued) => queued,
     };
+    let mut waiter = queued.waiter.expect("Hold::Required subscribes");
     if request.stream {
-        let (writer, events) = ChunkWriter::new(
+        let chunks = Chunks::new(
             &queued.id,
             &state.model_identity,
             created,
             request.include_usage,
         );
-        tokio::spawn(stream_answer(state.clone(), queued, writer));
-        return Ok(sse(events, state.sse_keep_alive).into_response());
+        let feed = waiter.feed(
+            state.store.clone(),
+            state.model.clone(),
+            queued.id,
+            Cursor::default(),
+        );
+        return Ok(sse(chunks.of_feed(feed), state.sse_keep_alive).into_response());
     }
-    let mut answers = queued.answers.expect("Hold::Required subscribes");
-    let Some(event) = queue::wait_for_answer(&mut answers, MAX_WAIT).await else {
+    let Some(event) = waiter.final_event(MAX_WAIT).await else {
         let status = state
             .store
             .degradable("the status record", state.store.record(&queued.id))
@@ -101,7 +103,7 @@ pub(crate) async fn chat_completions(
         });
     };
     let answered = Answered::from_event(queued.id, event, &state.model, queued.language)
-        .expect("wait_for_answer returns final events");
+        .expect("final_event returns final events");
     match answered.status {
         QuestionStatus::Done => Ok(completion(&answered, created)),
         _ => Err(ApiError::AnswerFailed(answered.error.unwrap_or_default())),
@@ -111,54 +113,6 @@ pub(crate) async fn chat_completions(
 fn completion(answered: &Answered, created: u64) -> Response {
     let text = answered.answer.as_deref().unwrap_or_default();
     Json(meta(answered, created).completion(text)).into_response()
-}
-
-/// Relays a queued question's answer into chunks until it ends or the
-/// client goes; holds the question's waiting slot meanwhile.
-async fn stream_answer(state: Arc<AppState>, queued: Queued, writer: ChunkWriter) {
-    let _slot = queued.slot;
-    let answers = queued.answers.expect("Hold::Required subscribes");
-    let (relayed_tx, mut relayed) = mpsc::channel(64);
-    let relaying = relay(
-        &state.store,
-        &state.model,
-        &queued.id,
-        answers,
-        Cursor::default(),
-        relayed_tx,
-    );
-    let question_id = queued.id.clone();
-    // Owns the receiver: when the client goes, dropping it stops the relay.
-    let writing = async move {
-        if !writer.role().await {
-            return;
-        }
-        loop {
-            let item = tokio::select! {
-                item = relayed.recv() => item,
-                _ = writer.events.closed() => None,
-            };
-            let open = match item {
-                None => false,
-                Some(Relayed::Piece { text, .. }) => writer.piece(text).await,
-                Some(Relayed::Reset) => {
-                    let message = format!(
-                        "the worker failed mid-answer and the question is being retried; see /v1/questions/{question_id}"
-                    );
-                    writer.error(ApiError::AnswerFailed(message)).await;
-                    false
-                }
-                Some(Relayed::Final(answered)) => {
-                    writer.finish(&answered).await;
-                    false
-                }
-            };
-            if !open {
-                return;
-            }
-        }
-    };
-    tokio::join!(relaying, writing);
 }
 
 fn meta(answered: &Answered, created: u64) -> AnswerMeta<'_> {
@@ -173,81 +127,91 @@ fn meta(answered: &Answered, created: u64) -> AnswerMeta<'_> {
     }
 }
 
-/// Writes `chat.completion.chunk`s; each method says whether the client is
-/// still there.
-struct ChunkWriter {
+/// Makes the `chat.completion.chunk` events of one answer.
+#[derive(Debug, Clone)]
+struct Chunks {
     id: String,
     model: String,
     created: u64,
     include_usage: bool,
-    events: mpsc::Sender<Event>,
 }
 
-/// Chunks buffered per stream before the writer waits for the client.
-const CHUNK_BUFFER: usize = 64;
-
-impl ChunkWriter {
-    fn new(
-        id: &str,
-        model: &str,
-        created: u64,
-        include_usage: bool,
-    ) -> (ChunkWriter, mpsc::Receiver<Event>) {
-        let (events, receiver) = mpsc::channel(CHUNK_BUFFER);
-        let writer = ChunkWriter {
+impl Chunks {
+    fn new(id: &str, model: &str, created: u64, include_usage: bool) -> Chunks {
+        Chunks {
             id: id.to_owned(),
             model: model.to_owned(),
             created,
             include_usage,
-            events,
-        };
-        (writer, receiver)
+        }
     }
 
-    async fn send(&self, data: String) -> bool {
-        self.events.send(Event::default().data(data)).await.is_ok()
+    /// The role chunk, then a chunk per piece, then the end. A reset ends
+    /// the stream with an error: OpenAI's chunks cannot take text back.
+    fn of_feed(self, feed: AnswerFeed) -> impl Stream<Item = Event> + Send + 'static {
+        let role = futures::stream::once(std::future::ready(self.role()));
+        let rest = feed
+            .scan(false, |ended, item| {
+                let item = (!*ended).then(|| {
+                    *ended = !matches!(item, Relayed::Piece { .. });
+                    item
+                });
+                std::future::ready(item)
+            })
+            .flat_map(move |item| futures::stream::iter(self.of_item(item)));
+        role.chain(rest)
     }
 
-    async fn delta(&self, delta: serde_json::Value, finish: Option<FinishReason>) -> bool {
-        let body = chunk(&self.id, &self.model, self.created, delta, finish);
-        self.send(body.to_string()).await
+    fn of_item(&self, item: Relayed) -> Vec<Event> {
+        match item {
+            Relayed::Piece { text, .. } => vec![self.piece(&text)],
+            Relayed::Reset => {
+                let message = format!(
+                    "the worker failed mid-answer and the question is being retried; see /v1/questions/{}",
+                    self.id
+                );
+                error_events(ApiError::AnswerFailed(message))
+            }
+            Relayed::Final(answered) => self.finish(&answered),
+        }
     }
 
-    async fn role(&self) -> bool {
+    fn delta(&self, delta: serde_json::Value, finish: Option<FinishReason>) -> Event {
+        data(chunk(&self.id, &self.model, self.created, delta, finish).to_string())
+    }
+
+    fn role(&self) -> Event {
         self.delta(json!({"role": "assistant", "content": ""}), None)
-            .await
     }
 
-    async fn piece(&self, text: String) -> bool {
-        self.delta(json!({"content": text}), None).await
+    fn piece(&self, text: &str) -> Event {
+        self.delta(json!({"content": text}), None)
     }
 
-    async fn finish(&self, answered: &Answered) {
+    fn finish(&self, answered: &Answered) -> Vec<Event> {
         if answered.status != QuestionStatus::Done {
             let error = answered.error.clone().unwrap_or_default();
-            self.error(ApiError::AnswerFailed(error)).await;
-            return;
+            return error_events(ApiError::AnswerFailed(error));
         }
         let reason = answered.finish_reason.unwrap_or_default();
-        if !self.delta(json!({}), Some(reason)).await {
-            return;
-        }
+        let mut events = vec![self.delta(json!({}), Some(reason))];
         if self.include_usage {
             let timings: Option<Timings> = answered.timings;
-            let body = usage_chunk(&self.id, &self.model, self.created, timings);
-            if !self.send(body.to_string()).await {
-                return;
-            }
+            let usage = usage_chunk(&self.id, &self.model, self.created, timings);
+            events.push(data(usage.to_string()));
         }
-        self.send("[DONE]".to_owned()).await;
+        events.push(data("[DONE]".to_owned()));
+        events
     }
+}
 
-    /// OpenAI's in-stream error: an `error` object, then the end.
-    async fn error(&self, error: ApiError) {
-        if self.send(error.body().to_string()).await {
-            self.send("[DONE]".to_owned()).await;
-        }
-    }
+fn data(body: String) -> Event {
+    Event::default().data(body)
+}
+
+/// OpenAI's in-stream error: an `error` object, then the end.
+fn error_events(error: ApiError) -> Vec<Event> {
+    vec![data(error.body().to_string()), data("[DONE]".to_owned())]
 }
 
 /// The model this deployment serves (OpenAI's list shape).

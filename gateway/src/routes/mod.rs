@@ -15,6 +15,7 @@ pub mod admin;
 pub mod admission;
 pub mod chat;
 pub mod events;
+pub mod feed;
 pub mod questions;
 
 use std::net::{IpAddr, SocketAddr};
@@ -232,7 +233,7 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let (waiting, service_time) = state.overload.snapshot();
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         state.metrics.render(waiting, service_time.as_secs_f64()),
     )
         .into_response()

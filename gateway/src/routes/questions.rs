@@ -15,7 +15,6 @@ use super::admission::{Admission, Answered, CACHED_ID_PREFIX, Hold, admit};
 use super::{AppState, body_bytes, require_json};
 use crate::error::ApiError;
 use crate::question::NewQuestion;
-use crate::queue;
 
 /// Accepted, not answered yet: poll `status_url` or follow its `/events`.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -64,8 +63,8 @@ pub(crate) async fn post_question(
         Admission::Queued(queued) => queued,
     };
     let id = queued.id.clone();
-    if let Some(mut answers) = queued.answers
-        && let Some(event) = queue::wait_for_answer(&mut answers, wait).await
+    if let Some(mut waiter) = queued.waiter
+        && let Some(event) = waiter.final_event(wait).await
         && let Some(answered) =
             Answered::from_event(id.clone(), event, &state.model, queued.language.clone())
     {
@@ -114,6 +113,12 @@ pub(crate) async fn get_question(
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<QuestionRecord>, ApiError> {
     let id = question_id(id)?;
+    Ok(Json(record_of(&state, &id).await?))
+}
+
+/// The status record of `id`; for an answer served from the cache
+/// (`cached-<key>`), the cache entry as a `done` record.
+pub async fn record_of(state: &AppState, id: &str) -> Result<QuestionRecord, ApiError> {
     let unavailable = |err: ebb_store::StoreError| ApiError::StoreUnavailable(err.to_string());
     let record = match id.strip_prefix(CACHED_ID_PREFIX) {
         Some(key) => state
@@ -127,11 +132,12 @@ pub(crate) async fn get_question(
                 model: Some(hit.model),
                 cached: true,
                 finish_reason: Some(hit.finish_reason),
-                ..QuestionRecord::queued(&id, 0)
+                language: hit.language,
+                ..QuestionRecord::queued(id, 0)
             }),
-        None => state.store.record(&id).await.map_err(unavailable)?,
+        None => state.store.record(id).await.map_err(unavailable)?,
     };
-    record.map(Json).ok_or(ApiError::QuestionNotFound(id))
+    record.ok_or_else(|| ApiError::QuestionNotFound(id.to_owned()))
 }
 
 /// The path's id, if it can name a question at all.

@@ -1,0 +1,336 @@
+//! A client waiting for an answer, and the answer as a stream: the one
+//! relay that `/v1/questions/{id}/events` and streamed chat completions map
+//! over.
+//!
+//! A [`Waiter`] holds one of the bounded waiting slots and the subscription
+//! to `ebb.answers.<id>`, made before the question is published (or, for a
+//! late joiner, before its pieces are read), so no event can fall between.
+//! [`Waiter::feed`] turns it into an [`AnswerFeed`]: the pieces already
+//! stored in Redis, then the live ones from the stored count on (see
+//! `AnswerEvent` for why that leaves no gap and no repeat), then the final
+//! answer. A [`Cursor`] decides, piece by piece, what a client still needs,
+//! so a reconnecting client gets only the rest and a retried answer resets
+//! once. Dropping the feed (the client went) stops the relay and frees the
+//! slot.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use ebb_nats::{AnswerEvent, subjects};
+use ebb_store::Store;
+use futures::{Stream, StreamExt};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+
+use super::AppState;
+use super::admission::Answered;
+use crate::error::ApiError;
+
+/// Pieces buffered per feed before the relay waits for the client.
+const FEED_BUFFER: usize = 64;
+/// How often a quiet relay re-reads the record, in case a final event was
+/// lost (e.g. across a NATS reconnect).
+const RECHECK: Duration = Duration::from_secs(5);
+
+/// A request held open for an answer: a waiting slot and the subscription.
+#[derive(Debug)]
+pub struct Waiter {
+    slot: OwnedSemaphorePermit,
+    answers: async_nats::Subscriber,
+}
+
+impl Waiter {
+    /// One of the bounded waiting slots, or `503 too_many_waiting`.
+    pub fn slot(state: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
+        state
+            .waiting
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::TooManyWaiting)
+    }
+
+    /// Subscribes to the answer events of `id` for the holder of `slot`.
+    pub async fn subscribe(
+        state: &AppState,
+        id: &str,
+        slot: OwnedSemaphorePermit,
+    ) -> Result<Waiter, ApiError> {
+        let answers = state
+            .topology
+            .jetstream
+            .client()
+            .subscribe(subjects::answers(id))
+            .await
+            .map_err(|err| ApiError::QueueUnavailable(err.to_string()))?;
+        Ok(Waiter { slot, answers })
+    }
+
+    /// Waits up to `wait` for the final answer event. `None` on timeout or
+    /// when the subscription ends; the caller then reads the status record.
+    pub async fn final_event(&mut self, wait: Duration) -> Option<AnswerEvent> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let message = tokio::time::timeout_at(deadline, self.answers.next())
+                .await
+                .ok()??;
+            match serde_json::from_slice::<AnswerEvent>(&message.payload) {
+                Ok(event) if event.is_final() => return Some(event),
+                Ok(_) => {}
+                Err(err) => tracing::warn!(cause = %err, "unreadable answer event"),
+            }
+        }
+    }
+
+    /// The answer of `id` from `cursor` on, relayed by a task that holds
+    /// the slot until the answer ends or the feed is dropped.
+    pub fn feed(
+        self,
+        store: Store,
+        default_model: String,
+        id: String,
+        cursor: Cursor,
+    ) -> AnswerFeed {
+        let (relayed_tx, relayed) = mpsc::channel(FEED_BUFFER);
+        tokio::spawn(async move {
+            let _slot = self.slot;
+            relay(
+                &store,
+                &default_model,
+                &id,
+                self.answers,
+                cursor,
+                relayed_tx,
+            )
+            .await;
+        });
+        AnswerFeed { relayed }
+    }
+}
+
+/// A question's answer as it comes: pieces, resets, then one final answer.
+#[derive(Debug)]
+pub struct AnswerFeed {
+    relayed: mpsc::Receiver<Relayed>,
+}
+
+impl Stream for AnswerFeed {
+    type Item = Relayed;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Relayed>> {
+        self.relayed.poll_recv(cx)
+    }
+}
+
+/// One item of an [`AnswerFeed`].
+#[derive(Debug)]
+pub enum Relayed {
+    Piece {
+        attempt: i64,
+        seq: u64,
+        text: String,
+    },
+    /// The answer restarts (a retry after a failed attempt).
+    Reset,
+    Final(Answered),
+}
+
+/// Where a client is in an answer: the attempt whose text it holds and the
+/// next piece it needs. Decides, piece by piece, what to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Cursor {
+    /// 0: not known (a fresh client, or a bare-`seq` `Last-Event-ID`).
+    attempt: i64,
+    next: u64,
+}
+
+/// What to do with one piece.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Skip,
+    Send,
+    /// The client holds an earlier attempt's text: `reset`, then send.
+    ResetThenSend,
+}
+
+impl Cursor {
+    /// From `Last-Event-ID`: `<attempt>.<seq>` (what this API sends) or a
+    /// bare `<seq>`; the client needs the piece after it.
+    pub fn resume(last_event_id: Option<&str>) -> Cursor {
+        let Some(id) = last_event_id.map(str::trim) else {
+            return Cursor::default();
+        };
+        let (attempt, seq) = match id.split_once('.') {
+            Some((attempt, seq)) => (attempt.parse().ok(), seq.parse::<u64>().ok()),
+            None => (Some(0), id.parse::<u64>().ok()),
+        };
+        match (attempt, seq) {
+            (Some(attempt), Some(seq)) => Cursor {
+                attempt,
+                next: seq.saturating_add(1),
+            },
+            _ => Cursor::default(),
+        }
+    }
+
+    pub fn step(&mut self, attempt: i64, seq: u64) -> Step {
+        if attempt < self.attempt {
+            return Step::Skip; // the tail of a superseded attempt
+        }
+        let mut reset = false;
+        if attempt > self.attempt {
+            if self.attempt != 0 {
+                reset = self.next > 0;
+                self.next = 0;
+            }
+            self.attempt = attempt;
+        }
+        if seq < self.next {
+            return Step::Skip; // already sent
+        }
+        self.next = seq + 1;
+        if reset {
+            Step::ResetThenSend
+        } else {
+            Step::Send
+        }
+    }
+}
+
+/// Sends the answer of `id` from `cursor` on, then its final record.
+/// Returns when the question is finished or the receiver is gone.
+async fn relay(
+    store: &Store,
+    default_model: &str,
+    id: &str,
+    mut answers: async_nats::Subscriber,
+    mut cursor: Cursor,
+    out: mpsc::Sender<Relayed>,
+) {
+    let send = async |out: &mpsc::Sender<Relayed>, step: Step, piece: Relayed| match step {
+        Step::Skip => true,
+        Step::Send => out.send(piece).await.is_ok(),
+        Step::ResetThenSend => {
+            out.send(Relayed::Reset).await.is_ok() && out.send(piece).await.is_ok()
+        }
+    };
+    let snapshot = store.pieces(id).await.unwrap_or_default();
+    for (seq, text) in snapshot.texts.into_iter().enumerate() {
+        let seq = seq as u64;
+        let step = cursor.step(snapshot.attempt, seq);
+        let piece = Relayed::Piece {
+            attempt: snapshot.attempt,
+            seq,
+            text,
+        };
+        if !send(&out, step, piece).await {
+            return;
+        }
+    }
+    let finished = |record: Option<ebb_nats::QuestionRecord>| {
+        record
+            .filter(|record| record.status.is_terminal())
+            .map(|record| Answered::from_record(record, default_model))
+    };
+    // Read after the pieces: a record finished now has all its pieces stored.
+    if let Some(answered) = finished(
+        store
+            .degradable("the status record", store.record(id))
+            .await
+            .flatten(),
+    ) {
+        let _ = out.send(Relayed::Final(answered)).await;
+        return;
+    }
+    loop {
+        let message = tokio::select! {
+            message = answers.next() => message,
+            _ = tokio::time::sleep(RECHECK) => {
+                if let Some(answered) = finished(store.degradable("the status record", store.record(id)).await.flatten()) {
+                    let _ = out.send(Relayed::Final(answered)).await;
+                    return;
+                }
+                continue;
+            }
+            _ = out.closed() => return,
+        };
+        let Some(message) = message else { return };
+        let Ok(event) = serde_json::from_slice::<AnswerEvent>(&message.payload) else {
+            continue;
+        };
+        match event {
+            AnswerEvent::Token { seq, text, attempt } => {
+                let step = cursor.step(attempt, seq);
+                let piece = Relayed::Piece { attempt, seq, text };
+                if !send(&out, step, piece).await {
+                    return;
+                }
+            }
+            event => {
+                let record = store
+                    .degradable("the status record", store.record(id))
+                    .await
+                    .flatten();
+                let language = record.and_then(|record| record.language);
+                if let Some(answered) =
+                    Answered::from_event(id.to_owned(), event, default_model, language)
+                {
+                    let _ = out.send(Relayed::Final(answered)).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(cursor: &mut Cursor, pieces: &[(i64, u64)]) -> Vec<Step> {
+        pieces
+            .iter()
+            .map(|&(attempt, seq)| cursor.step(attempt, seq))
+            .collect()
+    }
+
+    #[test]
+    fn a_fresh_client_gets_every_piece_once() {
+        let mut cursor = Cursor::resume(None);
+        // Snapshot 0..2, then live events that repeat 1..2 and go on.
+        let steps = run(
+            &mut cursor,
+            &[(1, 0), (1, 1), (1, 2), (1, 1), (1, 2), (1, 3)],
+        );
+        use Step::*;
+        assert_eq!(steps, [Send, Send, Send, Skip, Skip, Send]);
+    }
+
+    #[test]
+    fn a_retry_resets_once_and_stale_pieces_are_dropped() {
+        let mut cursor = Cursor::default();
+        use Step::*;
+        let steps = run(&mut cursor, &[(1, 0), (1, 1), (2, 0), (1, 2), (2, 1)]);
+        assert_eq!(steps, [Send, Send, ResetThenSend, Skip, Send]);
+    }
+
+    #[test]
+    fn resuming_with_a_superseded_attempt_resets_first() {
+        let mut cursor = Cursor::resume(Some("1.4"));
+        use Step::*;
+        assert_eq!(run(&mut cursor, &[(2, 0), (2, 1)]), [ResetThenSend, Send]);
+        let mut same = Cursor::resume(Some("2.0"));
+        assert_eq!(run(&mut same, &[(2, 0), (2, 1)]), [Skip, Send]);
+    }
+
+    #[test]
+    fn a_bare_seq_resumes_whatever_attempt_comes() {
+        let mut cursor = Cursor::resume(Some("2"));
+        use Step::*;
+        assert_eq!(
+            run(&mut cursor, &[(3, 0), (3, 2), (3, 3)]),
+            [Skip, Skip, Send]
+        );
+        assert_eq!(Cursor::resume(Some("junk")), Cursor::default());
+        assert_eq!(Cursor::resume(Some("18446744073709551615")).next, u64::MAX);
+    }
+}
