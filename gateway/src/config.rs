@@ -90,11 +90,15 @@ pub struct LimitArgs {
 /// When to shed new questions instead of queueing them.
 #[derive(Debug, Clone, clap::Args)]
 pub struct OverloadArgs {
-    /// The scaler's `max_instances`: the most workers the backlog can get.
+    /// The most workers the backlog can get when no scaler is heard. A
+    /// running scaler announces its `resources.max_instances` on
+    /// `ebb.scaler.status` every 2 s and that is used instead; this applies
+    /// until the first announcement, and again after 10 s without one.
     #[arg(long, env = "EBB_MAX_WORKERS", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_workers: u32,
     /// A new question is refused (429 overloaded) when the questions ahead of
-    /// it would take longer than this even at --max-workers.
+    /// it would take longer than this even at the fleet's maximum (the
+    /// scaler's, else --max-workers).
     #[arg(long, env = "EBB_LATENCY_GOAL", default_value = "60s", value_parser = ebb_runtime::duration::parse)]
     pub latency_goal: Duration,
     /// Time one worker takes per question until heartbeats report it.

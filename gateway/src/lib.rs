@@ -103,7 +103,7 @@ pub async fn run(
     let priority = priority::PriorityRules::new(file.priority, &file.timetable).map_err(invalid)?;
 
     let client = ebb_nats::connect(&config.services.nats_url, "ebb-gateway", None).await?;
-    let topology = ensure_topology(client, &config).await?;
+    let topology = ensure_topology(client, &config).await;
     let store = Store::connect_lazy(&config.services.redis_url)?;
     let webhook_args = config.webhooks.clone();
     let state = Arc::new(routes::AppState::new(
@@ -153,22 +153,12 @@ pub async fn run(
     Ok(served?)
 }
 
-/// NATS may still be starting (compose brings everything up at once): retry
-/// the topology setup for a while before giving up.
-async fn ensure_topology(
-    client: async_nats::Client,
-    config: &Config,
-) -> Result<Topology, GatewayError> {
-    let mut attempt = 0;
-    loop {
-        match Topology::ensure(client.clone(), &config.queue).await {
-            Ok(topology) => return Ok(topology),
-            Err(err) if attempt < 30 => {
-                attempt += 1;
-                tracing::warn!(cause = %err, attempt, "queue setup failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(err) => return Err(err.into()),
-        }
-    }
+/// The gateway owns the queue topology: it accepts the questions, so the
+/// queue's bounds are its flags; workers and the scaler only open it.
+/// NATS may still be starting (compose brings everything up at once).
+async fn ensure_topology(client: async_nats::Client, config: &Config) -> Topology {
+    ebb_runtime::backoff::retry_startup("create the queue topology", || {
+        Topology::ensure(client.clone(), &config.queue)
+    })
+    .await
 }

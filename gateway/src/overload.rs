@@ -1,10 +1,14 @@
 //! Shedding: a new question is refused (`429 overloaded`) when the questions
 //! already waiting could not all be served within the latency goal even by
-//! `--max-workers` workers. Queueing it anyway would only grow the queue and
-//! every student's wait; refusing keeps memory and latency bounded, and cache
-//! hits are still answered.
+//! the most workers the scaler may run. Queueing it anyway would only grow
+//! the queue and every student's wait; refusing keeps memory and latency
+//! bounded, and cache hits are still answered.
 //!
 //! The estimate is `(waiting + 1) / (max_workers * throughput)`, where
+//! `max_workers` is the scaler's `resources.max_instances` as it announces
+//! it on `ebb.scaler.status` (every 2 s) while it was heard in the last 10
+//! s, and `--max-workers` before the first announcement or once the scaler
+//! went quiet (a copy of the scaler's config kept by hand goes stale),
 //! `waiting` is the queue's `num_pending` (read every 250 ms) plus the
 //! questions this gateway queued since and those it is queueing now (a place
 //! is reserved before the estimate, so a burst of concurrent requests cannot
@@ -18,10 +22,11 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use ebb_nats::{Heartbeat, Topology, subjects};
+use async_nats::{Message, Subscriber};
+use ebb_nats::{FleetStatus, Heartbeat, Topology, subjects};
 use futures::StreamExt;
 
 use crate::config::OverloadArgs;
@@ -30,6 +35,46 @@ use crate::error::ApiError;
 const DEPTH_INTERVAL: Duration = Duration::from_millis(250);
 /// A worker silent this long no longer counts towards the throughput.
 const HEARTBEAT_STALE: Duration = Duration::from_secs(10);
+/// A scaler silent this long (five announcements missed) is taken to be
+/// gone, and `--max-workers` applies again: a stopped scaler's maximum no
+/// longer bounds anything.
+pub const FLEET_STATUS_STALE: Duration = Duration::from_secs(10);
+
+/// The scaler's maximum, and when this gateway heard it (its own clock, not
+/// `published_at_ms`: the two machines' clocks may disagree).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Learned {
+    pub max_workers: u32,
+    pub heard_at: Instant,
+}
+
+/// Where the maximum the estimate uses comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaxWorkers {
+    /// Announced by the scaler within [`FLEET_STATUS_STALE`].
+    Scaler(u32),
+    /// `--max-workers`: no scaler heard, or not lately.
+    Flag(u32),
+}
+
+impl MaxWorkers {
+    pub fn count(self) -> u32 {
+        match self {
+            MaxWorkers::Scaler(count) | MaxWorkers::Flag(count) => count,
+        }
+    }
+}
+
+/// The scaler's maximum when it was heard within [`FLEET_STATUS_STALE`]
+/// of `now`, else the `flag`.
+pub fn max_workers(learned: Option<Learned>, flag: u32, now: Instant) -> MaxWorkers {
+    match learned {
+        Some(learned) if now.saturating_duration_since(learned.heard_at) < FLEET_STATUS_STALE => {
+            MaxWorkers::Scaler(learned.max_workers)
+        }
+        _ => MaxWorkers::Flag(flag),
+    }
+}
 
 /// How long the last of `waiting` questions waits for a worker, when each
 /// of `max_workers` takes `per_question` per question (1 / its throughput):
@@ -64,6 +109,10 @@ pub struct Overload {
     /// Each live worker's throughput and when it was heard: one entry per
     /// worker id, pruned at every depth reading.
     workers: Mutex<HashMap<String, (f64, Instant)>>,
+    /// The maximum in use, copied out of `fleet` for the lock-free hot path.
+    max_workers: AtomicU32,
+    /// The scaler's last announcement, and the choice made from it.
+    fleet: Mutex<(Option<Learned>, MaxWorkers)>,
 }
 
 impl Overload {
@@ -71,6 +120,8 @@ impl Overload {
         // One slot: a question per estimate.
         Overload {
             per_question_ns: AtomicU64::new(nanos(args.service_time_estimate)),
+            max_workers: AtomicU32::new(args.max_workers),
+            fleet: Mutex::new((None, MaxWorkers::Flag(args.max_workers))),
             args,
             waiting: AtomicU64::new(0),
             accepted_since: AtomicU64::new(0),
@@ -90,7 +141,8 @@ impl Overload {
             kept: false,
         };
         let waiting = self.waiting_now() + others + 1;
-        let wait = estimated_wait(waiting, self.per_question(), self.args.max_workers);
+        let max_workers = self.max_workers.load(Ordering::Relaxed);
+        let wait = estimated_wait(waiting, self.per_question(), max_workers);
         if wait > self.args.latency_goal {
             return Err(ApiError::Overloaded {
                 retry_after: (wait - self.args.latency_goal).min(Duration::from_secs(300)),
@@ -115,30 +167,31 @@ impl Overload {
         (self.waiting_now(), self.per_question())
     }
 
+    /// The most workers the estimate counts on now.
+    pub fn max_workers(&self) -> MaxWorkers {
+        self.fleet.lock().expect("fleet lock").1
+    }
+
     /// Keeps the figures fresh until `stop` resolves.
     pub async fn watch(&self, topology: Topology, stop: impl Future<Output = ()>) {
         let client = topology.jetstream.client();
-        let mut heartbeats = match client.subscribe(subjects::HEARTBEAT).await {
-            Ok(subscriber) => Some(subscriber),
-            Err(err) => {
-                tracing::warn!(cause = %err, "no heartbeats: service time stays at the estimate");
-                None
-            }
-        };
+        let mut heartbeats = subscribe(&client, subjects::HEARTBEAT, "service time").await;
+        let mut fleet = subscribe(&client, subjects::SCALER_STATUS, "--max-workers").await;
         let mut ticker = tokio::time::interval(DEPTH_INTERVAL);
         tokio::pin!(stop);
         loop {
             tokio::select! {
                 _ = &mut stop => return,
                 _ = ticker.tick() => self.read_depth(&topology).await,
-                Some(message) = async {
-                    match heartbeats.as_mut() {
-                        Some(subscriber) => subscriber.next().await,
-                        None => std::future::pending().await,
-                    }
-                } => {
+                Some(message) = next(&mut heartbeats) => {
                     if let Ok(beat) = serde_json::from_slice::<Heartbeat>(&message.payload) {
                         self.heard(beat);
+                    }
+                }
+                Some(message) = next(&mut fleet) => {
+                    match serde_json::from_slice::<FleetStatus>(&message.payload) {
+                        Ok(status) => self.heard_fleet(&status, Instant::now()),
+                        Err(err) => tracing::debug!(cause = %err, "unreadable fleet status"),
                     }
                 }
             }
@@ -157,7 +210,9 @@ impl Overload {
             }
             Err(err) => tracing::debug!(cause = %err, "queue depth unknown; keeping the last"),
         }
-        self.refresh_throughput(Instant::now());
+        let now = Instant::now();
+        self.refresh_throughput(now);
+        self.refresh_max_workers(now);
     }
 
     /// Forgets silent workers and sets the throughput to the mean of the
@@ -175,6 +230,47 @@ impl Overload {
         }
     }
 
+    fn heard_fleet(&self, status: &FleetStatus, now: Instant) {
+        if status.max_workers == 0 {
+            // Not a maximum any scaler would run with (its config refuses 0).
+            tracing::debug!("fleet status with max_workers 0 ignored");
+            return;
+        }
+        self.fleet.lock().expect("fleet lock").0 = Some(Learned {
+            max_workers: status.max_workers,
+            heard_at: now,
+        });
+        self.refresh_max_workers(now);
+    }
+
+    /// Re-makes the choice of maximum; logs only when it changes, not at
+    /// every announcement.
+    fn refresh_max_workers(&self, now: Instant) {
+        let mut fleet = self.fleet.lock().expect("fleet lock");
+        let chosen = max_workers(fleet.0, self.args.max_workers, now);
+        if chosen == fleet.1 {
+            return;
+        }
+        let previous = fleet.1.count();
+        fleet.1 = chosen;
+        self.max_workers.store(chosen.count(), Ordering::Relaxed);
+        match chosen {
+            MaxWorkers::Scaler(count) => {
+                tracing::info!(
+                    max_workers = count,
+                    previous,
+                    "shedding at the scaler's maximum"
+                );
+            }
+            MaxWorkers::Flag(count) => tracing::info!(
+                max_workers = count,
+                previous,
+                silent_s = FLEET_STATUS_STALE.as_secs(),
+                "no scaler heard lately; shedding at --max-workers"
+            ),
+        }
+    }
+
     fn heard(&self, beat: Heartbeat) {
         if let Some(throughput) = worker_throughput(&beat) {
             let mut workers = self.workers.lock().expect("workers lock");
@@ -182,6 +278,25 @@ impl Overload {
             // ones are dropped at every depth reading.
             workers.insert(beat.worker_id, (throughput, Instant::now()));
         }
+    }
+}
+
+/// Subscribes to `subject`; without it, `what` stays at its fallback.
+async fn subscribe(client: &async_nats::Client, subject: &str, what: &str) -> Option<Subscriber> {
+    match client.subscribe(subject.to_owned()).await {
+        Ok(subscriber) => Some(subscriber),
+        Err(err) => {
+            tracing::warn!(cause = %err, subject, fallback = what, "not subscribed: its figure stays at the fallback");
+            None
+        }
+    }
+}
+
+/// The next message, or never when there is no subscription.
+async fn next(subscriber: &mut Option<Subscriber>) -> Option<Message> {
+    match subscriber.as_mut() {
+        Some(subscriber) => subscriber.next().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -278,6 +393,48 @@ mod tests {
         overload.refresh_throughput(now + HEARTBEAT_STALE);
         assert!(overload.workers.lock().unwrap().is_empty());
         assert!((overload.snapshot().1.as_secs_f64() - 1.0 / 0.6).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_scalers_maximum_applies_while_fresh_and_the_flag_otherwise() {
+        let start = Instant::now();
+        assert_eq!(max_workers(None, 100, start), MaxWorkers::Flag(100));
+        let learned = Some(Learned {
+            max_workers: 3,
+            heard_at: start,
+        });
+        assert_eq!(max_workers(learned, 100, start), MaxWorkers::Scaler(3));
+        let almost = start + FLEET_STATUS_STALE - Duration::from_millis(1);
+        assert_eq!(max_workers(learned, 100, almost), MaxWorkers::Scaler(3));
+        let quiet = start + FLEET_STATUS_STALE;
+        assert_eq!(max_workers(learned, 100, quiet), MaxWorkers::Flag(100));
+    }
+
+    #[test]
+    fn shedding_follows_the_announced_maximum_until_the_scaler_goes_quiet() {
+        // --max-workers 100, 1 s a question, 5 s goal: 500 would fit; the
+        // scaler's single worker serves 5 in time.
+        let overload = overload(100, 5, 1);
+        overload.waiting.store(5, Ordering::Relaxed);
+        overload.reserve().unwrap();
+        let now = Instant::now();
+        let status = |max_workers| FleetStatus {
+            max_workers,
+            slots_per_worker: None,
+            published_at_ms: 0,
+        };
+        overload.heard_fleet(&status(1), now);
+        assert_eq!(overload.max_workers(), MaxWorkers::Scaler(1));
+        assert!(matches!(
+            overload.reserve(),
+            Err(ApiError::Overloaded { .. })
+        ));
+        // A nonsensical announcement changes nothing.
+        overload.heard_fleet(&status(0), now);
+        assert_eq!(overload.max_workers(), MaxWorkers::Scaler(1));
+        overload.refresh_max_workers(now + FLEET_STATUS_STALE);
+        assert_eq!(overload.max_workers(), MaxWorkers::Flag(100));
+        overload.reserve().unwrap();
     }
 
     #[test]

@@ -40,6 +40,29 @@ pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     Ok(parsed)
 }
 
+/// Adds ebb's context fields (grade, course, language, callback URL) to a
+/// request body type. A macro, not a `flatten`ed struct: serde cannot refuse
+/// unknown fields next to a `flatten`, and refusing them is the point.
+macro_rules! with_context_fields {
+    ($(#[$meta:meta])* pub struct $name:ident { $($fields:tt)* }) => {
+        $(#[$meta])*
+        pub struct $name {
+            $($fields)*
+            #[schema(minimum = 0, maximum = 13)]
+            pub grade: Option<u8>,
+            #[schema(max_length = 100)]
+            pub course: Option<String>,
+            /// Language to answer in; detected from the question when absent.
+            #[schema(max_length = 35)]
+            pub language: Option<String>,
+            /// http(s) URL that receives the final record, signed (README: Webhooks).
+            #[schema(max_length = 2048, format = "uri")]
+            pub callback_url: Option<String>,
+        }
+    };
+}
+
+with_context_fields! {
 /// `POST /v1/questions` body.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -47,16 +70,6 @@ pub struct QuestionRequest {
     /// The question, at most 4000 characters after trimming.
     #[schema(required = true, min_length = 1, max_length = 4000)]
     pub question: Option<String>,
-    #[schema(minimum = 0, maximum = 13)]
-    pub grade: Option<u8>,
-    #[schema(max_length = 100)]
-    pub course: Option<String>,
-    /// Language to answer in; detected from the question when absent.
-    #[schema(max_length = 35)]
-    pub language: Option<String>,
-    /// http(s) URL that receives the final record, signed (README: Webhooks).
-    #[schema(max_length = 2048, format = "uri")]
-    pub callback_url: Option<String>,
     /// Up to the gateway's --max-tokens-limit (default 4096).
     #[schema(minimum = 1, maximum = 4096)]
     pub max_tokens: Option<u32>,
@@ -64,7 +77,9 @@ pub struct QuestionRequest {
     #[schema(minimum = 0, maximum = 120)]
     pub wait_seconds: Option<f64>,
 }
+}
 
+with_context_fields! {
 /// `POST /v1/chat/completions` body: OpenAI's documented parameters (those
 /// ebb cannot honour are accepted and ignored, README lists them) plus
 /// ebb's own optional fields.
@@ -95,18 +110,6 @@ pub struct ChatCompletionRequest {
     /// The app's id for its end user; accepted, never logged.
     #[schema(max_length = 256)]
     pub user: Option<String>,
-    // ebb's fields, as in `QuestionRequest`: written out in both because
-    // serde cannot refuse unknown fields next to a `flatten`ed struct.
-    #[schema(minimum = 0, maximum = 13)]
-    pub grade: Option<u8>,
-    #[schema(max_length = 100)]
-    pub course: Option<String>,
-    /// Language to answer in; detected from the question when absent.
-    #[schema(max_length = 35)]
-    pub language: Option<String>,
-    /// http(s) URL that receives the final record, signed (README: Webhooks).
-    #[schema(max_length = 2048, format = "uri")]
-    pub callback_url: Option<String>,
     // OpenAI's parameters that ebb accepts and does not act on: none
     // changes what a tutor's answer must be, and clients send several by
     // default (README lists them).
@@ -133,6 +136,7 @@ pub struct ChatCompletionRequest {
     pub top_logprobs: Option<Value>,
     pub verbosity: Option<Value>,
     pub web_search_options: Option<Value>,
+}
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]

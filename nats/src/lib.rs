@@ -8,9 +8,11 @@
 //! # Layout
 //! - [`subjects`]: stream, subject and consumer names; [`Priority`].
 //! - [`messages`]: the JSON bodies on the wire: [`Job`], [`AnswerEvent`],
-//!   [`Heartbeat`], [`DeadLetter`].
-//! - [`topology`]: the idempotent "ensure" step that creates or updates the
-//!   streams and the durable consumers ([`QueueConfig`]).
+//!   [`Heartbeat`], [`FleetStatus`], [`DeadLetter`].
+//! - [`topology`]: the streams and the durable consumers ([`QueueConfig`]):
+//!   the gateway creates or updates them ([`Topology::ensure`]), the others
+//!   open them and log settings that differ from their flags
+//!   ([`Topology::open`], [`mismatches`]).
 //! - [`depth`]: queue-depth queries the scaler reads ([`QueueDepth`]).
 //! - [`record`]: a question's status record ([`QuestionRecord`]) and a
 //!   cached answer: the JSON kept in Redis and sent to webhooks.
@@ -29,12 +31,12 @@ pub mod webhook;
 
 pub use depth::{PriorityDepth, QueueDepth, queue_depth};
 pub use messages::{
-    AnswerEvent, ChatMessage, DeadLetter, FinishReason, Heartbeat, Job, Role, Sampling, Timings,
-    WorkerState,
+    AnswerEvent, ChatMessage, DeadLetter, FinishReason, FleetStatus, Heartbeat, Job, Role,
+    Sampling, Timings, WorkerState,
 };
 pub use record::{CachedAnswer, QuestionRecord, QuestionStatus};
 pub use subjects::Priority;
-pub use topology::{QueueConfig, QueueError, Topology, connect};
+pub use topology::{Mismatch, QueueConfig, QueueError, Topology, connect, mismatches};
 
 /// Milliseconds since the Unix epoch: the one timestamp format on the wire.
 pub fn now_ms() -> u64 {

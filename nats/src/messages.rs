@@ -231,6 +231,28 @@ fn one_slot() -> u32 {
     1
 }
 
+/// Published on `ebb.scaler.status` every [`FleetStatus::INTERVAL`] by the
+/// scaler: the limits of the fleet it runs, so readers (the gateway's
+/// shedding estimate) follow the scaler's config instead of a copy of it.
+/// One scaler per deployment: with several, the last heard wins.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetStatus {
+    /// The scaler's `resources.max_instances`: the most workers it runs.
+    pub max_workers: u32,
+    /// The scaler's `target.slots_per_worker`, its guess at a worker's batch
+    /// size until workers report theirs in heartbeats (`slots`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slots_per_worker: Option<u32>,
+    pub published_at_ms: u64,
+}
+
+impl FleetStatus {
+    /// How often the scaler publishes, from the moment it is connected. Core
+    /// NATS keeps no last value, so a reader that starts later waits at most
+    /// this long to learn it.
+    pub const INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+}
+
 /// Kept in the `EBB_DEAD` stream on `ebb.dead.<id>` for inspection and replay.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetter {
@@ -272,5 +294,24 @@ mod tests {
         assert_eq!(job.priority, Priority::Normal);
         assert!(job.sampling.is_greedy());
         assert_eq!(job.cache_key, None);
+    }
+
+    #[test]
+    fn fleet_status_round_trips_and_slots_are_optional() {
+        let status = FleetStatus {
+            max_workers: 4,
+            slots_per_worker: Some(8),
+            published_at_ms: 7,
+        };
+        let wire = serde_json::to_value(&status).unwrap();
+        assert_eq!(
+            wire,
+            json!({"max_workers": 4, "slots_per_worker": 8, "published_at_ms": 7})
+        );
+        assert_eq!(serde_json::from_value::<FleetStatus>(wire).unwrap(), status);
+        let minimal: FleetStatus =
+            serde_json::from_value(json!({"max_workers": 2, "published_at_ms": 1, "new": 0}))
+                .unwrap();
+        assert_eq!(minimal.slots_per_worker, None);
     }
 }

@@ -21,6 +21,9 @@ pub const ADVISORY_STREAM: &str = "EBB_ADVISORIES";
 pub const ADVISORY_CONSUMER: &str = "ebb-dead-letter";
 /// Core NATS subject on which workers announce themselves every 2 s.
 pub const HEARTBEAT: &str = "ebb.workers.heartbeat";
+/// Core NATS subject on which the scaler announces its fleet's limits
+/// ([`crate::FleetStatus`]) every 2 s.
+pub const SCALER_STATUS: &str = "ebb.scaler.status";
 
 /// Subject of the server's advisory for a question consumer that exhausted
 /// `max_deliver`.

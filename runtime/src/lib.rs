@@ -5,7 +5,8 @@
 //! - [`telemetry`]: tracing/OpenTelemetry setup and W3C `traceparent`
 //!   propagation through NATS message headers.
 //! - [`args`]: flags every process shares ([`ServiceArgs`], [`ModelArgs`]).
-//! - [`backoff`]: the one exponential retry backoff.
+//! - [`backoff`]: the one exponential retry backoff, and
+//!   [`backoff::retry_startup`], the one way a startup step is retried.
 //! - [`duration`]: the `30s` / `500ms` syntax every duration flag and
 //!   config key accepts.
 //! - [`shutdown`]: the first SIGTERM/Ctrl-C stops gracefully, a second

@@ -18,10 +18,9 @@ pub mod scaler;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use chrono::Utc;
-use ebb_nats::{Heartbeat, subjects};
+use ebb_nats::{FleetStatus, Heartbeat, subjects};
 use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -96,10 +95,15 @@ async fn start_and_scale(
         Ok::<_, ScalerError>((client, questions))
     };
     // Kept to the end: the subscriptions feeding the signals live on it.
-    let (_client, questions) = tokio::select! {
+    let (client, questions) = tokio::select! {
         connected = connect => connected?,
         () = stopping.cancelled() => return Ok(()),
     };
+    tokio::spawn(publish_fleet_status(
+        client.clone(),
+        fleet_status_of(&config),
+        stopping.clone(),
+    ));
     shared.starting(Startup::Pool);
     let grace = config.health.stop_grace;
     match config.backend {
@@ -121,6 +125,43 @@ async fn scale<P: WorkerPool + 'static>(
     scaler.shared.starting(Startup::Ready);
     scaler.run(stopping.cancelled_owned()).await;
     Ok(())
+}
+
+/// What this scaler announces on [`subjects::SCALER_STATUS`], but the time.
+fn fleet_status_of(config: &ScalerConfig) -> FleetStatus {
+    FleetStatus {
+        max_workers: config.resources.max_instances,
+        slots_per_worker: Some(config.target.slots_per_worker),
+        published_at_ms: 0,
+    }
+}
+
+/// Announces the fleet's limits at once and every [`FleetStatus::INTERVAL`]
+/// until `stopping`. Its own timer, not the decision loop's: at zero workers
+/// the loop sleeps until the next arrival or timetable window, and readers
+/// would take the quiet for a scaler gone.
+async fn publish_fleet_status(
+    client: async_nats::Client,
+    mut status: FleetStatus,
+    stopping: CancellationToken,
+) {
+    let mut every = tokio::time::interval(FleetStatus::INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stopping.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        status.published_at_ms = ebb_nats::now_ms();
+        let payload = serde_json::to_vec(&status).expect("a FleetStatus serializes");
+        // Core NATS, fire and forget: a lost one is replaced by the next.
+        if let Err(err) = client
+            .publish(subjects::SCALER_STATUS, payload.into())
+            .await
+        {
+            tracing::debug!(cause = %err, "fleet status not published");
+        }
+    }
 }
 
 fn api_state(config: &ScalerConfig, shared: &Arc<Shared>) -> Arc<http::ApiState> {
@@ -149,24 +190,13 @@ async fn serve_api(
     Ok(())
 }
 
-/// The scaler only reads the queue; it waits for the gateway or a worker to
-/// create it rather than imposing limits of its own.
+/// The scaler only reads the queue; it waits for the gateway to create it
+/// rather than imposing limits of its own.
 async fn wait_for_queue(
     client: &async_nats::Client,
 ) -> Result<async_nats::jetstream::stream::Stream, ScalerError> {
-    let jetstream = ebb_nats::Topology::context(client.clone());
-    let mut logged = false;
-    loop {
-        match jetstream.get_stream(subjects::QUESTIONS_STREAM).await {
-            Ok(stream) => return Ok(stream),
-            Err(err) if !logged => {
-                tracing::warn!(cause = %err, "question stream not there yet; waiting for the gateway to create it");
-                logged = true;
-            }
-            Err(_) => {}
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let open = || ebb_nats::Topology::question_stream(client.clone());
+    Ok(ebb_runtime::backoff::retry_startup("open the question stream", open).await)
 }
 
 /// Feeds question arrivals and heartbeats into the shared signals. An
@@ -210,4 +240,20 @@ async fn listen_for_signals(
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fleet_status_carries_the_configured_limits() {
+        let (config, _) = ScalerConfig::parse(
+            "resources: {min_instances: 0, max_instances: 3}\ntarget: {slots_per_worker: 8}\nbackend: {kind: process, command: /bin/true}\n",
+        )
+        .unwrap();
+        let status = fleet_status_of(&config);
+        assert_eq!(status.max_workers, 3);
+        assert_eq!(status.slots_per_worker, Some(8));
+    }
 }

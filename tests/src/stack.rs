@@ -169,6 +169,16 @@ impl Stack {
         .collect()
     }
 
+    /// The queue settings the shared flags give (what the gateway created).
+    pub fn queue_config(&self) -> ebb_nats::QueueConfig {
+        ebb_nats::QueueConfig {
+            ack_wait: ebb_runtime::duration::parse(self.options.ack_wait).expect("ack wait parses"),
+            max_deliver: self.options.max_deliver.into(),
+            max_messages: self.options.queue_max_messages.into(),
+            ..ebb_nats::QueueConfig::default()
+        }
+    }
+
     async fn start_gateway(&mut self) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

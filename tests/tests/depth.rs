@@ -2,14 +2,15 @@
 
 use std::time::Duration;
 
-use ebb_nats::{Priority, QueueConfig, Topology};
+use ebb_nats::{Priority, Topology};
 use ebb_tests::{Stack, StackOptions};
 use serde_json::json;
 
 #[tokio::test]
 async fn depth_counts_waiting_and_in_flight_questions_and_the_oldest_age() {
     let stack = Stack::start(StackOptions::default()).await;
-    let topology = Topology::ensure(stack.nats_client().await, &QueueConfig::default())
+    // Opened, not ensured: the gateway owns the topology.
+    let topology = Topology::open(stack.nats_client().await, &stack.queue_config())
         .await
         .unwrap();
     let empty = ebb_nats::queue_depth(&topology.questions).await.unwrap();

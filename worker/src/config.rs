@@ -112,14 +112,99 @@ pub struct Config {
     /// Name in heartbeats and logs (default: a random id). The scaler sets it.
     #[arg(long, env = "EBB_WORKER_ID")]
     pub worker_id: Option<String>,
-    /// Test hook: fail every question containing this text, as a model error
-    /// would. Never set in production.
-    #[arg(long, env = "EBB_DEBUG_FAIL_MARKER", hide = true)]
-    pub debug_fail_marker: Option<String>,
-    /// Test hook: sleep this long after each batch step that generated
-    /// text, so tests can act mid-generation. Never set in production.
-    #[arg(long, env = "EBB_DEBUG_TOKEN_DELAY", hide = true, value_parser = ebb_runtime::duration::parse)]
-    pub debug_token_delay: Option<Duration>,
+    #[command(flatten)]
+    pub hooks: TestHooks,
     #[command(flatten)]
     pub queue: QueueConfig,
+}
+
+/// Fault and timing injection for the end-to-end tests. Its flags exist only
+/// in builds with `--features test-hooks` (the workspace's test build turns
+/// it on), so a production binary cannot be told to fail or stall questions:
+/// there this is empty and every hook is off.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TestHooks {
+    /// Test hook: fail every question containing this text, as a model error
+    /// would, to exercise retries and dead letters.
+    #[cfg(feature = "test-hooks")]
+    #[arg(long, env = "EBB_DEBUG_FAIL_MARKER")]
+    pub debug_fail_marker: Option<String>,
+    /// Test hook: sleep this long after each batch step that generated
+    /// text, so tests can act mid-generation.
+    #[cfg(feature = "test-hooks")]
+    #[arg(long, env = "EBB_DEBUG_TOKEN_DELAY", value_parser = ebb_runtime::duration::parse)]
+    pub debug_token_delay: Option<Duration>,
+}
+
+#[cfg(feature = "test-hooks")]
+impl TestHooks {
+    /// Whether `question` is to fail as a model error would.
+    pub fn fails(&self, question: &str) -> bool {
+        self.debug_fail_marker
+            .as_deref()
+            .is_some_and(|marker| question.contains(marker))
+    }
+
+    /// The pause after every batch step that produced text.
+    pub fn step_delay(&self) -> Option<Duration> {
+        self.debug_token_delay
+    }
+}
+
+// Constant answers, so the checks compile away in production builds.
+#[cfg(not(feature = "test-hooks"))]
+impl TestHooks {
+    /// Whether `question` is to fail as a model error would: never.
+    pub fn fails(&self, _question: &str) -> bool {
+        false
+    }
+
+    /// The pause after every batch step that produced text: none.
+    pub fn step_delay(&self) -> Option<Duration> {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::Cli;
+
+    const HOOK_FLAGS: [&str; 5] = [
+        "ebb-worker",
+        "--debug-fail-marker",
+        "POISON",
+        "--debug-token-delay",
+        "40ms",
+    ];
+
+    #[test]
+    fn no_hook_is_on_by_default() {
+        let cli = Cli::try_parse_from(["ebb-worker"]).expect("no flag is required");
+        assert!(!cli.config.hooks.fails("a POISON question"));
+        assert_eq!(cli.config.hooks.step_delay(), None);
+    }
+
+    #[cfg(feature = "test-hooks")]
+    #[test]
+    fn test_builds_take_the_hook_flags() {
+        let cli = Cli::try_parse_from(HOOK_FLAGS).expect("the hook flags parse");
+        assert!(cli.config.hooks.fails("a POISON question"));
+        assert!(!cli.config.hooks.fails("a fine question"));
+        assert_eq!(
+            cli.config.hooks.step_delay(),
+            Some(std::time::Duration::from_millis(40))
+        );
+    }
+
+    #[cfg(not(feature = "test-hooks"))]
+    #[test]
+    fn production_builds_refuse_the_hook_flags() {
+        for hook in [&HOOK_FLAGS[1..3], &HOOK_FLAGS[3..5]] {
+            let args = std::iter::once("ebb-worker").chain(hook.iter().copied());
+            let err = Cli::try_parse_from(args).expect_err("no such flag");
+            assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument);
+        }
+    }
 }

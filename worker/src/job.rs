@@ -185,9 +185,7 @@ impl Worker {
         job: &Job,
         attempt: i64,
     ) -> Result<Generation, JobError> {
-        if let Some(marker) = &self.config.debug_fail_marker
-            && job.question.contains(marker.as_str())
-        {
+        if self.config.hooks.fails(&job.question) {
             return Err(JobError::Injected);
         }
         let prompts = self.prompts.clone();

@@ -123,7 +123,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
     // Small buffers: the worker's subscriptions are wake-ups and single
     // pulls, and a busy worker must not hoard every question's payload.
     let client = ebb_nats::connect(&config.services.nats_url, &worker_id, Some(64)).await?;
-    let topology = Topology::ensure(client.clone(), &config.queue).await?;
+    // The gateway owns the topology: a worker started first (or alone) waits
+    // for it rather than imposing its own flags on the queue.
+    let open = ebb_runtime::backoff::retry_startup("open the queue topology", || {
+        Topology::open(client.clone(), &config.queue)
+    });
+    let topology = tokio::select! {
+        topology = open => topology,
+        _ = shutdown.cancelled() => {
+            tracing::info!("stopped while waiting for the queue topology");
+            return Ok(());
+        }
+    };
     let store = Store::connect_lazy(&config.services.redis_url)?;
 
     let (heartbeat, beats) = watch::channel(Heartbeat {
@@ -168,7 +179,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
         }) as usize;
     let Generator { engine, prompts } = generator;
     let max_context = engine.model().max_context;
-    let engine = EngineHandle::spawn(engine, slots, config.debug_token_delay);
+    let engine = EngineHandle::spawn(engine, slots, config.hooks.step_delay());
     let ready_at_ms = ebb_nats::now_ms();
     heartbeat.send_modify(|beat| {
         beat.state = WorkerState::Ready;

@@ -46,6 +46,9 @@ pub struct Queued {
     pub waiter: Option<Waiter>,
 }
 
+/// Admits a question in named stages: check the webhook target, answer
+/// from the cache, know the language, reserve a place under the shedding
+/// bound, take a waiting slot, then queue it.
 pub async fn admit(
     state: &AppState,
     mut question: NewQuestion,
@@ -55,19 +58,52 @@ pub async fn admit(
         check_callback(state, url)?;
     }
     tracing::debug!(question = %question.question, "question text");
-
     // Keyed before detection: a detected language follows from the question
     // text the key covers, and a hit then costs no detection at all.
     let cache_key = question.cache_key(&state.model_identity);
     if let Some(key) = &cache_key
-        && let Some(Some(hit)) = state
-            .store
-            .degradable("the cache lookup", state.store.cached_answer(key))
-            .await
+        && let Some(hit) = cached(state, key).await
     {
         let id = format!("{CACHED_ID_PREFIX}{key}");
         return Ok(from_cache(state, id, hit, question).await);
     }
+    know_language(state, &mut question);
+    let reservation = state.overload.reserve().inspect_err(|_| {
+        state.metrics.rejected("overloaded");
+    })?;
+    let slot = match hold {
+        Hold::No => None,
+        Hold::IfFree => Waiter::slot(state).ok(),
+        Hold::Required => Some(Waiter::slot(state)?),
+    };
+    let job = new_job(state, question, cache_key);
+    tracing::Span::current().record("question_id", job.id.as_str());
+    let waiter = match slot {
+        Some(slot) => Some(Waiter::subscribe(state, &job.id, slot).await?),
+        None => None,
+    };
+    enqueue(state, &job).await?;
+    reservation.keep();
+    Ok(Admission::Queued(Queued {
+        id: job.id,
+        language: job.language,
+        priority: job.priority,
+        accepted_at_ms: job.enqueued_at_ms,
+        waiter,
+    }))
+}
+
+async fn cached(state: &AppState, key: &str) -> Option<CachedAnswer> {
+    let lookup = state.store.cached_answer(key);
+    state
+        .store
+        .degradable("the cache lookup", lookup)
+        .await
+        .flatten()
+}
+
+/// The language as given, else as detected; counted either way.
+fn know_language(state: &AppState, question: &mut NewQuestion) {
     let source = if question.language.is_some() {
         "given"
     } else {
@@ -78,53 +114,42 @@ pub async fn admit(
             "unknown"
         }
     };
-    state
-        .metrics
-        .question(language::metric_label(question.language.as_deref()), source);
-    let reservation = state.overload.reserve().inspect_err(|_| {
-        state.metrics.rejected("overloaded");
-    })?;
+    let label = language::metric_label(question.language.as_deref());
+    state.metrics.question(label, source);
+}
 
-    let slot = match hold {
-        Hold::No => None,
-        Hold::IfFree => Waiter::slot(state).ok(),
-        Hold::Required => Some(Waiter::slot(state)?),
-    };
+fn new_job(state: &AppState, question: NewQuestion, cache_key: Option<String>) -> Job {
     let priority = state.priority.classify(
         question.grade,
         question.course.as_deref(),
         chrono::Utc::now(),
     );
-    let id = uuid::Uuid::now_v7().to_string();
-    let span = tracing::Span::current();
-    span.record("question_id", id.as_str());
-    let accepted_at_ms = ebb_nats::now_ms();
-    let job = Job {
-        id: id.clone(),
+    Job {
+        id: uuid::Uuid::now_v7().to_string(),
         question: question.question,
         history: question.history,
         grade: question.grade,
         course: question.course,
-        language: question.language.clone(),
+        language: question.language,
         max_tokens: question.max_tokens,
         sampling: question.sampling,
         priority,
         model: state.model_identity.clone(),
         cache_key,
-        enqueued_at_ms: accepted_at_ms,
+        enqueued_at_ms: ebb_nats::now_ms(),
         callback_url: question.callback_url.map(String::from),
-    };
-    let waiter = match slot {
-        Some(slot) => Some(Waiter::subscribe(state, &id, slot).await?),
-        None => None,
-    };
+    }
+}
+
+/// Publishes the job (stored by JetStream when this returns), then writes
+/// its first record; a worker may already have written a later one.
+async fn enqueue(state: &AppState, job: &Job) -> Result<(), ApiError> {
     let started = Instant::now();
-    queue::publish(&state.topology.jetstream, &job).await?;
-    reservation.keep();
+    queue::publish(&state.topology.jetstream, job).await?;
     state.metrics.outcome("queued");
     tracing::info!(
-        question_id = %id,
-        %priority,
+        question_id = %job.id,
+        priority = %job.priority,
         language = job.language.as_deref().map(|l| language::metric_label(Some(l))),
         question_chars = job.question.chars().count(),
         history_messages = job.history.len(),
@@ -132,20 +157,10 @@ pub async fn admit(
         publish_ms = started.elapsed().as_millis() as u64,
         "question accepted"
     );
-    state
-        .store
-        .degradable(
-            "the queued record",
-            state.store.insert_queued(&QuestionRecord::of_job(&job)),
-        )
-        .await;
-    Ok(Admission::Queued(Queued {
-        id,
-        language: job.language,
-        priority,
-        accepted_at_ms,
-        waiter,
-    }))
+    let record = QuestionRecord::of_job(job);
+    let insert = state.store.insert_queued(&record);
+    state.store.degradable("the queued record", insert).await;
+    Ok(())
 }
 
 /// A cache hit: counted, called back when asked, answered at once.
