@@ -58,8 +58,12 @@ pub struct ScalerConfig {
     pub target: TargetTracking,
     #[serde(default)]
     pub cooldowns: Cooldowns,
-    #[serde(default)]
-    pub timetable: Vec<TimetableEntry>,
+    /// The file's `timetable:` entries as written.
+    #[serde(default, rename = "timetable")]
+    pub timetable_entries: Vec<TimetableEntry>,
+    /// The entries compiled (cron parsed, zones resolved) by [`Self::parse`].
+    #[serde(skip)]
+    pub timetable: Timetable,
     /// How early a timetable window starts its workers. Default: the measured
     /// cold-start p90 (60 s until one is measured).
     #[serde(default, deserialize_with = "optional_duration")]
@@ -357,7 +361,7 @@ impl TargetTracking {
 
 impl ScalerConfig {
     /// Reads and validates a config file.
-    pub fn load(path: &Path) -> Result<(ScalerConfig, Timetable), ConfigError> {
+    pub fn load(path: &Path) -> Result<ScalerConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
@@ -372,80 +376,28 @@ impl ScalerConfig {
     }
 
     /// Parses and validates config text.
-    pub fn parse(text: &str) -> Result<(ScalerConfig, Timetable), ConfigError> {
-        let config: ScalerConfig =
+    pub fn parse(text: &str) -> Result<ScalerConfig, ConfigError> {
+        let mut config: ScalerConfig =
             serde_norway::from_str(text).map_err(|err| ConfigError::Syntax {
                 path: PathBuf::from("config"),
                 message: err.to_string(),
             })?;
-        let timetable = config.validate()?;
-        Ok((config, timetable))
+        config.timetable = config.validate()?;
+        Ok(config)
     }
 
     fn validate(&self) -> Result<Timetable, ConfigError> {
         let resources = &self.resources;
-        if resources.max_instances == 0 {
-            return Err(invalid("resources.max_instances", "must be at least 1"));
-        }
-        if resources.min_instances > resources.max_instances {
-            return Err(invalid(
-                "resources.min_instances",
-                format!(
-                    "{} is more than resources.max_instances ({})",
-                    resources.min_instances, resources.max_instances
-                ),
-            ));
-        }
+        resources.validate()?;
         if self.tick.is_zero() || self.tick > Duration::from_secs(60) {
             return Err(invalid("tick", "must be more than zero and at most 60s"));
         }
-        let health = &self.health;
-        // Workers beat every 2 s: anything shorter would call healthy ones dead.
-        if health.heartbeat_timeout < Duration::from_secs(5) {
-            return Err(invalid(
-                "health.heartbeat_timeout",
-                "must be at least 5s (workers beat every 2s)",
-            ));
-        }
-        for (key, value) in [
-            ("health.init_timeout", health.init_timeout),
-            ("health.restart_backoff", health.restart_backoff),
-        ] {
-            if value.is_zero() {
-                return Err(invalid(key, "must be more than zero"));
-            }
-        }
+        self.health.validate()?;
         self.target.validate()?;
         if let Some(rules) = &self.rules {
-            if rules.scale_up.is_empty() && rules.scale_down.is_empty() {
-                return Err(invalid(
-                    "rules",
-                    "has neither scale_up nor scale_down conditions",
-                ));
-            }
-            for (key, step) in [
-                ("rules.step_up", rules.step_up),
-                ("rules.step_down", rules.step_down),
-            ] {
-                if step == 0 {
-                    return Err(invalid(key, "must be at least 1"));
-                }
-            }
-            for (list, conditions) in [
-                ("scale_up", &rules.scale_up),
-                ("scale_down", &rules.scale_down),
-            ] {
-                for (index, condition) in conditions.iter().enumerate() {
-                    if !condition.threshold.is_finite() || condition.threshold < 0.0 {
-                        return Err(invalid(
-                            format!("rules.{list}[{index}].threshold"),
-                            "must be a non-negative number",
-                        ));
-                    }
-                }
-            }
+            rules.validate()?;
         }
-        for (index, entry) in self.timetable.iter().enumerate() {
+        for (index, entry) in self.timetable_entries.iter().enumerate() {
             if entry.min_workers > resources.max_instances {
                 return Err(invalid(
                     format!("timetable[{index}].min_workers"),
@@ -463,7 +415,79 @@ impl ScalerConfig {
         if pool.is_empty() || !pool.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
             return Err(invalid("backend.pool", "must be letters, digits and '-'"));
         }
-        Ok(Timetable::new(&self.timetable)?)
+        Ok(Timetable::new(&self.timetable_entries)?)
+    }
+}
+
+impl Resources {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_instances == 0 {
+            return Err(invalid("resources.max_instances", "must be at least 1"));
+        }
+        if self.min_instances > self.max_instances {
+            return Err(invalid(
+                "resources.min_instances",
+                format!(
+                    "{} is more than resources.max_instances ({})",
+                    self.min_instances, self.max_instances
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Health {
+    fn validate(&self) -> Result<(), ConfigError> {
+        // Workers beat every 2 s: anything shorter would call healthy ones dead.
+        if self.heartbeat_timeout < Duration::from_secs(5) {
+            return Err(invalid(
+                "health.heartbeat_timeout",
+                "must be at least 5s (workers beat every 2s)",
+            ));
+        }
+        for (key, value) in [
+            ("health.init_timeout", self.init_timeout),
+            ("health.restart_backoff", self.restart_backoff),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(key, "must be more than zero"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Rules {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.scale_up.is_empty() && self.scale_down.is_empty() {
+            return Err(invalid(
+                "rules",
+                "has neither scale_up nor scale_down conditions",
+            ));
+        }
+        for (key, step) in [
+            ("rules.step_up", self.step_up),
+            ("rules.step_down", self.step_down),
+        ] {
+            if step == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        for (list, conditions) in [
+            ("scale_up", &self.scale_up),
+            ("scale_down", &self.scale_down),
+        ] {
+            for (index, condition) in conditions.iter().enumerate() {
+                if !condition.threshold.is_finite() || condition.threshold < 0.0 {
+                    return Err(invalid(
+                        format!("rules.{list}[{index}].threshold"),
+                        "must be a non-negative number",
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -510,107 +534,5 @@ pub enum GpuRequest {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const FULL: &str = r#"
-tick: 1s
-resources:
-  min_instances: 0
-  max_instances: 8
-  instance_type: nvidia-a10
-rules:
-  scale_up:
-    - metric: queue_depth
-      threshold: 10
-      duration: 30s
-    - metric: avg_response_time
-      threshold: 5
-      duration: 1m
-  scale_down:
-    - metric: cpu_usage
-      threshold: 0.3
-      duration: 5m
-cooldowns:
-  scale_to_zero_idle: 5m
-timetable:
-  - name: morning-classes
-    cron: "50 7 * * 1-5"
-    timezone: Asia/Shanghai
-    duration: 90m
-    min_workers: 2
-backend:
-  kind: process
-  command: /usr/local/bin/ebb-worker
-  args: ["--model", "Qwen/Qwen2.5-7B-Instruct"]
-"#;
-
-    fn key_of(text: &str) -> String {
-        match ScalerConfig::parse(text) {
-            Err(ConfigError::Invalid { key, .. }) => key,
-            Err(other) => other.to_string(),
-            Ok(_) => panic!("expected an error"),
-        }
-    }
-
-    #[test]
-    fn the_seed_shaped_config_parses() {
-        let (config, timetable) = ScalerConfig::parse(FULL).unwrap();
-        assert_eq!(config.resources.max_instances, 8);
-        let rules = config.rules.unwrap();
-        assert_eq!(rules.scale_up[1].duration, Duration::from_secs(60));
-        assert_eq!(
-            rules.scale_down[0].metric,
-            Metric::WorkerUtilization,
-            "cpu_usage is an alias"
-        );
-        assert_eq!(
-            config.cooldowns.scale_to_zero_idle,
-            Duration::from_secs(300)
-        );
-        assert!(!timetable.is_empty());
-    }
-
-    #[test]
-    fn errors_name_the_offending_key() {
-        assert_eq!(
-            key_of(&FULL.replace("min_instances: 0", "min_instances: 9")),
-            "resources.min_instances"
-        );
-        assert_eq!(
-            key_of(&FULL.replace("max_instances: 8", "max_instances: 0")),
-            "resources.max_instances"
-        );
-        assert_eq!(
-            key_of(&FULL.replace("threshold: 10", "threshold: -1")),
-            "rules.scale_up[0].threshold"
-        );
-        assert_eq!(
-            key_of(&FULL.replace("min_workers: 2", "min_workers: 20")),
-            "timetable[0].min_workers"
-        );
-        let bad_metric = key_of(&FULL.replace("metric: queue_depth", "metric: queue_length"));
-        assert!(
-            bad_metric.contains("queue_length") && bad_metric.contains("rules.scale_up"),
-            "{bad_metric}"
-        );
-        let typo = key_of(&FULL.replace("instance_type", "instance_typo"));
-        assert!(typo.contains("instance_typo"), "{typo}");
-        let bad_cron = key_of(&FULL.replace("50 7 * * 1-5", "50 25 * * 1-5"));
-        assert!(bad_cron.contains("timetable[0].cron"), "{bad_cron}");
-        let bad_zone = key_of(&FULL.replace("Asia/Shanghai", "Asia/Atlantis"));
-        assert!(bad_zone.contains("timetable[0].timezone"), "{bad_zone}");
-        let slots = |value: &str| format!("{FULL}target: {{slots_per_worker: {value}}}\n");
-        assert_eq!(key_of(&slots("0")), "target.slots_per_worker");
-        assert_eq!(key_of(&slots("100000")), "target.slots_per_worker");
-        let (config, _) = ScalerConfig::parse(&slots("8")).unwrap();
-        assert_eq!(config.target.slots_per_worker, 8);
-        assert_eq!(
-            ScalerConfig::parse(FULL).unwrap().0.target.slots_per_worker,
-            1,
-            "one slot unless told"
-        );
-        let bad_duration = key_of(&FULL.replace("duration: 90m", "duration: soon"));
-        assert!(bad_duration.contains("duration"), "{bad_duration}");
-    }
-}
+#[path = "config_tests.rs"]
+mod tests;

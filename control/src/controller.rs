@@ -101,7 +101,7 @@ impl EbbPolicy {
     }
 
     pub fn timetable(&self) -> &Timetable {
-        &self.policy.timetable
+        &self.policy.config.timetable
     }
 }
 

@@ -16,9 +16,9 @@ backend: {kind: process}
 "#;
 
 fn controller() -> Controller<EbbPolicy> {
-    let (config, timetable) = ScalerConfig::parse(CONFIG).expect("valid config");
+    let config = ScalerConfig::parse(CONFIG).expect("valid config");
     let health = config.health.clone();
-    Controller::new(EbbPolicy::new(Policy::new(config, timetable)), health, 1)
+    Controller::new(EbbPolicy::new(Policy::new(config)), health, 1)
 }
 
 fn at(seconds: i64) -> DateTime<Utc> {

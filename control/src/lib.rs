@@ -8,6 +8,7 @@
 //!   workers, builds the observation, decides, replaces unhealthy workers,
 //!   backs off a crash loop and picks which workers stop first.
 //! - [`policy`]: the pure [`policy::decide`] and its inputs and outputs;
+//!   [`target`]: its target-tracking stage (fleet sizing, panic mode);
 //!   [`reason`]: why it chose its count; [`learned`]: timetable windows that
 //!   learn their floor.
 //! - [`signals`]: arrivals, heartbeats and pool listings into an observation.
@@ -20,3 +21,4 @@ pub mod listing;
 pub mod policy;
 pub mod reason;
 pub mod signals;
+pub mod target;

@@ -6,7 +6,7 @@
 //! 1. `manual_decision`: a manual override, while it lasts, replaces the
 //!    policy;
 //! 2. `apply_rules` (seed-style rules) or `target_tracking` (with panic
-//!    mode) proposes a count; `activate`: questions waiting at zero workers
+//!    mode, in [`crate::target`]) proposes a count; `activate`: questions waiting at zero workers
 //!    always get one;
 //! 3. `within_limits`: the timetable raises it to its floor (for `learn`
 //!    entries, at least what the entry's previous opening needed);
@@ -24,7 +24,9 @@ use serde::Serialize;
 use crate::config::{Condition, Metric, Rules, ScalerConfig};
 use crate::learned::LearnedFloors;
 use crate::reason::{Reading, Reason};
-use ebb_schedule::timetable::{Timetable, Window, highest_floor};
+use crate::target::target_tracking;
+pub use crate::target::{erlang_staffing, workers_for};
+use ebb_schedule::timetable::{Window, highest_floor};
 
 /// Workers by state, as the scaler sees them, and the slots of the ready
 /// ones: a worker answers up to `slots` questions at once (its batch).
@@ -170,11 +172,10 @@ pub struct Decision {
     pub state: PolicyState,
 }
 
-/// The config parts the policy reads, with the compiled timetable.
+/// The config the policy reads (its timetable compiled).
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub config: ScalerConfig,
-    pub timetable: Timetable,
 }
 
 /// Longest the scaler sleeps at zero workers (arrivals wake it anyway).
@@ -183,8 +184,8 @@ const MAX_SLEEP: Duration = Duration::from_secs(60);
 const DEFAULT_PREWARM_LEAD: Duration = Duration::from_secs(60);
 
 impl Policy {
-    pub fn new(config: ScalerConfig, timetable: Timetable) -> Policy {
-        Policy { config, timetable }
+    pub fn new(config: ScalerConfig) -> Policy {
+        Policy { config }
     }
 
     /// How early timetable windows start their workers.
@@ -201,9 +202,9 @@ fn since(now: DateTime<Utc>, start: DateTime<Utc>) -> Duration {
 }
 
 /// What the policy alone proposes, before floors, limits and cooldowns.
-struct Proposal {
-    wanted: u32,
-    reason: Reason,
+pub(crate) struct Proposal {
+    pub(crate) wanted: u32,
+    pub(crate) reason: Reason,
 }
 
 /// Decides the worker count. Pure: no I/O, no clock, no randomness.
@@ -220,7 +221,7 @@ pub fn decide(
         (true, None) => Some(now),
     };
     let lead = policy.prewarm_lead(observation);
-    let active = policy.timetable.active_windows(now, lead);
+    let active = policy.config.timetable.active_windows(now, lead);
     next.learned.open(&active);
     let floor = highest_floor(active.iter().cloned().map(|mut window| {
         if window.learn {
@@ -408,6 +409,7 @@ fn next_wake(
         return tick;
     }
     policy
+        .config
         .timetable
         .next_window(now)
         .map(|window| since(window.start, now).saturating_sub(policy.prewarm_lead(observation)))
@@ -484,139 +486,6 @@ fn apply_rules(
     Proposal {
         wanted: current,
         reason: Reason::RulesQuiet,
-    }
-}
-
-/// Target tracking. The load, in busy slots, is arrival rate x service
-/// time plus the waiting questions' work spread over the drain target
-/// (questions being answered are in the first term: counting them in the
-/// backlog too would pay for them twice). Slots = the more of
-/// load / utilization and what the Erlang C queue needs for `attainment`,
-/// with every slot a server (c workers of s slots are c x s servers, each
-/// taking the batched service time); workers = ceil(slots / s).
-/// Panic when the short window asks for at least twice the ready workers
-/// (and is no mere noise), or the oldest question is older than half the
-/// latency goal: then scale up at once and never down. Also returns the
-/// stable window's need, which learning timetable windows remember.
-fn target_tracking(
-    policy: &Policy,
-    observation: &Observation,
-    current: u32,
-    next: &mut PolicyState,
-    now: DateTime<Utc>,
-) -> (Proposal, u32) {
-    let target = &policy.config.target;
-    let service = observation
-        .service_time
-        .unwrap_or(target.default_service_time)
-        .as_secs_f64();
-    let slots = observation.slots_per_worker.max(1);
-    // Slot-seconds per second: arrivals, plus the backlog spread over the drain target.
-    let backlog = observation.waiting as f64 * service / target.drain_target.as_secs_f64();
-    let wait_goal = (target.latency_goal / 2).as_secs_f64();
-    let needed = |rate: f64| {
-        let load = rate * service + backlog;
-        let by_utilization = (load / target.utilization).ceil().min(u32::MAX as f64) as u32;
-        let by_waiting = match target.attainment {
-            0.0 => 0,
-            attainment => erlang_staffing(load, service, wait_goal, 1.0 - attainment),
-        };
-        workers_for(by_utilization.max(by_waiting), slots)
-    };
-    let stable = needed(observation.arrival_rate);
-    let burst = needed(observation.panic_arrival_rate);
-    let ready = observation.workers.ready();
-
-    let too_old = observation.oldest_waiting > target.latency_goal / 2;
-    // A burst must stand out from the stable rate's own noise: at a few
-    // questions a minute, three in six seconds is chance, not a burst.
-    let panic_seconds = target.panic_window.as_secs_f64();
-    let expected = observation.arrival_rate * panic_seconds;
-    let seen = observation.panic_arrival_rate * panic_seconds;
-    let surprising = seen > expected + 3.0 * expected.sqrt() + 1.0;
-    // At zero ready workers every need is "twice the ready ones": that case
-    // is activation, not panic.
-    let burst_panic = ready > 0 && burst >= 2 * ready && surprising;
-    if too_old || burst_panic {
-        next.panic_until = Some(now + target.stable_window);
-    }
-    let panicking = next.panic_until.is_some_and(|until| until > now);
-    if !panicking {
-        next.panic_until = None;
-    }
-    let reason = if too_old {
-        Reason::PanicQueueAge {
-            age: observation.oldest_waiting,
-            limit: target.latency_goal / 2,
-        }
-    } else if burst_panic {
-        Reason::PanicBurst {
-            arrival_rate: observation.panic_arrival_rate,
-            window: target.panic_window,
-            needed: burst,
-            ready,
-        }
-    } else if panicking {
-        Reason::PanicHolding
-    } else {
-        Reason::Target {
-            arrival_rate: observation.arrival_rate,
-            service_time: Duration::from_secs_f64(service),
-            waiting: observation.waiting,
-            drain_target: target.drain_target,
-            utilization: target.utilization,
-            slots_per_worker: slots,
-            workers: stable,
-        }
-    };
-    // While questions age, add a worker per decision, but only once the
-    // previous one has finished starting (it may be all that is missing).
-    let add_one = too_old && observation.workers.starting == 0;
-    // Panic never scales down (at least the current count while it lasts),
-    // and adds to what actually runs, not to what was merely wanted.
-    let capacity = observation.workers.capacity();
-    let wanted = if panicking {
-        stable
-            .max(burst)
-            .max(current)
-            .max(capacity + u32::from(add_one))
-    } else {
-        stable
-    };
-    // What the load itself asks for over the stable window, without
-    // panic's holding or the short window's spikes: what a learning
-    // timetable window remembers.
-    (Proposal { wanted, reason }, stable)
-}
-
-/// Workers that hold `servers` slots: a worker's slots cannot be split.
-pub fn workers_for(servers: u32, slots_per_worker: u32) -> u32 {
-    servers.div_ceil(slots_per_worker.max(1))
-}
-
-/// The fewest servers for which an M/M/N queue with `load` erlangs and mean
-/// service time `service` s keeps P(wait > `wait_goal`) within `miss`:
-/// P(wait > t) = C(N, load) exp(-(N - load) t / service), with Erlang C from
-/// the Erlang B recursion.
-pub fn erlang_staffing(load: f64, service: f64, wait_goal: f64, miss: f64) -> u32 {
-    if !(load > 0.0 && service > 0.0) {
-        return 0;
-    }
-    // Far past any fleet worth planning; stops a pathological load looping.
-    let limit = load + 20.0 * load.sqrt() + 100.0;
-    let mut blocking = 1.0;
-    let mut workers = 0.0;
-    loop {
-        workers += 1.0;
-        blocking = load * blocking / (workers + load * blocking);
-        if workers <= load {
-            continue;
-        }
-        let waits = workers * blocking / (workers - load * (1.0 - blocking));
-        let late = waits * (-(workers - load) * wait_goal / service).exp();
-        if late <= miss || workers >= limit {
-            return workers.min(u32::MAX as f64) as u32;
-        }
     }
 }
 

@@ -15,8 +15,7 @@ backend: {kind: process}
 "#;
 
 fn policy(extra: &str) -> Policy {
-    let (config, timetable) = ScalerConfig::parse(&format!("{BASE}{extra}")).expect("valid config");
-    Policy::new(config, timetable)
+    Policy::new(ScalerConfig::parse(&format!("{BASE}{extra}")).expect("valid config"))
 }
 
 /// A Wednesday, 2026-11-25 10:00:00 UTC.
@@ -312,9 +311,9 @@ fn min_and_max_clamp_every_outcome() {
                 max_instances: 3,
                 instance_type: None,
             },
+            timetable: Timetable::new(&[]).unwrap(),
             ..policy
         },
-        Timetable::new(&[]).unwrap(),
     );
     let idle = Observation::default();
     let decision = run(&policy, &idle, state(2), 0, 1000);

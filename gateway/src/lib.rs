@@ -50,6 +50,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 use config::{ConfigError, FileConfig};
+use priority::PriorityRules;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -66,11 +67,10 @@ pub enum GatewayError {
 /// Validates the config, sets up the queue topology, then serves the API on
 /// `listener` until `shutdown` resolves; in-flight requests may finish.
 pub async fn run(
-    config: Config,
+    mut config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
-    let mut config = config;
     // compose passes unset secrets as empty variables.
     for secret in [
         &mut config.admin_token,
@@ -81,27 +81,7 @@ pub async fn run(
             *secret = None;
         }
     }
-    let file = FileConfig::load(config.config_file.as_deref())?;
-    let path = || config.config_file.clone().unwrap_or_default();
-    let invalid = |message: String| ConfigError::Invalid {
-        path: path(),
-        message,
-    };
-    let keys = auth::Keys::new(
-        &file.api_keys,
-        config.admin_token.as_deref(),
-        config.insecure_dev,
-        config.limits.per_key,
-    )
-    .map_err(invalid)?;
-    if keys.is_empty() && !config.insecure_dev {
-        return Err(ConfigError::NoKeys.into());
-    }
-    if config.insecure_dev {
-        tracing::warn!("--insecure-dev: serving without API keys; never do this in production");
-    }
-    let priority = priority::PriorityRules::new(file.priority, &file.timetable).map_err(invalid)?;
-
+    let (keys, priority) = access_rules(&config)?;
     let client = ebb_nats::connect(&config.services.nats_url, "ebb-gateway", None).await?;
     let topology = ensure_topology(client, &config).await;
     let store = Store::connect_lazy(&config.services.redis_url)?;
@@ -113,7 +93,6 @@ pub async fn run(
         topology.clone(),
         store.clone(),
     ));
-
     let stop = CancellationToken::new();
     let mut background = tokio::task::JoinSet::new();
     background.spawn(ebb_store::run_reaper(
@@ -129,19 +108,7 @@ pub async fn run(
     let overload = state.overload.clone();
     let watch_stop = stop.clone();
     background.spawn(async move { overload.watch(topology, watch_stop.cancelled_owned()).await });
-    let sweep_state = state.clone();
-    let sweep_stop = stop.clone();
-    background.spawn(async move {
-        let mut every_minute = tokio::time::interval(Duration::from_secs(60));
-        loop {
-            tokio::select! {
-                _ = sweep_stop.cancelled() => return,
-                _ = every_minute.tick() => {
-                    sweep_state.ip_limiter.sweep(sweep_state.rate_limits.per_ip, Instant::now());
-                }
-            }
-        }
-    });
+    background.spawn(sweep_rate_limits(state.clone(), stop.clone()));
 
     tracing::info!(address = %listener.local_addr()?, "gateway listening");
     let app = routes::router(state).into_make_service_with_connect_info::<SocketAddr>();
@@ -151,6 +118,44 @@ pub async fn run(
     stop.cancel();
     while background.join_next().await.is_some() {}
     Ok(served?)
+}
+
+/// The API keys and priority rules of `--config`, with errors naming the file.
+fn access_rules(config: &Config) -> Result<(auth::Keys, PriorityRules), GatewayError> {
+    let file = FileConfig::load(config.config_file.as_deref())?;
+    let invalid = |message: String| ConfigError::Invalid {
+        path: config.config_file.clone().unwrap_or_default(),
+        message,
+    };
+    let keys = auth::Keys::new(
+        &file.api_keys,
+        config.admin_token.as_deref(),
+        config.insecure_dev,
+        config.limits.per_key,
+    )
+    .map_err(invalid)?;
+    if keys.is_empty() && !config.insecure_dev {
+        return Err(ConfigError::NoKeys.into());
+    }
+    if config.insecure_dev {
+        tracing::warn!("--insecure-dev: serving without API keys; never do this in production");
+    }
+    let priority = PriorityRules::new(file.priority, &file.timetable).map_err(invalid)?;
+    Ok((keys, priority))
+}
+
+/// Forgets idle clients' rate-limit buckets once a minute, so the map stays
+/// bounded by the clients of the last minutes.
+async fn sweep_rate_limits(state: Arc<routes::AppState>, stop: CancellationToken) {
+    let mut every_minute = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every_minute.tick() => {
+                state.ip_limiter.sweep(state.rate_limits.per_ip, Instant::now());
+            }
+        }
+    }
 }
 
 /// The gateway owns the queue topology: it accepts the questions, so the

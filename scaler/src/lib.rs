@@ -28,7 +28,6 @@ use tokio_util::sync::CancellationToken;
 use ebb_control::config::{BackendConfig, ScalerConfig};
 use ebb_control::controller::{Controller, EbbPolicy};
 use ebb_control::policy::Policy;
-use ebb_schedule::timetable::Timetable;
 use pool::WorkerPool;
 use pool::docker::DockerPool;
 use pool::process::ProcessPool;
@@ -51,14 +50,13 @@ pub enum ScalerError {
 /// and scales until `shutdown`. Workers keep running when the scaler stops.
 pub async fn run(
     config: ScalerConfig,
-    timetable: Timetable,
     nats_url: &str,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ScalerError> {
     let stopping = CancellationToken::new();
     let controller = Controller::new(
-        EbbPolicy::new(Policy::new(config.clone(), timetable)),
+        EbbPolicy::new(Policy::new(config.clone())),
         config.health.clone(),
         config.target.slots_per_worker,
     );
@@ -248,7 +246,7 @@ mod tests {
 
     #[test]
     fn the_fleet_status_carries_the_configured_limits() {
-        let (config, _) = ScalerConfig::parse(
+        let config = ScalerConfig::parse(
             "resources: {min_instances: 0, max_instances: 3}\ntarget: {slots_per_worker: 8}\nbackend: {kind: process, command: /bin/true}\n",
         )
         .unwrap();

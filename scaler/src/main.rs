@@ -79,14 +79,13 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
     let path = cli
         .config
         .ok_or_else(|| anyhow::anyhow!("--config (EBB_SCALER_CONFIG) is required"))?;
-    let (config, timetable) = ScalerConfig::load(&path)?;
+    let config = ScalerConfig::load(&path)?;
     let _telemetry = ebb_runtime::telemetry::init("ebb-scaler")?;
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
         .map_err(|err| anyhow::anyhow!("cannot listen on {} (--listen): {err}", cli.listen))?;
     ebb_scaler::run(
         config,
-        timetable,
         &cli.nats_url,
         listener,
         // Workers keep running and are adopted by the next scaler.
@@ -141,8 +140,8 @@ fn gen_trace(args: &ebb_sim::school::GenTraceArgs) -> ExitCode {
 }
 
 fn print_timetable(file: &std::path::Path, days: u32) -> ExitCode {
-    let (config, timetable) = match ScalerConfig::load(file) {
-        Ok(loaded) => loaded,
+    let config = match ScalerConfig::load(file) {
+        Ok(config) => config,
         Err(err) => {
             eprintln!("error: {err}");
             return ExitCode::FAILURE;
@@ -150,13 +149,13 @@ fn print_timetable(file: &std::path::Path, days: u32) -> ExitCode {
     };
     let now = Utc::now();
     let windows =
-        timetable.windows_starting_between(now, now + chrono::Duration::days(days.into()));
+        config.timetable.windows_starting_between(now, now + chrono::Duration::days(days.into()));
     if windows.is_empty() {
         println!("no timetable windows in the next {days} days");
     }
     for window in windows {
         let zone = config
-            .timetable
+            .timetable_entries
             .iter()
             .find(|entry| entry.name == window.name)
             .and_then(|entry| entry.timezone.parse::<chrono_tz::Tz>().ok())

@@ -18,6 +18,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::engine::{Fate, Outcome, PLOT_BUCKETS, Sample, Setup, measured_seconds};
+use super::trace::Trace;
 
 #[derive(Debug)]
 struct Life {
@@ -71,28 +72,7 @@ pub fn replay(setup: &Setup) -> Outcome {
         });
         let (first, total) = model.service(arrival);
         let done = now + total;
-        let chosen = running
-            .iter_mut()
-            .filter(|life| life.slots.iter().any(|free| *free <= now))
-            .max_by(|a, b| a.busy_until.total_cmp(&b.busy_until));
-        let life = match chosen {
-            Some(life) => life,
-            None => {
-                running.push(Life {
-                    requested_at: now - cold_start,
-                    slots: vec![f64::NEG_INFINITY; model.concurrency as usize],
-                    busy_until: now,
-                });
-                running.last_mut().expect("just pushed")
-            }
-        };
-        let slot = life
-            .slots
-            .iter_mut()
-            .find(|free| **free <= now)
-            .expect("a free slot");
-        *slot = done;
-        life.busy_until = life.busy_until.max(done);
+        place(&mut running, now, done, cold_start, model.concurrency);
         in_service.push((now, done));
         if let Some(id) = arrival.question_id.as_deref() {
             answered.push((done, id));
@@ -110,18 +90,7 @@ pub fn replay(setup: &Setup) -> Outcome {
     let last_done = in_service.iter().map(|(_, done)| *done).fold(0.0, f64::max);
     let horizon = trace.duration.max(last_done);
     let bucket_seconds = (trace.duration / PLOT_BUCKETS as f64).max(1.0);
-    let mut samples = vec![Sample::default(); PLOT_BUCKETS + 1];
-    let bucket = |at: f64| ((at.max(0.0) / bucket_seconds) as usize).min(PLOT_BUCKETS);
-    for arrival in &trace.arrivals {
-        samples[bucket(arrival.at)].arrivals += 1;
-    }
-    let lag = bucket_maxima(&in_service, &bucket, samples.len());
-    let workers = bucket_maxima(&lives, &bucket, samples.len());
-    for ((sample, lag), workers) in samples.iter_mut().zip(lag).zip(workers) {
-        sample.lag = lag;
-        sample.workers = workers as u32;
-    }
-    samples.truncate(((horizon / bucket_seconds).ceil() as usize).clamp(1, PLOT_BUCKETS + 1));
+    let samples = plot(trace, &in_service, &lives, horizon, bucket_seconds);
     let measured_lives = lives
         .iter()
         .filter(|(from, _)| *from >= setup.measure_from)
@@ -141,6 +110,58 @@ pub fn replay(setup: &Setup) -> Outcome {
         bucket_seconds,
         samples,
     }
+}
+
+/// Puts a question answered from `now` to `done` on a free slot: of the
+/// running workers with one, the busiest (the others may then stop sooner),
+/// else a new worker requested a cold start before `now`.
+fn place(running: &mut Vec<Life>, now: f64, done: f64, cold_start: f64, concurrency: u32) {
+    let chosen = running
+        .iter_mut()
+        .filter(|life| life.slots.iter().any(|free| *free <= now))
+        .max_by(|a, b| a.busy_until.total_cmp(&b.busy_until));
+    let life = match chosen {
+        Some(life) => life,
+        None => {
+            running.push(Life {
+                requested_at: now - cold_start,
+                slots: vec![f64::NEG_INFINITY; concurrency as usize],
+                busy_until: now,
+            });
+            running.last_mut().expect("just pushed")
+        }
+    };
+    let slot = life
+        .slots
+        .iter_mut()
+        .find(|free| **free <= now)
+        .expect("a free slot");
+    *slot = done;
+    life.busy_until = life.busy_until.max(done);
+}
+
+/// The plot's samples: arrivals, questions in service and workers alive
+/// per bucket, up to the horizon.
+fn plot(
+    trace: &Trace,
+    in_service: &[(f64, f64)],
+    lives: &[(f64, f64)],
+    horizon: f64,
+    bucket_seconds: f64,
+) -> Vec<Sample> {
+    let mut samples = vec![Sample::default(); PLOT_BUCKETS + 1];
+    let bucket = |at: f64| ((at.max(0.0) / bucket_seconds) as usize).min(PLOT_BUCKETS);
+    for arrival in &trace.arrivals {
+        samples[bucket(arrival.at)].arrivals += 1;
+    }
+    let lag = bucket_maxima(in_service, &bucket, samples.len());
+    let workers = bucket_maxima(lives, &bucket, samples.len());
+    for ((sample, lag), workers) in samples.iter_mut().zip(lag).zip(workers) {
+        sample.lag = lag;
+        sample.workers = workers as u32;
+    }
+    samples.truncate(((horizon / bucket_seconds).ceil() as usize).clamp(1, PLOT_BUCKETS + 1));
+    samples
 }
 
 /// Per plot bucket, the most `[from, to)` intervals that overlap in it.

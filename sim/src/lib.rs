@@ -290,7 +290,7 @@ impl SimulateArgs {
 /// Loads the trace and config, replays every policy asked for, and reports.
 pub fn run(args: &SimulateArgs) -> Result<Simulation, SimulateError> {
     let model = args.worker_model()?;
-    let (config, timetable) = match &args.config {
+    let config = match &args.config {
         Some(path) => ScalerConfig::load(path)?,
         None => ScalerConfig::parse(DEFAULT_CONFIG)?,
     };
@@ -321,26 +321,12 @@ pub fn run(args: &SimulateArgs) -> Result<Simulation, SimulateError> {
     // The clairvoyant replay is also the yardstick: its answers are pure
     // service work, and its peak bounds the fixed fleet's search.
     let reference = clairvoyant::replay(&setup);
-    let measured = &reference.fates[reference.first_measured..];
-    let work: f64 = measured
-        .iter()
-        .map(|fate| match fate {
-            Fate::Answered { total, .. } => *total as f64,
-            _ => 0.0,
-        })
-        .sum();
+    let (work, mean_service) = service_work(&reference);
     let lower_bound = lower_bound(&trace, &reference, &model, work);
-    let served = measured
-        .iter()
-        .filter(|f| matches!(f, Fate::Answered { .. }))
-        .count()
-        .max(1) as f64;
-    let mean_service = work / served;
     let bench = Bench {
         setup,
         slo: &slo,
         config: &config,
-        timetable: &timetable,
         config_name: args
             .config
             .as_deref()
@@ -375,13 +361,22 @@ pub fn run(args: &SimulateArgs) -> Result<Simulation, SimulateError> {
     Ok(Simulation { report, outcomes })
 }
 
+/// Seconds of service the measured answers took in all, and per answer.
+fn service_work(reference: &Outcome) -> (f64, f64) {
+    let measured = &reference.fates[reference.first_measured..];
+    let (work, served) = measured.iter().fold((0.0, 0u64), |(work, served), fate| match fate {
+        Fate::Answered { total, .. } => (work + *total as f64, served + 1),
+        _ => (work, served),
+    });
+    (work, work / served.max(1) as f64)
+}
+
 /// What every policy's replay in one run shares.
 struct Bench<'a> {
     setup: Setup<'a>,
     slo: &'a Slo,
     /// The `ebb` policy's config; its `max_instances` caps KEDA and Knative too.
     config: &'a ScalerConfig,
-    timetable: &'a ebb_schedule::timetable::Timetable,
     config_name: String,
     initial: u32,
     mean_service: f64,
@@ -420,14 +415,14 @@ impl Bench<'_> {
             PolicyName::SeedRules => {
                 let throughput = concurrency as f64 / self.mean_service;
                 let text = policies::seed_rules_config(throughput, self.mean_service);
-                let (config, timetable) = ScalerConfig::parse(&text)?;
+                let config = ScalerConfig::parse(&text)?;
                 let rules = config.rules.as_ref().expect("seed config has rules");
                 let detail = format!(
                     "up if rps > {:.3} or avg response > {:.2} s for 120 s, down if utilization < 30% for 300 s, 1..10 workers",
                     rules.scale_up[0].threshold, rules.scale_up[1].threshold
                 );
                 let start = self.initial.clamp(1, 10);
-                let mut policy = policies::ebb(config, timetable, start);
+                let mut policy = policies::ebb(config, start);
                 (detail, engine::replay(setup, &mut policy, start))
             }
             PolicyName::KedaLike => (
@@ -463,11 +458,11 @@ impl Bench<'_> {
                     "{}: target {}% utilization, panic, {} timetable entries, {}..{max} workers",
                     self.config_name,
                     config.target.utilization * 100.0,
-                    config.timetable.len(),
+                    config.timetable_entries.len(),
                     config.resources.min_instances
                 );
                 let start = self.initial.clamp(config.resources.min_instances, max);
-                let mut policy = policies::ebb(config.clone(), self.timetable.clone(), start);
+                let mut policy = policies::ebb(config.clone(), start);
                 (detail, engine::replay(setup, &mut policy, start))
             }
         })

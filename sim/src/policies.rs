@@ -10,12 +10,11 @@ use chrono::{DateTime, Utc};
 use ebb_control::config::ScalerConfig;
 use ebb_control::controller::{Autoscaler, EbbPolicy, Verdict};
 use ebb_control::policy::{Observation, Policy, PolicyState};
-use ebb_schedule::timetable::Timetable;
 
 /// ebb's own policy, as live, continuing from `initial_workers`.
-pub fn ebb(config: ScalerConfig, timetable: Timetable, initial_workers: u32) -> EbbPolicy {
+pub fn ebb(config: ScalerConfig, initial_workers: u32) -> EbbPolicy {
     EbbPolicy {
-        policy: Policy::new(config, timetable),
+        policy: Policy::new(config),
         state: PolicyState {
             desired: initial_workers,
             ..PolicyState::default()

@@ -29,6 +29,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Exp, Poisson, Zipf};
 
 use ebb_control::config::{ConfigError, ScalerConfig};
+use ebb_schedule::timetable::Window;
 
 /// `ebb-scaler gen-trace` flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -110,9 +111,9 @@ fn base_rate(local: DateTime<Tz>, in_break: bool) -> f64 {
 
 /// Writes the trace; returns how many questions it holds.
 pub fn generate(args: &GenTraceArgs, out: &mut dyn Write) -> Result<u64, GenTraceError> {
-    let (config, timetable) = ScalerConfig::load(&args.timetable)?;
+    let config = ScalerConfig::load(&args.timetable)?;
     let zone: Tz = config
-        .timetable
+        .timetable_entries
         .first()
         .ok_or(GenTraceError::NoTimetable)?
         .timezone
@@ -132,17 +133,13 @@ pub fn generate(args: &GenTraceArgs, out: &mut dyn Write) -> Result<u64, GenTrac
     };
     let start = midnight(args.start);
     let end = midnight(args.start + TimeDelta::days(args.days.into()));
-    let windows = timetable.windows_starting_between(start - TimeDelta::days(1), end);
+    let windows = config.timetable.windows_starting_between(start - TimeDelta::days(1), end);
     let scale = args.students as f64 / 1000.0;
     let exam = (args.exam_week > 0).then(|| {
         let from = midnight(args.start + TimeDelta::weeks(args.exam_week as i64 - 1));
         (from, from + TimeDelta::weeks(1))
     });
 
-    let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
-    let input = Exp::new(1.0 / MEAN_INPUT_TOKENS).expect("positive");
-    let output = Exp::new(1.0 / MEAN_OUTPUT_TOKENS).expect("positive");
-    let popular = Zipf::new(POPULAR_QUESTIONS, 1.0).expect("valid Zipf");
     writeln!(out, "# start={}", start.to_rfc3339())?;
     writeln!(
         out,
@@ -153,7 +150,7 @@ pub fn generate(args: &GenTraceArgs, out: &mut dyn Write) -> Result<u64, GenTrac
         out,
         "arrival_s,input_tokens,output_tokens,grade,question_id,priority"
     )?;
-    let mut count = 0u64;
+    let mut questions = Questions::new(args.seed);
     let seconds = (end - start).num_seconds();
     let mut window_index = 0;
     for second in 0..seconds {
@@ -164,33 +161,71 @@ pub fn generate(args: &GenTraceArgs, out: &mut dyn Write) -> Result<u64, GenTrac
         {
             window_index += 1;
         }
-        let mut in_break = false;
-        let mut bursts = 0.0;
-        for window in windows[window_index..]
-            .iter()
-            .take_while(|w| w.start <= now)
-        {
-            in_break |= now < window.end;
-            let since = (now - window.start).num_seconds() as f64;
-            bursts += BREAK_QUESTIONS / BREAK_DECAY_S * (-since / BREAK_DECAY_S).exp();
-        }
+        let (in_break, bursts) = breaks_at(&windows[window_index..], now);
         let in_exam = exam.is_some_and(|(from, to)| (from..to).contains(&now));
         let rate = scale
             * (base_rate(now.with_timezone(&zone), in_break) + bursts)
             * if in_exam { EXAM_FACTOR } else { 1.0 };
+        questions.write_second(out, second, rate, in_exam)?;
+    }
+    Ok(questions.count)
+}
+
+/// Whether `now` is in a break, and the arrival rate the breaks that
+/// started before it still add (each burst decays exponentially).
+fn breaks_at(windows: &[Window], now: DateTime<Utc>) -> (bool, f64) {
+    let mut in_break = false;
+    let mut bursts = 0.0;
+    for window in windows.iter().take_while(|w| w.start <= now) {
+        in_break |= now < window.end;
+        let since = (now - window.start).num_seconds() as f64;
+        bursts += BREAK_QUESTIONS / BREAK_DECAY_S * (-since / BREAK_DECAY_S).exp();
+    }
+    (in_break, bursts)
+}
+
+/// Draws and writes questions, all from one seeded generator.
+struct Questions {
+    rng: ChaCha8Rng,
+    input: Exp<f64>,
+    output: Exp<f64>,
+    popular: Zipf<f64>,
+    count: u64,
+}
+
+impl Questions {
+    fn new(seed: u64) -> Questions {
+        Questions {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            input: Exp::new(1.0 / MEAN_INPUT_TOKENS).expect("positive"),
+            output: Exp::new(1.0 / MEAN_OUTPUT_TOKENS).expect("positive"),
+            popular: Zipf::new(POPULAR_QUESTIONS, 1.0).expect("valid Zipf"),
+            count: 0,
+        }
+    }
+
+    /// A Poisson number of questions at `rate` within `second`, in order.
+    fn write_second(
+        &mut self,
+        out: &mut dyn Write,
+        second: i64,
+        rate: f64,
+        in_exam: bool,
+    ) -> std::io::Result<()> {
+        let rng = &mut self.rng;
         let arrivals = match Poisson::new(rate) {
-            Ok(poisson) => poisson.sample(&mut rng) as u64,
+            Ok(poisson) => poisson.sample(rng) as u64,
             Err(_) => 0,
         };
         let mut offsets: Vec<f64> = (0..arrivals).map(|_| rng.random::<f64>()).collect();
         offsets.sort_by(f64::total_cmp);
         for offset in offsets {
-            count += 1;
+            self.count += 1;
             let grade: u8 = rng.random_range(7..=12);
             let id = if rng.random::<f64>() < POPULAR_SHARE {
-                format!("popular-{}", popular.sample(&mut rng) as u32)
+                format!("popular-{}", self.popular.sample(rng) as u32)
             } else {
-                format!("q{count}")
+                format!("q{}", self.count)
             };
             let priority = if in_exam && grade == 12 {
                 "high"
@@ -201,12 +236,12 @@ pub fn generate(args: &GenTraceArgs, out: &mut dyn Write) -> Result<u64, GenTrac
                 out,
                 "{:.3},{},{},{grade},{id},{priority}",
                 second as f64 + offset,
-                (input.sample(&mut rng).round() as u32).max(1),
-                (output.sample(&mut rng).round() as u32).max(1),
+                (self.input.sample(rng).round() as u32).max(1),
+                (self.output.sample(rng).round() as u32).max(1),
             )?;
         }
+        Ok(())
     }
-    Ok(count)
 }
 
 #[cfg(test)]
@@ -300,8 +335,8 @@ mod tests {
 
     #[test]
     fn the_school_config_is_the_default_policy_plus_a_timetable() {
-        let (default, _) = ScalerConfig::parse(DEFAULT_CONFIG).unwrap();
-        let (school, timetable) = ScalerConfig::load(&school_config()).unwrap();
+        let default = ScalerConfig::parse(DEFAULT_CONFIG).unwrap();
+        let school = ScalerConfig::load(&school_config()).unwrap();
         let policy = |c: &ScalerConfig| {
             format!(
                 "{:?} {:?} {:?} {:?} {:?}",
@@ -309,6 +344,6 @@ mod tests {
             )
         };
         assert_eq!(policy(&default), policy(&school));
-        assert!(!timetable.is_empty() && school.timetable.iter().all(|e| e.learn));
+        assert!(!school.timetable.is_empty() && school.timetable_entries.iter().all(|e| e.learn));
     }
 }

@@ -91,7 +91,7 @@ fn config(pool: &str) -> DockerBackendConfig {
 }
 
 fn serde_norway_config(yaml: &str) -> DockerBackendConfig {
-    let (config, _) = ebb_control::config::ScalerConfig::parse(&format!(
+    let config = ebb_control::config::ScalerConfig::parse(&format!(
         "resources: {{min_instances: 0, max_instances: 2}}\nbackend:\n  kind: docker\n{}",
         yaml.lines()
             .map(|line| format!("  {line}\n"))

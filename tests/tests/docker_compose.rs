@@ -249,7 +249,7 @@ fn docker_compose_gpu_override_switches_the_scaler_config_and_worker_image() {
         text.contains("target: worker-cuda") && text.contains("ebb-worker:cuda"),
         "{text}"
     );
-    let (config, _) =
+    let config =
         ebb_control::config::ScalerConfig::load(&repo_root().join("deploy/scaler.gpu.yaml"))
             .expect("valid");
     assert!(

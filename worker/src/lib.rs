@@ -123,37 +123,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
     // Small buffers: the worker's subscriptions are wake-ups and single
     // pulls, and a busy worker must not hoard every question's payload.
     let client = ebb_nats::connect(&config.services.nats_url, &worker_id, Some(64)).await?;
-    // The gateway owns the topology: a worker started first (or alone) waits
-    // for it rather than imposing its own flags on the queue.
-    let open = ebb_runtime::backoff::retry_startup("open the queue topology", || {
-        Topology::open(client.clone(), &config.queue)
-    });
-    let topology = tokio::select! {
-        topology = open => topology,
-        _ = shutdown.cancelled() => {
-            tracing::info!("stopped while waiting for the queue topology");
-            return Ok(());
-        }
+    let Some(topology) = open_topology(&client, &config, &shutdown).await else {
+        return Ok(());
     };
     let store = Store::connect_lazy(&config.services.redis_url)?;
 
-    let (heartbeat, beats) = watch::channel(Heartbeat {
-        worker_id: worker_id.clone(),
-        state: WorkerState::Loading,
-        model: identity.clone(),
-        started_at_ms,
-        ready_at_ms: None,
-        jobs_done: 0,
-        jobs_failed: 0,
-        slots: 0,
-        active: 0,
-        prefill_tokens: 0,
-        prefill_tokens_saved: 0,
-        last_tokens_per_second: None,
-        mean_job_ms: None,
-        mean_response_ms: None,
-        sent_at_ms: started_at_ms,
-    });
+    let (heartbeat, beats) = watch::channel(loading(&worker_id, &identity, started_at_ms));
     let stop_heartbeats = CancellationToken::new();
     let heartbeats = tokio::spawn(runner::publish_heartbeats(
         client.clone(),
@@ -170,13 +145,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
         }
     };
     let budget = kv_budget(&config, &generator)?;
-    let slots = config
-        .max_batch
-        .unwrap_or(if generator.engine.model().forward.device().is_cuda() {
-            32
-        } else {
-            8
-        }) as usize;
+    let slots = config.max_batch.map_or_else(
+        || default_slots(generator.engine.model().forward.device()),
+        |slots| slots as usize,
+    );
     let Generator { engine, prompts } = generator;
     let max_context = engine.model().max_context;
     let engine = EngineHandle::spawn(engine, slots, config.hooks.step_delay());
@@ -205,6 +177,67 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
         slots,
         memory: runner::MemoryGate::default(),
     });
+    let served = serve_until_drained(&worker, shutdown).await;
+    stop_heartbeats.cancel();
+    let _ = heartbeats.await;
+    // Make sure the final acks and events left the process.
+    let _ = worker.topology.jetstream.client().flush().await;
+    served
+}
+
+/// The gateway owns the topology: a worker started first (or alone) waits
+/// for it rather than imposing its own flags on the queue. `None`: stopped
+/// while waiting.
+async fn open_topology(
+    client: &async_nats::Client,
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> Option<Topology> {
+    let open = ebb_runtime::backoff::retry_startup("open the queue topology", || {
+        Topology::open(client.clone(), &config.queue)
+    });
+    tokio::select! {
+        topology = open => Some(topology),
+        _ = shutdown.cancelled() => {
+            tracing::info!("stopped while waiting for the queue topology");
+            None
+        }
+    }
+}
+
+/// The heartbeat of a worker still loading its model.
+fn loading(worker_id: &str, identity: &str, started_at_ms: u64) -> Heartbeat {
+    Heartbeat {
+        worker_id: worker_id.to_owned(),
+        state: WorkerState::Loading,
+        model: identity.to_owned(),
+        started_at_ms,
+        ready_at_ms: None,
+        jobs_done: 0,
+        jobs_failed: 0,
+        slots: 0,
+        active: 0,
+        prefill_tokens: 0,
+        prefill_tokens_saved: 0,
+        last_tokens_per_second: None,
+        mean_job_ms: None,
+        mean_response_ms: None,
+        sent_at_ms: started_at_ms,
+    }
+}
+
+/// `--max-batch` when not given: a GPU's step is cheap at 32 rows, two CPU
+/// cores' is not.
+fn default_slots(device: &candle_core::Device) -> usize {
+    if device.is_cuda() { 32 } else { 8 }
+}
+
+/// Serves until `shutdown`, then announces the drain and finishes what is
+/// in flight.
+async fn serve_until_drained(
+    worker: &Arc<runner::Worker>,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
     let draining = {
         let shutdown = shutdown.clone();
         let worker = worker.clone();
@@ -217,9 +250,5 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
     let served = worker.clone().serve(shutdown).await;
     worker.set_state(WorkerState::Draining);
     draining.abort();
-    stop_heartbeats.cancel();
-    let _ = heartbeats.await;
-    // Make sure the final acks and events left the process.
-    let _ = worker.topology.jetstream.client().flush().await;
     served
 }

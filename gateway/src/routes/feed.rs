@@ -90,18 +90,17 @@ impl Waiter {
         id: String,
         cursor: Cursor,
     ) -> AnswerFeed {
-        let (relayed_tx, relayed) = mpsc::channel(FEED_BUFFER);
+        let (out, relayed) = mpsc::channel(FEED_BUFFER);
+        let relay = Relay {
+            store,
+            default_model,
+            id,
+            cursor,
+            out,
+        };
         tokio::spawn(async move {
             let _slot = self.slot;
-            relay(
-                &store,
-                &default_model,
-                &id,
-                self.answers,
-                cursor,
-                relayed_tx,
-            )
-            .await;
+            relay.run(self.answers).await;
         });
         AnswerFeed { relayed }
     }
@@ -196,89 +195,103 @@ impl Cursor {
     }
 }
 
-/// Sends the answer of `id` from `cursor` on, then its final record.
-/// Returns when the question is finished or the receiver is gone.
-async fn relay(
-    store: &Store,
-    default_model: &str,
-    id: &str,
-    mut answers: async_nats::Subscriber,
-    mut cursor: Cursor,
+/// Sends one question's answer to one feed.
+struct Relay {
+    store: Store,
+    default_model: String,
+    id: String,
+    cursor: Cursor,
     out: mpsc::Sender<Relayed>,
-) {
-    let send = async |out: &mpsc::Sender<Relayed>, step: Step, piece: Relayed| match step {
-        Step::Skip => true,
-        Step::Send => out.send(piece).await.is_ok(),
-        Step::ResetThenSend => {
-            out.send(Relayed::Reset).await.is_ok() && out.send(piece).await.is_ok()
-        }
-    };
-    let snapshot = store.pieces(id).await.unwrap_or_default();
-    for (seq, text) in snapshot.texts.into_iter().enumerate() {
-        let seq = seq as u64;
-        let step = cursor.step(snapshot.attempt, seq);
-        let piece = Relayed::Piece {
-            attempt: snapshot.attempt,
-            seq,
-            text,
-        };
-        if !send(&out, step, piece).await {
+}
+
+impl Relay {
+    /// Sends the answer from the cursor on, then its final record. Returns
+    /// when the question is finished or the feed is gone.
+    async fn run(mut self, mut answers: async_nats::Subscriber) {
+        if !self.stored_pieces().await {
             return;
         }
-    }
-    let finished = |record: Option<ebb_nats::QuestionRecord>| {
-        record
-            .filter(|record| record.status.is_terminal())
-            .map(|record| Answered::from_record(record, default_model))
-    };
-    // Read after the pieces: a record finished now has all its pieces stored.
-    if let Some(answered) = finished(
-        store
-            .degradable("the status record", store.record(id))
-            .await
-            .flatten(),
-    ) {
-        let _ = out.send(Relayed::Final(answered)).await;
-        return;
-    }
-    loop {
-        let message = tokio::select! {
-            message = answers.next() => message,
-            _ = tokio::time::sleep(RECHECK) => {
-                if let Some(answered) = finished(store.degradable("the status record", store.record(id)).await.flatten()) {
-                    let _ = out.send(Relayed::Final(answered)).await;
-                    return;
-                }
+        // Read after the pieces: a record finished now has all its pieces stored.
+        if let Some(answered) = self.finished().await {
+            let _ = self.out.send(Relayed::Final(answered)).await;
+            return;
+        }
+        loop {
+            let message = tokio::select! {
+                message = answers.next() => message,
+                _ = tokio::time::sleep(RECHECK) => match self.finished().await {
+                    Some(answered) => {
+                        let _ = self.out.send(Relayed::Final(answered)).await;
+                        return;
+                    }
+                    None => continue,
+                },
+                _ = self.out.closed() => return,
+            };
+            let Some(message) = message else { return };
+            let Ok(event) = serde_json::from_slice::<AnswerEvent>(&message.payload) else {
                 continue;
-            }
-            _ = out.closed() => return,
-        };
-        let Some(message) = message else { return };
-        let Ok(event) = serde_json::from_slice::<AnswerEvent>(&message.payload) else {
-            continue;
-        };
-        match event {
-            AnswerEvent::Token { seq, text, attempt } => {
-                let step = cursor.step(attempt, seq);
-                let piece = Relayed::Piece { attempt, seq, text };
-                if !send(&out, step, piece).await {
-                    return;
-                }
-            }
-            event => {
-                let record = store
-                    .degradable("the status record", store.record(id))
-                    .await
-                    .flatten();
-                let language = record.and_then(|record| record.language);
-                if let Some(answered) =
-                    Answered::from_event(id.to_owned(), event, default_model, language)
-                {
-                    let _ = out.send(Relayed::Final(answered)).await;
-                    return;
-                }
+            };
+            if !self.event(event).await {
+                return;
             }
         }
+    }
+
+    /// The pieces stored so far; `false` when the feed is gone.
+    async fn stored_pieces(&mut self) -> bool {
+        let read = self.store.pieces(&self.id);
+        let snapshot = self
+            .store
+            .degradable("late joiners' pieces", read)
+            .await
+            .unwrap_or_default();
+        for (seq, text) in snapshot.texts.into_iter().enumerate() {
+            if !self.piece(snapshot.attempt, seq as u64, text).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Relays one live event; `false` once the answer ended or the feed is gone.
+    async fn event(&mut self, event: AnswerEvent) -> bool {
+        if let AnswerEvent::Token { seq, text, attempt } = event {
+            return self.piece(attempt, seq, text).await;
+        }
+        let language = self.record().await.and_then(|record| record.language);
+        match Answered::from_event(self.id.clone(), event, &self.default_model, language) {
+            Some(answered) => {
+                let _ = self.out.send(Relayed::Final(answered)).await;
+                false
+            }
+            None => true,
+        }
+    }
+
+    /// Sends the piece if the client needs it; `false` when the feed is gone.
+    async fn piece(&mut self, attempt: i64, seq: u64, text: String) -> bool {
+        let piece = Relayed::Piece { attempt, seq, text };
+        match self.cursor.step(attempt, seq) {
+            Step::Skip => true,
+            Step::Send => self.out.send(piece).await.is_ok(),
+            Step::ResetThenSend => {
+                self.out.send(Relayed::Reset).await.is_ok() && self.out.send(piece).await.is_ok()
+            }
+        }
+    }
+
+    async fn record(&self) -> Option<ebb_nats::QuestionRecord> {
+        let read = self.store.record(&self.id);
+        self.store.degradable("the status record", read).await.flatten()
+    }
+
+    /// The final answer, if the record says the question ended.
+    async fn finished(&self) -> Option<Answered> {
+        self.record()
+            .await
+            .filter(|record| record.status.is_terminal())
+            .map(|record| Answered::from_record(record, &self.default_model))
     }
 }
 
