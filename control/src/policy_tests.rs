@@ -6,6 +6,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 
 use super::*;
+use ebb_schedule::timetable::Timetable;
 
 const BASE: &str = r#"
 resources: {min_instances: 0, max_instances: 6}
@@ -304,17 +305,15 @@ fn a_burst_in_the_short_window_panics() {
 #[test]
 fn min_and_max_clamp_every_outcome() {
     let policy = policy("").config;
-    let policy = Policy::new(
-        ScalerConfig {
-            resources: crate::config::Resources {
-                min_instances: 2,
-                max_instances: 3,
-                instance_type: None,
-            },
-            timetable: Timetable::new(&[]).unwrap(),
-            ..policy
+    let policy = Policy::new(ScalerConfig {
+        resources: crate::config::Resources {
+            min_instances: 2,
+            max_instances: 3,
+            instance_type: None,
         },
-    );
+        timetable: Timetable::new(&[]).unwrap(),
+        ..policy
+    });
     let idle = Observation::default();
     let decision = run(&policy, &idle, state(2), 0, 1000);
     assert_eq!(decision.desired, 2);

@@ -148,8 +148,9 @@ fn print_timetable(file: &std::path::Path, days: u32) -> ExitCode {
         }
     };
     let now = Utc::now();
-    let windows =
-        config.timetable.windows_starting_between(now, now + chrono::Duration::days(days.into()));
+    let windows = config
+        .timetable
+        .windows_starting_between(now, now + chrono::Duration::days(days.into()));
     if windows.is_empty() {
         println!("no timetable windows in the next {days} days");
     }

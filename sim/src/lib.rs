@@ -364,10 +364,12 @@ pub fn run(args: &SimulateArgs) -> Result<Simulation, SimulateError> {
 /// Seconds of service the measured answers took in all, and per answer.
 fn service_work(reference: &Outcome) -> (f64, f64) {
     let measured = &reference.fates[reference.first_measured..];
-    let (work, served) = measured.iter().fold((0.0, 0u64), |(work, served), fate| match fate {
-        Fate::Answered { total, .. } => (work + *total as f64, served + 1),
-        _ => (work, served),
-    });
+    let (work, served) = measured
+        .iter()
+        .fold((0.0, 0u64), |(work, served), fate| match fate {
+            Fate::Answered { total, .. } => (work + *total as f64, served + 1),
+            _ => (work, served),
+        });
     (work, work / served.max(1) as f64)
 }
 

@@ -133,7 +133,9 @@ pub fn generate(args: &GenTraceArgs, out: &mut dyn Write) -> Result<u64, GenTrac
     };
     let start = midnight(args.start);
     let end = midnight(args.start + TimeDelta::days(args.days.into()));
-    let windows = config.timetable.windows_starting_between(start - TimeDelta::days(1), end);
+    let windows = config
+        .timetable
+        .windows_starting_between(start - TimeDelta::days(1), end);
     let scale = args.students as f64 / 1000.0;
     let exam = (args.exam_week > 0).then(|| {
         let from = midnight(args.start + TimeDelta::weeks(args.exam_week as i64 - 1));

@@ -283,7 +283,10 @@ impl Relay {
 
     async fn record(&self) -> Option<ebb_nats::QuestionRecord> {
         let read = self.store.record(&self.id);
-        self.store.degradable("the status record", read).await.flatten()
+        self.store
+            .degradable("the status record", read)
+            .await
+            .flatten()
     }
 
     /// The final answer, if the record says the question ended.
