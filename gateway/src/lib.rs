@@ -15,10 +15,12 @@
 //! - [`auth`], [`rate_limit`], [`overload`]: who may ask, how often, and
 //!   whether the queue can take more.
 //! - [`priority`], [`language`]: what a question is labelled with.
-//! - [`queue`]: publishing a job and waiting for its answer.
+//! - [`queue`]: publishing a job (stored by JetStream before it returns).
 //! - [`webhook`]: delivering `callback_url` calls.
-//! - [`routes`]: the axum handlers; [`openapi`]: `/openapi.json`;
-//!   [`metrics`]: `/metrics`.
+//! - [`routes`]: the axum handlers; `routes::admission` is what every
+//!   question goes through, `routes::feed` the one relay of an answer that
+//!   `/events` and streamed chat map over; [`openapi`]: `/openapi.json`;
+//!   [`metrics`]: `/metrics` (prometheus-client).
 //!
 //! [`run`] serves until `shutdown` resolves; `main` only parses flags.
 

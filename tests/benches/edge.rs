@@ -123,30 +123,52 @@ fn redis_benchmark(port: u16, connections: usize, requests: usize, command: &[&s
         .unwrap_or_else(|| panic!("no rate in redis-benchmark output:\n{text}"))
 }
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() {
-    let seconds: f64 = env_or("EBB_BENCH_SECONDS", 4.0);
-    let connections: usize = env_or("EBB_BENCH_CONNECTIONS", 32);
-    // Shedding and rate limits stay on (their cost is measured) but never
-    // trigger: this measures the accept path, not refusals.
-    let stack = Stack::start(StackOptions {
-        queue_max_messages: 10_000_000,
-        ..StackOptions::with_gateway_args(&[
-            "--insecure-dev",
-            "--rate-limit-per-ip",
-            "1000000000",
-            "--max-workers",
-            "1000000000",
-        ])
-    })
-    .await;
-    println!(
-        "edge benchmark: {connections} connections, {ROUNDS} alternating rounds of ~{seconds} s, {} cores",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    );
-    let url = format!("{}/v1/questions", stack.gateway_url);
+/// The servers under test and the load every scenario applies.
+struct Edge {
+    stack: Stack,
+    store: Store,
+    url: String,
+    connections: usize,
+    seconds: f64,
+}
 
-    // 1. Cache hits. Prime one answer, then hit it through the gateway.
+impl Edge {
+    async fn start() -> Edge {
+        let seconds: f64 = env_or("EBB_BENCH_SECONDS", 4.0);
+        let connections: usize = env_or("EBB_BENCH_CONNECTIONS", 32);
+        // Shedding and rate limits stay on (their cost is measured) but never
+        // trigger: this measures the accept path, not refusals.
+        let stack = Stack::start(StackOptions {
+            queue_max_messages: 10_000_000,
+            ..StackOptions::with_gateway_args(&[
+                "--insecure-dev",
+                "--rate-limit-per-ip",
+                "1000000000",
+                "--max-workers",
+                "1000000000",
+            ])
+        })
+        .await;
+        println!(
+            "edge benchmark: {connections} connections, {ROUNDS} alternating rounds of ~{seconds} s, {} cores",
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        let url = format!("{}/v1/questions", stack.gateway_url);
+        // Lazy: it first connects when priming the cache.
+        let store = Store::connect_lazy(&stack.redis.url()).expect("redis url");
+        Edge {
+            stack,
+            store,
+            url,
+            connections,
+            seconds,
+        }
+    }
+}
+
+/// Primes one answer and checks the gateway serves it from the cache;
+/// returns the question's body and its cache key.
+async fn prime_cache(edge: &Edge) -> (serde_json::Value, String) {
     let body = json!({"question": "What is photosynthesis?", "max_tokens": 64});
     let key = ebb_gateway::question::NewQuestion::from_json(
         body.to_string().as_bytes(),
@@ -158,35 +180,39 @@ async fn main() {
     .expect("valid")
     .cache_key("ebb/tiny-qwen2@test")
     .expect("greedy");
-    let store = Store::connect_lazy(&stack.redis.url()).expect("redis url");
     let answer = CachedAnswer {
         finish_reason: Default::default(),
         language: None,
         answer: "Plants turn light, water and air into sugar and oxygen. ".repeat(10),
         model: "ebb/tiny-qwen2@test".into(),
     };
-    store
+    edge.store
         .put_cached_answer(&key, &answer, Duration::from_secs(3600))
         .await
         .expect("prime cache");
-    let (code, first) = stack.ask(body.clone()).await;
+    let (code, first) = edge.stack.ask(body.clone()).await;
     assert_eq!(
         (code, first["cached"].as_bool()),
         (200, Some(true)),
         "{first}"
     );
+    (body, key)
+}
 
+/// 1. Cache hits through the gateway vs raw GETs of the same entry.
+async fn cache_hits(edge: &Edge) {
+    let (body, key) = prime_cache(edge).await;
     let hit_script = format!(
         "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = '{body}'\n"
     );
     let cache_entry = ebb_store::store::cache_key(&key);
     let (mut gateway_hits, mut redis_gets) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        gateway_hits.push(wrk(&url, &hit_script, connections, seconds));
-        let requests = (median(gateway_hits.clone()) * 2.0 * seconds) as usize;
+        gateway_hits.push(wrk(&edge.url, &hit_script, edge.connections, edge.seconds));
+        let requests = (median(gateway_hits.clone()) * 2.0 * edge.seconds) as usize;
         redis_gets.push(redis_benchmark(
-            stack.redis.port,
-            connections,
+            edge.stack.redis.port,
+            edge.connections,
             requests,
             &["GET", &cache_entry],
         ));
@@ -198,35 +224,47 @@ async fn main() {
         &redis_gets,
         0.5,
     );
+}
 
-    // 2. Accepted questions vs raw publish-with-ack of the same job.
+/// The job the gateway would publish for question `n`.
+fn raw_job(n: u64) -> Job {
+    Job {
+        id: format!("raw-{n}"),
+        question: format!("Question number {n}?"),
+        grade: None,
+        course: None,
+        language: None,
+        max_tokens: 512,
+        sampling: Default::default(),
+        priority: Default::default(),
+        model: "ebb/tiny-qwen2@test".into(),
+        cache_key: Some("0".repeat(64)),
+        enqueued_at_ms: 0,
+        history: Vec::new(),
+        callback_url: None,
+    }
+}
+
+/// 2. Accepted questions vs raw publish-with-ack of the same job.
+async fn accepts(edge: &Edge) {
     let accept_script = "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\n\
         counter = 0\nrequest = function()\n  counter = counter + 1\n  return wrk.format(nil, nil, nil, \
         '{\"question\":\"Question number ' .. counter .. '?\",\"wait_seconds\":0}')\nend\n";
-    let jetstream = ebb_nats::Topology::context(stack.nats_client().await);
-    let stream = stack.questions_stream().await;
+    let jetstream = ebb_nats::Topology::context(edge.stack.nats_client().await);
+    let stream = edge.stack.questions_stream().await;
     let (mut gateway_accepts, mut raw_publishes) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        gateway_accepts.push(wrk(&url, accept_script, connections, seconds));
+        gateway_accepts.push(wrk(
+            &edge.url,
+            accept_script,
+            edge.connections,
+            edge.seconds,
+        ));
         stream.purge().await.expect("purge");
         let jetstream = jetstream.clone();
         raw_publishes.push(
-            throughput(connections, seconds, move |n| {
-                let job = Job {
-                    id: format!("raw-{n}"),
-                    question: format!("Question number {n}?"),
-                    grade: None,
-                    course: None,
-                    language: None,
-                    max_tokens: 512,
-                    sampling: Default::default(),
-                    priority: Default::default(),
-                    model: "ebb/tiny-qwen2@test".into(),
-                    cache_key: Some("0".repeat(64)),
-                    enqueued_at_ms: 0,
-                    history: Vec::new(),
-                    callback_url: None,
-                };
+            throughput(edge.connections, edge.seconds, move |n| {
+                let job = raw_job(n);
                 let message = PublishMessage::build()
                     .payload(serde_json::to_vec(&job).expect("json").into())
                     .message_id(job.id.clone());
@@ -250,4 +288,11 @@ async fn main() {
         &raw_publishes,
         0.5,
     );
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let edge = Edge::start().await;
+    cache_hits(&edge).await;
+    accepts(&edge).await;
 }

@@ -263,24 +263,42 @@ fn formats(dir: &Path, shape: Shape, wanted: &str) -> Vec<Format> {
     formats
 }
 
-fn main() {
-    let wanted: String = env_or("EBB_BENCH_FORMATS", "f16,gguf-q8_0".to_owned());
-    let steps: usize = env_or("EBB_BENCH_DECODE_STEPS", 16);
-    let prompt_len: usize = env_or("EBB_BENCH_PROMPT_TOKENS", 128);
-    let batches: String = env_or("EBB_BENCH_BATCHES", "1,2,4,8,16".to_owned());
-    let batches: Vec<usize> = batches
-        .split(',')
-        .map(|b| b.trim().parse().expect("batch size"))
-        .collect();
-    let threads = candle_core::utils::get_num_threads();
-    let shape = Shape::QWEN2_5_0_5B;
-    let dir = std::env::temp_dir().join(format!("ebb-bench-qwen0.5b-{}", std::process::id()));
-    println!(
-        "decode benchmark: random weights at Qwen2.5-0.5B shapes ({:.0}M parameters), {threads} threads",
-        shape.parameters() as f64 / 1e6,
-    );
+/// What to measure, from the environment.
+struct Settings {
+    wanted: String,
+    steps: usize,
+    prompt_len: usize,
+    batches: Vec<usize>,
+    threads: usize,
+    shape: Shape,
+    dir: PathBuf,
+}
+
+impl Settings {
+    fn from_env() -> Settings {
+        let wanted: String = env_or("EBB_BENCH_FORMATS", "f16,gguf-q8_0".to_owned());
+        let steps: usize = env_or("EBB_BENCH_DECODE_STEPS", 16);
+        let prompt_len: usize = env_or("EBB_BENCH_PROMPT_TOKENS", 128);
+        let batches: String = env_or("EBB_BENCH_BATCHES", "1,2,4,8,16".to_owned());
+        let batches: Vec<usize> = batches
+            .split(',')
+            .map(|b| b.trim().parse().expect("batch size"))
+            .collect();
+        Settings {
+            wanted,
+            steps,
+            prompt_len,
+            batches,
+            threads: candle_core::utils::get_num_threads(),
+            shape: Shape::QWEN2_5_0_5B,
+            dir: std::env::temp_dir().join(format!("ebb-bench-qwen0.5b-{}", std::process::id())),
+        }
+    }
+}
+
+/// The same random weights for llama.cpp (scripts/bench-peer).
+fn write_peer_weights(shape: Shape) {
     if let Some(peer_dir) = std::env::var_os("EBB_BENCH_PEER_DIR").map(PathBuf::from) {
-        // The same random weights for llama.cpp (scripts/bench-peer).
         std::fs::create_dir_all(&peer_dir).expect("peer dir");
         for (name, ggml) in [
             ("peer-f16.gguf", GgmlDType::F16),
@@ -289,65 +307,109 @@ fn main() {
             write_peer_gguf(&peer_dir.join(name), shape, 7, ggml).expect("write peer gguf");
         }
     }
-    let mut results = serde_json::Map::new();
-    for format in formats(&dir, shape, &wanted) {
-        let model = Qwen::load(&format.files, &Device::Cpu, format.dtype).expect("load");
-        // Warm up: first touches of the weights.
-        model.logits(&prompt_tokens(8, 0)).expect("warm-up");
-        let started = Instant::now();
-        model
-            .logits(&prompt_tokens(prompt_len, 1))
-            .expect("prefill");
-        let prefill = prompt_len as f64 / started.elapsed().as_secs_f64();
-        let mut aggregate = serde_json::Map::new();
-        let mut rates = Vec::new();
-        for &batch in &batches {
-            let rate = aggregate_decode(&model, batch, 32, steps);
-            rates.push((batch, rate));
-            aggregate.insert(batch.to_string(), json!(rate));
-        }
-        // Measured right after the decode, so both see the same machine load.
-        let bandwidth = read_bandwidth(format.weight_bytes as usize, threads);
-        let roofline = bandwidth / format.weight_bytes;
-        let single = rates
-            .iter()
-            .find(|(b, _)| *b == 1)
-            .map_or(f64::NAN, |(_, r)| *r);
-        let (_model, ttft) = ttft_ratios(model, &format.files.tokenizer, 8, prompt_len, 8);
-        println!("{}:", format.name);
-        for (batch, rate) in &rates {
-            println!(
-                "  batch {batch:>2}: {rate:7.1} tok/s aggregate ({:.2}x batch 1)",
-                rate / single
-            );
-        }
+}
+
+/// One format's measurements.
+struct Figures {
+    /// Prefill tokens/s.
+    prefill: f64,
+    /// (batch, aggregate decode tokens/s), in the order measured.
+    rates: Vec<(usize, f64)>,
+    /// Read bandwidth, bytes/s.
+    bandwidth: f64,
+    /// Decode tokens/s if every step only streamed the weights at `bandwidth`.
+    roofline: f64,
+    /// Decode tokens/s at batch 1.
+    single: f64,
+    ttft: Value,
+}
+
+fn measure(format: &Format, settings: &Settings) -> Figures {
+    let model = Qwen::load(&format.files, &Device::Cpu, format.dtype).expect("load");
+    // Warm up: first touches of the weights.
+    model.logits(&prompt_tokens(8, 0)).expect("warm-up");
+    let started = Instant::now();
+    model
+        .logits(&prompt_tokens(settings.prompt_len, 1))
+        .expect("prefill");
+    let prefill = settings.prompt_len as f64 / started.elapsed().as_secs_f64();
+    let rates: Vec<(usize, f64)> = settings
+        .batches
+        .iter()
+        .map(|&batch| (batch, aggregate_decode(&model, batch, 32, settings.steps)))
+        .collect();
+    // Measured right after the decode, so both see the same machine load.
+    let bandwidth = read_bandwidth(format.weight_bytes as usize, settings.threads);
+    let roofline = bandwidth / format.weight_bytes;
+    let single = rates
+        .iter()
+        .find(|(b, _)| *b == 1)
+        .map_or(f64::NAN, |(_, r)| *r);
+    let (_model, ttft) = ttft_ratios(model, &format.files.tokenizer, 8, settings.prompt_len, 8);
+    Figures {
+        prefill,
+        rates,
+        bandwidth,
+        roofline,
+        single,
+        ttft,
+    }
+}
+
+fn print_figures(format: &Format, figures: &Figures, prompt_len: usize) {
+    let Figures {
+        prefill,
+        bandwidth,
+        roofline,
+        single,
+        ..
+    } = *figures;
+    println!("{}:", format.name);
+    for (batch, rate) in &figures.rates {
         println!(
-            "  single stream {single:.1} tok/s vs read roofline {roofline:.1} tok/s ({:.1} GB/s read, {:.2} GB weights) -> ratio {:.2}",
-            bandwidth / 1e9,
-            format.weight_bytes / 1e9,
-            single / roofline
-        );
-        println!("  prefill {prefill:.0} tok/s ({prompt_len}-token prompt)");
-        println!(
-            "  time to first token joining a batch of 8 vs alone: p50 {:.2}x, p99 {:.2}x",
-            ttft["ratio_p50"].as_f64().unwrap_or(f64::NAN),
-            ttft["ratio_p99"].as_f64().unwrap_or(f64::NAN)
-        );
-        results.insert(
-            format.name.clone(),
-            json!({
-                "aggregate_tokens_per_s": aggregate,
-                "batch_8_over_1": rates.iter().find(|(b, _)| *b == 8).map(|(_, r)| r / single),
-                "prefill_tokens_per_s": prefill,
-                "roofline_tokens_per_s": roofline,
-                "read_bandwidth_gb_s": bandwidth / 1e9,
-                "weight_gb": format.weight_bytes / 1e9,
-                "roofline_ratio": single / roofline,
-                "ttft": ttft,
-            }),
+            "  batch {batch:>2}: {rate:7.1} tok/s aggregate ({:.2}x batch 1)",
+            rate / single
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "  single stream {single:.1} tok/s vs read roofline {roofline:.1} tok/s ({:.1} GB/s read, {:.2} GB weights) -> ratio {:.2}",
+        bandwidth / 1e9,
+        format.weight_bytes / 1e9,
+        single / roofline
+    );
+    println!("  prefill {prefill:.0} tok/s ({prompt_len}-token prompt)");
+    println!(
+        "  time to first token joining a batch of 8 vs alone: p50 {:.2}x, p99 {:.2}x",
+        figures.ttft["ratio_p50"].as_f64().unwrap_or(f64::NAN),
+        figures.ttft["ratio_p99"].as_f64().unwrap_or(f64::NAN)
+    );
+}
+
+fn figures_json(format: &Format, figures: &Figures) -> Value {
+    let Figures {
+        rates,
+        single,
+        roofline,
+        bandwidth,
+        ..
+    } = figures;
+    let aggregate: serde_json::Map<String, Value> = rates
+        .iter()
+        .map(|(batch, rate)| (batch.to_string(), json!(rate)))
+        .collect();
+    json!({
+        "aggregate_tokens_per_s": aggregate,
+        "batch_8_over_1": rates.iter().find(|(b, _)| *b == 8).map(|(_, r)| r / single),
+        "prefill_tokens_per_s": figures.prefill,
+        "roofline_tokens_per_s": roofline,
+        "read_bandwidth_gb_s": bandwidth / 1e9,
+        "weight_gb": format.weight_bytes / 1e9,
+        "roofline_ratio": single / roofline,
+        "ttft": figures.ttft,
+    })
+}
+
+fn write_document(results: serde_json::Map<String, Value>, settings: &Settings) {
     let out = bench_dir();
     std::fs::create_dir_all(&out).expect("target/bench");
     let path = out.join("decode.json");
@@ -357,11 +419,29 @@ fn main() {
         .and_then(|bytes| serde_json::from_slice(&bytes).ok())
         .unwrap_or_else(|| json!({}));
     document["formats"] = Value::Object(results);
-    document["threads"] = json!(threads);
+    document["threads"] = json!(settings.threads);
     document["shape"] = json!("Qwen2.5-0.5B");
-    document["decode_steps"] = json!(steps);
-    document["prompt_tokens"] = json!(prompt_len);
+    document["decode_steps"] = json!(settings.steps);
+    document["prompt_tokens"] = json!(settings.prompt_len);
     std::fs::write(&path, serde_json::to_vec_pretty(&document).expect("json"))
         .expect("write decode.json");
     println!("wrote {}", path.display());
+}
+
+fn main() {
+    let settings = Settings::from_env();
+    println!(
+        "decode benchmark: random weights at Qwen2.5-0.5B shapes ({:.0}M parameters), {} threads",
+        settings.shape.parameters() as f64 / 1e6,
+        settings.threads,
+    );
+    write_peer_weights(settings.shape);
+    let mut results = serde_json::Map::new();
+    for format in formats(&settings.dir, settings.shape, &settings.wanted) {
+        let figures = measure(&format, &settings);
+        print_figures(&format, &figures, settings.prompt_len);
+        results.insert(format.name.clone(), figures_json(&format, &figures));
+    }
+    let _ = std::fs::remove_dir_all(&settings.dir);
+    write_document(results, &settings);
 }
