@@ -128,6 +128,36 @@ pub struct Stack {
 }
 
 impl Stack {
+    /// Asks questions that do not wait until the gateway sheds one with
+    /// `429 overloaded`; returns how many it accepted (at most `most`: one
+    /// more is a failed test) and the refusal's headers. A question accepted
+    /// while the queue depth is being read may count twice (never zero
+    /// times), so shedding may start one early.
+    pub async fn fill_until_shed(&self, most: u64) -> (u64, reqwest::header::HeaderMap) {
+        let mut accepted = 0u64;
+        loop {
+            let response = self
+                .http
+                .post(format!("{}/v1/questions", self.gateway_url))
+                .json(&serde_json::json!({"question": format!("Backlog {accepted}?"), "wait_seconds": 0}))
+                .send()
+                .await
+                .expect("gateway reachable");
+            let (code, headers) = (response.status().as_u16(), response.headers().clone());
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            if code != 202 {
+                assert_eq!(code, 429, "{body}");
+                assert_eq!(body["error"]["type"], "overloaded", "{body}");
+                return (accepted, headers);
+            }
+            accepted += 1;
+            assert!(
+                accepted <= most,
+                "more than {most} waiting questions accepted"
+            );
+        }
+    }
+
     pub async fn start(options: StackOptions) -> Stack {
         let nats = NatsServer::start();
         let redis = RedisServer::start();
