@@ -399,6 +399,39 @@ fn the_fixed_fleet_is_the_smallest_meeting_the_slo() {
 }
 
 #[test]
+fn a_target_no_fleet_can_meet_is_unattainable_not_a_fleet_size() {
+    // Every first token takes 1 s: no number of workers brings it under 0.5 s.
+    let trace = trace((0..20).map(|i| arrival(f64::from(i), 3)).collect());
+    let model = model();
+    let slo = Slo {
+        first_token_s: 0.5,
+        target: 0.9,
+    };
+    let (fleet, outcome) = smallest_fixed_fleet(&setup(&trace, &model), &slo, 3);
+    assert_eq!(
+        fleet,
+        FixedFleet::Unattainable {
+            workers: 3,
+            attainment: 0.0
+        }
+    );
+    assert!(!outcome.fates.is_empty());
+    let detail = fleet.detail(slo.target);
+    assert!(detail.starts_with("SLO target unattainable"), "{detail}");
+
+    // The same trace with a target the first token meets: a fleet size.
+    let slo = Slo {
+        first_token_s: 1.5,
+        target: 0.9,
+    };
+    let (fleet, _) = smallest_fixed_fleet(&setup(&trace, &model), &slo, 3);
+    assert!(
+        matches!(fleet, FixedFleet::Smallest(n) if (1..=3).contains(&n)),
+        "{fleet:?}"
+    );
+}
+
+#[test]
 fn bad_options_name_the_flag() {
     let dir = temp_dir("options");
     let base = args(write_trace(&dir));
