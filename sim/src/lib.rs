@@ -9,12 +9,14 @@
 //!   the measured engine's decode rate by batch size (`--worker-profile`).
 //! - [`policies`]: ebb's [`ebb_control::policy::decide`], the seed's rules, a fixed
 //!   fleet, KEDA-like and Knative-like models.
-//! - [`clairvoyant`]: the perfect-foresight reference.
+//! - [`clairvoyant`]: the perfect-foresight reference; [`fixed`]: the search
+//!   for the smallest always-on fleet meeting the SLO.
 //! - [`report`]: JSON, Markdown and SVG output.
 //! - [`school`]: the school-day trace generator (`ebb-scaler gen-trace`).
 
 pub mod clairvoyant;
 pub mod engine;
+pub mod fixed;
 pub mod policies;
 pub mod report;
 pub mod school;
@@ -31,7 +33,7 @@ use rand_chacha::ChaCha8Rng;
 
 use ebb_control::config::{ConfigError, ScalerConfig};
 use engine::{Fate, Outcome, Setup, WorkerModel};
-use policies::{Fixed, KedaLike, KnativeLike};
+use policies::{KedaLike, KnativeLike};
 use report::{PolicyResult, Report, Slo, TraceSummary};
 use trace::{LoadOptions, Trace, TraceError};
 use worker_profile::{ProfileError, WorkerProfile};
@@ -408,7 +410,7 @@ impl Bench<'_> {
                     .map(|s| s.workers)
                     .max()
                     .unwrap_or(1);
-                let (fleet, outcome) = smallest_fixed_fleet(setup, self.slo, peak);
+                let (fleet, outcome) = fixed::smallest_fixed_fleet(setup, self.slo, peak);
                 (fleet.detail(self.slo.target), outcome)
             }
             PolicyName::SeedRules => {
@@ -502,85 +504,6 @@ pub fn initial_workers(trace: &Trace, model: &WorkerModel) -> u32 {
     }
     let busiest = per_minute.into_iter().fold(0.0, f64::max);
     (busiest / 60.0 / model.concurrency as f64).ceil() as u32
-}
-
-/// What the `fixed` policy's search found.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum FixedFleet {
-    /// The fewest always-on workers meeting the SLO target.
-    Smallest(u32),
-    /// No always-on fleet meets it (e.g. prompts too long to reach a first
-    /// token in time): the best attainment the search reached, and the
-    /// fewest workers it tried that reach it.
-    Unattainable { workers: u32, attainment: f64 },
-}
-
-impl FixedFleet {
-    fn detail(self, target: f64) -> String {
-        match self {
-            FixedFleet::Smallest(workers) => {
-                format!("{workers} workers always on (the fewest meeting the SLO target)")
-            }
-            FixedFleet::Unattainable {
-                workers,
-                attainment,
-            } => format!(
-                "SLO target unattainable: no always-on fleet reaches {:.1} %; {workers} workers reach the best found, {:.1} %",
-                target * 100.0,
-                attainment * 100.0
-            ),
-        }
-    }
-}
-
-/// Largest fleet the search tries: beyond the clairvoyant's peak nothing
-/// queues, so more workers only help while smaller batches still speed
-/// answers up.
-const FIXED_SEARCH_FACTOR: u32 = 8;
-
-/// The smallest always-on fleet meeting the SLO target, by doubling then
-/// bisection (more workers never make FIFO waits longer). Doubling stops
-/// when attainment stops rising or past [`FIXED_SEARCH_FACTOR`] times the
-/// clairvoyant's peak: a target no fleet meets is reported as unattainable,
-/// never as a fleet size.
-fn smallest_fixed_fleet(setup: &Setup, slo: &Slo, clairvoyant_peak: u32) -> (FixedFleet, Outcome) {
-    let attempt = |size: u32| {
-        let outcome = engine::replay(setup, &mut Fixed(size), size);
-        let result = PolicyResult::new("fixed", String::new(), &outcome, setup.model, slo, 0.0);
-        (result.slo_attainment, outcome)
-    };
-    let cap = clairvoyant_peak.max(1).saturating_mul(FIXED_SEARCH_FACTOR);
-    let mut high = clairvoyant_peak.max(1);
-    let (mut attainment, mut outcome) = attempt(high);
-    while attainment < slo.target {
-        let doubled = high.saturating_mul(2);
-        if doubled > cap {
-            let fleet = FixedFleet::Unattainable {
-                workers: high,
-                attainment,
-            };
-            return (fleet, outcome);
-        }
-        let (more, more_outcome) = attempt(doubled);
-        if more <= attainment {
-            let fleet = FixedFleet::Unattainable {
-                workers: high,
-                attainment,
-            };
-            return (fleet, outcome);
-        }
-        (high, attainment, outcome) = (doubled, more, more_outcome);
-    }
-    let mut best = (high, outcome);
-    let mut low = 0; // does not meet (or not tried below 1)
-    while best.0 - low > 1 {
-        let middle = low + (best.0 - low) / 2;
-        match attempt(middle) {
-            (met, outcome) if met >= slo.target => best = (middle, outcome),
-            _ => low = middle,
-        }
-    }
-    (FixedFleet::Smallest(best.0), best.1)
 }
 
 fn summarize(trace: &Trace, args: &SimulateArgs) -> TraceSummary {

@@ -400,6 +400,7 @@ fn the_fixed_fleet_is_the_smallest_meeting_the_slo() {
 
 #[test]
 fn a_target_no_fleet_can_meet_is_unattainable_not_a_fleet_size() {
+    use crate::fixed::{FixedFleet, smallest_fixed_fleet};
     // Every first token takes 1 s: no number of workers brings it under 0.5 s.
     let trace = trace((0..20).map(|i| arrival(f64::from(i), 3)).collect());
     let model = model();
