@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::miss_budget::ScaleToZero;
 use ebb_schedule::timetable::{Timetable, TimetableEntry, TimetableError};
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +69,11 @@ pub struct ScalerConfig {
     /// cold-start p90 (60 s until one is measured).
     #[serde(default, deserialize_with = "optional_duration")]
     pub prewarm_lead: Option<Duration>,
+    /// Whether the last worker may stop: `budgeted` (default: only while
+    /// the SLO's miss budget pays for the next wake-up's late questions),
+    /// `always` or `never`.
+    #[serde(default)]
+    pub scale_to_zero: ScaleToZero,
     #[serde(default)]
     pub health: Health,
     pub backend: BackendConfig,
@@ -191,7 +197,19 @@ pub struct TargetTracking {
         serialize_with = "ebb_runtime::duration::serialize_seconds"
     )]
     pub panic_window: Duration,
+    /// Window over which the SLO's miss budget, `(1 - attainment) x
+    /// questions`, is counted for `scale_to_zero: budgeted`. A day: the
+    /// busy hours earn what the quiet ones spend on wake-ups from zero.
+    #[serde(
+        deserialize_with = "ebb_runtime::duration::deserialize",
+        serialize_with = "ebb_runtime::duration::serialize_seconds"
+    )]
+    pub miss_budget_window: Duration,
 }
+
+/// Longest `target.miss_budget_window`: an SLO judged over more than a
+/// month would let a long-gone busy week pay for today's misses.
+pub const MAX_MISS_BUDGET_WINDOW: Duration = Duration::from_secs(31 * 24 * 3600);
 
 impl Default for TargetTracking {
     fn default() -> Self {
@@ -204,6 +222,7 @@ impl Default for TargetTracking {
             slots_per_worker: 1,
             stable_window: Duration::from_secs(60),
             panic_window: Duration::from_secs(6),
+            miss_budget_window: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -350,10 +369,17 @@ impl TargetTracking {
             ("target.default_service_time", target.default_service_time),
             ("target.stable_window", target.stable_window),
             ("target.panic_window", target.panic_window),
+            ("target.miss_budget_window", target.miss_budget_window),
         ] {
             if value.is_zero() {
                 return Err(invalid(key, "must be more than zero"));
             }
+        }
+        if target.miss_budget_window > MAX_MISS_BUDGET_WINDOW {
+            return Err(invalid(
+                "target.miss_budget_window",
+                "must be at most 31 days",
+            ));
         }
         Ok(())
     }

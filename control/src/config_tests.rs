@@ -100,3 +100,29 @@ fn errors_name_the_offending_key() {
     let bad_duration = key_of(&FULL.replace("duration: 90m", "duration: soon"));
     assert!(bad_duration.contains("duration"), "{bad_duration}");
 }
+
+#[test]
+fn scale_to_zero_is_budgeted_over_a_day_unless_told() {
+    let config = ScalerConfig::parse(FULL).unwrap();
+    assert_eq!(config.scale_to_zero, ScaleToZero::Budgeted);
+    assert_eq!(
+        config.target.miss_budget_window,
+        Duration::from_secs(24 * 3600)
+    );
+    let told = ScalerConfig::parse(&format!(
+        "{FULL}scale_to_zero: never\ntarget: {{miss_budget_window: 1h}}\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        (told.scale_to_zero, told.target.miss_budget_window),
+        (ScaleToZero::Never, Duration::from_secs(3600))
+    );
+    let bad_mode = key_of(&format!("{FULL}scale_to_zero: sometimes\n"));
+    assert!(
+        bad_mode.contains("scale_to_zero") && bad_mode.contains("budgeted"),
+        "{bad_mode}"
+    );
+    let window = |value: &str| format!("{FULL}target: {{miss_budget_window: {value}}}\n");
+    assert_eq!(key_of(&window("0s")), "target.miss_budget_window");
+    assert_eq!(key_of(&window("40d")), "target.miss_budget_window");
+}

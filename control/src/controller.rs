@@ -7,10 +7,12 @@
 //! workers, the restart backoff of a crash loop, and which workers go first
 //! when the count drops. Pure: no I/O, the clock passed in.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use ebb_nats::{Heartbeat, QueueDepth};
+use serde::Serialize;
 
 use crate::config::Health;
 use crate::listing::{Phase, PoolWorker};
@@ -21,6 +23,8 @@ use ebb_schedule::timetable::{Timetable, Window};
 
 /// Longest wait before replacing a crash-looping worker.
 const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(300);
+/// Losses kept for `/status`.
+const LOSS_HISTORY: usize = 10;
 
 /// What decides the count: ebb's [`EbbPolicy`] live; in the simulator also
 /// the compared KEDA-, Knative-like and fixed models.
@@ -148,13 +152,29 @@ pub struct Inputs<'a> {
 }
 
 /// A worker lost to a crash, a failed start or bad health.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Lost {
     pub id: String,
+    pub at: DateTime<Utc>,
     pub why: String,
+    /// How it exited, once it has (a worker stopped for bad health exits
+    /// after its loss).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_status: Option<String>,
+    /// The fatal start error of its `failed` heartbeat, if one came.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The last lines it wrote, once it has exited.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub last_output: Vec<String>,
     pub crashes_in_a_row: u32,
     /// How long replacements wait.
+    #[serde(rename = "backoff_ms", serialize_with = "serialize_ms")]
     pub backoff: Duration,
+}
+
+fn serialize_ms<S: serde::Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_u64(value.as_millis() as u64)
 }
 
 /// What the loop carries out, and what it shows.
@@ -172,8 +192,18 @@ pub struct Plan {
     pub held_back_until: Option<DateTime<Utc>>,
     /// When the first question with no worker to take it arrived, if this
     /// plan starts the first worker for it (the activation delay's start).
+    /// Never set for a restart: see `replacing_since`.
     pub unserved_since: Option<DateTime<Utc>>,
+    /// When the loss happened that this plan's starts replace, if they are
+    /// restarts after a crash (the restart delay's start; its backoff
+    /// included). Kept apart from activations, which measure only the way
+    /// from a question at zero workers to a start.
+    pub replacing_since: Option<DateTime<Utc>>,
+    /// Workers lost in this step.
     pub lost: Vec<Lost>,
+    /// Workers lost in an earlier step (stopped for bad health) that
+    /// exited in this one: their losses with the exit and last output.
+    pub exited_after_loss: Vec<Lost>,
     pub workers: Vec<WorkerView>,
     pub observation: Observation,
 }
@@ -186,6 +216,10 @@ struct Restarts {
     in_a_row: u32,
     allowed_from: DateTime<Utc>,
     last_loss: Option<DateTime<Utc>>,
+    /// The first loss no start has replaced yet.
+    unreplaced_since: Option<DateTime<Utc>>,
+    /// The most recent losses, oldest first.
+    history: VecDeque<Lost>,
 }
 
 impl Restarts {
@@ -195,12 +229,39 @@ impl Restarts {
             ebb_runtime::backoff::exponential(self.base, self.in_a_row.into(), MAX_RESTART_BACKOFF);
         self.allowed_from = now + backoff;
         self.last_loss = Some(now);
-        Lost {
+        self.unreplaced_since.get_or_insert(now);
+        let lost = Lost {
             id: id.to_owned(),
+            at: now,
             why,
+            exit_status: None,
+            error: None,
+            last_output: Vec::new(),
             crashes_in_a_row: self.in_a_row,
             backoff,
+        };
+        self.remember(lost.clone());
+        lost
+    }
+
+    fn remember(&mut self, lost: Lost) {
+        self.history.push_back(lost);
+        while self.history.len() > LOSS_HISTORY {
+            self.history.pop_front();
         }
+    }
+
+    /// Completes the remembered loss of a worker that has now exited;
+    /// returns it if there was one.
+    fn exited(&mut self, id: &str, status: &str, last_output: &[String]) -> Option<Lost> {
+        let lost = self
+            .history
+            .iter_mut()
+            .rev()
+            .find(|lost| lost.id == id && lost.exit_status.is_none())?;
+        lost.exit_status = Some(status.to_owned());
+        lost.last_output = last_output.to_vec();
+        Some(lost.clone())
     }
 
     /// A worker started after the last loss came up: the loop is broken.
@@ -238,6 +299,8 @@ impl<A: Autoscaler> Controller<A> {
                 in_a_row: 0,
                 allowed_from: DateTime::<Utc>::MIN_UTC,
                 last_loss: None,
+                unreplaced_since: None,
+                history: VecDeque::new(),
             },
             autoscaler,
             signals,
@@ -249,6 +312,12 @@ impl<A: Autoscaler> Controller<A> {
 
     pub fn autoscaler(&self) -> &A {
         &self.autoscaler
+    }
+
+    /// For state restored from outside, e.g. the learned profiles a
+    /// restarted scaler reads back before its first step.
+    pub fn autoscaler_mut(&mut self) -> &mut A {
+        &mut self.autoscaler
     }
 
     /// The count the last step wanted.
@@ -275,23 +344,76 @@ impl<A: Autoscaler> Controller<A> {
         self.restarts.lost("(not started)", why, now)
     }
 
+    /// The most recent losses (at most [`LOSS_HISTORY`]), oldest first.
+    pub fn losses(&self) -> &VecDeque<Lost> {
+        &self.restarts.history
+    }
+
+    /// Losses since a worker last came up (0 once one has).
+    pub fn crashes_in_a_row(&self) -> u32 {
+        self.restarts.in_a_row
+    }
+
+    pub fn cold_starts(&self) -> crate::signals::ColdStarts {
+        self.signals.cold_starts()
+    }
+
+    /// Phase times of the cold starts since the last call.
+    pub fn take_new_phase_times(&mut self) -> Vec<ebb_nats::PhaseTime> {
+        self.signals.take_new_phase_times()
+    }
+
+    /// Losses among the pool's exits: those the scaler did not ask for,
+    /// with the fatal error of a `failed` heartbeat (read before classifying
+    /// drops the worker's heartbeats), and the exits of workers lost
+    /// earlier, completed with how they ended.
+    fn exits(&mut self, workers: &[PoolWorker], now: DateTime<Utc>) -> (Vec<Lost>, Vec<Lost>) {
+        let (mut lost, mut completed) = (Vec::new(), Vec::new());
+        for worker in workers {
+            let Phase::Exited {
+                status,
+                requested,
+                last_output,
+            } = &worker.phase
+            else {
+                continue;
+            };
+            if let Some(earlier) = self.restarts.exited(&worker.id, status, last_output) {
+                completed.push(earlier);
+                continue;
+            }
+            if *requested {
+                continue;
+            }
+            let error = self.signals.fatal_error(&worker.id);
+            let why = match &error {
+                Some(error) => format!("exited on its own: {status}; cannot start: {error}"),
+                None => format!("exited on its own: {status}"),
+            };
+            self.restarts.lost(&worker.id, why, now);
+            let record = self
+                .restarts
+                .exited(&worker.id, status, last_output)
+                .expect("just remembered");
+            lost.push(self.with_error(record, error));
+        }
+        (lost, completed)
+    }
+
+    /// Sets the fatal error on a loss and on its remembered copy.
+    fn with_error(&mut self, mut lost: Lost, error: Option<String>) -> Lost {
+        if let Some(remembered) = self.restarts.history.back_mut()
+            && remembered.id == lost.id
+        {
+            remembered.error.clone_from(&error);
+        }
+        lost.error = error;
+        lost
+    }
+
     /// One round: classify, observe, decide, and plan the starts and stops.
     pub fn step(&mut self, inputs: Inputs<'_>, now: DateTime<Utc>) -> Plan {
-        let mut lost: Vec<Lost> = inputs
-            .workers
-            .iter()
-            .filter_map(|worker| match &worker.phase {
-                Phase::Exited {
-                    status,
-                    requested: false,
-                } => Some(self.restarts.lost(
-                    &worker.id,
-                    format!("exited on its own: {status}"),
-                    now,
-                )),
-                _ => None,
-            })
-            .collect();
+        let (mut lost, exited_after_loss) = self.exits(inputs.workers, now);
         let workers = self.signals.classify(inputs.workers, &self.health, now);
         let observation = self.signals.observe(inputs.depth, &workers, now);
         let capacity = observation.workers.capacity();
@@ -316,10 +438,10 @@ impl<A: Autoscaler> Controller<A> {
             .filter(|w| w.condition == Condition::Unhealthy)
         {
             let why = worker.why_unhealthy.clone().unwrap_or_default();
-            lost.push(
-                self.restarts
-                    .lost(&worker.id, format!("unhealthy: {why}"), now),
-            );
+            let loss = self
+                .restarts
+                .lost(&worker.id, format!("unhealthy: {why}"), now);
+            lost.push(self.with_error(loss, worker.error.clone()));
             stop.push(worker.id.clone());
         }
         let healthy: Vec<&WorkerView> = workers
@@ -341,13 +463,21 @@ impl<A: Autoscaler> Controller<A> {
             }
         }
         stop.extend(surplus(healthy, count.saturating_sub(verdict.desired)));
+        let replacing_since = self.restarts.unreplaced_since.filter(|_| start > 0);
+        if start > 0 || verdict.desired <= count {
+            // Replaced, or no replacement wanted: a later start is no restart.
+            self.restarts.unreplaced_since = None;
+        }
         Plan {
             previous,
             start,
             stop,
             held_back_until,
-            unserved_since: unserved.filter(|_| count == 0 && start > 0),
+            unserved_since: unserved
+                .filter(|_| count == 0 && start > 0 && replacing_since.is_none()),
+            replacing_since,
             lost,
+            exited_after_loss,
             workers,
             observation,
             verdict,

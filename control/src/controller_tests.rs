@@ -1,5 +1,6 @@
 //! The controller on a fake clock: adoption, activation, the order of
-//! stops, unhealthy workers and the crash-loop backoff.
+//! stops, unhealthy workers, the crash-loop backoff, losses and restarts
+//! kept apart from activations.
 
 use chrono::TimeZone;
 
@@ -154,6 +155,7 @@ fn an_unhealthy_worker_is_stopped_and_replaced_after_a_doubling_backoff() {
         phase: Phase::Exited {
             status: "signal 15".into(),
             requested: true,
+            last_output: Vec::new(),
         },
         ..running("w1", 0)
     }];
@@ -166,6 +168,7 @@ fn an_unhealthy_worker_is_stopped_and_replaced_after_a_doubling_backoff() {
         phase: Phase::Exited {
             status: "exit status 1".into(),
             requested: false,
+            last_output: Vec::new(),
         },
         ..running("w2", 72)
     }];
@@ -180,4 +183,125 @@ fn an_unhealthy_worker_is_stopped_and_replaced_after_a_doubling_backoff() {
     step(&mut controller, &healthy, &waiting(1), 130);
     let lost = controller.start_failed("no such file".into(), at(131));
     assert_eq!(lost.crashes_in_a_row, 1, "counted from one again");
+}
+
+fn exited(id: &str, started: i64, requested: bool, last_output: &[&str]) -> PoolWorker {
+    PoolWorker {
+        phase: Phase::Exited {
+            status: "exit status: 1".into(),
+            requested,
+            last_output: last_output.iter().map(|l| (*l).to_owned()).collect(),
+        },
+        ..running(id, started)
+    }
+}
+
+#[test]
+fn restarts_after_a_crash_are_no_activations_and_are_timed_from_the_loss() {
+    let mut controller = controller();
+    controller.question_arrived(at(0));
+    let first = step(&mut controller, &[], &waiting(1), 1);
+    assert_eq!(first.start, 1);
+    assert_eq!(first.unserved_since, Some(at(0)), "a start from zero");
+    assert_eq!(first.replacing_since, None);
+
+    // It crashes while the question still waits: the replacement waits out
+    // the backoff, and is a restart, not an activation.
+    let crashed = [exited("w1", 1, false, &["Error: no such model"])];
+    let plan = step(&mut controller, &crashed, &waiting(1), 5);
+    assert_eq!(plan.lost.len(), 1);
+    assert_eq!((plan.start, plan.held_back_until), (0, Some(at(15))));
+    assert_eq!(plan.unserved_since, None);
+    let restart = step(&mut controller, &[], &waiting(1), 15);
+    assert_eq!(restart.start, 1);
+    assert_eq!(restart.unserved_since, None, "a restart is no activation");
+    assert_eq!(restart.replacing_since, Some(at(5)), "timed from the crash");
+    let again = step(&mut controller, &[running("w2", 15)], &waiting(1), 16);
+    assert_eq!((again.start, again.replacing_since), (0, None));
+
+    // The second worker crashes too, then the questions go: no replacement
+    // is wanted, so the next question at zero is an activation again.
+    let plan = step(
+        &mut controller,
+        &[exited("w2", 15, false, &[])],
+        &empty(),
+        20,
+    );
+    assert_eq!(plan.lost[0].crashes_in_a_row, 2);
+    let quiet = step(&mut controller, &[], &empty(), 400);
+    assert_eq!(
+        (quiet.verdict.desired, quiet.start),
+        (0, 0),
+        "{}",
+        quiet.verdict.reason
+    );
+    controller.question_arrived(at(500));
+    let plan = step(&mut controller, &[], &waiting(1), 501);
+    assert_eq!(plan.start, 1);
+    assert!(plan.unserved_since.is_some(), "a start from zero");
+    assert_eq!(plan.replacing_since, None);
+}
+
+#[test]
+fn losses_keep_the_exit_status_last_output_and_fatal_error() {
+    let mut controller = controller();
+    controller.question_arrived(at(0));
+    step(&mut controller, &[], &waiting(1), 0);
+    // A worker that says it cannot start, then exits before the next step.
+    let mut failed = beat("w1", WorkerState::Failed, 0, 2);
+    failed.error = Some("cannot download config.json from huggingface.co".into());
+    controller.heartbeat(failed, at(2));
+    let plan = step(
+        &mut controller,
+        &[exited("w1", 0, false, &["ERROR cannot download"])],
+        &waiting(1),
+        3,
+    );
+    let lost = &plan.lost[0];
+    assert_eq!(lost.exit_status.as_deref(), Some("exit status: 1"));
+    assert_eq!(lost.last_output, ["ERROR cannot download"]);
+    assert_eq!(
+        lost.error.as_deref(),
+        Some("cannot download config.json from huggingface.co")
+    );
+    assert!(
+        lost.why.contains("cannot start: cannot download"),
+        "{}",
+        lost.why
+    );
+    assert_eq!(controller.losses().back(), Some(lost));
+
+    // One that says so while still running: stopped as unhealthy, and its
+    // exit (requested) completes the same loss instead of adding one.
+    step(&mut controller, &[], &waiting(1), 13);
+    let mut failed = beat("w2", WorkerState::Failed, 0, 14);
+    failed.error = Some("no tokenizer.json".into());
+    controller.heartbeat(failed, at(14));
+    let plan = step(&mut controller, &[running("w2", 13)], &waiting(1), 14);
+    assert_eq!(plan.stop, ["w2"]);
+    assert_eq!(plan.lost[0].error.as_deref(), Some("no tokenizer.json"));
+    assert_eq!(controller.crashes_in_a_row(), 2);
+    let plan = step(
+        &mut controller,
+        &[exited("w2", 13, true, &["Error: no tokenizer.json"])],
+        &waiting(1),
+        15,
+    );
+    assert!(plan.lost.is_empty(), "{:?}", plan.lost);
+    let completed = &plan.exited_after_loss[0];
+    assert_eq!(completed.last_output, ["Error: no tokenizer.json"]);
+    assert_eq!(completed.error.as_deref(), Some("no tokenizer.json"));
+    assert_eq!(controller.losses().len(), 2);
+    assert_eq!(controller.losses().back(), Some(completed));
+}
+
+#[test]
+fn the_loss_history_is_bounded() {
+    let mut controller = controller();
+    for n in 0..(LOSS_HISTORY as i64 + 5) {
+        controller.start_failed(format!("no such file {n}"), at(n));
+    }
+    assert_eq!(controller.losses().len(), LOSS_HISTORY);
+    assert_eq!(controller.losses().back().unwrap().why, "no such file 14");
+    assert_eq!(controller.crashes_in_a_row(), LOSS_HISTORY as u32 + 5);
 }

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use ebb_schedule::timetable::Window;
 
@@ -27,15 +27,15 @@ const MAX_SURGE: f64 = 4.0;
 
 /// One opening being watched: its start and the most workers each of its
 /// minutes needed so far.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Opening {
     pub start: DateTime<Utc>,
     pub profile: Vec<u32>,
 }
 
-/// What the `learn` entries have learned (kept in memory: a restarted scaler
-/// learns again from the next opening).
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+/// What the `learn` entries have learned. The live scaler keeps a copy in
+/// NATS KV (`ebb-scaler`'s `memory` module), so a restart keeps it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LearnedFloors {
     /// Per entry: the profile of its last finished opening.
     pub profiles: BTreeMap<String, Vec<u32>>,
@@ -182,6 +182,29 @@ mod tests {
             1,
             "min_workers"
         );
+    }
+
+    #[test]
+    fn what_was_learned_survives_a_json_round_trip() {
+        let mut learned = LearnedFloors::default();
+        let monday = window("break", 2, 13);
+        learned.open(std::slice::from_ref(&monday));
+        for (minute, needed) in [(0, 3), (1, 7)] {
+            learned.record(
+                std::slice::from_ref(&monday),
+                minutes(&monday, minute),
+                needed,
+            );
+        }
+        let tuesday = window("break", 3, 13);
+        learned.open(std::slice::from_ref(&tuesday));
+        learned.record(std::slice::from_ref(&tuesday), tuesday.start, 9);
+        assert!(learned.surge.is_some() && !learned.profiles.is_empty());
+        let json = serde_json::to_string(&learned).unwrap();
+        let back: LearnedFloors = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, learned);
+        // Tuesday's 9 against Monday's 3: minute 1's 7 scaled x3.
+        assert_eq!(back.floor(&tuesday, minutes(&tuesday, 1), LEAD), 21);
     }
 
     #[test]

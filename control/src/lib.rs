@@ -10,7 +10,7 @@
 //! - [`policy`]: the pure [`policy::decide`] and its inputs and outputs;
 //!   [`target`]: its target-tracking stage (fleet sizing, panic mode);
 //!   [`reason`]: why it chose its count; [`learned`]: timetable windows that
-//!   learn their floor.
+//!   learn their floor; [`miss_budget`]: whether the last worker may go.
 //! - [`signals`]: arrivals, heartbeats and pool listings into an observation.
 //! - [`listing`]: what a worker pool reports of its workers.
 
@@ -18,6 +18,7 @@ pub mod config;
 pub mod controller;
 pub mod learned;
 pub mod listing;
+pub mod miss_budget;
 pub mod policy;
 pub mod reason;
 pub mod signals;

@@ -17,6 +17,11 @@ pub enum Phase {
     Exited {
         status: String,
         requested: bool,
+        /// The last lines the worker wrote (stdout and stderr), read before
+        /// the backend dropped them with the worker: often the only record
+        /// of why it could not start. Bounded by the backend.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        last_output: Vec<String>,
     },
 }
 

@@ -23,6 +23,7 @@ use serde::Serialize;
 
 use crate::config::{Condition, Metric, Rules, ScalerConfig};
 use crate::learned::LearnedFloors;
+use crate::miss_budget::{MissBudget, ScaleToZero};
 use crate::reason::{Reading, Reason};
 use crate::target::target_tracking;
 pub use crate::target::{erlang_staffing, workers_for};
@@ -96,7 +97,8 @@ pub struct Observation {
     /// Mean acceptance-to-answer time, once measured.
     #[serde(serialize_with = "serialize_optional_seconds")]
     pub avg_response_time: Option<Duration>,
-    /// 90th percentile of measured worker cold starts.
+    /// 90th percentile of measured worker cold starts, their download
+    /// phase left out (see `Signals::cold_start_p90`).
     #[serde(serialize_with = "serialize_optional_seconds")]
     pub cold_start_p90: Option<Duration>,
     pub workers: WorkerCounts,
@@ -156,6 +158,8 @@ pub struct PolicyState {
     pub manual: Option<Override>,
     /// What the timetable's `learn` windows needed last time.
     pub learned: LearnedFloors,
+    /// Questions and wake-ups' late ones over the miss-budget window.
+    pub miss_budget: MissBudget,
 }
 
 /// The outcome of [`decide`].
@@ -220,6 +224,8 @@ pub fn decide(
         (true, Some(start)) => Some(start),
         (true, None) => Some(now),
     };
+    next.miss_budget
+        .observe(observation, state.desired, &policy.config, now);
     let lead = policy.prewarm_lead(observation);
     let active = policy.config.timetable.active_windows(now, lead);
     next.learned.open(&active);
@@ -248,7 +254,7 @@ pub fn decide(
         floor.as_ref(),
         &policy.config,
     );
-    let (desired, reason) = cool_down(proposal, policy, &mut next, now);
+    let (desired, reason) = cool_down(proposal, policy, observation, &mut next, now);
     next.desired = desired;
     Decision {
         desired,
@@ -335,10 +341,11 @@ fn within_limits(proposal: Proposal, floor: Option<&Window>, config: &ScalerConf
 }
 
 /// Going up happens at once; going down waits for the stabilization
-/// window (the last worker, for the idle window).
+/// window (the last worker, for the idle window and `scale_to_zero`).
 fn cool_down(
     proposal: Proposal,
     policy: &Policy,
+    observation: &Observation,
     next: &mut PolicyState,
     now: DateTime<Utc>,
 ) -> (u32, Reason) {
@@ -355,12 +362,9 @@ fn cool_down(
     }
     if current == 1 {
         return match next.idle_since {
-            Some(idle) if since(now, idle) >= cooldowns.scale_to_zero_idle => (
-                0,
-                Reason::IdleToZero {
-                    idle: since(now, idle),
-                },
-            ),
+            Some(idle) if since(now, idle) >= cooldowns.scale_to_zero_idle => {
+                last_worker(since(now, idle), policy, observation, next, now)
+            }
             _ => (
                 current,
                 Reason::AwaitingIdle {
@@ -391,6 +395,29 @@ fn cool_down(
         to: desired,
     };
     (desired, stable)
+}
+
+/// Idle for the window: whether the last worker goes, by `scale_to_zero`.
+fn last_worker(
+    idle: Duration,
+    policy: &Policy,
+    observation: &Observation,
+    next: &PolicyState,
+    now: DateTime<Utc>,
+) -> (u32, Reason) {
+    match policy.config.scale_to_zero {
+        ScaleToZero::Always => (0, Reason::IdleToZero { idle, budget: None }),
+        ScaleToZero::Never => (1, Reason::NeverToZero),
+        ScaleToZero::Budgeted => {
+            let budget = next.miss_budget.reading(observation, &policy.config, now);
+            if budget.pays() {
+                let budget = Some(budget);
+                (0, Reason::IdleToZero { idle, budget })
+            } else {
+                (1, Reason::MissBudgetFloor(budget))
+            }
+        }
+    }
 }
 
 /// When a new decision could differ even without new signals: every tick,

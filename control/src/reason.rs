@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::config::Metric;
+use crate::miss_budget::BudgetReading;
 
 /// One rule condition as it read when it fired.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,7 +78,14 @@ pub enum Reason {
     /// Idle for the scale-to-zero window: the last worker goes.
     IdleToZero {
         idle: Duration,
+        /// `None` with `scale_to_zero: always`; else what the miss budget read.
+        budget: Option<BudgetReading>,
     },
+    /// Idle long enough, but the miss budget cannot pay for the next
+    /// wake-up's late first questions: the floor stays at one.
+    MissBudgetFloor(BudgetReading),
+    /// `scale_to_zero: never`: the last worker stays.
+    NeverToZero,
     /// The last worker stays until the idle window has passed.
     AwaitingIdle {
         window: Duration,
@@ -112,6 +120,8 @@ impl Reason {
             Reason::MinInstances(_) => "min_instances",
             Reason::Capped { wanted, .. } | Reason::Stable { wanted, .. } => wanted.label(),
             Reason::IdleToZero { .. } => "idle",
+            Reason::MissBudgetFloor(_) => "miss_budget",
+            Reason::NeverToZero => "never_to_zero",
             Reason::AwaitingIdle { .. } => "waiting",
             Reason::Stabilizing(_) => "stabilizing",
             Reason::Model(name) => name,
@@ -206,7 +216,15 @@ impl fmt::Display for Reason {
             Reason::Capped { wanted, max } => {
                 write!(f, "{wanted}; capped at max_instances {max}")
             }
-            Reason::IdleToZero { idle } => write!(f, "idle {} -> 0", seconds(*idle)),
+            Reason::IdleToZero { idle, budget: None } => {
+                write!(f, "idle {} -> 0", seconds(*idle))
+            }
+            Reason::IdleToZero {
+                idle,
+                budget: Some(budget),
+            } => write!(f, "idle {}; {budget} -> 0", seconds(*idle)),
+            Reason::MissBudgetFloor(budget) => write!(f, "floor 1: {budget}"),
+            Reason::NeverToZero => f.write_str("floor 1: scale_to_zero is never"),
             Reason::AwaitingIdle { window } => {
                 write!(f, "waiting for {} idle before 0", seconds(*window))
             }

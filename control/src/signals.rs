@@ -1,11 +1,11 @@
 //! Turning raw events (question arrivals, heartbeats, pool listings, queue
 //! depth) into the [`Observation`] the policy decides on.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use ebb_nats::{Heartbeat, QueueDepth, WorkerState};
+use ebb_nats::{DownloadProgress, Heartbeat, PhaseTime, QueueDepth, StartPhase, WorkerState};
 use serde::Serialize;
 
 use crate::config::Health;
@@ -16,6 +16,8 @@ use crate::policy::{Observation, WorkerCounts};
 const COLD_START_SAMPLES: usize = 50;
 /// A ready time this recent (two heartbeat intervals) is a new cold start.
 const FRESH_READY_MS: u64 = 5_000;
+/// Phase times of new cold starts held until the loop takes them.
+const NEW_PHASE_TIMES: usize = 64;
 
 /// Events per second, counted in one-second buckets over a bounded window.
 #[derive(Debug, Default)]
@@ -88,6 +90,37 @@ pub struct WorkerView {
     pub prefill_tokens: u64,
     pub prefill_tokens_saved: u64,
     pub why_unhealthy: Option<String>,
+    /// What its last heartbeat said (`None` before the first).
+    pub state: Option<WorkerState>,
+    /// While loading: the start phase in progress.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phase: Option<StartPhase>,
+    /// While downloading its model: how far, and the same as text
+    /// (`downloading 3.1 of 15.2 GB (...)`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub download: Option<DownloadProgress>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub download_text: Option<String>,
+    /// The start phases it finished, with their durations.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub start_phases: Vec<PhaseTime>,
+    /// With state `failed`: why it cannot start, in its own words.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Cold starts as `/status` shows them: the 90th percentiles, in ms.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ColdStarts {
+    /// Cold starts measured (the most recent ones are kept).
+    pub samples: usize,
+    /// Start to ready, whole.
+    pub p90_ms: Option<f64>,
+    /// Start to ready without the download phase: what the pre-warm lead
+    /// plans with.
+    pub p90_without_download_ms: Option<f64>,
+    /// Each reported phase's own p90, by phase name.
+    pub phase_p90_ms: BTreeMap<&'static str, f64>,
 }
 
 /// The two windows arrival rates are read over.
@@ -111,6 +144,12 @@ pub struct Signals {
     /// silence is timed from here, not from its (old) start.
     first_seen: HashMap<String, DateTime<Utc>>,
     cold_starts: VecDeque<Duration>,
+    /// The same starts without their download phase (the whole start when
+    /// a worker reports no phases).
+    cold_starts_without_download: VecDeque<Duration>,
+    phase_times: HashMap<StartPhase, VecDeque<Duration>>,
+    /// Phase times of cold starts since the loop last took them.
+    new_phase_times: VecDeque<PhaseTime>,
     /// The first question no worker has been there to take.
     pub(crate) first_unserved_arrival: Option<DateTime<Utc>>,
 }
@@ -127,6 +166,9 @@ impl Signals {
             heartbeats: HashMap::new(),
             first_seen: HashMap::new(),
             cold_starts: VecDeque::new(),
+            cold_starts_without_download: VecDeque::new(),
+            phase_times: HashMap::new(),
+            new_phase_times: VecDeque::new(),
             first_unserved_arrival: None,
         }
     }
@@ -149,20 +191,73 @@ impl Signals {
             .is_some_and(|ready| beat.sent_at_ms.saturating_sub(ready) <= FRESH_READY_MS);
         let newly_ready = previous.is_none_or(|b| b.ready_at_ms.is_none()) && fresh;
         if newly_ready && let Some(ready) = beat.ready_at_ms {
-            self.cold_starts.push_back(Duration::from_millis(
-                ready.saturating_sub(beat.started_at_ms),
-            ));
-            if self.cold_starts.len() > COLD_START_SAMPLES {
-                self.cold_starts.pop_front();
-            }
+            self.cold_start(&beat, ready);
         }
         self.heartbeats.insert(beat.worker_id.clone(), (beat, now));
     }
 
+    fn cold_start(&mut self, beat: &Heartbeat, ready_at_ms: u64) {
+        let whole = Duration::from_millis(ready_at_ms.saturating_sub(beat.started_at_ms));
+        let download = beat
+            .start_phases
+            .iter()
+            .filter(|p| p.phase == StartPhase::Download)
+            .map(|p| Duration::from_millis(p.ms))
+            .sum();
+        push_bounded(&mut self.cold_starts, whole, COLD_START_SAMPLES);
+        push_bounded(
+            &mut self.cold_starts_without_download,
+            whole.saturating_sub(download),
+            COLD_START_SAMPLES,
+        );
+        for time in &beat.start_phases {
+            let samples = self.phase_times.entry(time.phase).or_default();
+            push_bounded(samples, Duration::from_millis(time.ms), COLD_START_SAMPLES);
+            push_bounded(&mut self.new_phase_times, *time, NEW_PHASE_TIMES);
+        }
+    }
+
+    /// The phase times of cold starts since the last call (at most the
+    /// last [`NEW_PHASE_TIMES`]), for a histogram.
+    pub fn take_new_phase_times(&mut self) -> Vec<PhaseTime> {
+        self.new_phase_times.drain(..).collect()
+    }
+
+    /// The cold-start p90 the pre-warm lead plans with: without the
+    /// download phase. A model download happens once per model cache (the
+    /// `HF_HOME` volume workers share); a lead learnt from the first start
+    /// of a fresh machine, 15 GB fetched, would wake workers far too early
+    /// every day after. Workers that report no phases count whole. (Where
+    /// every start downloads, with no shared cache, set `prewarm_lead`.)
     fn cold_start_p90(&self) -> Option<Duration> {
-        let mut samples: Vec<Duration> = self.cold_starts.iter().copied().collect();
-        samples.sort();
-        ebb_runtime::quantile::nearest_rank(&samples, 0.9)
+        p90(&self.cold_starts_without_download)
+    }
+
+    pub fn cold_starts(&self) -> ColdStarts {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        ColdStarts {
+            samples: self.cold_starts.len(),
+            p90_ms: p90(&self.cold_starts).map(ms),
+            p90_without_download_ms: self.cold_start_p90().map(ms),
+            phase_p90_ms: StartPhase::ALL
+                .iter()
+                .filter_map(|phase| {
+                    let p = p90(self.phase_times.get(phase)?)?;
+                    Some((phase.as_str(), ms(p)))
+                })
+                .collect(),
+        }
+    }
+
+    /// The fatal start error a worker's last heartbeat gave, if it said
+    /// `failed`.
+    pub fn fatal_error(&self, worker_id: &str) -> Option<String> {
+        let (beat, _) = self.heartbeats.get(worker_id)?;
+        (beat.state == WorkerState::Failed).then(|| {
+            beat.error
+                .clone()
+                .unwrap_or_else(|| "no reason given".into())
+        })
     }
 
     /// Classifies each pool worker from its heartbeats and age.
@@ -210,6 +305,13 @@ impl Signals {
                         WorkerState::Ready => (Condition::Idle, None),
                         WorkerState::Busy => (Condition::Busy, None),
                         WorkerState::Draining => (Condition::Draining, None),
+                        WorkerState::Failed => (
+                            Condition::Unhealthy,
+                            Some(format!(
+                                "cannot start: {}",
+                                beat.error.as_deref().unwrap_or("no reason given")
+                            )),
+                        ),
                     },
                     (_, None) if age > health.init_timeout => (
                         Condition::Unhealthy,
@@ -218,17 +320,25 @@ impl Signals {
                     (_, None) => (Condition::Starting, None),
                 };
                 let (slots, active) = beat.map_or((0, 0), |(b, _)| slots_in_use(b));
+                let beat = beat.map(|(b, _)| b);
+                let download = beat.and_then(|b| b.download.clone());
                 WorkerView {
                     id: worker.id.clone(),
                     condition,
                     started_at: worker.started_at,
-                    ready_at_ms: beat.and_then(|(b, _)| b.ready_at_ms),
-                    jobs_done: beat.map_or(0, |(b, _)| b.jobs_done),
+                    ready_at_ms: beat.and_then(|b| b.ready_at_ms),
+                    jobs_done: beat.map_or(0, |b| b.jobs_done),
                     slots,
                     active,
-                    prefill_tokens: beat.map_or(0, |(b, _)| b.prefill_tokens),
-                    prefill_tokens_saved: beat.map_or(0, |(b, _)| b.prefill_tokens_saved),
+                    prefill_tokens: beat.map_or(0, |b| b.prefill_tokens),
+                    prefill_tokens_saved: beat.map_or(0, |b| b.prefill_tokens_saved),
                     why_unhealthy: why,
+                    state: beat.map(|b| b.state),
+                    phase: beat.and_then(|b| b.phase),
+                    download_text: download.as_ref().map(ToString::to_string),
+                    download,
+                    start_phases: beat.map(|b| b.start_phases.clone()).unwrap_or_default(),
+                    error: beat.and_then(|b| b.error.clone()),
                 }
             })
             .collect()
@@ -288,6 +398,19 @@ impl Signals {
     }
 }
 
+fn push_bounded<T>(samples: &mut VecDeque<T>, sample: T, bound: usize) {
+    samples.push_back(sample);
+    while samples.len() > bound {
+        samples.pop_front();
+    }
+}
+
+fn p90(samples: &VecDeque<Duration>) -> Option<Duration> {
+    let mut sorted: Vec<Duration> = samples.iter().copied().collect();
+    sorted.sort();
+    ebb_runtime::quantile::nearest_rank(&sorted, 0.9)
+}
+
 /// A heartbeat's slots and questions in flight. A worker from before
 /// batching sends neither: one slot, in use while it says `busy`.
 fn slots_in_use(beat: &Heartbeat) -> (u32, u32) {
@@ -318,104 +441,5 @@ fn common_slots<'a>(beats: impl Iterator<Item = &'a Heartbeat>) -> Option<u32> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use chrono::TimeZone;
-
-    #[test]
-    fn rates_cover_their_window_and_forget_the_rest() {
-        let t = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
-        let mut counter = RateCounter::new(Duration::from_secs(60));
-        for second in 0..60 {
-            counter.add(
-                t + chrono::Duration::seconds(second),
-                if second >= 54 { 10 } else { 1 },
-            );
-        }
-        let now = t + chrono::Duration::seconds(59);
-        assert_eq!(counter.rate(now, Duration::from_secs(6)), 10.0);
-        assert!((counter.rate(now, Duration::from_secs(60)) - 114.0 / 60.0).abs() < 1e-9);
-        let later = t + chrono::Duration::seconds(200);
-        counter.add(later, 0);
-        assert_eq!(counter.rate(later, Duration::from_secs(60)), 0.0);
-        assert!(counter.buckets.len() <= 2, "old buckets are dropped");
-    }
-
-    /// From JSON, as the wire brings it: fields added to the contract later
-    /// take their defaults here too.
-    fn beat(id: &str, state: WorkerState, slots: u32, active: u32) -> Heartbeat {
-        serde_json::from_value(serde_json::json!({
-            "worker_id": id, "state": state, "model": "m@main", "started_at_ms": 0,
-            "ready_at_ms": 1, "jobs_done": 0, "jobs_failed": 0, "slots": slots,
-            "active": active, "mean_job_ms": 4000.0, "sent_at_ms": 60_000,
-        }))
-        .expect("a heartbeat")
-    }
-
-    #[test]
-    fn capacity_is_counted_in_the_slots_the_workers_report() {
-        let t = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
-        let windows = RateWindows {
-            stable: Duration::from_secs(60),
-            panic: Duration::from_secs(6),
-        };
-        let mut signals = Signals::new(windows, 4);
-        let pool: Vec<PoolWorker> = ["a", "b", "c", "old"]
-            .iter()
-            .map(|id| PoolWorker {
-                id: (*id).to_owned(),
-                started_at: t,
-                phase: Phase::Running,
-            })
-            .collect();
-        let depth = QueueDepth { priorities: vec![] };
-        let health = Health::default();
-        // Before any heartbeat: the config's slots per worker, no capacity yet.
-        let views = signals.classify(&pool, &health, t);
-        let observation = signals.observe(&depth, &views, t);
-        assert_eq!(observation.slots_per_worker, 4);
-        assert_eq!(observation.workers.slots, 0);
-
-        signals.heartbeat(beat("a", WorkerState::Busy, 8, 4), t);
-        // Says ready, but has a question in flight: busy.
-        signals.heartbeat(beat("b", WorkerState::Ready, 8, 1), t);
-        signals.heartbeat(beat("c", WorkerState::Ready, 8, 0), t);
-        // A worker from before batching: no slots or active in its JSON.
-        let mut old = serde_json::to_value(beat("old", WorkerState::Busy, 1, 0)).unwrap();
-        old.as_object_mut()
-            .unwrap()
-            .retain(|k, _| k != "slots" && k != "active");
-        signals.heartbeat(serde_json::from_value(old).unwrap(), t);
-
-        let views = signals.classify(&pool, &health, t);
-        let conditions: Vec<Condition> = views.iter().map(|v| v.condition).collect();
-        use Condition::{Busy, Idle};
-        assert_eq!(conditions, [Busy, Busy, Idle, Busy]);
-        assert_eq!(
-            (views[3].slots, views[3].active),
-            (1, 1),
-            "busy means one in use"
-        );
-        let observation = signals.observe(&depth, &views, t);
-        assert_eq!(observation.slots_per_worker, 8, "most workers have 8");
-        assert_eq!(observation.workers.slots, 25);
-        assert_eq!(observation.workers.active_slots, 6);
-        assert!((observation.workers.utilization() - 6.0 / 25.0).abs() < 1e-12);
-        assert_eq!(observation.service_time, Some(Duration::from_secs(4)));
-    }
-
-    #[test]
-    fn the_most_common_slots_win_and_ties_go_to_the_smaller() {
-        let beats = [
-            beat("a", WorkerState::Ready, 8, 0),
-            beat("b", WorkerState::Ready, 4, 0),
-            beat("c", WorkerState::Ready, 8, 0),
-            beat("d", WorkerState::Ready, 4, 0),
-        ];
-        assert_eq!(common_slots(beats.iter()), Some(4));
-        assert_eq!(common_slots(beats[..3].iter()), Some(8));
-        assert_eq!(common_slots([].iter()), None);
-        let zero = beat("z", WorkerState::Ready, 0, 0);
-        assert_eq!(common_slots([zero].iter()), Some(1), "a worker has a slot");
-    }
-}
+#[path = "signals_tests.rs"]
+mod tests;

@@ -31,8 +31,8 @@ pub mod webhook;
 
 pub use depth::{PriorityDepth, QueueDepth, queue_depth};
 pub use messages::{
-    AnswerEvent, ChatMessage, DeadLetter, FinishReason, FleetStatus, Heartbeat, Job, Role,
-    Sampling, Timings, WorkerState,
+    AnswerEvent, ChatMessage, DeadLetter, DownloadProgress, FinishReason, FleetStatus, Heartbeat,
+    Job, PhaseTime, Role, Sampling, StartPhase, Timings, WorkerState,
 };
 pub use record::{CachedAnswer, QuestionRecord, QuestionStatus};
 pub use subjects::Priority;

@@ -184,6 +184,95 @@ pub enum WorkerState {
     Ready,
     Busy,
     Draining,
+    /// The worker cannot start (its model cannot be found, downloaded or
+    /// loaded): the last heartbeat it sends, with `error` saying why, just
+    /// before it exits non-zero.
+    Failed,
+}
+
+/// Where a starting worker is, in the order it goes through them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartPhase {
+    /// Finding the model's files, downloading those not yet in the cache.
+    Download,
+    /// Reading the weights into memory (or onto the GPU).
+    Weights,
+    /// Loading the tokenizer.
+    Tokenizer,
+    /// One forward pass, so the first question does not pay for lazy setup.
+    WarmUp,
+}
+
+impl StartPhase {
+    pub const ALL: [StartPhase; 4] = [
+        StartPhase::Download,
+        StartPhase::Weights,
+        StartPhase::Tokenizer,
+        StartPhase::WarmUp,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StartPhase::Download => "download",
+            StartPhase::Weights => "weights",
+            StartPhase::Tokenizer => "tokenizer",
+            StartPhase::WarmUp => "warm_up",
+        }
+    }
+}
+
+/// A finished start phase and how long it took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseTime {
+    pub phase: StartPhase,
+    pub ms: u64,
+}
+
+/// How far a model download is (all files of the model together).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DownloadProgress {
+    /// The file being downloaded now.
+    pub file: String,
+    pub bytes_done: u64,
+    /// Known once the Hub has answered for every file to fetch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_total: Option<u64>,
+    /// Recent rate, bytes a second.
+    pub bytes_per_second: f64,
+}
+
+impl DownloadProgress {
+    /// Seconds left at the recent rate, when the total is known.
+    pub fn eta_seconds(&self) -> Option<f64> {
+        let left = self.bytes_total?.saturating_sub(self.bytes_done);
+        (self.bytes_per_second > 0.0).then(|| left as f64 / self.bytes_per_second)
+    }
+}
+
+impl std::fmt::Display for DownloadProgress {
+    /// `downloading 3.1 of 15.2 GB (42.0 MB/s, 4m 50s left)`; MB below a GB.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scale = self
+            .bytes_total
+            .unwrap_or(self.bytes_done)
+            .max(self.bytes_done);
+        let (unit, per) = if scale >= 1_000_000_000 {
+            ("GB", 1e9)
+        } else {
+            ("MB", 1e6)
+        };
+        write!(f, "downloading {:.1}", self.bytes_done as f64 / per)?;
+        if let Some(total) = self.bytes_total {
+            write!(f, " of {:.1}", total as f64 / per)?;
+        }
+        write!(f, " {unit} ({:.1} MB/s", self.bytes_per_second / 1e6)?;
+        if let Some(eta) = self.eta_seconds() {
+            let eta = std::time::Duration::from_secs(eta.round() as u64);
+            write!(f, ", {} left", humantime::format_duration(eta))?;
+        }
+        write!(f, ")")
+    }
 }
 
 /// Published on `ebb.workers.heartbeat` every 2 s by every worker.
@@ -224,7 +313,47 @@ pub struct Heartbeat {
     /// Moving average of acceptance-to-answer time (queue + inference, ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mean_response_ms: Option<f64>,
+    /// While `loading`: the start phase in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<StartPhase>,
+    /// While downloading the model: how far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download: Option<DownloadProgress>,
+    /// The start phases finished so far, in order, with their durations.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub start_phases: Vec<PhaseTime>,
+    /// With state `failed`: why the worker cannot start (the file and host
+    /// of a failed download, a missing file, a bad flag).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     pub sent_at_ms: u64,
+}
+
+impl Heartbeat {
+    /// The first heartbeat of a worker: loading, nothing done yet.
+    pub fn loading(worker_id: &str, model: &str, started_at_ms: u64) -> Heartbeat {
+        Heartbeat {
+            worker_id: worker_id.to_owned(),
+            state: WorkerState::Loading,
+            model: model.to_owned(),
+            started_at_ms,
+            ready_at_ms: None,
+            jobs_done: 0,
+            jobs_failed: 0,
+            slots: 0,
+            active: 0,
+            prefill_tokens: 0,
+            prefill_tokens_saved: 0,
+            last_tokens_per_second: None,
+            mean_job_ms: None,
+            mean_response_ms: None,
+            phase: None,
+            download: None,
+            start_phases: Vec::new(),
+            error: None,
+            sent_at_ms: started_at_ms,
+        }
+    }
 }
 
 fn one_slot() -> u32 {
@@ -294,6 +423,27 @@ mod tests {
         assert_eq!(job.priority, Priority::Normal);
         assert!(job.sampling.is_greedy());
         assert_eq!(job.cache_key, None);
+    }
+
+    #[test]
+    fn download_progress_reads_as_a_sentence() {
+        let mut progress = DownloadProgress {
+            file: "model.safetensors".into(),
+            bytes_done: 3_100_000_000,
+            bytes_total: Some(15_200_000_000),
+            bytes_per_second: 50e6,
+        };
+        assert_eq!(
+            progress.to_string(),
+            "downloading 3.1 of 15.2 GB (50.0 MB/s, 4m 2s left)"
+        );
+        progress.bytes_done = 2_500_000;
+        progress.bytes_total = Some(25_000_000);
+        progress.bytes_per_second = 0.0;
+        assert_eq!(
+            progress.to_string(),
+            "downloading 2.5 of 25.0 MB (0.0 MB/s)"
+        );
     }
 
     #[test]

@@ -228,8 +228,45 @@ const ACTIVATION_DELAY_BUCKETS: [f64; 18] = [
 
 /// The activation delay histogram; the loop observes each activation as it
 /// happens, so the distribution covers every one, not a recent window.
+/// Restart delays use the same bounds.
 pub fn activation_delay_histogram() -> Histogram {
     Histogram::new(ACTIVATION_DELAY_BUCKETS)
+}
+
+/// Bucket bounds of `ebb_scaler_worker_start_phase_seconds`: a tokenizer
+/// loads in milliseconds, a model download can take half an hour.
+const START_PHASE_BUCKETS: [f64; 16] = [
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0,
+    1800.0,
+];
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PhaseLabels {
+    phase: &'static str,
+}
+
+/// The time of each start phase workers reported, by phase (four phases:
+/// a bounded label set).
+#[derive(Debug, Clone)]
+pub struct StartPhaseHistograms(Family<PhaseLabels, Histogram, fn() -> Histogram>);
+
+impl Default for StartPhaseHistograms {
+    fn default() -> Self {
+        StartPhaseHistograms(Family::new_with_constructor(|| {
+            Histogram::new(START_PHASE_BUCKETS)
+        }))
+    }
+}
+
+impl StartPhaseHistograms {
+    pub fn observe(&self, time: ebb_nats::PhaseTime) {
+        let labels = PhaseLabels {
+            phase: time.phase.as_str(),
+        };
+        self.0
+            .get_or_create(&labels)
+            .observe(time.ms as f64 / 1000.0);
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -395,16 +432,33 @@ fn register_queue(registry: &mut Registry, status: &Status, asleep: bool) {
 }
 
 /// A registry built per scrape: the values live in the loop's [`Status`],
-/// so reading them then is the snapshot; only the histogram lives on.
-fn render(status: &Status, asleep: bool, activation_delay: &Histogram) -> String {
+/// so reading them then is the snapshot; only the histograms live on.
+fn render(status: &Status, asleep: bool, shared: &Histograms<'_>) -> String {
     let mut registry = Registry::default();
     register_workers(&mut registry, status);
     register_queue(&mut registry, status, asleep);
     registry.register_with_unit(
         "ebb_scaler_activation_delay",
-        "First question at zero workers to worker start issued",
+        "First question at zero workers to worker start issued (restarts after a crash not included)",
         Unit::Seconds,
-        activation_delay.clone(),
+        shared.activation_delay.clone(),
+    );
+    registry.register_with_unit(
+        "ebb_scaler_restart_delay",
+        "Worker lost to its replacement's start issued, the crash backoff included",
+        Unit::Seconds,
+        shared.restart_delay.clone(),
+    );
+    registry.register_with_unit(
+        "ebb_scaler_worker_start_phase",
+        "Time of each start phase of workers' cold starts, as they report it",
+        Unit::Seconds,
+        shared.start_phases.0.clone(),
+    );
+    registry.register(
+        "ebb_scaler_worker_crashes_in_a_row",
+        "Workers lost (crashed, failed to start, unhealthy) since one last came up",
+        int_gauge(status.crashes_in_a_row),
     );
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry)
@@ -412,19 +466,31 @@ fn render(status: &Status, asleep: bool, activation_delay: &Histogram) -> String
     text
 }
 
+/// The histograms that live across scrapes.
+struct Histograms<'a> {
+    activation_delay: &'a Histogram,
+    restart_delay: &'a Histogram,
+    start_phases: &'a StartPhaseHistograms,
+}
+
 async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
     let shared = &state.shared;
+    let histograms = Histograms {
+        activation_delay: &shared.activation_delay,
+        restart_delay: &shared.restart_delay,
+        start_phases: &shared.start_phases,
+    };
     let text = render(
         &shared.status(),
         shared.asleep.load(Ordering::Relaxed),
-        &shared.activation_delay,
+        &histograms,
     );
     ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], text).into_response()
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{activation_delay_histogram, render, same_token};
+    use super::{Histograms, StartPhaseHistograms, activation_delay_histogram, render, same_token};
     use crate::scaler::Status;
     use ebb_control::signals::{Condition, WorkerView};
 
@@ -455,11 +521,32 @@ mod tests {
             prefill_tokens: 900,
             prefill_tokens_saved: 120,
             why_unhealthy: None,
+            state: Some(ebb_nats::WorkerState::Busy),
+            phase: None,
+            download: None,
+            download_text: None,
+            start_phases: Vec::new(),
+            error: None,
         });
+        status.crashes_in_a_row = 2;
         let delays = activation_delay_histogram();
         delays.observe(0.002);
         delays.observe(42.0);
-        let text = render(&status, false, &delays);
+        let restarts = activation_delay_histogram();
+        restarts.observe(14.3);
+        let phases = StartPhaseHistograms::default();
+        for (phase, ms) in [
+            (ebb_nats::StartPhase::Weights, 700),
+            (ebb_nats::StartPhase::Download, 95_000),
+        ] {
+            phases.observe(ebb_nats::PhaseTime { phase, ms });
+        }
+        let histograms = Histograms {
+            activation_delay: &delays,
+            restart_delay: &restarts,
+            start_phases: &phases,
+        };
+        let text = render(&status, false, &histograms);
         for line in [
             "ebb_scaler_desired_workers 2",
             r#"ebb_scaler_workers{state="busy"} 1"#,
@@ -473,6 +560,14 @@ mod tests {
             r#"ebb_scaler_activation_delay_seconds_bucket{le="30.0"} 1"#,
             r#"ebb_scaler_activation_delay_seconds_bucket{le="60.0"} 2"#,
             "ebb_scaler_activation_delay_seconds_count 2",
+            "ebb_scaler_restart_delay_seconds_count 1",
+            r#"ebb_scaler_restart_delay_seconds_bucket{le="10.0"} 0"#,
+            r#"ebb_scaler_restart_delay_seconds_bucket{le="30.0"} 1"#,
+            "# TYPE ebb_scaler_worker_start_phase_seconds histogram",
+            r#"ebb_scaler_worker_start_phase_seconds_bucket{le="1.0",phase="weights"} 1"#,
+            r#"ebb_scaler_worker_start_phase_seconds_bucket{le="60.0",phase="download"} 0"#,
+            r#"ebb_scaler_worker_start_phase_seconds_bucket{le="120.0",phase="download"} 1"#,
+            "ebb_scaler_worker_crashes_in_a_row 2",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
         }

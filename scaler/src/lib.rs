@@ -8,10 +8,12 @@
 //! - [`pool`]: the [`pool::WorkerPool`] trait and the process backend.
 //! - [`scaler`]: the loop: list, step the controller, carry out its plan.
 //! - [`http`]: `/status`, `/scale`, `/metrics`, `/healthz`.
+//! - [`memory`]: learned timetable profiles kept in NATS KV across restarts.
 //!
 //! [`run`] serves until `shutdown` resolves; `main` only parses flags.
 
 pub mod http;
+pub mod memory;
 pub mod pool;
 pub mod scaler;
 
@@ -102,9 +104,10 @@ async fn start_and_scale(
         fleet_status_of(&config),
         stopping.clone(),
     ));
+    let keeper = memory::remember(&client, &config, &shared, &stopping).await;
     shared.starting(Startup::Pool);
     let grace = config.health.stop_grace;
-    match config.backend {
+    let scaled = match config.backend {
         BackendConfig::Process(process) => {
             let pool = ProcessPool::open(process, grace)?;
             scale(Scaler::new(pool, questions, shared, config.tick), stopping).await
@@ -113,7 +116,12 @@ async fn start_and_scale(
             let pool = DockerPool::connect(docker, grace).await?;
             scale(Scaler::new(pool, questions, shared, config.tick), stopping).await
         }
+    };
+    if let Some(keeper) = keeper {
+        // The last save, made once the loop has stopped.
+        let _ = keeper.await;
     }
+    scaled
 }
 
 async fn scale<P: WorkerPool + 'static>(

@@ -14,15 +14,15 @@ use serde::Serialize;
 use tokio::sync::Notify;
 
 use crate::pool::WorkerPool;
-use ebb_control::controller::{Controller, EbbPolicy, Inputs, Plan};
+use ebb_control::controller::{Controller, EbbPolicy, Inputs, Lost, Plan};
 use ebb_control::policy::{Observation, Override, WorkerCounts};
 use ebb_control::reason::Reason;
-use ebb_control::signals::WorkerView;
+use ebb_control::signals::{ColdStarts, WorkerView};
 use ebb_schedule::timetable::Window;
 
 /// Decisions kept for `/status`.
 const DECISION_LOG: usize = 50;
-/// Activation delays kept for the percentiles.
+/// Activation (and restart) delays kept for the percentiles.
 const ACTIVATION_SAMPLES: usize = 200;
 
 /// One change of the desired count.
@@ -50,10 +50,24 @@ pub struct Status {
     pub manual_override: Option<Override>,
     pub decisions: VecDeque<DecisionRecord>,
     /// First question at zero workers -> worker start issued, milliseconds.
+    /// Only starts from zero: restarts after a crash are `restart_delays_ms`.
     pub activation_delays_ms: VecDeque<f64>,
+    /// Worker lost -> its replacement's start issued (the crash backoff
+    /// included), milliseconds.
+    pub restart_delays_ms: VecDeque<f64>,
+    /// Losses (crashes, failed starts, unhealthy workers) since a worker
+    /// last came up.
+    pub crashes_in_a_row: u32,
+    /// The most recent losses, oldest first: why, the exit status, the
+    /// worker's fatal error and its last lines of output.
+    pub losses: VecDeque<Lost>,
+    /// Measured cold starts: p90 whole, without downloads, per phase.
+    pub cold_starts: ColdStarts,
     /// Changes of the desired count by [`Reason::label`].
     pub decisions_by_reason: BTreeMap<&'static str, u64>,
     pub last_error: Option<String>,
+    /// What the `learn` timetable windows learned (kept across restarts).
+    pub learned: ebb_control::learned::LearnedFloors,
 }
 
 /// What a starting scaler still waits for; `/healthz` names it.
@@ -93,6 +107,10 @@ pub struct Shared {
     pub wake: Notify,
     /// Every activation delay, for `/metrics`.
     pub activation_delay: prometheus_client::metrics::histogram::Histogram,
+    /// Every restart delay, for `/metrics`.
+    pub restart_delay: prometheus_client::metrics::histogram::Histogram,
+    /// Every reported start phase's time, for `/metrics`.
+    pub start_phases: crate::http::StartPhaseHistograms,
 }
 
 impl Shared {
@@ -105,6 +123,8 @@ impl Shared {
             asleep: AtomicBool::new(false),
             wake: Notify::new(),
             activation_delay: crate::http::activation_delay_histogram(),
+            restart_delay: crate::http::activation_delay_histogram(),
+            start_phases: crate::http::StartPhaseHistograms::default(),
         }
     }
 
@@ -212,15 +232,13 @@ impl<P: WorkerPool> Scaler<P> {
             };
             controller.step(inputs, now)
         };
-        for lost in &plan.lost {
-            tracing::warn!(worker_id = %lost.id, why = %lost.why, crashes_in_a_row = lost.crashes_in_a_row, backoff_ms = lost.backoff.as_millis() as u64, "worker lost; replacing it after a backoff");
-        }
+        log_losses(&plan);
         let verdict = &plan.verdict;
         if verdict.desired != plan.previous {
             tracing::info!(from = plan.previous, to = verdict.desired, reason = %verdict.reason, "desired workers changed");
         }
-        let activation = self.carry_out(&plan, now, &mut errors).await;
-        self.publish(&plan, activation, errors, now);
+        let starts = self.carry_out(&plan, now, &mut errors).await;
+        self.publish(&plan, starts, errors, now);
         self.shared
             .asleep
             .store(verdict.desired == 0, Ordering::Relaxed);
@@ -232,26 +250,37 @@ impl<P: WorkerPool> Scaler<P> {
         verdict.next_wake
     }
 
-    /// Stops and starts what the plan says; returns the activation delay
-    /// when this round started the first worker for waiting questions.
+    /// Stops and starts what the plan says; returns the delay of this
+    /// round's starts: an activation when it started the first worker for
+    /// questions waiting at zero, a restart when it replaced a lost one.
     async fn carry_out(
         &mut self,
         plan: &Plan,
         now: DateTime<Utc>,
         errors: &mut Vec<String>,
-    ) -> Option<Duration> {
+    ) -> Starts {
         for id in &plan.stop {
             if let Err(err) = self.pool.stop(id).await {
                 errors.push(format!("stopping {id}: {err}"));
             }
         }
         if let Some(until) = plan.held_back_until {
+            // Name the loss being backed off from: "backoff until" alone
+            // leaves an operator guessing why workers do not come up.
+            let last = self.shared.controller().losses().back().cloned();
+            let why = last.map_or_else(String::new, |lost| {
+                let cause = lost.error.unwrap_or(lost.why);
+                format!(
+                    " after {} crashes in a row (last: {cause})",
+                    lost.crashes_in_a_row
+                )
+            });
             errors.push(format!(
-                "restart backoff until {}",
+                "restart backoff until {}{why}",
                 until.format("%H:%M:%S")
             ));
         }
-        let mut activation = None;
+        let mut started = false;
         for _ in 0..plan.start {
             if let Err(err) = self.pool.start().await {
                 let lost = self.shared.controller().start_failed(err.to_string(), now);
@@ -259,27 +288,32 @@ impl<P: WorkerPool> Scaler<P> {
                 errors.push(err.to_string());
                 break;
             }
-            if activation.is_none()
-                && let Some(since) = plan.unserved_since
-            {
-                activation = Some((Utc::now() - since).to_std().unwrap_or_default());
-            }
+            started = true;
         }
-        activation
+        let issued = Utc::now();
+        let delay = |since: DateTime<Utc>| (issued - since).to_std().unwrap_or_default();
+        Starts {
+            activation: plan.unserved_since.filter(|_| started).map(delay),
+            restart: plan.replacing_since.filter(|_| started).map(delay),
+        }
     }
 
-    fn publish(
-        &self,
-        plan: &Plan,
-        activation: Option<Duration>,
-        errors: Vec<String>,
-        now: DateTime<Utc>,
-    ) {
-        let (next_window, manual) = {
-            let controller = self.shared.controller();
+    fn publish(&self, plan: &Plan, starts: Starts, errors: Vec<String>, now: DateTime<Utc>) {
+        let (next_window, manual, losses, crashes_in_a_row, cold_starts) = {
+            let mut controller = self.shared.controller();
+            for time in controller.take_new_phase_times() {
+                self.shared.start_phases.observe(time);
+            }
             let ebb = controller.autoscaler();
-            (ebb.timetable().next_window(now), ebb.state.manual.clone())
+            (
+                ebb.timetable().next_window(now),
+                ebb.state.manual.clone(),
+                controller.losses().clone(),
+                controller.crashes_in_a_row(),
+                controller.cold_starts(),
+            )
         };
+        let learned = self.shared.controller().autoscaler().state.learned.clone();
         let verdict = &plan.verdict;
         let mut status = self.shared.status.lock().expect("status lock");
         if verdict.desired != plan.previous {
@@ -297,19 +331,25 @@ impl<P: WorkerPool> Scaler<P> {
                 status.decisions.pop_front();
             }
         }
-        if let Some(delay) = activation {
+        if let Some(delay) = starts.activation {
             tracing::info!(
                 activation_ms = delay.as_secs_f64() * 1000.0,
                 "started a worker for questions waiting at zero"
             );
             self.shared.activation_delay.observe(delay.as_secs_f64());
-            status
-                .activation_delays_ms
-                .push_back(delay.as_secs_f64() * 1000.0);
-            if status.activation_delays_ms.len() > ACTIVATION_SAMPLES {
-                status.activation_delays_ms.pop_front();
-            }
+            push_ms(&mut status.activation_delays_ms, delay);
         }
+        if let Some(delay) = starts.restart {
+            tracing::info!(
+                restart_ms = delay.as_secs_f64() * 1000.0,
+                "started a worker to replace a lost one"
+            );
+            self.shared.restart_delay.observe(delay.as_secs_f64());
+            push_ms(&mut status.restart_delays_ms, delay);
+        }
+        status.losses = losses;
+        status.crashes_in_a_row = crashes_in_a_row;
+        status.cold_starts = cold_starts;
         for error in &errors {
             tracing::warn!(cause = %error, "scaler round had a problem");
         }
@@ -323,6 +363,47 @@ impl<P: WorkerPool> Scaler<P> {
         status.timetable_floor = verdict.floor.clone();
         status.next_window = next_window;
         status.manual_override = manual;
+        status.learned = learned;
         status.last_error = errors.into_iter().next();
+    }
+}
+
+/// The delays of one round's starts.
+#[derive(Debug, Clone, Copy, Default)]
+struct Starts {
+    activation: Option<Duration>,
+    restart: Option<Duration>,
+}
+
+fn push_ms(samples: &mut VecDeque<f64>, delay: Duration) {
+    samples.push_back(delay.as_secs_f64() * 1000.0);
+    while samples.len() > ACTIVATION_SAMPLES {
+        samples.pop_front();
+    }
+}
+
+/// Logs each loss with the worker's own last lines: after a container is
+/// removed, this log and `/status` are where its account of a crash is left.
+/// The lines hold no question text: workers log questions at debug level at
+/// most, and the backends leave debug lines out.
+fn log_losses(plan: &Plan) {
+    for lost in &plan.lost {
+        tracing::warn!(
+            worker_id = %lost.id,
+            why = %lost.why,
+            error = lost.error.as_deref(),
+            crashes_in_a_row = lost.crashes_in_a_row,
+            backoff_ms = lost.backoff.as_millis() as u64,
+            last_output = ?lost.last_output,
+            "worker lost; replacing it after a backoff"
+        );
+    }
+    for lost in &plan.exited_after_loss {
+        tracing::warn!(
+            worker_id = %lost.id,
+            status = lost.exit_status.as_deref(),
+            last_output = ?lost.last_output,
+            "a lost worker exited"
+        );
     }
 }

@@ -428,21 +428,15 @@ impl<'a> Sim<'a> {
             (false, true, _) => WorkerState::Busy,
         };
         Heartbeat {
-            worker_id: worker.id.clone(),
             state,
-            model: String::new(),
-            started_at_ms: ms(worker.requested_at),
             ready_at_ms: worker.ready_at.map(ms),
             jobs_done: worker.jobs_done,
-            jobs_failed: 0,
             slots: self.model.concurrency,
             active: worker.active(),
-            prefill_tokens: 0,
-            prefill_tokens_saved: 0,
-            last_tokens_per_second: None,
             mean_job_ms: worker.mean_job.map(|s| s * 1000.0),
             mean_response_ms: worker.mean_response.map(|s| s * 1000.0),
             sent_at_ms: ms(self.now),
+            ..Heartbeat::loading(&worker.id, "", ms(worker.requested_at))
         }
     }
 

@@ -487,3 +487,36 @@ fn the_plot_carries_workers_through_quiet_buckets() {
 /// The measured engine (`--worker-profile`).
 #[path = "profile_tests.rs"]
 mod profile;
+
+/// A question every 10 minutes for three hours, against 30 s cold starts
+/// (longer than the default config's 4 s wait goal): the replay runs the
+/// same miss-budget rule as the live scaler.
+#[test]
+fn sparse_traffic_keeps_a_worker_unless_told_to_scale_to_zero() {
+    let trace = trace((0..18).map(|n| arrival(f64::from(n) * 600.0, 1)).collect());
+    let model = WorkerModel {
+        cold_start_median_s: 30.0,
+        cold_start_p90_s: 30.0,
+        ..model()
+    };
+    let replay = |extra: &str| {
+        let config = ScalerConfig::parse(&format!("{DEFAULT_CONFIG}{extra}")).unwrap();
+        let mut ebb = policies::ebb(config, 1);
+        engine::replay(&setup(&trace, &model), &mut ebb, 1)
+    };
+    let late = |outcome: &engine::Outcome| {
+        outcome
+            .fates
+            .iter()
+            .filter(|fate| answered(**fate).0 > 5.0)
+            .count()
+    };
+    // 18 questions at 99.9 % never pay for a late one: the floor stays 1.
+    let budgeted = replay("");
+    assert_eq!((budgeted.cold_starts, late(&budgeted)), (0, 0));
+    // Told to always scale to zero, every question after the first wakes
+    // workers and waits a cold start.
+    let always = replay("scale_to_zero: always\n");
+    assert_eq!(late(&always), 17);
+    assert!(always.cold_starts >= 17, "{}", always.cold_starts);
+}

@@ -7,9 +7,11 @@
 //! - [`stack`]: [`Stack`] (servers + gateway + tiny model) and [`WorkerProcess`].
 //! - [`sse`]: a Server-Sent Events reader.
 //! - [`eventually()`]: the one polling wait.
+//! - [`hub`]: [`hub::HubServer`], a local Hugging Face Hub for download tests.
 //! - [`scaler`]: [`ScalerProcess`], an `ebb-scaler` running tiny-model workers.
 
 pub mod eventually;
+pub mod hub;
 pub mod scaler;
 pub mod servers;
 pub mod sse;

@@ -36,11 +36,18 @@ pub fn scaler_binary() -> PathBuf {
 
 /// Backend section running tiny-model workers against `stack`.
 pub fn process_backend(stack: &Stack, state_dir: &std::path::Path, worker_args: &[&str]) -> String {
+    process_backend_of(stack, state_dir, &tiny_model_dir(), worker_args)
+}
+
+/// Backend section running workers of the model in `model_dir`.
+pub fn process_backend_of(
+    stack: &Stack,
+    state_dir: &std::path::Path,
+    model_dir: &std::path::Path,
+    worker_args: &[&str],
+) -> String {
     let mut args = stack.shared_args();
-    args.extend([
-        "--model-dir".to_owned(),
-        tiny_model_dir().display().to_string(),
-    ]);
+    args.extend(["--model-dir".to_owned(), model_dir.display().to_string()]);
     args.extend(worker_args.iter().map(|a| a.to_string()));
     format!(
         "backend:\n  kind: process\n  command: {}\n  state_dir: {}\n  pool: test\n  args: {}\n",
@@ -58,6 +65,24 @@ impl ScalerProcess {
             format!(
                 "{policy}\n{}",
                 process_backend(stack, state_dir, worker_args)
+            )
+        });
+        scaler.restart();
+        scaler
+    }
+
+    /// Starts a scaler whose workers load the model in `model_dir` (one
+    /// that may be missing or broken) and waits until its loop runs.
+    pub fn start_with_model(
+        stack: &Stack,
+        policy: &str,
+        model_dir: &std::path::Path,
+        worker_args: &[&str],
+    ) -> ScalerProcess {
+        let mut scaler = ScalerProcess::configure(stack.nats.url(), |state_dir| {
+            format!(
+                "{policy}\n{}",
+                process_backend_of(stack, state_dir, model_dir, worker_args)
             )
         });
         scaler.restart();

@@ -286,3 +286,63 @@ async fn docker_backend_explains_gpus_without_a_gpu_runtime() {
         ),
     }
 }
+
+#[tokio::test]
+async fn docker_backend_keeps_the_last_output_of_a_crashed_container() {
+    ensure_test_image();
+    let pool_name = format!(
+        "crash{}{}",
+        std::process::id(),
+        ebb_nats::now_ms() % 100_000
+    );
+    let _cleanup = Cleanup {
+        pool: pool_name.clone(),
+        names: Vec::new(),
+    };
+    let mut config = config(&pool_name);
+    config.command = Some(vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        "i=0; while [ $i -lt 30 ]; do echo line $i; i=$((i+1)); done; echo 'cannot download config.json from huggingface.co' >&2; exit 1".into(),
+    ]);
+    let mut pool = DockerPool::connect(config, Duration::from_secs(10))
+        .await
+        .expect("engine reachable");
+    let id = pool.start().await.expect("start");
+    let listed = wait_for(&mut pool, "the container exited", |l| {
+        l.iter()
+            .any(|w| w.id == id && matches!(w.phase, Phase::Exited { .. }))
+    })
+    .await;
+    let exit = listed.into_iter().find(|w| w.id == id).unwrap();
+    let Phase::Exited {
+        status,
+        requested,
+        last_output,
+    } = exit.phase
+    else {
+        unreachable!()
+    };
+    assert!(!requested);
+    assert!(status.contains("Exited (1)"), "{status}");
+    assert_eq!(last_output.len(), ebb_scaler::pool::LAST_OUTPUT_LINES);
+    // The engine keeps stdout and stderr apart: their order may differ.
+    assert!(
+        last_output
+            .iter()
+            .any(|l| l == "cannot download config.json from huggingface.co"),
+        "{last_output:?}"
+    );
+    assert!(
+        last_output.contains(&"line 29".to_owned()),
+        "{last_output:?}"
+    );
+    assert!(
+        !last_output.contains(&"line 5".to_owned()),
+        "only the last lines"
+    );
+    assert!(
+        docker(&["ps", "-aq", "--filter", &format!("name=ebb-{id}")]).is_empty(),
+        "removed after its logs were read"
+    );
+}

@@ -10,6 +10,7 @@
 //! - [`runner`]: keeps the batch's slots full from JetStream; heartbeats.
 //! - [`job`]: one question: record, answer, stream, acknowledge, retry.
 //! - [`serving_order`]: priorities with aging.
+//! - [`start`]: start phases in heartbeats and logs; the failed heartbeat.
 //! - [`tiny`]: the random-weight model for tests, demos and benchmarks.
 //!
 //! [`run`] serves until `shutdown` is cancelled, finishes every question in
@@ -22,11 +23,13 @@ mod job;
 pub mod model;
 pub mod runner;
 pub mod serving_order;
+pub mod start;
 pub mod tiny;
 
 use std::sync::Arc;
+use std::time::Instant;
 
-use ebb_nats::{Heartbeat, Topology, WorkerState};
+use ebb_nats::{Heartbeat, StartPhase, Topology, WorkerState};
 use ebb_store::{Lifecycle, Store};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -35,7 +38,8 @@ pub use config::Config;
 use engine::EngineConfig;
 use engine::thread::{EngineHandle, KvBudget};
 use generate::{Generator, Prompts};
-use model::{HubOptions, ModelRequest, Qwen};
+use model::{HubOptions, ModelFiles, ModelRequest, Qwen};
+use start::StartProgress;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -53,8 +57,20 @@ pub enum WorkerError {
     EngineStopped,
 }
 
-/// Finds, downloads if needed, and loads the configured model.
-pub async fn load_generator(config: &Config) -> Result<Generator, WorkerError> {
+/// Prompt tokens of the warm-up pass: several, so that the many-row
+/// (prefill) kernels run as well as the one-row (decode) step after them.
+const WARM_UP_TOKENS: usize = 4;
+
+/// A chat turn the warm-up prompt is taken from.
+const WARM_UP_TEXT: &str = "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n";
+
+/// Finds, downloads if needed, and loads the configured model, then runs
+/// one warm-up forward pass; each phase is reported to `progress`.
+pub async fn load_generator(
+    config: &Config,
+    progress: &StartProgress,
+) -> Result<Generator, WorkerError> {
+    let download = Instant::now();
     let request = ModelRequest {
         repo: &config.model.repo,
         revision: &config.model.revision,
@@ -62,8 +78,18 @@ pub async fn load_generator(config: &Config) -> Result<Generator, WorkerError> {
         gguf_file: config.gguf_file.as_deref(),
         tokenizer_repo: config.tokenizer_repo.as_deref(),
     };
-    let files =
-        model::files::resolve(&request, &HubOptions::from_env(config.download_timeout)).await?;
+    let hub = HubOptions::from_env(config.download_timeout);
+    let heartbeat = progress.heartbeat().clone();
+    let report: model::download::ReportFn = Arc::new(move |download| {
+        heartbeat.send_modify(|beat| beat.download = Some(download.clone()));
+    });
+    let files = model::files::resolve_reporting(&request, &hub, Some(report)).await;
+    // The download phase is over, done or failed.
+    progress
+        .heartbeat()
+        .send_modify(|beat| beat.download = None);
+    let files = files?;
+    progress.finished(StartPhase::Download, download.elapsed());
     let device = model::device(config.device)?;
     let dtype = model::dtype(config.dtype, &device);
     let system_prompt = config.system_prompt.clone();
@@ -71,14 +97,52 @@ pub async fn load_generator(config: &Config) -> Result<Generator, WorkerError> {
         prefill_chunk: config.prefill_chunk as usize,
         prefix_cache_tokens: config.prefix_cache_tokens as usize,
     };
+    let progress = progress.clone();
     let generator = tokio::task::spawn_blocking(move || {
-        let model = Qwen::load(&files, &device, dtype)?;
-        let prompts = Prompts::new(&files.tokenizer, system_prompt)?;
+        let (model, prompts) = load_in_parallel(&files, &device, dtype, system_prompt, &progress)?;
+        let warm_up = Instant::now();
+        let prompt = prompts
+            .tokenizer()
+            .encode(WARM_UP_TEXT, false)
+            .map_err(|err| model::ModelError::Tokenizer {
+                path: files.tokenizer.clone(),
+                message: err.to_string(),
+            })?;
+        let ids = prompt.get_ids();
+        model.warm_up(&ids[..ids.len().min(WARM_UP_TOKENS)])?;
+        progress.finished(StartPhase::WarmUp, warm_up.elapsed());
         Ok::<_, model::ModelError>(Generator::new(model, prompts, engine_config))
     })
     .await
     .expect("model loading does not panic")?;
     Ok(generator)
+}
+
+/// The weights on this thread and the tokenizer on another: the tokenizer
+/// (a large vocabulary and merge table to parse) is off the critical path.
+/// Each phase reports its own duration.
+fn load_in_parallel(
+    files: &ModelFiles,
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+    system_prompt: String,
+    progress: &StartProgress,
+) -> Result<(Qwen, Prompts), model::ModelError> {
+    std::thread::scope(|scope| {
+        let tokenizer = scope.spawn(|| {
+            let started = Instant::now();
+            let prompts = Prompts::new(&files.tokenizer, system_prompt)?;
+            progress.finished(StartPhase::Tokenizer, started.elapsed());
+            Ok::<_, model::ModelError>(prompts)
+        });
+        let started = Instant::now();
+        let model = Qwen::load(files, device, dtype);
+        if model.is_ok() {
+            progress.finished(StartPhase::Weights, started.elapsed());
+        }
+        let prompts = tokenizer.join().expect("tokenizer loading does not panic");
+        Ok((model?, prompts?))
+    })
 }
 
 /// The KV budget: `--kv-cache-mib`, or what the device has left after the
@@ -126,9 +190,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
     let Some(topology) = open_topology(&client, &config, &shutdown).await else {
         return Ok(());
     };
-    let store = Store::connect_lazy(&config.services.redis_url)?;
-
-    let (heartbeat, beats) = watch::channel(loading(&worker_id, &identity, started_at_ms));
+    let (heartbeat, beats) =
+        watch::channel(Heartbeat::loading(&worker_id, &identity, started_at_ms));
+    let progress = StartProgress::new(heartbeat.clone());
+    // Sent before loading starts, so the first heartbeat anyone sees of a
+    // starting worker is `loading` in its first phase, however fast the
+    // load (the publisher below coalesces changes).
+    let first = heartbeat.borrow().clone();
+    if let Err(err) = start::publish_now(&client, &first).await {
+        tracing::debug!(cause = %err, "heartbeat not sent");
+    }
     let stop_heartbeats = CancellationToken::new();
     let heartbeats = tokio::spawn(runner::publish_heartbeats(
         client.clone(),
@@ -136,31 +207,52 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
         stop_heartbeats.clone(),
     ));
     tracing::info!(worker_id, model = %identity, "loading model");
-    let generator = tokio::select! {
-        generator = load_generator(&config) => generator?,
+    let loaded = tokio::select! {
+        loaded = load(&config, &topology, &progress) => loaded,
         _ = shutdown.cancelled() => {
             tracing::info!("stopped while loading the model");
             stop_heartbeats.cancel();
             return Ok(());
         }
     };
-    let budget = kv_budget(&config, &generator)?;
-    let slots = config.max_batch.map_or_else(
-        || default_slots(generator.engine.model().forward.device()),
-        |slots| slots as usize,
-    );
+    let Loaded {
+        store,
+        generator,
+        budget,
+        slots,
+        consumers,
+    } = match loaded {
+        Ok(loaded) => loaded,
+        Err(err) => {
+            // The scaler, not only this process's log, must learn why.
+            stop_heartbeats.cancel();
+            let _ = heartbeats.await;
+            start::publish_failure(&client, &heartbeat, start::error_message(&err)).await;
+            return Err(err);
+        }
+    };
     let Generator { engine, prompts } = generator;
     let max_context = engine.model().max_context;
     let engine = EngineHandle::spawn(engine, slots, config.hooks.step_delay());
     let ready_at_ms = ebb_nats::now_ms();
     heartbeat.send_modify(|beat| {
         beat.state = WorkerState::Ready;
+        beat.phase = None;
         beat.ready_at_ms = Some(ready_at_ms);
         beat.slots = slots as u32;
     });
-    tracing::info!(cold_start_ms = ready_at_ms - started_at_ms, slots, "ready");
+    let phases = progress.phases();
+    let ms = |phase| start::phase_ms(&phases, phase);
+    tracing::info!(
+        cold_start_ms = ready_at_ms - started_at_ms,
+        download_ms = ms(StartPhase::Download),
+        weights_ms = ms(StartPhase::Weights),
+        tokenizer_ms = ms(StartPhase::Tokenizer),
+        warm_up_ms = ms(StartPhase::WarmUp),
+        slots,
+        "ready"
+    );
 
-    let consumers = runner::consumers(&topology).await?;
     let worker = Arc::new(runner::Worker {
         delivery: runner::DeliveryPolicy::of(&consumers[0]),
         consumers,
@@ -185,6 +277,39 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
     served
 }
 
+/// What a worker needs to serve, made while it is `loading`.
+struct Loaded {
+    store: Store,
+    generator: Generator,
+    budget: Arc<KvBudget>,
+    slots: usize,
+    consumers: Vec<async_nats::jetstream::consumer::PullConsumer>,
+}
+
+/// Everything that can stop a worker from starting once its heartbeat is
+/// live, so that any such failure reaches the scaler.
+async fn load(
+    config: &Config,
+    topology: &Topology,
+    progress: &StartProgress,
+) -> Result<Loaded, WorkerError> {
+    let store = Store::connect_lazy(&config.services.redis_url)?;
+    let generator = load_generator(config, progress).await?;
+    let budget = kv_budget(config, &generator)?;
+    let slots = config.max_batch.map_or_else(
+        || default_slots(generator.engine.model().forward.device()),
+        |slots| slots as usize,
+    );
+    let consumers = runner::consumers(topology).await?;
+    Ok(Loaded {
+        store,
+        generator,
+        budget,
+        slots,
+        consumers,
+    })
+}
+
 /// The gateway owns the topology: a worker started first (or alone) waits
 /// for it rather than imposing its own flags on the queue. `None`: stopped
 /// while waiting.
@@ -202,27 +327,6 @@ async fn open_topology(
             tracing::info!("stopped while waiting for the queue topology");
             None
         }
-    }
-}
-
-/// The heartbeat of a worker still loading its model.
-fn loading(worker_id: &str, identity: &str, started_at_ms: u64) -> Heartbeat {
-    Heartbeat {
-        worker_id: worker_id.to_owned(),
-        state: WorkerState::Loading,
-        model: identity.to_owned(),
-        started_at_ms,
-        ready_at_ms: None,
-        jobs_done: 0,
-        jobs_failed: 0,
-        slots: 0,
-        active: 0,
-        prefill_tokens: 0,
-        prefill_tokens_saved: 0,
-        last_tokens_per_second: None,
-        mean_job_ms: None,
-        mean_response_ms: None,
-        sent_at_ms: started_at_ms,
     }
 }
 

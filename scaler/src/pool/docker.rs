@@ -5,7 +5,9 @@
 //! `io.ebb.worker-id=<id>`; it lists, signals and removes only containers
 //! with its pool label, so a restarted scaler adopts its own workers and
 //! never touches anything else. Stopping sends SIGTERM (the worker drains),
-//! then SIGKILL after the grace period; exited containers are removed.
+//! then SIGKILL after the grace period; exited containers are removed, their
+//! last lines of output read first (the worker's own account of a crash
+//! would otherwise go with the container).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -16,12 +18,13 @@ use bollard::models::{
     RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
-    CreateContainerOptions, KillContainerOptions, ListContainersOptions, RemoveContainerOptions,
-    StartContainerOptions,
+    CreateContainerOptions, KillContainerOptions, ListContainersOptions, LogsOptions,
+    RemoveContainerOptions, StartContainerOptions,
 };
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 
-use super::{Phase, PoolError, PoolWorker, WorkerPool};
+use super::{LAST_OUTPUT_LINES, Phase, PoolError, PoolWorker, WorkerPool, last_lines};
 use ebb_control::config::{DockerBackendConfig, GpuRequest};
 
 pub const POOL_LABEL: &str = "io.ebb.pool";
@@ -134,7 +137,38 @@ impl DockerPool {
     fn container_name(&self, id: &str) -> String {
         format!("ebb-{id}")
     }
+
+    /// The last lines of an exited container's output; none if the engine
+    /// cannot give them (a log driver without reads, an engine hiccup).
+    async fn last_output(&self, container: &str) -> Vec<String> {
+        let options = LogsOptions {
+            stdout: true,
+            stderr: true,
+            // More than kept: debug lines and blank ones are left out.
+            tail: (LAST_OUTPUT_LINES * 3).to_string(),
+            ..Default::default()
+        };
+        let mut logs = self.docker.logs(container, Some(options));
+        let mut output = Vec::new();
+        let read = async {
+            while let Some(chunk) = logs.next().await {
+                output.extend_from_slice(chunk?.as_ref());
+            }
+            Ok::<_, bollard::errors::Error>(())
+        };
+        match tokio::time::timeout(LOGS_TIMEOUT, read).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                tracing::debug!(container, cause = %err, "cannot read an exited worker's logs");
+            }
+            Err(_) => tracing::debug!(container, "reading an exited worker's logs timed out"),
+        }
+        last_lines(&output)
+    }
 }
+
+/// Longest the listing waits for an exited container's logs.
+const LOGS_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl WorkerPool for DockerPool {
     async fn list(&mut self) -> Result<Vec<PoolWorker>, PoolError> {
@@ -170,6 +204,7 @@ impl WorkerPool for DockerPool {
             let phase = match container.state {
                 Some(ContainerSummaryStateEnum::EXITED | ContainerSummaryStateEnum::DEAD) => {
                     let requested = self.stopping.remove(&id).is_some();
+                    let last_output = self.last_output(&name).await;
                     let options = RemoveContainerOptions {
                         force: true,
                         ..Default::default()
@@ -180,6 +215,7 @@ impl WorkerPool for DockerPool {
                     Phase::Exited {
                         status: container.status.unwrap_or_default(),
                         requested,
+                        last_output,
                     }
                 }
                 _ => match self.stopping.get(&id).copied() {

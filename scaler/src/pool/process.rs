@@ -4,7 +4,10 @@
 //! not reach it) and is recorded in `<state_dir>/<pool>/<id>.json` with its
 //! pid and the kernel's start time of that pid, so a restarted scaler adopts
 //! exactly the processes it started and cannot mistake a recycled pid for
-//! one of them. Output goes to `<id>.log` beside the record.
+//! one of them. Output goes to `<id>.log` beside the record; when a worker
+//! exits its last lines are read from there for `/status`, and the logs of
+//! the last [`KEPT_LOGS`] exited workers are kept for an operator to read
+//! whole (older ones are removed, so a crash loop cannot fill the disk).
 
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
@@ -15,8 +18,13 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{Phase, PoolError, PoolWorker, WorkerPool};
+use super::{Phase, PoolError, PoolWorker, WorkerPool, last_lines};
 use ebb_control::config::ProcessBackendConfig;
+
+/// Logs of exited workers kept in the state directory.
+pub const KEPT_LOGS: usize = 10;
+/// How much of the end of a log is read for its last lines.
+const TAIL_BYTES: u64 = 16 * 1024;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Record {
@@ -87,13 +95,48 @@ impl ProcessPool {
                 }
             }
         }
-        Ok(ProcessPool {
+        let pool = ProcessPool {
             config,
             dir,
             grace,
             workers,
             started: 0,
-        })
+        };
+        pool.prune_logs();
+        Ok(pool)
+    }
+
+    fn log_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.log"))
+    }
+
+    /// Removes the logs of exited workers but the newest [`KEPT_LOGS`].
+    fn prune_logs(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut exited: Vec<(std::time::SystemTime, PathBuf)> = entries
+            .filter_map(Result::ok)
+            .map(|entry| entry.path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "log"))
+            .filter(|path| {
+                path.file_stem()
+                    .and_then(|stem| stem.to_str())
+                    .is_none_or(|id| !self.workers.contains_key(id))
+            })
+            .map(|path| {
+                let modified = std::fs::metadata(&path)
+                    .and_then(|meta| meta.modified())
+                    .unwrap_or(std::time::UNIX_EPOCH);
+                (modified, path)
+            })
+            .collect();
+        exited.sort_by_key(|(modified, _)| std::cmp::Reverse(*modified));
+        for (_, path) in exited.into_iter().skip(KEPT_LOGS) {
+            if let Err(err) = std::fs::remove_file(&path) {
+                tracing::debug!(path = %path.display(), cause = %err, "cannot remove an old worker log");
+            }
+        }
     }
 
     /// Pids of the workers this pool tracks (for tests and diagnostics).
@@ -141,6 +184,7 @@ impl WorkerPool for ProcessPool {
                 Phase::Exited {
                     status,
                     requested: managed.stopping_since.is_some(),
+                    last_output: tail_of(&self.dir.join(format!("{id}.log"))),
                 }
             } else if let Some(since) = managed.stopping_since {
                 let overdue = (now - since).to_std().unwrap_or_default() > self.grace;
@@ -159,9 +203,13 @@ impl WorkerPool for ProcessPool {
                 phase,
             });
         }
+        let exits = !gone.is_empty();
         for id in gone {
             self.workers.remove(&id);
             let _ = std::fs::remove_file(self.record_path(&id));
+        }
+        if exits {
+            self.prune_logs();
         }
         Ok(listed)
     }
@@ -175,7 +223,7 @@ impl WorkerPool for ProcessPool {
             started_at.timestamp_millis(),
             self.started
         );
-        let log_path = self.dir.join(format!("{id}.log"));
+        let log_path = self.log_path(&id);
         let log = std::fs::File::create(&log_path).map_err(io_error(&log_path))?;
         let child = Command::new(&self.config.command)
             .args(&self.config.args)
@@ -240,6 +288,34 @@ impl WorkerPool for ProcessPool {
     }
 }
 
+/// The last lines of a worker's log; none if it cannot be read.
+fn tail_of(path: &Path) -> Vec<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let read = || -> std::io::Result<(Vec<u8>, bool)> {
+        let mut file = std::fs::File::open(path)?;
+        let from = file.metadata()?.len().saturating_sub(TAIL_BYTES);
+        file.seek(SeekFrom::Start(from))?;
+        let mut bytes = Vec::new();
+        file.take(TAIL_BYTES).read_to_end(&mut bytes)?;
+        Ok((bytes, from > 0))
+    };
+    match read() {
+        Ok((bytes, cut)) => {
+            // A cut-off first line is not a line: skip to the first newline.
+            let start = if cut {
+                bytes.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1)
+            } else {
+                0
+            };
+            last_lines(&bytes[start..])
+        }
+        Err(err) => {
+            tracing::debug!(path = %path.display(), cause = %err, "cannot read an exited worker's log");
+            Vec::new()
+        }
+    }
+}
+
 /// The kernel's start time (in clock ticks since boot) of a live process.
 fn process_start(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -286,5 +362,73 @@ mod tests {
         let first = process_start(me).expect("own /proc entry");
         assert_eq!(process_start(me), Some(first));
         assert_eq!(process_start(u32::MAX), None);
+    }
+
+    /// Lists `pool` until a worker exits; that exit.
+    async fn next_exit(pool: &mut ProcessPool) -> PoolWorker {
+        for _ in 0..200 {
+            let listed = pool.list().await.expect("list");
+            if let Some(exit) = listed
+                .into_iter()
+                .find(|w| matches!(w.phase, Phase::Exited { .. }))
+            {
+                return exit;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no worker exited");
+    }
+
+    #[tokio::test]
+    async fn an_exited_worker_leaves_its_last_lines_and_old_logs_are_removed() {
+        let state_dir = std::env::temp_dir().join(format!(
+            "ebb-process-pool-{}-{}",
+            std::process::id(),
+            Utc::now().timestamp_nanos_opt().unwrap_or_default()
+        ));
+        let config = ProcessBackendConfig {
+            command: "/bin/sh".into(),
+            args: vec![
+                "-c".into(),
+                "seq 1 40; echo 'cannot open /models/missing: No such file' >&2; exit 3".into(),
+            ],
+            env: Default::default(),
+            state_dir: state_dir.clone(),
+            pool: "p".into(),
+        };
+        let mut pool = ProcessPool::open(config, Duration::from_secs(5)).expect("open");
+        let id = pool.start().await.expect("start");
+        let exit = next_exit(&mut pool).await;
+        assert_eq!(exit.id, id);
+        let Phase::Exited {
+            status,
+            requested,
+            last_output,
+        } = exit.phase
+        else {
+            unreachable!()
+        };
+        assert!(!requested);
+        assert!(status.contains('3'), "{status}");
+        assert_eq!(last_output.len(), crate::pool::LAST_OUTPUT_LINES);
+        assert_eq!(last_output[0], "22");
+        assert_eq!(
+            last_output.last().unwrap(),
+            "cannot open /models/missing: No such file"
+        );
+
+        for _ in 0..KEPT_LOGS + 2 {
+            pool.start().await.expect("start");
+            next_exit(&mut pool).await;
+        }
+        let logs = std::fs::read_dir(state_dir.join("p"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "log"))
+            })
+            .count();
+        assert_eq!(logs, KEPT_LOGS, "only the newest logs are kept");
+        let _ = std::fs::remove_dir_all(&state_dir);
     }
 }

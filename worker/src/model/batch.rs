@@ -78,7 +78,7 @@ impl Forward {
         let mut x = self
             .weights
             .embed
-            .index_select(&ids, 0)?
+            .lookup(&ids)?
             .to_dtype(self.weights.dtype)?;
         for (index, layer) in self.weights.layers.iter().enumerate() {
             x = self.layer(index, layer, &x, segments, &cos, &sin)?;

@@ -15,6 +15,7 @@
 
 pub mod attention;
 pub mod batch;
+pub mod download;
 pub mod files;
 pub mod kv_cache;
 pub mod matmul;
@@ -47,10 +48,12 @@ pub enum ModelError {
         endpoint: String,
         timeout: Duration,
     },
-    #[error("downloading `{file}`: {source}")]
+    #[error("downloading `{file}` from {endpoint}: {message}")]
     Download {
         file: String,
-        source: hf_hub::api::tokio::ApiError,
+        endpoint: String,
+        /// The error with its causes (`connection refused` and the like).
+        message: String,
     },
     #[error("reading {}: {source}", path.display())]
     Io {
@@ -120,6 +123,30 @@ impl Qwen {
     pub fn kv_bytes_per_token(&self) -> usize {
         let weights = &self.forward.weights;
         kv_cache::bytes_per_token(&weights.dims, weights.dtype)
+    }
+
+    /// Runs `prompt` and then one decoded token through the batched forward
+    /// pass on a throwaway cache, so that lazy setup (the matmul thread
+    /// pool, first-touch allocations, CUDA kernels) is paid at start and not
+    /// by the first question. The logits are discarded; the cache is freed.
+    pub fn warm_up(&self, prompt: &[u32]) -> candle_core::Result<()> {
+        let Some(&last) = prompt.last() else {
+            candle_core::bail!("the warm-up prompt is empty")
+        };
+        let weights = &self.forward.weights;
+        let device = self.forward.device();
+        let mut cache =
+            kv_cache::SequenceCache::new(&weights.dims, prompt.len() + 1, weights.dtype, device)?;
+        for tokens in [prompt, &[last]] {
+            let mut segments = [batch::Segment {
+                cache: &mut cache,
+                tokens,
+                wants_logits: true,
+            }];
+            self.forward.step(&mut segments)?;
+        }
+        // CUDA runs asynchronously: the warm-up is done when the device is.
+        device.synchronize()
     }
 
     /// Next-token logits (`[vocab]`, f32) after `tokens`, as a fresh sequence.

@@ -99,6 +99,40 @@ fn cpu_slice<'a, T: WithDType>(
     Ok(&cpu.as_slice::<T>()?[start..end])
 }
 
+/// The token embedding table, `[vocab, hidden]`, looked up by token id.
+#[derive(Debug, Clone)]
+pub enum Embedding {
+    Dense(Tensor),
+    /// Q8_0 on CPU (GGUF): rows are dequantized as they are looked up, so
+    /// loading never expands the whole table to f32; with tied embeddings
+    /// it is the LM head's own matrix.
+    Q8_0 {
+        table: Arc<Q8Matrix>,
+        hidden: usize,
+    },
+}
+
+impl Embedding {
+    /// Rows `ids` (`[tokens]`, u32) as `[tokens, hidden]`.
+    pub fn lookup(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Embedding::Dense(table) => table.index_select(ids, 0),
+            Embedding::Q8_0 { table, hidden } => {
+                let (ids, hidden) = (ids.to_vec1::<u32>()?, *hidden);
+                let mut rows = Vec::with_capacity(ids.len() * hidden);
+                for id in &ids {
+                    let id = *id as usize;
+                    if id >= table.cols() {
+                        candle_core::bail!("token id {id} is outside the vocabulary");
+                    }
+                    table.dequantize_row(id, &mut rows);
+                }
+                Tensor::from_vec(rows, (ids.len(), hidden), &Device::Cpu)
+            }
+        }
+    }
+}
+
 /// One decoder layer.
 #[derive(Debug, Clone)]
 pub struct Layer {
@@ -119,8 +153,7 @@ pub struct Weights {
     pub dims: Dims,
     /// Activations and the KV cache are kept in this dtype.
     pub dtype: DType,
-    /// `[vocab, hidden]`, looked up by token id.
-    pub embed: Tensor,
+    pub embed: Embedding,
     pub layers: Vec<Layer>,
     pub norm: Tensor,
     pub lm_head: Linear,
@@ -202,7 +235,7 @@ impl Weights {
         Ok(Weights {
             dims,
             dtype: activations,
-            embed,
+            embed: Embedding::Dense(embed),
             layers,
             norm: dense("model.norm.weight", hidden)?,
             lm_head,
@@ -214,8 +247,7 @@ impl Weights {
         let mut gguf = Gguf::open(path, device)?;
         let heads = gguf.number("qwen2.attention.head_count")? as usize;
         let hidden = gguf.number("qwen2.embedding_length")? as usize;
-        let embed_q = gguf.tensor("token_embd.weight")?;
-        let vocab = embed_q.shape().dims()[0];
+        let vocab = gguf.dims("token_embd.weight")?[0];
         let dims = Dims {
             vocab,
             hidden,
@@ -244,13 +276,20 @@ impl Weights {
                 mlp_norm: gguf.dense(&format!("{p}.ffn_norm.weight"))?,
             });
         }
-        let embed = embed_q.dequantize(device)?;
+        let embed_matrix = gguf.matrix("token_embd.weight")?;
+        let embed = match &embed_matrix {
+            Matrix::Q8_0(table) => Embedding::Q8_0 {
+                table: table.clone(),
+                hidden,
+            },
+            _ => Embedding::Dense(gguf.tensor("token_embd.weight")?.dequantize(device)?),
+        };
         let lm_head = if gguf.content.tensor_infos.contains_key("output.weight") {
             gguf.linear("output", false)?
         } else {
             // Tied embeddings: the quantized embedding matrix is the head.
             Linear {
-                weight: gguf.matrix(embed_q)?,
+                weight: embed_matrix,
                 bias: None,
             }
         };
@@ -265,24 +304,36 @@ impl Weights {
     }
 }
 
-/// An open GGUF file.
+/// An open GGUF file, memory-mapped: the matrices are built straight
+/// from the page cache, which the kernel fills ahead of them in file order.
 struct Gguf {
     content: gguf_file::Content,
-    file: std::fs::File,
+    data: memmap2::Mmap,
     path: std::path::PathBuf,
     device: Device,
 }
 
 impl Gguf {
     fn open(path: &Path, device: &Device) -> Result<Gguf, ModelError> {
-        let mut file = std::fs::File::open(path).map_err(|source| ModelError::Io {
+        let io = |source| ModelError::Io {
             path: path.to_path_buf(),
             source,
-        })?;
-        let content = gguf_file::Content::read(&mut file).map_err(|err| err.with_path(path))?;
+        };
+        let file = std::fs::File::open(path).map_err(io)?;
+        // SAFETY: mapped read-only; ebb never writes model files while a
+        // worker runs (as for safetensors above).
+        #[allow(unsafe_code)]
+        let data = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        // The whole file is needed, in whatever order the layers are
+        // stored: have the kernel read it all ahead, sequentially, while
+        // the first matrices are built. Advice only; failure costs speed.
+        let _ = data.advise(memmap2::Advice::Sequential);
+        let _ = data.advise(memmap2::Advice::WillNeed);
+        let content = gguf_file::Content::read(&mut std::io::Cursor::new(&data[..]))
+            .map_err(|err| err.with_path(path))?;
         Ok(Gguf {
             content,
-            file,
+            data,
             path: path.to_path_buf(),
             device: device.clone(),
         })
@@ -312,7 +363,11 @@ impl Gguf {
     fn tensor(&mut self, name: &str) -> Result<QTensor, ModelError> {
         Ok(self
             .content
-            .tensor(&mut self.file, name, &self.device)
+            .tensor(
+                &mut std::io::Cursor::new(&self.data[..]),
+                name,
+                &self.device,
+            )
             .map_err(|err| err.with_path(&self.path))?)
     }
 
@@ -322,19 +377,38 @@ impl Gguf {
         Ok(self.tensor(name)?.dequantize(&device)?)
     }
 
-    fn matrix(&self, weight: QTensor) -> Result<Matrix, ModelError> {
-        if !(self.device.is_cpu() && weight.dtype() == GgmlDType::Q8_0) {
+    fn info(&self, name: &str) -> Result<&gguf_file::TensorInfo, ModelError> {
+        self.content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| self.invalid(format!("GGUF tensor `{name}` is missing")))
+    }
+
+    fn dims(&self, name: &str) -> Result<Vec<usize>, ModelError> {
+        Ok(self.info(name)?.shape.dims().to_vec())
+    }
+
+    /// A matrix for a [`Linear`]. Q8_0 on CPU goes from the file's bytes
+    /// straight into ebb's layout, without a candle tensor in between.
+    fn matrix(&mut self, name: &str) -> Result<Matrix, ModelError> {
+        let info = self.info(name)?;
+        if !(self.device.is_cpu() && info.ggml_dtype == GgmlDType::Q8_0) {
+            let weight = self.tensor(name)?;
             return Ok(Matrix::Candle(QMatMul::from_qtensor(weight)?));
         }
-        let (cols, k) = weight.shape().dims2()?;
-        let own = Q8Matrix::from_ggml(&weight.data()?, cols, k)
-            .map_err(|message| self.invalid(format!("{message} ({} x {})", cols, k)))?;
+        let (cols, k) = info.shape.dims2()?;
+        let len = cols * k / GgmlDType::Q8_0.block_size() * GgmlDType::Q8_0.type_size();
+        let at = (self.content.tensor_data_offset + info.offset) as usize;
+        let bytes = self.data.get(at..at + len).ok_or_else(|| {
+            self.invalid(format!("GGUF tensor `{name}` runs past the file's end"))
+        })?;
+        let own = Q8Matrix::from_ggml(bytes, cols, k)
+            .map_err(|message| self.invalid(format!("{name}: {message} ({cols} x {k})")))?;
         Ok(Matrix::Q8_0(Arc::new(own)))
     }
 
     fn linear(&mut self, name: &str, bias: bool) -> Result<Linear, ModelError> {
-        let weight = self.tensor(&format!("{name}.weight"))?;
-        let weight = self.matrix(weight)?;
+        let weight = self.matrix(&format!("{name}.weight"))?;
         let bias = bias
             .then(|| self.dense(&format!("{name}.bias")))
             .transpose()?;

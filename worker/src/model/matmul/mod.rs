@@ -226,12 +226,23 @@ impl Q8Matrix {
                 bytes.len()
             ));
         }
-        let mut scales = Vec::with_capacity(blocks);
-        let mut quants = Vec::with_capacity(blocks);
-        for block in bytes.chunks_exact(2 + Q8_BLOCK) {
-            scales.push(u16::from_le_bytes([block[0], block[1]]));
-            quants.push(std::array::from_fn(|q| block[2 + q] ^ 0x80));
-        }
+        // Repacking is most of a GGUF model's load time once the file is
+        // read: spread it over the pool, in runs long enough to amortize a
+        // task and short enough to balance.
+        const RUN: usize = 16 * 1024;
+        let mut scales = vec![0u16; blocks];
+        let mut quants = vec![[0u8; Q8_BLOCK]; blocks];
+        scales
+            .par_chunks_mut(RUN)
+            .zip(quants.par_chunks_mut(RUN))
+            .zip(bytes.par_chunks(RUN * (2 + Q8_BLOCK)))
+            .for_each(|((scales, quants), bytes)| {
+                let blocks = bytes.chunks_exact(2 + Q8_BLOCK);
+                for ((scale, quant), block) in scales.iter_mut().zip(quants).zip(blocks) {
+                    *scale = u16::from_le_bytes([block[0], block[1]]);
+                    *quant = std::array::from_fn(|q| block[2 + q] ^ 0x80);
+                }
+            });
         Ok(Q8Matrix {
             scales,
             quants,
@@ -242,6 +253,20 @@ impl Q8Matrix {
 
     pub fn cols(&self) -> usize {
         self.cols
+    }
+
+    /// Row `row` as f32 values appended to `out`: a lookup in a Q8_0
+    /// embedding table, which is never dequantized whole.
+    pub fn dequantize_row(&self, row: usize, out: &mut Vec<f32>) {
+        let per_row = self.k / Q8_BLOCK;
+        for block in row * per_row..(row + 1) * per_row {
+            let scale = f16::from_bits(self.scales[block]).to_f32();
+            out.extend(
+                self.quants[block]
+                    .iter()
+                    .map(|q| scale * f32::from(unbias(*q))),
+            );
+        }
     }
 
     fn blocks(&self) -> WBlocks<'_> {

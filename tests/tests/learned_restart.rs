@@ -1,0 +1,136 @@
+//! Learned timetable profiles survive a scaler restart: a `learn` window
+//! (every other minute, for a minute) learns from real questions on real
+//! NATS, Redis and tiny-model workers; the scaler keeps the profile in the
+//! NATS KV bucket `ebb_scaler_state`, is killed outright, restarts, and
+//! `/status` shows the same profile again.
+
+use std::time::Duration;
+
+use ebb_tests::{ScalerProcess, Stack, StackOptions, eventually};
+use serde_json::{Value, json};
+
+const LEARNING: &str = r#"
+tick: 200ms
+resources: {min_instances: 0, max_instances: 2}
+target: {utilization: 1.0, drain_target: 2s, latency_goal: 60s, default_service_time: 1s, stable_window: 10s, panic_window: 2s}
+cooldowns: {scale_down_stabilization: 1s, scale_to_zero_idle: 3s}
+prewarm_lead: 1s
+timetable:
+  - {name: lesson, cron: "*/2 * * * *", timezone: UTC, duration: 1m, min_workers: 0, learn: true}
+health: {init_timeout: 30s, restart_backoff: 200ms, stop_grace: 20s}
+"#;
+
+/// Every minute the `lesson` window learned, in its opening being watched
+/// and its last finished one.
+fn learned_minutes(learned: &Value) -> Vec<u64> {
+    let opening = &learned["openings"]["lesson"]["profile"];
+    let finished = &learned["profiles"]["lesson"];
+    [opening, finished]
+        .into_iter()
+        .filter_map(Value::as_array)
+        .flatten()
+        .filter_map(Value::as_u64)
+        .collect()
+}
+
+/// The profile arrays (opening, then finished) of `lesson`.
+fn profiles(learned: &Value) -> Vec<Value> {
+    [
+        learned["openings"]["lesson"]["profile"].clone(),
+        learned["profiles"]["lesson"].clone(),
+    ]
+    .into_iter()
+    .filter(|profile| !profile.is_null())
+    .collect()
+}
+
+/// The learned profiles the scaler saved in NATS KV.
+async fn saved(nats_url: &str) -> Option<Value> {
+    let client = async_nats::connect(nats_url).await.ok()?;
+    let store = async_nats::jetstream::new(client)
+        .get_key_value("ebb_scaler_state")
+        .await
+        .ok()?;
+    let bytes = store.get("learned.test").await.ok()??;
+    serde_json::from_slice(&bytes).ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learned_profiles_are_shown_again_after_a_restart() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let mut scaler = ScalerProcess::start(&stack, LEARNING, &[]);
+
+    // Questions until an opening of the window has learned that it needed
+    // a worker (at most one whole 2-minute cycle, plus a cold start).
+    let mut asked = 0;
+    let learned = eventually(Duration::from_secs(200), "a learned profile", || {
+        asked += 1;
+        let question = json!({"question": format!("Learning question {asked}?"), "max_tokens": 4, "wait_seconds": 0});
+        let (stack, scaler) = (&stack, &scaler);
+        async move {
+            let (code, body) = stack.ask(question).await;
+            assert_eq!(code, 202, "{body}");
+            let status = scaler.status().await;
+            let learned = status["learned"].clone();
+            if learned_minutes(&learned).iter().any(|&workers| workers > 0) {
+                Ok(learned)
+            } else {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                Err(learned)
+            }
+        }
+    })
+    .await;
+    assert!(
+        learned["openings"]["lesson"]["start"].is_string(),
+        "{learned}"
+    );
+
+    // Once the stable window has forgotten the questions the profile stops
+    // changing; within the save interval NATS holds what /status shows.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let nats_url = stack.nats.url();
+    let kept = eventually(
+        Duration::from_secs(30),
+        "the profile saved in NATS KV",
+        || {
+            let (scaler, nats_url) = (&scaler, &nats_url);
+            async move {
+                let shown = scaler.status().await["learned"].clone();
+                match saved(nats_url).await {
+                    Some(saved) if saved == shown => Ok(saved),
+                    other => {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        Err(json!({"saved": other, "shown": shown}))
+                    }
+                }
+            }
+        },
+    )
+    .await;
+    let peak = learned_minutes(&kept).into_iter().max().unwrap_or(0);
+    assert!(peak > 0, "{kept}");
+
+    // Killed outright, then restarted on the same config.
+    scaler.kill();
+    scaler.restart();
+    let after = scaler
+        .wait_status(Duration::from_secs(15), "a first decision", |s| {
+            !s["updated_at"].is_null()
+        })
+        .await["learned"]
+        .clone();
+    // The same profiles; a new opening starting meanwhile only files the
+    // watched one as finished.
+    for profile in profiles(&kept) {
+        assert!(
+            profiles(&after).contains(&profile),
+            "{profile} missing after the restart: {after}"
+        );
+    }
+    assert_eq!(
+        learned_minutes(&after).into_iter().max(),
+        Some(peak),
+        "{after}"
+    );
+}
