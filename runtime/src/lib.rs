@@ -12,10 +12,12 @@
 //! - [`shutdown`]: the first SIGTERM/Ctrl-C stops gracefully, a second
 //!   exits at once.
 //! - [`quantile`]: one definition of a percentile of samples.
+//! - [`error_chain`]: an error and its causes on one line.
 
 pub mod args;
 pub mod backoff;
 pub mod duration;
+pub mod error_chain;
 pub mod quantile;
 pub mod shutdown;
 pub mod telemetry;

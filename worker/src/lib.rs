@@ -227,7 +227,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
             // The scaler, not only this process's log, must learn why.
             stop_heartbeats.cancel();
             let _ = heartbeats.await;
-            start::publish_failure(&client, &heartbeat, start::error_message(&err)).await;
+            start::publish_failure(
+                &client,
+                &heartbeat,
+                ebb_runtime::error_chain::describe(&err),
+            )
+            .await;
             return Err(err);
         }
     };

@@ -33,7 +33,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         Err(err) => {
             // A start failure was already published in the last heartbeat;
             // this is the operator's copy, with its causes.
-            let error = ebb_worker::start::error_message(&err);
+            let error = ebb_runtime::error_chain::describe(&err);
             tracing::error!(error, "ebb-worker stopped");
             // Flush the log and trace exporters before exiting.
             drop(telemetry);

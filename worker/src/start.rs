@@ -80,22 +80,6 @@ pub fn phase_ms(phases: &[PhaseTime], phase: StartPhase) -> u64 {
     phases.iter().find(|p| p.phase == phase).map_or(0, |p| p.ms)
 }
 
-/// An error and its causes, each once: `downloading x: request failed: dns`.
-pub fn error_message(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        // Transparent wrappers and errors that print their cause already.
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = cause.source();
-    }
-    message
-}
-
 /// Publishes `beat` now and waits (a few seconds at most) until NATS has it.
 pub async fn publish_now(client: &async_nats::Client, beat: &Heartbeat) -> Result<(), String> {
     let mut beat = beat.clone();
@@ -184,29 +168,5 @@ mod tests {
         assert_eq!(beat.phase, Some(StartPhase::Weights));
         assert_eq!(beat.state, WorkerState::Loading);
         assert_eq!(progress.phases(), vec![done(StartPhase::Download, 12)]);
-    }
-
-    #[derive(Debug, thiserror::Error)]
-    #[error("downloading `model.safetensors` from https://hub.example")]
-    struct Outer(#[source] Inner);
-
-    #[derive(Debug, thiserror::Error)]
-    #[error("connection refused")]
-    struct Inner;
-
-    #[derive(Debug, thiserror::Error)]
-    #[error("reading /m: connection refused")]
-    struct Repeats(#[source] Inner);
-
-    #[test]
-    fn error_messages_carry_each_cause_once() {
-        assert_eq!(
-            error_message(&Outer(Inner)),
-            "downloading `model.safetensors` from https://hub.example: connection refused"
-        );
-        assert_eq!(
-            error_message(&Repeats(Inner)),
-            "reading /m: connection refused"
-        );
     }
 }

@@ -12,8 +12,6 @@
 //! - [`FileLock`]: hf-hub's own lock gives up after 5 s and then downloads
 //!   the file again; this one waits for the other process and lets the
 //!   caller find the file in the cache instead.
-//! - [`describe`]: an error with its causes ("connection refused" is three
-//!   sources deep in a reqwest error).
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -333,22 +331,6 @@ fn lock_path(cache: &Path, repo_folder: &str, file: &str) -> PathBuf {
         .join(format!("{}.ebb.lock", file.replace('/', "--")))
 }
 
-/// An error and its causes, `outer: inner: innermost`, skipping a cause
-/// its parent already spelled out.
-pub fn describe(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        let part = inner.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        cause = inner.source();
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -418,21 +400,5 @@ mod tests {
             progress_of(&tracker.lock(), Instant::now()).bytes_total,
             Some(160)
         );
-    }
-
-    #[test]
-    fn errors_are_described_with_their_causes() {
-        let inner =
-            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
-        let outer = std::io::Error::other(inner);
-        assert_eq!(describe(&outer), "connection refused");
-        #[derive(Debug, thiserror::Error)]
-        #[error("request failed")]
-        struct Outer(#[source] std::io::Error);
-        let err = Outer(std::io::Error::new(
-            std::io::ErrorKind::ConnectionRefused,
-            "connection refused",
-        ));
-        assert_eq!(describe(&err), "request failed: connection refused");
     }
 }

@@ -17,7 +17,8 @@ use hf_hub::api::tokio::{ApiBuilder, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
 
 use super::ModelError;
-use super::download::{FileLock, ReportFn, Tracker, describe};
+use super::download::{FileLock, ReportFn, Tracker};
+use ebb_runtime::error_chain::describe;
 
 /// Where the weights are and in which format.
 #[derive(Debug, Clone, PartialEq)]

@@ -320,15 +320,14 @@ impl Gguf {
             source,
         };
         let file = std::fs::File::open(path).map_err(io)?;
+        // Every byte is needed: populating the mapping reads the file in
+        // one sequential pass up front instead of a page fault per 4 KiB
+        // while the matrices are repacked (cold start bench: weights phase
+        // 0.52 -> 0.35 s at Qwen2.5-0.5B shapes).
         // SAFETY: mapped read-only; ebb never writes model files while a
         // worker runs (as for safetensors above).
         #[allow(unsafe_code)]
-        let data = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        // The whole file is needed, in whatever order the layers are
-        // stored: have the kernel read it all ahead, sequentially, while
-        // the first matrices are built. Advice only; failure costs speed.
-        let _ = data.advise(memmap2::Advice::Sequential);
-        let _ = data.advise(memmap2::Advice::WillNeed);
+        let data = unsafe { memmap2::MmapOptions::new().populate().map(&file) }.map_err(io)?;
         let content = gguf_file::Content::read(&mut std::io::Cursor::new(&data[..]))
             .map_err(|err| err.with_path(path))?;
         Ok(Gguf {
