@@ -149,6 +149,9 @@ pub struct Inputs<'a> {
     /// Every worker the pool tracks, exits since the last listing included.
     pub workers: &'a [PoolWorker],
     pub depth: &'a QueueDepth,
+    /// Since when heartbeats can reach the scaler (its NATS connection's
+    /// last connect); `None` while it is down. See [`Signals::classify`].
+    pub heard_since: Option<DateTime<Utc>>,
 }
 
 /// A worker lost to a crash, a failed start or bad health.
@@ -414,7 +417,9 @@ impl<A: Autoscaler> Controller<A> {
     /// One round: classify, observe, decide, and plan the starts and stops.
     pub fn step(&mut self, inputs: Inputs<'_>, now: DateTime<Utc>) -> Plan {
         let (mut lost, exited_after_loss) = self.exits(inputs.workers, now);
-        let workers = self.signals.classify(inputs.workers, &self.health, now);
+        let workers = self
+            .signals
+            .classify(inputs.workers, &self.health, inputs.heard_since, now);
         let observation = self.signals.observe(inputs.depth, &workers, now);
         let capacity = observation.workers.capacity();
         let unserved = self.signals.first_unserved_arrival;

@@ -66,7 +66,14 @@ fn step(
     depth: &QueueDepth,
     now: i64,
 ) -> Plan {
-    controller.step(Inputs { workers, depth }, at(now))
+    controller.step(
+        Inputs {
+            workers,
+            depth,
+            heard_since: Some(at(0)),
+        },
+        at(now),
+    )
 }
 
 #[test]

@@ -260,13 +260,23 @@ impl Signals {
         })
     }
 
-    /// Classifies each pool worker from its heartbeats and age.
+    /// Classifies each pool worker from its heartbeats and age. Silence
+    /// counts only from `heard_since` (the scaler's own NATS link): while
+    /// the link is down (`None`) no worker is judged by silence, and after
+    /// it is back each gets a whole heartbeat timeout to be heard again, so
+    /// a NATS outage does not read as a fleet of dead workers.
     pub fn classify(
         &mut self,
         workers: &[PoolWorker],
         health: &Health,
+        heard_since: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> Vec<WorkerView> {
+        let link_up = heard_since.is_some();
+        let silent_for = |last: DateTime<Utc>| {
+            let from = heard_since.map_or(last, |since| last.max(since));
+            (now - from).to_std().unwrap_or_default()
+        };
         for worker in workers {
             self.first_seen.entry(worker.id.clone()).or_insert(now);
         }
@@ -285,8 +295,7 @@ impl Signals {
                 let (condition, why) = match (&worker.phase, beat) {
                     (Phase::Stopping { .. }, _) => (Condition::Draining, None),
                     (_, Some((_, heard)))
-                        if (now - *heard).to_std().unwrap_or_default()
-                            > health.heartbeat_timeout =>
+                        if link_up && silent_for(*heard) > health.heartbeat_timeout =>
                     {
                         (
                             Condition::Unhealthy,
@@ -313,7 +322,7 @@ impl Signals {
                             )),
                         ),
                     },
-                    (_, None) if age > health.init_timeout => (
+                    (_, None) if link_up && silent_for(known_since) > health.init_timeout => (
                         Condition::Unhealthy,
                         Some(format!("no heartbeat within {:?}", health.init_timeout)),
                     ),

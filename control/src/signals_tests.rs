@@ -52,7 +52,7 @@ fn capacity_is_counted_in_the_slots_the_workers_report() {
     let depth = QueueDepth { priorities: vec![] };
     let health = Health::default();
     // Before any heartbeat: the config's slots per worker, no capacity yet.
-    let views = signals.classify(&pool, &health, t);
+    let views = signals.classify(&pool, &health, Some(t), t);
     let observation = signals.observe(&depth, &views, t);
     assert_eq!(observation.slots_per_worker, 4);
     assert_eq!(observation.workers.slots, 0);
@@ -68,7 +68,7 @@ fn capacity_is_counted_in_the_slots_the_workers_report() {
         .retain(|k, _| k != "slots" && k != "active");
     signals.heartbeat(serde_json::from_value(old).unwrap(), t);
 
-    let views = signals.classify(&pool, &health, t);
+    let views = signals.classify(&pool, &health, Some(t), t);
     let conditions: Vec<Condition> = views.iter().map(|v| v.condition).collect();
     use Condition::{Busy, Idle};
     assert_eq!(conditions, [Busy, Busy, Idle, Busy]);
@@ -128,7 +128,7 @@ fn cold_starts_are_kept_per_phase_and_the_lead_leaves_downloads_out() {
         started_at: t,
         phase: Phase::Running,
     }];
-    let view = &signals.classify(&pool, &Health::default(), t)[0];
+    let view = &signals.classify(&pool, &Health::default(), Some(t), t)[0];
     assert_eq!(view.state, Some(WorkerState::Loading));
     assert_eq!(view.phase, Some(StartPhase::Download));
     assert!(
@@ -196,4 +196,44 @@ fn the_most_common_slots_win_and_ties_go_to_the_smaller() {
     assert_eq!(common_slots([].iter()), None);
     let zero = beat("z", WorkerState::Ready, 0, 0);
     assert_eq!(common_slots([zero].iter()), Some(1), "a worker has a slot");
+}
+
+/// A NATS outage is not a fleet of dead workers: silence counts only while
+/// the scaler's own link is up, and from when it came back.
+#[test]
+fn heartbeat_silence_counts_only_while_the_scalers_link_is_up() {
+    let t = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+    let seconds = chrono::Duration::seconds;
+    let health = Health::default();
+    let timeout = chrono::Duration::from_std(health.heartbeat_timeout).unwrap();
+    let mut signals = Signals::new(
+        RateWindows {
+            stable: Duration::from_secs(60),
+            panic: Duration::from_secs(6),
+        },
+        4,
+    );
+    let pool = [PoolWorker {
+        id: "a".into(),
+        started_at: t,
+        phase: Phase::Running,
+    }];
+    signals.heartbeat(beat("a", WorkerState::Ready, 4, 0), t);
+    let later = t + timeout + seconds(1);
+    let condition =
+        |signals: &mut Signals, since| signals.classify(&pool, &health, since, later)[0].condition;
+    // Link up throughout: silent past the timeout is unhealthy.
+    assert_eq!(condition(&mut signals, Some(t)), Condition::Unhealthy);
+    // Link down now: nobody is judged by silence.
+    assert_eq!(condition(&mut signals, None), Condition::Idle);
+    // Link back a moment ago: a whole timeout to be heard again.
+    assert_eq!(
+        condition(&mut signals, Some(later - seconds(1))),
+        Condition::Idle
+    );
+    let much_later = later + timeout;
+    assert_eq!(
+        signals.classify(&pool, &health, Some(later - seconds(1)), much_later)[0].condition,
+        Condition::Unhealthy
+    );
 }

@@ -59,6 +59,8 @@ pub enum ApiError {
     },
     #[error("the scaler is unavailable: {0}")]
     ScalerUnavailable(String),
+    #[error("this Idempotency-Key was first used with a different request")]
+    IdempotencyKeyReused,
 }
 
 /// Whole seconds, rounded up, at least 1: what `Retry-After` carries.
@@ -79,7 +81,9 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::InvalidJson(_) => StatusCode::BAD_REQUEST,
-            ApiError::InvalidField { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::InvalidField { .. } | ApiError::IdempotencyKeyReused => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::QuestionNotFound(_)
@@ -119,6 +123,7 @@ impl ApiError {
             ApiError::AnswerFailed(_) => "answer_failed",
             ApiError::AnswerTimeout { .. } => "timeout",
             ApiError::ScalerUnavailable(_) => "scaler_unavailable",
+            ApiError::IdempotencyKeyReused => "idempotency_key_reused",
         }
     }
 
@@ -139,6 +144,7 @@ impl ApiError {
         let field = match self {
             ApiError::InvalidField { field, .. } => Some(&**field),
             ApiError::ModelNotFound { .. } => Some("model"),
+            ApiError::IdempotencyKeyReused => Some("Idempotency-Key"),
             _ => None,
         };
         let body = ErrorBody {

@@ -13,7 +13,8 @@
 //!   [`question::NewQuestion`]; the cache key; OpenAI's response shapes.
 //! - [`error`]: the single error -> HTTP mapping ([`error::ApiError`]).
 //! - [`auth`], [`rate_limit`], [`overload`]: who may ask, how often, and
-//!   whether the queue can take more.
+//!   whether the queue can take more; [`idempotency`]: a retried request
+//!   gets the question it already asked.
 //! - [`priority`], [`language`]: what a question is labelled with.
 //! - [`queue`]: publishing a job (stored by JetStream before it returns).
 //! - [`webhook`]: delivering `callback_url` calls.
@@ -28,6 +29,7 @@ pub mod auth;
 pub mod chat;
 pub mod config;
 pub mod error;
+pub mod idempotency;
 pub mod language;
 pub mod metrics;
 pub mod openapi;

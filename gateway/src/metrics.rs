@@ -97,7 +97,8 @@ impl Metrics {
         self.rejected.get_or_create(&ReasonLabels { reason }).inc();
     }
 
-    /// `outcome` is `cached` or `queued`.
+    /// `outcome` is `cached`, `queued` or `asked_before` (a retry with the
+    /// same `Idempotency-Key`).
     pub fn outcome(&self, outcome: &'static str) {
         self.outcomes
             .get_or_create(&OutcomeLabels { outcome })

@@ -382,10 +382,38 @@ impl FleetStatus {
     pub const INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 }
 
+/// The question id a message on the question subjects carries even when
+/// it is not a readable [`Job`]: its JSON `id`, else its `Nats-Msg-Id`
+/// (the gateway sets both). Only ids that are one subject token of
+/// letters, digits, `-` and `_` (at most 128) count: the id names NATS
+/// subjects and Redis keys.
+pub fn carried_id(payload: &[u8], message_id: Option<&str>) -> Option<String> {
+    let from_json = serde_json::from_slice::<serde_json::Value>(payload)
+        .ok()
+        .and_then(|value| value.get("id")?.as_str().map(str::to_owned));
+    [from_json, message_id.map(str::to_owned)]
+        .into_iter()
+        .flatten()
+        .find(|id| {
+            (1..=128).contains(&id.len())
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
 /// Kept in the `EBB_DEAD` stream on `ebb.dead.<id>` for inspection and replay.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetter {
-    pub job: Job,
+    /// The question's id (also the subject's last token).
+    #[serde(default)]
+    pub id: String,
+    /// The job as published; `None` when the message was not a readable job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<Job>,
+    /// The message as it came (lossy UTF-8), when it was not a readable job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<String>,
     pub reason: String,
     pub deliveries: i64,
     pub failed_at_ms: u64,
@@ -395,6 +423,19 @@ pub struct DeadLetter {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn an_unreadable_message_carries_its_json_id_or_its_message_id_if_safe() {
+        assert_eq!(
+            carried_id(br#"{"id":"q-1","question":42}"#, Some("other")),
+            Some("q-1".into())
+        );
+        assert_eq!(carried_id(b"not json", Some("q_2")), Some("q_2".into()));
+        // Ids that would name other subjects or keys do not count.
+        assert_eq!(carried_id(br#"{"id":"a.b"}"#, Some("c*")), None);
+        assert_eq!(carried_id(br#"{"id":""}"#, None), None);
+        assert_eq!(carried_id(b"[]", None), None);
+    }
 
     #[test]
     fn answer_events_are_tagged_for_other_languages() {

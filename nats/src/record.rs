@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::messages::{FinishReason, Job, Timings};
+use crate::messages::{AnswerEvent, FinishReason, Job, Timings};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -81,6 +81,24 @@ impl QuestionRecord {
         QuestionRecord {
             language: job.language.clone(),
             ..QuestionRecord::queued(&job.id, job.enqueued_at_ms)
+        }
+    }
+
+    /// The final answer event this record stands for: what a client
+    /// waiting on the question must receive. `None` while it is open.
+    pub fn final_event(&self) -> Option<AnswerEvent> {
+        match self.status {
+            QuestionStatus::Done => Some(AnswerEvent::Done {
+                answer: self.answer.clone().unwrap_or_default(),
+                model: self.model.clone().unwrap_or_default(),
+                cached: self.cached,
+                timings: self.timings,
+                finish_reason: self.finish_reason.unwrap_or_default(),
+            }),
+            QuestionStatus::Failed => Some(AnswerEvent::Failed {
+                error: self.error.clone().unwrap_or_default(),
+            }),
+            QuestionStatus::Queued | QuestionStatus::Running => None,
         }
     }
 }

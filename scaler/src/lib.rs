@@ -110,11 +110,19 @@ async fn start_and_scale(
     let scaled = match config.backend {
         BackendConfig::Process(process) => {
             let pool = ProcessPool::open(process, grace)?;
-            scale(Scaler::new(pool, questions, shared, config.tick), stopping).await
+            scale(
+                Scaler::new(pool, client.clone(), questions, shared, config.tick),
+                stopping,
+            )
+            .await
         }
         BackendConfig::Docker(docker) => {
             let pool = DockerPool::connect(docker, grace).await?;
-            scale(Scaler::new(pool, questions, shared, config.tick), stopping).await
+            scale(
+                Scaler::new(pool, client.clone(), questions, shared, config.tick),
+                stopping,
+            )
+            .await
         }
     };
     if let Some(keeper) = keeper {

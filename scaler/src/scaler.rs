@@ -155,6 +155,10 @@ pub struct Scaler<P: WorkerPool> {
     pub shared: Arc<Shared>,
     tick: Duration,
     last_depth: QueueDepth,
+    /// The connection heartbeats come over.
+    client: async_nats::Client,
+    /// Since when it has been up (see `Inputs::heard_since`).
+    heard_since: Option<DateTime<Utc>>,
 }
 
 impl<P: WorkerPool> std::fmt::Debug for Scaler<P> {
@@ -166,7 +170,13 @@ impl<P: WorkerPool> std::fmt::Debug for Scaler<P> {
 }
 
 impl<P: WorkerPool> Scaler<P> {
-    pub fn new(pool: P, questions: Stream, shared: Arc<Shared>, tick: Duration) -> Self {
+    pub fn new(
+        pool: P,
+        client: async_nats::Client,
+        questions: Stream,
+        shared: Arc<Shared>,
+        tick: Duration,
+    ) -> Self {
         Scaler {
             pool,
             questions,
@@ -175,7 +185,23 @@ impl<P: WorkerPool> Scaler<P> {
             last_depth: QueueDepth {
                 priorities: Vec::new(),
             },
+            client,
+            heard_since: None,
         }
+    }
+
+    /// Tracks the NATS link: `None` while down, else when it came up.
+    fn link(&mut self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let connected = self.client.connection_state() == async_nats::connection::State::Connected;
+        self.heard_since = match (connected, self.heard_since) {
+            (false, _) => None,
+            (true, None) => {
+                tracing::info!("NATS link up: heartbeat silence counts from now");
+                Some(now)
+            }
+            (true, since) => since,
+        };
+        self.heard_since
     }
 
     /// Runs until `shutdown` resolves. Workers keep running after the scaler
@@ -221,6 +247,7 @@ impl<P: WorkerPool> Scaler<P> {
             .lock()
             .expect("override lock")
             .take();
+        let heard_since = self.link(now);
         let plan = {
             let mut controller = self.shared.controller();
             if let Some(manual) = manual {
@@ -229,6 +256,7 @@ impl<P: WorkerPool> Scaler<P> {
             let inputs = Inputs {
                 workers: &listed,
                 depth: &self.last_depth,
+                heard_since,
             };
             controller.step(inputs, now)
         };

@@ -403,6 +403,8 @@ impl<'a> Sim<'a> {
         let inputs = Inputs {
             workers: &listing,
             depth: &depth,
+            // The simulated scaler never loses its link.
+            heard_since: Some(DateTime::<Utc>::MIN_UTC),
         };
         let plan = self.controller.step(inputs, now);
         if plan.verdict.desired != self.desired {

@@ -6,17 +6,23 @@
 //! Order is what keeps "no question lost" true: the durable evidence first
 //! (the dead letter; the cache and the status record), then the event that
 //! wakes a waiting client, then the webhook call. A crash in between leaves
-//! a redelivery, which finds the terminal record and only re-queues the
-//! webhook ([`Lifecycle::redelivered`]: its message id makes that a no-op
+//! a redelivery (or, after the last one, a max-deliveries advisory), which
+//! finds the terminal record and announces it again
+//! ([`Lifecycle::reannounce`]: the webhook's message id makes that a no-op
 //! when the first call was queued).
+//!
+//! The first terminal record wins ([`Store::put_record`]): a second ending
+//! (two deliveries running at once, a worker that wakes after the reaper
+//! failed its question) announces the record that stands, never its own,
+//! so event, record and webhook always carry the same final answer.
 
 use std::time::Duration;
 
 use async_nats::jetstream;
 use bytes::Bytes;
 use ebb_nats::{
-    AnswerEvent, CachedAnswer, DeadLetter, FinishReason, Job, QuestionRecord, QuestionStatus,
-    Timings, subjects, webhook,
+    CachedAnswer, DeadLetter, FinishReason, Job, QuestionRecord, QuestionStatus, Timings, subjects,
+    webhook,
 };
 
 use crate::store::{Store, StoreError};
@@ -79,15 +85,13 @@ impl Lifecycle {
             updated_at_ms: ebb_nats::now_ms(),
             ..QuestionRecord::of_job(job)
         };
-        self.store.put_record(&record).await?;
-        let event = AnswerEvent::Done {
-            answer: answer.text.to_owned(),
-            model: answer.model.to_owned(),
-            cached: answer.cached,
-            timings: answer.timings,
-            finish_reason: answer.finish_reason,
-        };
-        self.announce(job, &event, &record).await;
+        let standing = self.store.put_record(&record).await?;
+        self.announce(
+            &job.id,
+            job.callback_url.as_deref(),
+            &standing.unwrap_or(record),
+        )
+        .await;
         Ok(())
     }
 
@@ -100,19 +104,6 @@ impl Lifecycle {
         deliveries: i64,
     ) -> Result<(), async_nats::Error> {
         let now = ebb_nats::now_ms();
-        let letter = DeadLetter {
-            job: job.clone(),
-            reason: reason.to_owned(),
-            deliveries,
-            failed_at_ms: now,
-        };
-        let publish = jetstream::message::PublishMessage::build()
-            .payload(serde_json::to_vec(&letter)?.into())
-            .message_id(format!("dead-{}", job.id));
-        self.jetstream
-            .send_publish(subjects::dead_letter(&job.id), publish)
-            .await?
-            .await?;
         let record = QuestionRecord {
             status: QuestionStatus::Failed,
             error: Some(reason.to_owned()),
@@ -121,43 +112,94 @@ impl Lifecycle {
             updated_at_ms: now,
             ..QuestionRecord::of_job(job)
         };
-        self.store.put_record(&record).await?;
-        self.announce(
-            job,
-            &AnswerEvent::Failed {
-                error: reason.to_owned(),
-            },
-            &record,
-        )
-        .await;
-        tracing::warn!(question_id = %job.id, deliveries, reason, "question failed and dead-lettered");
+        let letter = DeadLetter {
+            id: job.id.clone(),
+            job: Some(job.clone()),
+            payload: None,
+            reason: reason.to_owned(),
+            deliveries,
+            failed_at_ms: now,
+        };
+        self.fail_for_good(letter, record, job.callback_url.as_deref())
+            .await
+    }
+
+    /// A message on the question subjects that is not a readable job:
+    /// failed under the id it carries (see [`ebb_nats::messages::carried_id`]),
+    /// so a client waiting on that id hears, and kept as a dead letter.
+    pub async fn fail_unreadable(
+        &self,
+        id: &str,
+        payload: &[u8],
+        reason: &str,
+        deliveries: i64,
+    ) -> Result<(), async_nats::Error> {
+        let now = ebb_nats::now_ms();
+        let record = QuestionRecord {
+            status: QuestionStatus::Failed,
+            error: Some(reason.to_owned()),
+            attempts: deliveries,
+            ..QuestionRecord::queued(id, now)
+        };
+        let letter = DeadLetter {
+            id: id.to_owned(),
+            job: None,
+            payload: Some(String::from_utf8_lossy(payload).into_owned()),
+            reason: reason.to_owned(),
+            deliveries,
+            failed_at_ms: now,
+        };
+        self.fail_for_good(letter, record, None).await
+    }
+
+    async fn fail_for_good(
+        &self,
+        letter: DeadLetter,
+        record: QuestionRecord,
+        callback_url: Option<&str>,
+    ) -> Result<(), async_nats::Error> {
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(serde_json::to_vec(&letter)?.into())
+            .message_id(format!("dead-{}", letter.id));
+        self.jetstream
+            .send_publish(subjects::dead_letter(&letter.id), publish)
+            .await?
+            .await?;
+        let standing = self.store.put_record(&record).await?;
+        self.announce(&letter.id, callback_url, &standing.unwrap_or(record))
+            .await;
+        tracing::warn!(question_id = %letter.id, deliveries = letter.deliveries, reason = %letter.reason, "question failed and dead-lettered");
         Ok(())
     }
 
-    /// A delivery of a question that already ended: the process that ended
-    /// it may have died between its record and its webhook call.
-    pub async fn redelivered(&self, job: &Job, record: &QuestionRecord) {
-        if let Some(url) = &job.callback_url {
-            self.queue_webhook(&job.id, url, record).await;
-        }
+    /// A question that already ended, met again (a redelivery, a
+    /// max-deliveries advisory): whoever ended it may have died between its
+    /// record and its event or webhook call, so both go out again.
+    pub async fn reannounce(&self, job: &Job, record: &QuestionRecord) {
+        self.announce(&job.id, job.callback_url.as_deref(), record)
+            .await;
     }
 
-    /// The event, then the webhook call: a full webhook queue must not cost
-    /// a waiting client its answer. Neither is durable evidence (the record
-    /// is), so a failure is logged and the question still counts as ended.
-    async fn announce(&self, job: &Job, event: &AnswerEvent, record: &QuestionRecord) {
-        let body = Bytes::from(serde_json::to_vec(event).expect("events serialize"));
+    /// The final event of `record`, then the webhook call: a full webhook
+    /// queue must not cost a waiting client its answer. Neither is durable
+    /// evidence (the record is), so a failure is logged and the question
+    /// still counts as ended.
+    async fn announce(&self, id: &str, callback_url: Option<&str>, record: &QuestionRecord) {
+        let Some(event) = record.final_event() else {
+            return;
+        };
+        let body = Bytes::from(serde_json::to_vec(&event).expect("events serialize"));
         if let Err(err) = self
             .jetstream
             .client()
-            .publish(subjects::answers(&job.id), body)
+            .publish(subjects::answers(id), body)
             .await
         {
             // A waiting client finds the record when its wait ends.
-            tracing::warn!(question_id = %job.id, cause = %err, "cannot publish the final event");
+            tracing::warn!(question_id = %id, cause = %err, "cannot publish the final event");
         }
-        if let Some(url) = &job.callback_url {
-            self.queue_webhook(&job.id, url, record).await;
+        if let Some(url) = callback_url {
+            self.queue_webhook(id, url, record).await;
         }
     }
 

@@ -139,14 +139,29 @@ async fn reap(topology: &Topology, lifecycle: &Lifecycle, payload: &[u8]) -> Res
         }
         Err(err) => return Err(ReapError::Transient(err.into())),
     };
-    let job: Job = serde_json::from_slice(&message.payload)?;
-    // The last attempt may have finished and only its ack been lost.
-    if lifecycle
-        .store()
-        .record(&job.id)
-        .await?
-        .is_some_and(|record| record.status.is_terminal())
+    let job: Job = match serde_json::from_slice(&message.payload) {
+        Ok(job) => job,
+        Err(err) => {
+            let message_id = message
+                .headers
+                .get(async_nats::header::NATS_MESSAGE_ID)
+                .map(|id| id.as_str());
+            let id = ebb_nats::messages::carried_id(&message.payload, message_id)
+                .unwrap_or_else(|| format!("unreadable-{}", advisory.stream_seq));
+            let reason = format!("not a question a worker can read: {err}");
+            lifecycle
+                .fail_unreadable(&id, &message.payload, &reason, advisory.deliveries)
+                .await
+                .map_err(ReapError::Transient)?;
+            return delete(topology, advisory.stream_seq).await;
+        }
+    };
+    // The last attempt may have ended the question and died (or lost its
+    // ack) before its event or webhook call went out.
+    if let Some(record) = lifecycle.store().record(&job.id).await?
+        && record.status.is_terminal()
     {
+        lifecycle.reannounce(&job, &record).await;
         delete(topology, advisory.stream_seq).await?;
         return Ok(());
     }

@@ -137,35 +137,42 @@ impl Store {
         Ok(written.is_some())
     }
 
-    /// Writes a worker's view of the question. Records only move forward:
-    /// nothing replaces `done`, and only `done` replaces `failed` (a late
-    /// real answer beats a failure), so a stale or duplicate delivery can
-    /// never turn a finished question back into an unfinished one.
-    /// Returns whether it wrote.
-    pub async fn put_record(&self, record: &QuestionRecord) -> Result<bool, StoreError> {
+    /// Writes a worker's view of the question, unless the stored record
+    /// is already terminal: an ended question stays as it ended, so a stale
+    /// or duplicate delivery (or a worker that wakes after the reaper failed
+    /// its question) can neither reopen it nor give it a second answer.
+    /// Returns `None` when it wrote, else the terminal record that stands.
+    pub async fn put_record(
+        &self,
+        record: &QuestionRecord,
+    ) -> Result<Option<QuestionRecord>, StoreError> {
         let script = redis::Script::new(
             r#"
             local current = redis.call('GET', KEYS[1])
             if current then
               local status = cjson.decode(current)['status']
-              if status == 'done' or (status == 'failed' and ARGV[2] ~= 'done') then
-                return 0
+              if status == 'done' or status == 'failed' then
+                return current
               end
             end
-            redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
-            return 1
+            redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+            return false
             "#,
         );
+        let key = record_key(&record.id);
         let body = serde_json::to_string(record).expect("records serialize");
         let mut connection = self.connection.clone();
-        let written: i64 = script
-            .key(record_key(&record.id))
+        let standing: Option<Vec<u8>> = script
+            .key(&key)
             .arg(body)
-            .arg(record.status.as_str())
             .arg(RECORD_TTL.as_secs())
             .invoke_async(&mut connection)
             .await?;
-        Ok(written == 1)
+        standing
+            .map(|body| {
+                serde_json::from_slice(&body).map_err(|source| StoreError::Corrupt { key, source })
+            })
+            .transpose()
     }
 
     pub async fn cached_answer(&self, key: &str) -> Result<Option<CachedAnswer>, StoreError> {
@@ -226,7 +233,7 @@ impl Store {
         })
     }
 
-    async fn get_json<T: serde::de::DeserializeOwned>(
+    pub async fn get_json<T: serde::de::DeserializeOwned>(
         &self,
         key: &str,
     ) -> Result<Option<T>, StoreError> {
@@ -239,6 +246,35 @@ impl Store {
             })
         })
         .transpose()
+    }
+
+    /// Sets `key` unless it exists (`SET NX GET`, one round trip): `None`
+    /// when it wrote, else the value already there.
+    pub async fn set_json_if_absent<T: Serialize + serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+        value: &T,
+        ttl: Duration,
+    ) -> Result<Option<T>, StoreError> {
+        let body = serde_json::to_string(value).expect("values serialize");
+        let mut connection = self.connection.clone();
+        let earlier: Option<Vec<u8>> = redis::cmd("SET")
+            .arg(key)
+            .arg(body)
+            .arg("NX")
+            .arg("GET")
+            .arg("EX")
+            .arg(ttl.as_secs().max(1))
+            .query_async(&mut connection)
+            .await?;
+        earlier
+            .map(|body| {
+                serde_json::from_slice(&body).map_err(|source| StoreError::Corrupt {
+                    key: key.to_owned(),
+                    source,
+                })
+            })
+            .transpose()
     }
 
     async fn set_json<T: Serialize>(

@@ -172,7 +172,9 @@ impl Drop for NatsServer {
     }
 }
 
-/// `redis-server` without persistence.
+/// `redis-server` persisting as ebb deploys it: an append-only file, written
+/// before each reply and synced every second, so [`RedisServer::stop`]
+/// (SIGKILL) and [`RedisServer::resume`] lose nothing.
 #[derive(Debug)]
 pub struct RedisServer {
     child: Option<Child>,
@@ -209,7 +211,9 @@ impl RedisServer {
             "--save",
             "",
             "--appendonly",
-            "no",
+            "yes",
+            "--appendfsync",
+            "everysec",
             "--dir",
             &self.dir.path().display().to_string(),
         ]

@@ -138,7 +138,7 @@ async fn a_poison_question_fails_after_max_deliver_and_is_dead_lettered() {
     );
 
     let letter = stack.dead_letter(id).await.expect("a dead letter is kept");
-    assert_eq!((letter.job.id.as_str(), letter.deliveries), (id, 3));
+    assert_eq!((letter.id.as_str(), letter.deliveries), (id, 3));
     assert_eq!(stack.queued_messages().await, 0);
 
     // The worker survives poison and answers the next question.

@@ -15,7 +15,7 @@ use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
 use ebb_nats::messages::moving_average;
 use ebb_nats::{AnswerEvent, CachedAnswer, Job, QuestionRecord, QuestionStatus, Timings, subjects};
-use ebb_runtime::telemetry;
+use ebb_runtime::{backoff, telemetry};
 use ebb_store::Answer;
 use tracing::Instrument;
 
@@ -23,6 +23,11 @@ use crate::engine::positions_needed;
 use crate::engine::thread::SeqEvent;
 use crate::generate::{GenerateError, Generation};
 use crate::runner::Worker;
+
+/// First and longest wait between attempts to record an answer while the
+/// status store is unreachable.
+const STORE_RETRY_FIRST: Duration = Duration::from_millis(200);
+const STORE_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Why a job did not produce an answer.
 #[derive(Debug, thiserror::Error)]
@@ -41,19 +46,48 @@ impl Worker {
         let deliveries = message.info().map(|info| info.delivered).unwrap_or(1);
         let job: Job = match serde_json::from_slice(&message.payload) {
             Ok(job) => job,
-            Err(err) => {
-                // Not a job at all: retrying cannot help and there is no id
-                // to record a status under.
-                tracing::error!(subject = %message.subject, cause = %err, "dropping unreadable message");
-                let _ = message.ack_with(AckKind::Term).await;
-                return;
-            }
+            Err(err) => return self.fail_unreadable(&message, deliveries, &err).await,
         };
         let span = tracing::info_span!("job", question_id = %job.id, attempt = deliveries);
         telemetry::adopt_parent(&span, message.headers.as_ref());
         self.handle_job(&message, job, deliveries)
             .instrument(span)
             .await
+    }
+
+    /// A message that is not a job (a bug, a forgery): retrying cannot
+    /// help, so it fails at once under the id it carries (or one named
+    /// after its stream sequence) and is kept as a dead letter.
+    async fn fail_unreadable(
+        &self,
+        message: &jetstream::Message,
+        deliveries: i64,
+        err: &serde_json::Error,
+    ) {
+        let message_id = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(async_nats::header::NATS_MESSAGE_ID))
+            .map(|id| id.as_str());
+        let sequence = message.info().map_or(0, |info| info.stream_sequence);
+        let id = ebb_nats::messages::carried_id(&message.payload, message_id)
+            .unwrap_or_else(|| format!("unreadable-{sequence}"));
+        tracing::error!(subject = %message.subject, question_id = %id, cause = %err, "unreadable message");
+        let reason = format!("not a question a worker can read: {err}");
+        match self
+            .lifecycle
+            .fail_unreadable(&id, &message.payload, &reason, deliveries)
+            .await
+        {
+            Ok(()) => {
+                let _ = message.ack_with(AckKind::Term).await;
+            }
+            Err(cause) => {
+                tracing::error!(question_id = %id, %cause, "cannot fail an unreadable message yet; it comes back");
+                let delay = retry_delay(self.config.retry_backoff, deliveries);
+                let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+            }
+        }
     }
 
     async fn handle_job(&self, message: &jetstream::Message, job: Job, deliveries: i64) {
@@ -63,7 +97,10 @@ impl Worker {
             return;
         }
         let finished = match self.cached(&job).await {
-            Some(hit) => self.finish_from_cache(&job, deliveries, &hit).await,
+            Some(hit) => {
+                self.finish_from_cache(message, &job, deliveries, &hit)
+                    .await
+            }
             None => self.generate_and_finish(message, &job, deliveries).await,
         };
         match finished {
@@ -73,7 +110,8 @@ impl Worker {
     }
 
     /// Whether an earlier delivery already ended the question; if so, its
-    /// webhook call is queued again in case that worker died before it.
+    /// event and webhook call go out again in case that worker died before
+    /// them.
     async fn already_ended(&self, job: &Job) -> bool {
         let earlier = self
             .store
@@ -82,7 +120,7 @@ impl Worker {
             .flatten();
         match earlier {
             Some(record) if record.status.is_terminal() => {
-                self.lifecycle.redelivered(job, &record).await;
+                self.lifecycle.reannounce(job, &record).await;
                 true
             }
             _ => false,
@@ -91,6 +129,7 @@ impl Worker {
 
     async fn finish_from_cache(
         &self,
+        message: &jetstream::Message,
         job: &Job,
         deliveries: i64,
         hit: &CachedAnswer,
@@ -103,7 +142,9 @@ impl Worker {
             finish_reason: hit.finish_reason,
             cache_for: None,
         };
-        Ok(self.lifecycle.finish(job, deliveries, answer).await?)
+        Ok(self
+            .finish_durably(message, job, deliveries, answer)
+            .await?)
     }
 
     async fn generate_and_finish(
@@ -141,8 +182,49 @@ impl Worker {
             // under its key.
             cache_for: (job.model == self.identity).then_some(self.config.cache_ttl),
         };
-        self.lifecycle.finish(job, deliveries, answer).await?;
+        self.finish_durably(message, job, deliveries, answer)
+            .await?;
         self.count_answered(&generation, timings);
+        Ok(())
+    }
+
+    /// Records the answer, however long Redis is away: nothing is wrong
+    /// with the question, so no delivery is spent on the outage. The answer
+    /// is kept, the message kept with progress acks, the record retried
+    /// with backoff, and the worker pulls nothing new meanwhile. Fails only
+    /// when Redis answers with something unreadable.
+    async fn finish_durably(
+        &self,
+        message: &jetstream::Message,
+        job: &Job,
+        deliveries: i64,
+        answer: Answer<'_>,
+    ) -> Result<(), ebb_store::StoreError> {
+        let mut stalled = None;
+        let mut progress = self.progress_acks();
+        for attempt in 1u64.. {
+            let err = match self.lifecycle.finish(job, deliveries, answer).await {
+                Ok(()) => break,
+                Err(err @ ebb_store::StoreError::Corrupt { .. }) => return Err(err),
+                Err(err) => err,
+            };
+            let delay = backoff::exponential(STORE_RETRY_FIRST, attempt, STORE_RETRY_MAX);
+            if stalled.is_none() {
+                tracing::warn!(cause = %err, "cannot record the answer; keeping it until the status store is back");
+                stalled = Some(self.gate.stall_on_store());
+            }
+            let wait = tokio::time::sleep(delay);
+            tokio::pin!(wait);
+            loop {
+                tokio::select! {
+                    _ = &mut wait => break,
+                    _ = progress.tick() => progress_ack(message).await,
+                }
+            }
+        }
+        if stalled.is_some() {
+            tracing::info!("answer recorded after the status store came back");
+        }
         Ok(())
     }
 
@@ -203,7 +285,7 @@ impl Worker {
         let reservation = match self.budget.try_reserve(positions) {
             Some(reservation) => reservation,
             None => {
-                let _waiting = self.memory.wait();
+                let _waiting = self.gate.wait_for_memory();
                 tracing::debug!(positions, "waiting for KV memory");
                 let reserve = self.budget.reserve(positions);
                 tokio::pin!(reserve);
@@ -215,7 +297,7 @@ impl Worker {
                 }
             }
         };
-        self.memory.admitted(positions);
+        self.gate.admitted(positions);
         let mut events = self.engine.submit(request, reservation).await?;
         let client = self.topology.jetstream.client();
         let answers = subjects::answers(&job.id);

@@ -272,7 +272,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
         prompts,
         max_context,
         slots,
-        memory: runner::MemoryGate::default(),
+        gate: runner::PullGate::default(),
     });
     let served = serve_until_drained(&worker, shutdown).await;
     stop_heartbeats.cancel();

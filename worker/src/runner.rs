@@ -54,7 +54,7 @@ pub(crate) struct Worker {
     pub max_context: usize,
     /// Questions in flight at most (`--max-batch`).
     pub slots: usize,
-    pub memory: MemoryGate,
+    pub gate: PullGate,
 }
 
 /// Ack wait and delivery limit of the worker consumers.
@@ -74,32 +74,48 @@ impl DeliveryPolicy {
     }
 }
 
-/// Who is waiting for KV memory, and how much a question usually needs:
-/// with the budget's free memory, what decides how many questions a pull
-/// may take.
+/// What holds pulls back: questions waiting for KV memory (with how much
+/// a question usually needs, against the budget's free memory, what decides
+/// how many questions a pull may take) and answers waiting for the status
+/// store (no pull at all until it is back).
 #[derive(Debug, Default)]
-pub(crate) struct MemoryGate {
+pub(crate) struct PullGate {
     waiting: AtomicUsize,
+    /// Answers kept while Redis cannot record them.
+    stalled_on_store: AtomicUsize,
     /// Moving average of positions per question, 0 before the first.
     typical_positions: AtomicU64,
     /// Something above changed: the serve loop looks again.
     pub changed: Notify,
 }
 
-/// Held while a question waits for memory.
-pub(crate) struct Waiting<'a>(&'a MemoryGate);
+/// Held while a question waits for memory or its answer for the store.
+pub(crate) struct Held<'a> {
+    gate: &'a PullGate,
+    count: &'a AtomicUsize,
+}
 
-impl Drop for Waiting<'_> {
+impl Drop for Held<'_> {
     fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
-        self.0.changed.notify_one();
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        self.gate.changed.notify_one();
     }
 }
 
-impl MemoryGate {
-    pub fn wait(&self) -> Waiting<'_> {
-        self.waiting.fetch_add(1, Ordering::Relaxed);
-        Waiting(self)
+impl PullGate {
+    pub fn wait_for_memory(&self) -> Held<'_> {
+        self.hold(&self.waiting)
+    }
+
+    /// While held, the worker pulls nothing: a question it took now could
+    /// not be recorded either.
+    pub fn stall_on_store(&self) -> Held<'_> {
+        self.hold(&self.stalled_on_store)
+    }
+
+    fn hold<'a>(&'a self, count: &'a AtomicUsize) -> Held<'a> {
+        count.fetch_add(1, Ordering::Relaxed);
+        Held { gate: self, count }
     }
 
     /// A question of `positions` got its memory.
@@ -166,8 +182,9 @@ impl Worker {
                     return Ok(());
                 }
             } else {
-                let waiting = self.memory.waiting.load(Ordering::Relaxed);
-                let typical = self.memory.typical_positions.load(Ordering::Relaxed);
+                let waiting = self.gate.waiting.load(Ordering::Relaxed);
+                let typical = self.gate.typical_positions.load(Ordering::Relaxed);
+                let stalled = self.gate.stalled_on_store.load(Ordering::Relaxed) > 0;
                 // Questions pulled but not yet holding memory will need
                 // about a typical question's room each.
                 let unreserved = jobs
@@ -177,13 +194,17 @@ impl Worker {
                     .budget
                     .free_positions()
                     .saturating_sub(unreserved as u64 * typical);
-                let wanted = pull_count(
-                    self.slots.saturating_sub(jobs.len()),
-                    jobs.len(),
-                    waiting,
-                    free,
-                    typical,
-                );
+                let wanted = if stalled {
+                    0
+                } else {
+                    pull_count(
+                        self.slots.saturating_sub(jobs.len()),
+                        jobs.len(),
+                        waiting,
+                        free,
+                        typical,
+                    )
+                };
                 if wanted > 0 {
                     let messages = self.pull(wanted, backlog).await;
                     backlog = messages.len() == wanted;
@@ -197,7 +218,7 @@ impl Worker {
                 }
             }
             self.publish_load(jobs.len(), shutdown.is_cancelled());
-            let changed = self.memory.changed.notified();
+            let changed = self.gate.changed.notified();
             // Read once for the select below: a shutdown during the pull
             // above must not leave it waiting with nothing in flight.
             let open = !shutdown.is_cancelled();

@@ -9,6 +9,7 @@ use serde::Serialize;
 use super::AppState;
 use super::feed::Waiter;
 use crate::error::ApiError;
+use crate::idempotency::{Claimed, IdempotencyKey};
 use crate::question::NewQuestion;
 use crate::{language, queue, webhook};
 
@@ -53,9 +54,15 @@ pub async fn admit(
     state: &AppState,
     mut question: NewQuestion,
     hold: Hold,
+    idempotency: Option<&IdempotencyKey>,
 ) -> Result<Admission, ApiError> {
     if let Some(url) = &question.callback_url {
         check_callback(state, url)?;
+    }
+    if let Some(key) = idempotency
+        && let Some(claimed) = key.existing(&state.store).await?
+    {
+        return asked_before(state, claimed, hold).await;
     }
     tracing::debug!(question = %question.question, "question text");
     // Keyed before detection: a detected language follows from the question
@@ -77,6 +84,20 @@ pub async fn admit(
         Hold::Required => Some(Waiter::slot(state)?),
     };
     let job = new_job(state, question, cache_key);
+    if let Some(key) = idempotency {
+        let claim = Claimed {
+            id: job.id.clone(),
+            request_sha256: key.request_sha256().to_owned(),
+            priority: job.priority,
+            language: job.language.clone(),
+            accepted_at_ms: job.enqueued_at_ms,
+        };
+        // A concurrent request with the same key got there first.
+        if let Some(earlier) = key.claim(&state.store, &claim).await? {
+            drop(slot);
+            return asked_before(state, earlier, hold).await;
+        }
+    }
     tracing::Span::current().record("question_id", job.id.as_str());
     let waiter = match slot {
         Some(slot) => Some(Waiter::subscribe(state, &job.id, slot).await?),
@@ -89,6 +110,38 @@ pub async fn admit(
         language: job.language,
         priority: job.priority,
         accepted_at_ms: job.enqueued_at_ms,
+        waiter,
+    }))
+}
+
+/// A retried request (the same `Idempotency-Key`): the question it asked
+/// before, waited for like a new one, never asked again.
+async fn asked_before(
+    state: &AppState,
+    claimed: Claimed,
+    hold: Hold,
+) -> Result<Admission, ApiError> {
+    tracing::Span::current().record("question_id", claimed.id.as_str());
+    state.metrics.outcome("asked_before");
+    let slot = match hold {
+        Hold::No => None,
+        Hold::IfFree => Waiter::slot(state).ok(),
+        Hold::Required => Some(Waiter::slot(state)?),
+    };
+    let waiter = match slot {
+        // It may have ended already: no event will come, the record says.
+        Some(slot) => Some(
+            Waiter::subscribe(state, &claimed.id, slot)
+                .await?
+                .check_record_first(),
+        ),
+        None => None,
+    };
+    Ok(Admission::Queued(Queued {
+        id: claimed.id,
+        language: claimed.language,
+        priority: claimed.priority,
+        accepted_at_ms: claimed.accepted_at_ms,
         waiter,
     }))
 }

@@ -2,13 +2,13 @@
 
 use std::sync::Arc;
 
-use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use ebb_nats::{FinishReason, QuestionStatus, Timings};
 use futures::{Stream, StreamExt};
 use serde_json::json;
@@ -17,8 +17,10 @@ use super::admission::{Admission, Answered, Hold, admit};
 use super::events::sse;
 use super::feed::{AnswerFeed, Cursor, Relayed};
 use super::{AppState, body_bytes, require_json};
+use crate::auth::Caller;
 use crate::chat::{AnswerMeta, ChatRequest, chunk, usage_chunk};
 use crate::error::ApiError;
+use crate::idempotency::IdempotencyKey;
 use crate::openapi::{ChatCompletion, ModelList, ModelObject};
 use crate::question::MAX_WAIT;
 
@@ -39,11 +41,15 @@ use crate::question::MAX_WAIT;
 #[tracing::instrument(name = "chat", skip_all, fields(question_id, cached))]
 pub(crate) async fn chat_completions(
     State(state): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     require_json(&headers)?;
-    let request = ChatRequest::from_json(&body_bytes(body)?, state.limits)?;
+    let body = body_bytes(body)?;
+    let request = ChatRequest::from_json(&body, state.limits)?;
+    let caller = caller.as_ref().map(|Extension(caller)| caller);
+    let idempotency = IdempotencyKey::from_request(&headers, caller, "chat", &body)?;
     if let Some(asked) = &request.model
         && !state.serves(asked)
     {
@@ -53,7 +59,14 @@ pub(crate) async fn chat_completions(
         });
     }
     let created = ebb_nats::now_ms() / 1000;
-    let queued = match admit(&state, request.question, Hold::Required).await? {
+    let queued = match admit(
+        &state,
+        request.question,
+        Hold::Required,
+        idempotency.as_ref(),
+    )
+    .await?
+    {
         Admission::Cached { id, hit, language } => {
             tracing::Span::current().record("cached", true);
             let answered = Answered::from_cache(id, hit, language);
@@ -89,7 +102,7 @@ pub(crate) async fn chat_completions(
         );
         return Ok(sse(chunks.of_feed(feed), state.sse_keep_alive).into_response());
     }
-    let Some(event) = waiter.final_event(MAX_WAIT).await else {
+    let Some(event) = waiter.final_event(&state.store, &queued.id, MAX_WAIT).await else {
         let status = state
             .store
             .degradable("the status record", state.store.record(&queued.id))

@@ -37,6 +37,9 @@ const RECHECK: Duration = Duration::from_secs(5);
 pub struct Waiter {
     slot: OwnedSemaphorePermit,
     answers: async_nats::Subscriber,
+    /// Read the record before the first event: the question may have
+    /// ended before this subscription (a retried request).
+    record_first: bool,
 }
 
 impl Waiter {
@@ -62,17 +65,48 @@ impl Waiter {
             .subscribe(subjects::answers(id))
             .await
             .map_err(|err| ApiError::QueueUnavailable(err.to_string()))?;
-        Ok(Waiter { slot, answers })
+        Ok(Waiter {
+            slot,
+            answers,
+            record_first: false,
+        })
     }
 
-    /// Waits up to `wait` for the final answer event. `None` on timeout or
-    /// when the subscription ends; the caller then reads the status record.
-    pub async fn final_event(&mut self, wait: Duration) -> Option<AnswerEvent> {
+    /// Reads the record before waiting for any event: the question may
+    /// have ended before this subscription (a retried request).
+    pub fn check_record_first(mut self) -> Waiter {
+        self.record_first = true;
+        self
+    }
+
+    /// Waits up to `wait` for the final answer event of `id`. The record
+    /// is read again every [`RECHECK`] in case the event was lost (a NATS
+    /// reconnect, a worker that died after its record): a terminal record
+    /// stands for its event. `None` on timeout or when the subscription
+    /// ends; the caller then reads the status record.
+    pub async fn final_event(
+        &mut self,
+        store: &Store,
+        id: &str,
+        wait: Duration,
+    ) -> Option<AnswerEvent> {
         let deadline = tokio::time::Instant::now() + wait;
+        let first = match self.record_first {
+            true => tokio::time::Instant::now(),
+            false => tokio::time::Instant::now() + RECHECK,
+        };
+        let mut recheck = tokio::time::interval_at(first, RECHECK);
         loop {
-            let message = tokio::time::timeout_at(deadline, self.answers.next())
-                .await
-                .ok()??;
+            let message = tokio::select! {
+                message = tokio::time::timeout_at(deadline, self.answers.next()) => message.ok()??,
+                _ = recheck.tick() => {
+                    let record = store.degradable("the status record", store.record(id)).await.flatten();
+                    match record.and_then(|record| record.final_event()) {
+                        Some(event) => return Some(event),
+                        None => continue,
+                    }
+                }
+            };
             match serde_json::from_slice::<AnswerEvent>(&message.payload) {
                 Ok(event) if event.is_final() => return Some(event),
                 Ok(_) => {}

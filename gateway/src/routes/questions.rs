@@ -2,18 +2,20 @@
 
 use std::sync::Arc;
 
-use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use ebb_nats::{Priority, QuestionRecord, QuestionStatus};
 use serde::Serialize;
 
 use super::admission::{Admission, Answered, CACHED_ID_PREFIX, Hold, admit};
 use super::{AppState, body_bytes, require_json};
+use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::idempotency::IdempotencyKey;
 use crate::question::NewQuestion;
 
 /// Accepted, not answered yet: poll `status_url` or follow its `/events`.
@@ -42,11 +44,15 @@ pub struct Pending {
 #[tracing::instrument(name = "question", skip_all, fields(question_id, cached, status))]
 pub(crate) async fn post_question(
     State(state): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     require_json(&headers)?;
-    let question = NewQuestion::from_json(&body_bytes(body)?, state.limits)?;
+    let body = body_bytes(body)?;
+    let question = NewQuestion::from_json(&body, state.limits)?;
+    let caller = caller.as_ref().map(|Extension(caller)| caller);
+    let idempotency = IdempotencyKey::from_request(&headers, caller, "questions", &body)?;
     let wait = question.wait;
     let hold = if wait.is_zero() {
         Hold::No
@@ -54,7 +60,7 @@ pub(crate) async fn post_question(
         Hold::IfFree
     };
     let span = tracing::Span::current();
-    let queued = match admit(&state, question, hold).await? {
+    let queued = match admit(&state, question, hold, idempotency.as_ref()).await? {
         Admission::Cached { id, hit, language } => {
             span.record("question_id", id.as_str());
             span.record("cached", true);
@@ -64,7 +70,7 @@ pub(crate) async fn post_question(
     };
     let id = queued.id.clone();
     if let Some(mut waiter) = queued.waiter
-        && let Some(event) = waiter.final_event(wait).await
+        && let Some(event) = waiter.final_event(&state.store, &id, wait).await
         && let Some(answered) =
             Answered::from_event(id.clone(), event, &state.model, queued.language.clone())
     {
