@@ -31,8 +31,32 @@ pub enum Caller {
         name: String,
         per_minute: u32,
     },
+    /// The admin token, on a public route: may read every question.
+    Admin,
     /// `--insecure-dev`: no key needed.
     Anonymous,
+}
+
+impl Caller {
+    /// The name a question asked by this caller is owned under: its API
+    /// key's (admin and anonymous questions belong to no key).
+    pub fn owner(&self) -> Option<&str> {
+        match self {
+            Caller::Key { name, .. } => Some(name),
+            Caller::Admin | Caller::Anonymous => None,
+        }
+    }
+
+    /// Whether this caller may read a question owned by `owner`: its own
+    /// key's questions, or any with the admin token. A question no key owns
+    /// (asked anonymously, a cached answer, a record from before owners
+    /// were kept) is anyone's.
+    pub fn may_read(&self, owner: Option<&str>) -> bool {
+        match (self, owner) {
+            (Caller::Admin, _) | (_, None) => true,
+            (caller, owner) => caller.owner() == owner,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -92,6 +116,11 @@ impl Keys {
                     per_minute: per_minute.unwrap_or(self.default_per_minute),
                 });
             }
+        }
+        if let Some(admin) = &self.admin
+            && bool::from(admin.ct_eq(&presented))
+        {
+            found = Some(Caller::Admin);
         }
         match found {
             Some(caller) => Ok(caller),
@@ -155,6 +184,25 @@ fn parse_digest(hex: &str) -> Option<[u8; 32]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_question_is_its_keys_or_the_admins_and_an_unowned_one_anyones() {
+        let app = Caller::Key {
+            name: "app".into(),
+            per_minute: 60,
+        };
+        let other = Caller::Key {
+            name: "other".into(),
+            per_minute: 60,
+        };
+        assert!(app.may_read(Some("app")));
+        assert!(!other.may_read(Some("app")));
+        assert!(!Caller::Anonymous.may_read(Some("app")));
+        assert!(Caller::Admin.may_read(Some("app")));
+        for caller in [&app, &other, &Caller::Anonymous, &Caller::Admin] {
+            assert!(caller.may_read(None), "{caller:?}");
+        }
+    }
 
     fn keys(insecure_dev: bool) -> Keys {
         let key = ApiKey {

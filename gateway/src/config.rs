@@ -59,6 +59,10 @@ pub struct Config {
     pub overload: OverloadArgs,
     #[command(flatten)]
     pub webhooks: WebhookArgs,
+    /// Longest a client may take to send a request body: a slow sender
+    /// holds a connection and memory, so it gets `408 body_timeout`.
+    #[arg(long, env = "EBB_BODY_TIMEOUT", default_value = "10s", value_parser = ebb_runtime::duration::parse)]
+    pub body_timeout: Duration,
     /// Interval of SSE keep-alive comments on idle streams.
     #[arg(long, env = "EBB_SSE_KEEP_ALIVE", default_value = "15s", value_parser = ebb_runtime::duration::parse)]
     pub sse_keep_alive: Duration,
@@ -78,6 +82,11 @@ pub struct LimitArgs {
     /// Proxies (CIDRs, comma-separated) whose `X-Forwarded-For` is believed.
     #[arg(long, env = "EBB_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Vec<IpNet>,
+    /// Failed authentications per minute from one client IP (an IPv6
+    /// client's /64): past it the client is refused (429) before its key is
+    /// even checked, so keys cannot be guessed at speed.
+    #[arg(long = "auth-failures-per-ip", env = "EBB_AUTH_FAILURES_PER_IP", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub auth_failures_per_ip: u32,
     /// Most client IPs tracked at once; past it new clients get 429.
     #[arg(
         long = "rate-limit-max-clients",

@@ -61,6 +61,8 @@ pub enum ApiError {
     ScalerUnavailable(String),
     #[error("this Idempotency-Key was first used with a different request")]
     IdempotencyKeyReused,
+    #[error("the request body took longer than {} s to arrive", seconds(*limit))]
+    BodyTimeout { limit: Duration },
 }
 
 /// Whole seconds, rounded up, at least 1: what `Retry-After` carries.
@@ -90,6 +92,7 @@ impl ApiError {
             | ApiError::RouteNotFound(_)
             | ApiError::ModelNotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::RateLimited { .. } | ApiError::Overloaded { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -124,6 +127,7 @@ impl ApiError {
             ApiError::AnswerTimeout { .. } => "timeout",
             ApiError::ScalerUnavailable(_) => "scaler_unavailable",
             ApiError::IdempotencyKeyReused => "idempotency_key_reused",
+            ApiError::BodyTimeout { .. } => "body_timeout",
         }
     }
 

@@ -6,8 +6,10 @@
 //! under `ebb:idempotency:<sha256(caller, route, key)>`, holding the
 //! question's id and a digest of the request body: the same key with a
 //! different body is refused (`422 idempotency_key_reused`), as Stripe does.
-//! A question is claimed with `SET NX` just before it is published, so of
-//! two concurrent requests with one key only one publishes.
+//! The key also names the question: its id is derived from the same
+//! digest, so concurrent retries publish one id and JetStream's duplicate
+//! window keeps one message. The key is remembered only once its question
+//! is published, so a retry after a refusal (NATS down) asks for real.
 
 use std::time::Duration;
 
@@ -31,6 +33,7 @@ const MAX_LEN: usize = 255;
 pub struct IdempotencyKey {
     redis_key: String,
     request_sha256: String,
+    question_id: String,
 }
 
 /// What a key stands for once claimed.
@@ -70,6 +73,7 @@ impl IdempotencyKey {
             })?;
         let caller = match caller {
             Some(Caller::Key { name, .. }) => name.as_str(),
+            Some(Caller::Admin) => "\0admin",
             Some(Caller::Anonymous) | None => "",
         };
         let scope = Sha256::new()
@@ -79,9 +83,11 @@ impl IdempotencyKey {
             .chain_update([0])
             .chain_update(key)
             .finalize();
+        let id_bytes: [u8; 16] = scope[..16].try_into().expect("a SHA-256 has 32 bytes");
         Ok(Some(IdempotencyKey {
             redis_key: format!("ebb:idempotency:{}", hex(&scope)),
             request_sha256: hex(&Sha256::digest(body)),
+            question_id: uuid::Uuid::new_v8(id_bytes).to_string(),
         }))
     }
 
@@ -94,16 +100,23 @@ impl IdempotencyKey {
         found.map(|claimed| self.same_request(claimed)).transpose()
     }
 
-    /// Claims the key for `claim` unless a concurrent request claimed it
-    /// first: `None` when claimed, else the question it stands for.
-    pub async fn claim(&self, store: &Store, claim: &Claimed) -> Result<Option<Claimed>, ApiError> {
+    /// The id of the question this key names.
+    pub fn question_id(&self) -> String {
+        self.question_id.clone()
+    }
+
+    /// Remembers the published question under the key (a concurrent
+    /// request may have done so already: with another body, this one is
+    /// refused, since only one of the two was asked).
+    pub async fn remember(&self, store: &Store, claim: &Claimed) -> Result<(), ApiError> {
         let earlier = store
             .set_json_if_absent(&self.redis_key, claim, TTL)
             .await
             .map_err(|err| ApiError::StoreUnavailable(err.to_string()))?;
-        earlier
-            .map(|claimed| self.same_request(claimed))
-            .transpose()
+        match earlier {
+            Some(earlier) => self.same_request(earlier).map(drop),
+            None => Ok(()),
+        }
     }
 
     pub fn request_sha256(&self) -> &str {
@@ -157,6 +170,10 @@ mod tests {
         assert_ne!(a.redis_key, b.redis_key);
         assert_ne!(a.redis_key, c.redis_key);
         assert_eq!(a.redis_key, again.redis_key);
+        // The key names the question: the same id on every retry.
+        assert_eq!(a.question_id(), again.question_id());
+        assert_ne!(a.question_id(), b.question_id());
+        assert!(uuid::Uuid::parse_str(&a.question_id()).is_ok());
     }
 
     #[test]

@@ -109,6 +109,11 @@ pub async fn run(
         topology.clone(),
         stop.clone().cancelled_owned(),
     ));
+    background.spawn(ebb_store::janitor::run_janitor(
+        topology.clone(),
+        Lifecycle::new(topology.jetstream.clone(), state.store.clone()),
+        stop.clone().cancelled_owned(),
+    ));
     let overload = state.overload.clone();
     let watch_stop = stop.clone();
     background.spawn(async move { overload.watch(topology, watch_stop.cancelled_owned()).await });
@@ -157,6 +162,9 @@ async fn sweep_rate_limits(state: Arc<routes::AppState>, stop: CancellationToken
             _ = stop.cancelled() => return,
             _ = every_minute.tick() => {
                 state.ip_limiter.sweep(state.rate_limits.per_ip, Instant::now());
+                state
+                    .auth_failures
+                    .sweep(state.rate_limits.auth_failures_per_ip, Instant::now());
             }
         }
     }

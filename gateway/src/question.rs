@@ -44,6 +44,8 @@ pub struct NewQuestion {
     pub history: Vec<ChatMessage>,
     /// http(s) URL to POST the final answer to; the SSRF check is at admission.
     pub callback_url: Option<reqwest::Url>,
+    /// The asking API key's name (set by the route from the caller).
+    pub owner: Option<String>,
 }
 
 /// The fields `POST /v1/questions` and the chat body share, validated.
@@ -197,6 +199,7 @@ impl NewQuestion {
             wait,
             history: Vec::new(),
             callback_url: context.callback_url,
+            owner: None,
         }
     }
 

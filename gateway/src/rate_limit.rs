@@ -106,6 +106,18 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
         }
     }
 
+    /// How long until `client` has a token again, if its bucket is empty
+    /// now; nothing is taken (and an unknown client has a full bucket).
+    pub fn exhausted(&self, client: &K, per_minute: u32, now: Instant) -> Option<Duration> {
+        let capacity = f64::from(per_minute.max(1));
+        let refill_per_second = capacity / 60.0;
+        let buckets = self.buckets.lock().expect("rate limiter lock");
+        let bucket = buckets.get(client)?;
+        let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
+        let tokens = (bucket.tokens + elapsed * refill_per_second).min(capacity);
+        (tokens < 1.0).then(|| Duration::from_secs_f64((1.0 - tokens) / refill_per_second))
+    }
+
     /// Drops buckets that have refilled completely: they hold no state.
     pub fn sweep(&self, per_minute: u32, now: Instant) {
         let capacity = f64::from(per_minute.max(1));
@@ -128,6 +140,22 @@ fn sweep_full<K>(
         let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
         bucket.tokens + elapsed * refill_per_second < capacity
     });
+}
+
+/// The bucket a client address counts in: an IPv6 client is its /64 (one
+/// subscriber usually holds a whole /64, so per-address buckets would
+/// give it 2^64 of them); an IPv4-mapped address is its IPv4 address.
+pub fn bucket_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(prefix.into())
+            }
+        },
+    }
 }
 
 /// The client's address: the TCP peer, unless the peer is a trusted proxy;
@@ -163,6 +191,36 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_clients_share_a_bucket_per_64() {
+        let bucket = |ip: &str| bucket_of(ip.parse().unwrap());
+        assert_eq!(bucket("2001:db8:1:2::1"), bucket("2001:db8:1:2:ffff::9"));
+        assert_eq!(
+            bucket("2001:db8:1:2::1"),
+            "2001:db8:1:2::".parse::<IpAddr>().unwrap()
+        );
+        assert_ne!(bucket("2001:db8:1:2::1"), bucket("2001:db8:1:3::1"));
+        assert_eq!(bucket("::ffff:10.0.0.1"), bucket("10.0.0.1"));
+        assert_eq!(bucket("10.0.0.1"), "10.0.0.1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn an_exhausted_bucket_is_seen_without_taking_from_it() {
+        let limiter = RateLimiter::new(10);
+        let start = Instant::now();
+        assert_eq!(limiter.exhausted(&"a", 2, start), None);
+        limiter.take(&"a", 2, start);
+        assert_eq!(limiter.exhausted(&"a", 2, start), None);
+        limiter.take(&"a", 2, start);
+        let wait = limiter.exhausted(&"a", 2, start).expect("empty");
+        assert_eq!(wait, Duration::from_secs(30));
+        // Looking took nothing: half a minute later one token is back.
+        assert_eq!(
+            limiter.exhausted(&"a", 2, start + Duration::from_secs(30)),
+            None
+        );
+    }
 
     #[test]
     fn a_bucket_allows_its_size_then_refills_over_a_minute() {

@@ -30,39 +30,56 @@ const CONCURRENT_CALLS: usize = 64;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum TargetError {
-    #[error("{0} is a private, loopback or link-local address (not in --webhook-allow)")]
+    #[error("{0} is a private, local or reserved address (not in --webhook-allow)")]
     Private(IpAddr),
     #[error("cannot resolve {host}: {message}")]
     Resolve { host: String, message: String },
 }
 
-/// Addresses a webhook may never reach unless allow-listed.
+/// Ranges a webhook may never reach unless allow-listed: private, local and
+/// reserved space, and every IPv6 prefix that carries an IPv4 address to a
+/// translator or tunnel (NAT64, 6to4, Teredo, IPv4-compatible), since the
+/// IPv4 address inside may be an internal one.
+const INTERNAL: [&str; 26] = [
+    "0.0.0.0/8",       // "this network"
+    "10.0.0.0/8",      // private
+    "100.64.0.0/10",   // carrier-grade NAT
+    "127.0.0.0/8",     // loopback
+    "169.254.0.0/16",  // link-local (cloud metadata)
+    "172.16.0.0/12",   // private
+    "192.0.0.0/24",    // IETF protocol assignments
+    "192.0.2.0/24",    // documentation
+    "192.88.99.0/24",  // 6to4 relay anycast
+    "192.168.0.0/16",  // private
+    "198.18.0.0/15",   // benchmarking
+    "198.51.100.0/24", // documentation
+    "203.0.113.0/24",  // documentation
+    "224.0.0.0/4",     // multicast
+    "240.0.0.0/4",     // reserved, broadcast included
+    "::/96",           // unspecified, loopback, IPv4-compatible
+    "::ffff:0:0/96",   // IPv4-mapped
+    "64:ff9b::/96",    // NAT64, well-known prefix
+    "64:ff9b:1::/48",  // NAT64, local use
+    "100::/64",        // discard-only
+    "2001::/32",       // Teredo
+    "2001:db8::/32",   // documentation
+    "2002::/16",       // 6to4
+    "fc00::/7",        // unique local
+    "fe80::/10",       // link-local
+    "fec0::/10",       // site-local (deprecated, still routed by some)
+];
+
+/// Whether a webhook may never reach `ip` unless allow-listed (see
+/// [`INTERNAL`]; IPv6 multicast too).
 pub fn is_internal(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            v4.is_private()
-                || v4.is_loopback()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_multicast()
-                || v4.is_documentation()
-                // Carrier-grade NAT 100.64.0.0/10 and "this network" 0.0.0.0/8.
-                || (v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64)
-                || v4.octets()[0] == 0
-        }
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_internal(IpAddr::V4(v4));
-            }
-            let first = v6.segments()[0];
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00 // unique local
-                || (first & 0xffc0) == 0xfe80 // link-local
-        }
-    }
+    static RANGES: std::sync::LazyLock<Vec<IpNet>> = std::sync::LazyLock::new(|| {
+        INTERNAL
+            .iter()
+            .map(|net| net.parse().expect("valid ranges"))
+            .collect()
+    });
+    let multicast_v6 = matches!(ip, IpAddr::V6(v6) if v6.is_multicast());
+    multicast_v6 || RANGES.iter().any(|net| net.contains(&ip))
 }
 
 /// Refuses `ip` unless it is public or allow-listed.
@@ -291,10 +308,31 @@ mod tests {
             "fe80::1",
             "fd00::1",
             "::ffff:127.0.0.1",
+            // Ranges added by issue 14: each one carries or reaches an
+            // internal address.
+            "64:ff9b::a00:1",  // NAT64 of 10.0.0.1
+            "64:ff9b:1::1",    // NAT64, local use
+            "2002:a00:1::1",   // 6to4 of 10.0.0.1
+            "2001:0:a00:1::1", // Teredo
+            "::10.0.0.1",      // IPv4-compatible
+            "fec0::1",         // site-local
+            "198.18.0.1",      // benchmarking
+            "198.19.255.254",
+            "192.0.0.8", // IETF protocol assignments
+            "240.0.0.1", // reserved
+            "255.255.255.255",
+            "ff02::1", // multicast
         ] {
             assert!(check_address(ip(internal), &[]).is_err(), "{internal}");
         }
-        for public in ["93.184.216.34", "2606:4700::1111", "100.128.0.1"] {
+        for public in [
+            "93.184.216.34",
+            "2606:4700::1111",
+            "100.128.0.1",
+            "198.20.0.1",
+            "192.0.1.1",
+            "2001:4860::8888",
+        ] {
             assert!(check_address(ip(public), &[]).is_ok(), "{public}");
         }
         let allow: Vec<IpNet> = vec!["127.0.0.0/8".parse().unwrap()];

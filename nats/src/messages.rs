@@ -45,6 +45,10 @@ pub struct Job {
     /// the gateway.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback_url: Option<String>,
+    /// The API key (by name) that asked: only it, or the admin token, may
+    /// read the question. `None` for questions no key owns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// One message of a chat conversation.

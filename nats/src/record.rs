@@ -54,6 +54,14 @@ pub struct QuestionRecord {
     /// Deliveries so far (1 on the first attempt).
     #[serde(default)]
     pub attempts: i64,
+    /// An attempt was in a batch step that crashed the model: later
+    /// attempts run alone, so a crash proves (or clears) this question.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub run_alone: bool,
+    /// The asking API key's name (see [`Job::owner`]); kept in the store,
+    /// never shown to clients or webhooks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
 }
@@ -71,6 +79,8 @@ impl QuestionRecord {
             finish_reason: None,
             language: None,
             attempts: 0,
+            run_alone: false,
+            owner: None,
             created_at_ms,
             updated_at_ms: created_at_ms,
         }
@@ -80,7 +90,18 @@ impl QuestionRecord {
     pub fn of_job(job: &Job) -> Self {
         QuestionRecord {
             language: job.language.clone(),
+            owner: job.owner.clone(),
             ..QuestionRecord::queued(&job.id, job.enqueued_at_ms)
+        }
+    }
+
+    /// The record as clients and webhooks see it: without who owns it and
+    /// how the workers schedule it.
+    pub fn for_clients(&self) -> QuestionRecord {
+        QuestionRecord {
+            owner: None,
+            run_alone: false,
+            ..self.clone()
         }
     }
 

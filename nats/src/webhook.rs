@@ -46,11 +46,10 @@ pub async fn enqueue(
 ) -> Result<(), async_nats::Error> {
     let call = WebhookCall {
         callback_url: callback_url.to_owned(),
-        record: record.clone(),
+        record: record.for_clients(),
     };
     let message = jetstream::message::PublishMessage::build()
         .payload(serde_json::to_vec(&call)?.into())
-        // Per outcome: a `done` that beats a reaper's `failed` is still sent.
         .message_id(format!("webhook-{call_id}-{:?}", record.status));
     jetstream
         .send_publish(subject(call_id), message)

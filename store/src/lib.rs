@@ -9,13 +9,16 @@
 //!   record, event, webhook), used by the worker and the reaper alike.
 //! - [`reaper`]: fails questions whose worker died during their last
 //!   delivery, from the server's max-deliveries advisories.
+//! - [`janitor`]: settles what a crashed nats-server left below the
+//!   consumers' ack floors (ended questions' messages, lost advisories).
 //!
 //! The JSON of records is part of the queue contract (`ebb_nats::record`).
 
+pub mod janitor;
 pub mod lifecycle;
 pub mod reaper;
 pub mod store;
 
-pub use lifecycle::{Answer, Lifecycle};
+pub use lifecycle::{Answer, Ending, Lifecycle};
 pub use reaper::run_reaper;
-pub use store::{Pieces, Store, StoreError};
+pub use store::{Pieces, Put, Store, StoreError};

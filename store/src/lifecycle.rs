@@ -25,7 +25,7 @@ use ebb_nats::{
     webhook,
 };
 
-use crate::store::{Store, StoreError};
+use crate::store::{Put, Store, StoreError};
 
 /// A finished answer, wherever it came from.
 #[derive(Debug, Clone, Copy)]
@@ -39,6 +39,15 @@ pub struct Answer<'a> {
     /// Keep the answer in the cache under the job's key this long (`None`:
     /// do not cache it, e.g. it came from the cache or another model).
     pub cache_for: Option<Duration>,
+}
+
+/// What ending a question came to; either way the message is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// This ending is the question's: recorded and announced.
+    Recorded,
+    /// It had ended already: that ending was announced again.
+    AlreadyEnded,
 }
 
 /// Ends questions: writes their terminal record and tells whoever waits.
@@ -64,16 +73,7 @@ impl Lifecycle {
         job: &Job,
         deliveries: i64,
         answer: Answer<'_>,
-    ) -> Result<(), StoreError> {
-        if let (Some(key), Some(ttl)) = (&job.cache_key, answer.cache_for) {
-            let entry = CachedAnswer {
-                answer: answer.text.to_owned(),
-                model: answer.model.to_owned(),
-                finish_reason: answer.finish_reason,
-                language: job.language.clone(),
-            };
-            self.store.put_cached_answer(key, &entry, ttl).await?;
-        }
+    ) -> Result<Ending, StoreError> {
         let record = QuestionRecord {
             status: QuestionStatus::Done,
             answer: Some(answer.text.to_owned()),
@@ -85,14 +85,30 @@ impl Lifecycle {
             updated_at_ms: ebb_nats::now_ms(),
             ..QuestionRecord::of_job(job)
         };
-        let standing = self.store.put_record(&record).await?;
-        self.announce(
-            &job.id,
-            job.callback_url.as_deref(),
-            &standing.unwrap_or(record),
-        )
-        .await;
-        Ok(())
+        let ending = match self.store.put_record(&record).await? {
+            Put::Written => {
+                // Only the answer that stands is cached; a crash before
+                // this costs a cache miss, nothing more.
+                if let (Some(key), Some(ttl)) = (&job.cache_key, answer.cache_for) {
+                    let entry = CachedAnswer {
+                        answer: answer.text.to_owned(),
+                        model: answer.model.to_owned(),
+                        finish_reason: answer.finish_reason,
+                        language: job.language.clone(),
+                    };
+                    self.store.put_cached_answer(key, &entry, ttl).await?;
+                }
+                self.announce(&job.id, job.callback_url.as_deref(), &record)
+                    .await;
+                Ending::Recorded
+            }
+            Put::Ended(standing) => {
+                self.announce(&job.id, job.callback_url.as_deref(), &standing)
+                    .await;
+                Ending::AlreadyEnded
+            }
+        };
+        Ok(ending)
     }
 
     /// Keeps a dead letter on `ebb.dead.<id>`, marks the question `failed`
@@ -102,7 +118,7 @@ impl Lifecycle {
         job: &Job,
         reason: &str,
         deliveries: i64,
-    ) -> Result<(), async_nats::Error> {
+    ) -> Result<Ending, async_nats::Error> {
         let now = ebb_nats::now_ms();
         let record = QuestionRecord {
             status: QuestionStatus::Failed,
@@ -133,7 +149,7 @@ impl Lifecycle {
         payload: &[u8],
         reason: &str,
         deliveries: i64,
-    ) -> Result<(), async_nats::Error> {
+    ) -> Result<Ending, async_nats::Error> {
         let now = ebb_nats::now_ms();
         let record = QuestionRecord {
             status: QuestionStatus::Failed,
@@ -157,7 +173,7 @@ impl Lifecycle {
         letter: DeadLetter,
         record: QuestionRecord,
         callback_url: Option<&str>,
-    ) -> Result<(), async_nats::Error> {
+    ) -> Result<Ending, async_nats::Error> {
         let publish = jetstream::message::PublishMessage::build()
             .payload(serde_json::to_vec(&letter)?.into())
             .message_id(format!("dead-{}", letter.id));
@@ -165,11 +181,18 @@ impl Lifecycle {
             .send_publish(subjects::dead_letter(&letter.id), publish)
             .await?
             .await?;
-        let standing = self.store.put_record(&record).await?;
-        self.announce(&letter.id, callback_url, &standing.unwrap_or(record))
-            .await;
-        tracing::warn!(question_id = %letter.id, deliveries = letter.deliveries, reason = %letter.reason, "question failed and dead-lettered");
-        Ok(())
+        let ending = match self.store.put_record(&record).await? {
+            Put::Written => {
+                self.announce(&letter.id, callback_url, &record).await;
+                tracing::warn!(question_id = %letter.id, deliveries = letter.deliveries, reason = %letter.reason, "question failed and dead-lettered");
+                Ending::Recorded
+            }
+            Put::Ended(standing) => {
+                self.announce(&letter.id, callback_url, &standing).await;
+                Ending::AlreadyEnded
+            }
+        };
+        Ok(ending)
     }
 
     /// A question that already ended, met again (a redelivery, a

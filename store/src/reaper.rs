@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::{self, AckKind};
 use ebb_nats::{Job, Topology, subjects};
 use futures::StreamExt;
@@ -97,7 +98,7 @@ async fn handle_advisory(topology: &Topology, lifecycle: &Lifecycle, message: je
 }
 
 #[derive(Debug, thiserror::Error)]
-enum ReapError {
+pub(crate) enum ReapError {
     #[error("{0}")]
     Unreadable(#[from] serde_json::Error),
     #[error("{0}")]
@@ -116,7 +117,7 @@ impl From<StoreError> for ReapError {
     }
 }
 
-async fn delete(topology: &Topology, sequence: u64) -> Result<(), ReapError> {
+pub(crate) async fn delete(topology: &Topology, sequence: u64) -> Result<(), ReapError> {
     topology
         .questions
         .delete_message(sequence)
@@ -139,6 +140,20 @@ async fn reap(topology: &Topology, lifecycle: &Lifecycle, payload: &[u8]) -> Res
         }
         Err(err) => return Err(ReapError::Transient(err.into())),
     };
+    settle_exhausted(topology, lifecycle, &message, advisory.deliveries).await
+}
+
+/// Ends a question whose message ran out of deliveries (`deliveries`, the
+/// last one's count) and removes the message: the record stands if the
+/// last attempt ended it (announced again, in case that worker died before
+/// telling anyone), else the question fails; a message that is not a job
+/// fails under the id it carries.
+pub(crate) async fn settle_exhausted(
+    topology: &Topology,
+    lifecycle: &Lifecycle,
+    message: &StreamMessage,
+    deliveries: i64,
+) -> Result<(), ReapError> {
     let job: Job = match serde_json::from_slice(&message.payload) {
         Ok(job) => job,
         Err(err) => {
@@ -147,13 +162,13 @@ async fn reap(topology: &Topology, lifecycle: &Lifecycle, payload: &[u8]) -> Res
                 .get(async_nats::header::NATS_MESSAGE_ID)
                 .map(|id| id.as_str());
             let id = ebb_nats::messages::carried_id(&message.payload, message_id)
-                .unwrap_or_else(|| format!("unreadable-{}", advisory.stream_seq));
+                .unwrap_or_else(|| format!("unreadable-{}", message.sequence));
             let reason = format!("not a question a worker can read: {err}");
             lifecycle
-                .fail_unreadable(&id, &message.payload, &reason, advisory.deliveries)
+                .fail_unreadable(&id, &message.payload, &reason, deliveries)
                 .await
                 .map_err(ReapError::Transient)?;
-            return delete(topology, advisory.stream_seq).await;
+            return delete(topology, message.sequence).await;
         }
     };
     // The last attempt may have ended the question and died (or lost its
@@ -162,17 +177,17 @@ async fn reap(topology: &Topology, lifecycle: &Lifecycle, payload: &[u8]) -> Res
         && record.status.is_terminal()
     {
         lifecycle.reannounce(&job, &record).await;
-        delete(topology, advisory.stream_seq).await?;
+        delete(topology, message.sequence).await?;
         return Ok(());
     }
     let reason = format!(
         "no answer after {} deliveries: the worker stopped responding during the last one",
-        advisory.deliveries
+        deliveries
     );
     lifecycle
-        .fail(&job, &reason, advisory.deliveries)
+        .fail(&job, &reason, deliveries)
         .await
         .map_err(ReapError::Transient)?;
-    delete(topology, advisory.stream_seq).await?;
+    delete(topology, message.sequence).await?;
     Ok(())
 }

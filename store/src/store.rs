@@ -47,6 +47,14 @@ pub struct Pieces {
     pub texts: Vec<String>,
 }
 
+/// What [`Store::put_record`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Put {
+    Written,
+    /// The question had already ended: this record, which stands.
+    Ended(Box<QuestionRecord>),
+}
+
 /// Status records and the answer cache, over one multiplexed connection.
 #[derive(Clone)]
 pub struct Store {
@@ -137,42 +145,43 @@ impl Store {
         Ok(written.is_some())
     }
 
-    /// Writes a worker's view of the question, unless the stored record
-    /// is already terminal: an ended question stays as it ended, so a stale
-    /// or duplicate delivery (or a worker that wakes after the reaper failed
-    /// its question) can neither reopen it nor give it a second answer.
-    /// Returns `None` when it wrote, else the terminal record that stands.
-    pub async fn put_record(
-        &self,
-        record: &QuestionRecord,
-    ) -> Result<Option<QuestionRecord>, StoreError> {
+    /// Writes a view of the question unless the stored record is terminal:
+    /// an ended question stays as it ended, so a stale or duplicate
+    /// delivery (or a worker that wakes after the reaper failed its
+    /// question) can neither reopen it nor give it a second answer.
+    pub async fn put_record(&self, record: &QuestionRecord) -> Result<Put, StoreError> {
         let script = redis::Script::new(
             r#"
             local current = redis.call('GET', KEYS[1])
             if current then
-              local status = cjson.decode(current)['status']
-              if status == 'done' or status == 'failed' then
-                return current
+              local stored = cjson.decode(current)
+              if stored['status'] == 'done' or stored['status'] == 'failed' then
+                return {1, current}
               end
             end
             redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-            return false
+            return {0, ''}
             "#,
         );
         let key = record_key(&record.id);
         let body = serde_json::to_string(record).expect("records serialize");
         let mut connection = self.connection.clone();
-        let standing: Option<Vec<u8>> = script
+        let (outcome, stored): (i64, Vec<u8>) = script
             .key(&key)
             .arg(body)
             .arg(RECORD_TTL.as_secs())
             .invoke_async(&mut connection)
             .await?;
-        standing
-            .map(|body| {
-                serde_json::from_slice(&body).map_err(|source| StoreError::Corrupt { key, source })
+        let stored = || {
+            serde_json::from_slice(&stored).map_err(|source| StoreError::Corrupt {
+                key: key.clone(),
+                source,
             })
-            .transpose()
+        };
+        Ok(match outcome {
+            0 => Put::Written,
+            _ => Put::Ended(Box::new(stored()?)),
+        })
     }
 
     pub async fn cached_answer(&self, key: &str) -> Result<Option<CachedAnswer>, StoreError> {
@@ -188,9 +197,12 @@ impl Store {
         self.set_json(&cache_key(key), answer, ttl).await
     }
 
-    /// Appends piece `seq` of delivery `attempt` of question `id`. The first
-    /// piece of an attempt replaces an earlier attempt's, atomically, so the
-    /// list and its attempt number always agree.
+    /// Appends piece `seq` of delivery `attempt` of question `id`. A later
+    /// attempt replaces an earlier one's pieces, atomically, so the list and
+    /// its attempt number always agree; pieces of an earlier attempt that
+    /// arrive after a later one started (a worker paused past the ack wait
+    /// and resumed) are dropped, so two deliveries running at once never
+    /// interleave in the list late joiners read.
     pub async fn append_piece(
         &self,
         id: &str,
@@ -198,23 +210,33 @@ impl Store {
         seq: u64,
         text: &str,
     ) -> Result<(), StoreError> {
-        let (key, attempt_key) = (pieces_key(id), pieces_attempt_key(id));
-        let ttl = PIECES_TTL.as_secs() as i64;
-        let mut pipeline = redis::pipe();
-        pipeline.atomic();
-        if seq == 0 {
-            pipeline.del(&key).ignore();
-            pipeline.set(&attempt_key, attempt).ignore();
-        }
-        pipeline
-            .rpush(&key, text)
-            .ignore()
-            .expire(&key, ttl)
-            .ignore()
-            .expire(&attempt_key, ttl)
-            .ignore();
+        let script = redis::Script::new(
+            r#"
+            local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+            local attempt = tonumber(ARGV[1])
+            if attempt < current then
+              return 0
+            end
+            if attempt > current or ARGV[2] == '0' then
+              redis.call('DEL', KEYS[1])
+              redis.call('SET', KEYS[2], attempt)
+            end
+            redis.call('RPUSH', KEYS[1], ARGV[3])
+            redis.call('EXPIRE', KEYS[1], ARGV[4])
+            redis.call('EXPIRE', KEYS[2], ARGV[4])
+            return 1
+            "#,
+        );
         let mut connection = self.connection.clone();
-        let _: () = pipeline.query_async(&mut connection).await?;
+        let _: i64 = script
+            .key(pieces_key(id))
+            .key(pieces_attempt_key(id))
+            .arg(attempt)
+            .arg(seq)
+            .arg(text)
+            .arg(PIECES_TTL.as_secs())
+            .invoke_async(&mut connection)
+            .await?;
         Ok(())
     }
 

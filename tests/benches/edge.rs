@@ -240,6 +240,7 @@ fn raw_job(n: u64) -> Job {
         model: "ebb/tiny-qwen2@test".into(),
         cache_key: Some("0".repeat(64)),
         enqueued_at_ms: 0,
+        owner: None,
         history: Vec::new(),
         callback_url: None,
     }

@@ -9,7 +9,10 @@
 //! - [`eventually()`]: the one polling wait.
 //! - [`hub`]: [`hub::HubServer`], a local Hugging Face Hub for download tests.
 //! - [`scaler`]: [`ScalerProcess`], an `ebb-scaler` running tiny-model workers.
+//! - [`chaos`]: the chaos run (`scripts/chaos`): every part a process, faults
+//!   on a seeded schedule, every accepted question checked at the end.
 
+pub mod chaos;
 pub mod eventually;
 pub mod hub;
 pub mod scaler;

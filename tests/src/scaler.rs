@@ -46,7 +46,17 @@ pub fn process_backend_of(
     model_dir: &std::path::Path,
     worker_args: &[&str],
 ) -> String {
-    let mut args = stack.shared_args();
+    process_backend_with(stack.shared_args(), state_dir, model_dir, worker_args)
+}
+
+/// Backend section running workers with `shared_args` (the flags they
+/// share with the gateway) on the model in `model_dir`.
+pub fn process_backend_with(
+    mut args: Vec<String>,
+    state_dir: &std::path::Path,
+    model_dir: &std::path::Path,
+    worker_args: &[&str],
+) -> String {
     args.extend(["--model-dir".to_owned(), model_dir.display().to_string()]);
     args.extend(worker_args.iter().map(|a| a.to_string()));
     format!(
@@ -101,6 +111,15 @@ impl ScalerProcess {
         });
         scaler.launch();
         scaler
+    }
+
+    /// A scaler on `config` (made from its workers' state directory), not
+    /// started yet: [`ScalerProcess::restart`] starts it.
+    pub fn configured(
+        nats_url: String,
+        config: impl FnOnce(&std::path::Path) -> String,
+    ) -> ScalerProcess {
+        ScalerProcess::configure(nats_url, config)
     }
 
     fn configure(

@@ -106,6 +106,10 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// Kills the server; its JetStream store stays for [`NatsServer::resume`].
     pub fn stop(&mut self) {
         kill(&mut self.child);
@@ -199,6 +203,10 @@ impl RedisServer {
 
     pub fn stop(&mut self) {
         kill(&mut self.child);
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     pub fn resume(&mut self) {

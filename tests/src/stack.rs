@@ -92,17 +92,19 @@ pub fn tiny_job(question: &str, max_tokens: u32, grade: Option<u8>) -> ebb_nats:
         model: "ebb/tiny-qwen2@test".into(),
         cache_key: None,
         enqueued_at_ms: 0,
+        owner: None,
         history: Vec::new(),
         callback_url: None,
     }
 }
 
-/// `target/<profile>`, found from the running test binary (`.../deps/test-hash`).
+/// `target/<profile>`, found from the running binary: a test or bench
+/// (`.../deps/name-hash`) or an example (`.../examples/name`).
 pub(crate) fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     exe.parent()
-        .and_then(|deps| deps.parent())
-        .expect("test binaries live in target/<profile>/deps")
+        .and_then(|dir| dir.parent())
+        .expect("test binaries live in target/<profile>/deps or examples")
         .to_path_buf()
 }
 
@@ -428,6 +430,20 @@ impl WorkerProcess {
             .status()
             .expect("run kill");
         assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Whether the process has exited (reaped if so).
+    pub fn has_exited(&mut self) -> bool {
+        match &mut self.child {
+            None => true,
+            Some(child) => {
+                let exited = child.try_wait().expect("wait").is_some();
+                if exited {
+                    self.child = None;
+                }
+                exited
+            }
+        }
     }
 
     /// Waits for the process to exit.

@@ -405,3 +405,84 @@ async fn admin_scale_is_forwarded_to_the_scaler_with_its_token() {
     let _ = stop.send(());
     served.await.unwrap().unwrap();
 }
+
+/// Failed authentications are limited per client (an IPv6 client's /64):
+/// past the budget the client gets 429 before its key is even checked, a
+/// right key included; another client is not affected (issue 14).
+#[tokio::test]
+async fn failed_authentications_are_limited_per_client() {
+    let dir = TempDir::new("auth-failures");
+    let stack = Stack::start(keyed_options(
+        &dir,
+        &[
+            "--auth-failures-per-ip",
+            "3",
+            "--trusted-proxies",
+            "127.0.0.1/32",
+        ],
+    ))
+    .await;
+    let from = |client: &str, key: &str| {
+        question(&stack, "Guessing?")
+            .header("x-forwarded-for", client)
+            .bearer_auth(key)
+    };
+    for n in 0..3 {
+        let (code, _, body) = send(from("2001:db8:1:2::1", "sk-wrong")).await;
+        assert_eq!(code, 401, "failure {n}: {body}");
+    }
+    let (code, headers, body) = send(from("2001:db8:1:2::1", "sk-wrong")).await;
+    assert_eq!(code, 429, "{body}");
+    assert_eq!(body["error"]["type"], "rate_limited");
+    assert!(headers.contains_key("retry-after"));
+    // Out of budget: refused before the key is looked at, even the right one,
+    // and from another address of the same /64.
+    let (code, _, _) = send(from("2001:db8:1:2::1", KEY)).await;
+    assert_eq!(code, 429);
+    let (code, _, _) = send(from("2001:db8:1:2:ffff::7", KEY)).await;
+    assert_eq!(code, 429);
+    // Another /64 and another IPv4 client are untouched.
+    let (code, _, body) = send(from("2001:db8:1:3::1", KEY)).await;
+    assert_eq!(code, 202, "{body}");
+    let (code, _, body) = send(from("198.51.100.7", "sk-wrong")).await;
+    assert_eq!(code, 401, "{body}");
+    // The admin routes share the budget.
+    let (code, _, _) = send(
+        stack
+            .http
+            .get(format!("{}/admin/queue", stack.gateway_url))
+            .header("x-forwarded-for", "2001:db8:1:2::1")
+            .bearer_auth(ADMIN),
+    )
+    .await;
+    assert_eq!(code, 429);
+}
+
+/// A question is readable (status and events) only by the API key that
+/// asked it, or with the admin token; to another key it does not exist
+/// (issue 14).
+#[tokio::test]
+async fn a_question_is_readable_only_by_the_key_that_asked_it() {
+    let dir = TempDir::new("ownership");
+    let stack = Stack::start(keyed_options(&dir, &[])).await;
+    let (code, _, body) = send(question(&stack, "Whose question?").bearer_auth(KEY)).await;
+    assert_eq!(code, 202, "{body}");
+    let id = body["id"].as_str().unwrap();
+    let status = format!("{}/v1/questions/{id}", stack.gateway_url);
+    let events = format!("{status}/events");
+
+    let (code, _, mine) = send(stack.http.get(&status).bearer_auth(KEY)).await;
+    assert_eq!(code, 200, "{mine}");
+    assert!(
+        mine.get("owner").is_none(),
+        "the owner is not shown: {mine}"
+    );
+    let (code, _, body) = send(stack.http.get(&status).bearer_auth(SLOW_KEY)).await;
+    assert_eq!(code, 404, "{body}");
+    assert_eq!(body["error"]["type"], "not_found");
+    let (code, _, _) = send(stack.http.get(&events).bearer_auth(SLOW_KEY)).await;
+    assert_eq!(code, 404);
+    let (code, _, body) = send(stack.http.get(&status).bearer_auth(ADMIN)).await;
+    assert_eq!(code, 200, "the admin token reads any: {body}");
+    assert_eq!(body["id"], mine["id"]);
+}

@@ -190,3 +190,34 @@ async fn a_full_queue_answers_503_queue_full_and_keeps_what_it_has() {
     let stream = stack.questions_stream().await;
     assert_eq!(stream.get_info().await.unwrap().state.messages, 2);
 }
+
+/// A client that trickles its body is cut off after `--body-timeout` with a
+/// JSON `408 body_timeout`, instead of holding the connection (issue 14).
+#[tokio::test]
+async fn a_body_sent_too_slowly_gets_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stack = Stack::start(StackOptions::with_gateway_args(&[
+        "--insecure-dev",
+        "--body-timeout",
+        "1s",
+    ]))
+    .await;
+    let address = stack.gateway_url.trim_start_matches("http://").to_owned();
+    let mut socket = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let head = format!(
+        "POST /v1/questions HTTP/1.1\r\nhost: {address}\r\ncontent-type: application/json\r\ncontent-length: 64\r\nconnection: close\r\n\r\n{{\"question\":"
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut response = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        socket.read_to_string(&mut response),
+    )
+    .await
+    .expect("the gateway answers without the rest of the body")
+    .unwrap();
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900));
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    assert!(response.contains("\"body_timeout\""), "{response}");
+}

@@ -172,6 +172,19 @@ async fn docker_backend_manages_only_its_own_containers_and_adopts_them() {
             && env.contains("EBB_NATS_URL=nats://nowhere:4222"),
         "{env}"
     );
+    // Locked down (issue 14): no capabilities, no privilege escalation,
+    // bounded processes.
+    let host = docker(&[
+        "inspect",
+        "-f",
+        "{{json .HostConfig.CapDrop}} {{json .HostConfig.SecurityOpt}} {{.HostConfig.PidsLimit}}",
+        &format!("ebb-{first}"),
+    ]);
+    assert_eq!(
+        host.trim(),
+        r#"["ALL"] ["no-new-privileges:true"] 512"#,
+        "{host}"
+    );
 
     // Graceful stop: SIGTERM, the container exits by itself and is removed.
     pool.stop(&first).await.expect("stop");

@@ -157,6 +157,16 @@ async fn docker_compose_runs_the_stack_and_scales_workers_from_zero_and_back() {
         compose.worker_containers().is_empty(),
         "no worker before the first question"
     );
+    // Monitoring (in-flight question ids) and the scaler's API are bound to
+    // this host only (issue 14); the gateway is the public door.
+    for (service, port) in [("nats", "8222"), ("scaler", "9090")] {
+        let published = compose.run(&["port", service, port]);
+        let bound = String::from_utf8_lossy(&published.stdout);
+        assert!(
+            bound.trim().starts_with("127.0.0.1:"),
+            "{service}:{port} published on {bound:?}"
+        );
+    }
 
     let response = reqwest::Client::new()
         .post(format!("{gateway}/v1/questions"))

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use ebb_nats::{AnswerEvent, Priority, QuestionRecord, QuestionStatus, subjects};
-use ebb_store::Store;
+use ebb_store::{Put, Store};
 use ebb_tests::{Stack, StackOptions, eventually};
 use futures::StreamExt;
 use serde_json::json;
@@ -123,7 +123,7 @@ async fn the_reaper_announces_a_question_its_dead_worker_ended() {
         ..QuestionRecord::queued(&id, ebb_nats::now_ms())
     };
     let store = Store::connect_lazy(&stack.redis.url()).unwrap();
-    assert!(store.put_record(&done).await.unwrap().is_none());
+    assert_eq!(store.put_record(&done).await.unwrap(), Put::Written);
     let mut answers = stack
         .nats_client()
         .await
@@ -168,7 +168,7 @@ async fn a_terminal_record_is_never_replaced() {
         error: Some("reaped".into()),
         ..QuestionRecord::queued("q-terminal", ebb_nats::now_ms())
     };
-    assert!(store.put_record(&failed).await.unwrap().is_none());
+    assert_eq!(store.put_record(&failed).await.unwrap(), Put::Written);
     for later in [
         QuestionStatus::Running,
         QuestionStatus::Done,
@@ -181,7 +181,7 @@ async fn a_terminal_record_is_never_replaced() {
             ..failed.clone()
         };
         let standing = store.put_record(&attempt).await.unwrap();
-        assert_eq!(standing.as_ref(), Some(&failed), "{later:?}");
+        assert_eq!(standing, Put::Ended(Box::new(failed.clone())), "{later:?}");
     }
     assert_eq!(store.record("q-terminal").await.unwrap(), Some(failed));
 }
@@ -335,4 +335,138 @@ health: {init_timeout: 30s, heartbeat_timeout: 5s, restart_backoff: 200ms, stop_
     let id = accepted_id(&stack, "Still there after the outage?").await;
     let record = stack.wait_terminal(&id, Duration::from_secs(60)).await;
     assert_eq!(record["status"], "done", "{record}");
+}
+
+/// A question that makes the model panic fails at once with the panic's
+/// reason (before issue 14 the worker died and so did the next four, one
+/// per delivery); the worker, whose engine can no longer be trusted, exits
+/// after recording it, and the next one serves as usual.
+#[tokio::test]
+async fn a_question_that_crashes_the_model_fails_at_once_with_the_reason() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let mut worker = stack.worker(&["--debug-panic-marker", "BOOM"]);
+    stack.wait_ready(&worker).await;
+    let (code, body) = stack
+        .ask(json!({"question": "BOOM goes the model?", "max_tokens": 6, "wait_seconds": 30}))
+        .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["status"], "failed", "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("crashed on this question"), "{body}");
+    assert!(
+        error.contains("--debug-panic-marker"),
+        "the panic's reason: {body}"
+    );
+    let id = body["id"].as_str().unwrap();
+    let (_, record) = stack.status_of(id).await;
+    assert_eq!(record["attempts"], 1, "not retried: {record}");
+    assert!(stack.dead_letter(id).await.is_some());
+    let status = worker.wait_exit(Duration::from_secs(10)).await;
+    assert!(!status.success(), "the worker exits: {status:?}");
+
+    let next = stack.worker(&[]);
+    let (code, body) = stack
+        .ask(json!({"question": "Fine again?", "max_tokens": 6, "wait_seconds": 30}))
+        .await;
+    assert_eq!((code, &body["status"]), (200, &json!("done")), "{body}");
+    drop(next);
+}
+
+/// A panic in a step shared by several questions cannot tell which one
+/// caused it: each is retried alone, so the innocent one is answered and
+/// the culprit fails on its own, with its reason, after one solo attempt.
+#[tokio::test]
+async fn a_crash_in_a_shared_step_retries_each_question_alone() {
+    let stack = Stack::start(StackOptions {
+        ack_wait: "2s",
+        ..StackOptions::default()
+    })
+    .await;
+    let args = [
+        "--debug-panic-marker",
+        "BOOM",
+        "--debug-token-delay",
+        "100ms",
+        "--retry-backoff",
+        "100ms",
+    ];
+    let mut worker = stack.worker(&args);
+    stack.wait_ready(&worker).await;
+    let (code, body) = stack
+        .ask(json!({"question": "Am I innocent?", "max_tokens": 40, "wait_seconds": 0}))
+        .await;
+    assert_eq!(code, 202, "{body}");
+    let innocent = body["id"].as_str().unwrap().to_owned();
+    stack.wait_running(&innocent).await;
+    let culprit = accepted_id(&stack, "BOOM in the batch?").await;
+    // Workers come back as the scaler would bring them, until both ended.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let mut restarts = 0;
+    let ended =
+        |record: &serde_json::Value| matches!(record["status"].as_str(), Some("done" | "failed"));
+    loop {
+        let (_, a) = stack.status_of(&innocent).await;
+        let (_, b) = stack.status_of(&culprit).await;
+        if ended(&a) && ended(&b) {
+            assert_eq!(
+                a["status"], "done",
+                "the innocent question is answered: {a}"
+            );
+            assert_eq!(
+                a["attempts"], 2,
+                "once in the crashed step, once alone: {a}"
+            );
+            assert_eq!(b["status"], "failed", "{b}");
+            assert!(
+                b["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("crashed on this question"),
+                "{b}"
+            );
+            assert!(b["attempts"].as_i64().unwrap() <= 3, "{b}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{a} {b}");
+        if worker.has_exited() {
+            restarts += 1;
+            worker = stack.worker(&args);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(restarts >= 1, "the crashed worker was replaced");
+}
+
+/// Two deliveries of one question running at once (a worker paused past
+/// the ack wait, then resumed): the earlier attempt's late pieces never
+/// interleave with the later attempt's in the list late joiners read.
+#[tokio::test]
+async fn a_stale_deliverys_pieces_never_mix_into_the_current_ones() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let store = Store::connect_lazy(&stack.redis.url()).unwrap();
+    store
+        .append_piece("q-pieces", 1, 0, "one-a ")
+        .await
+        .unwrap();
+    store
+        .append_piece("q-pieces", 1, 1, "one-b ")
+        .await
+        .unwrap();
+    // The redelivery starts streaming...
+    store
+        .append_piece("q-pieces", 2, 0, "two-a ")
+        .await
+        .unwrap();
+    // ...while the paused first delivery wakes and goes on.
+    store
+        .append_piece("q-pieces", 1, 2, "one-c ")
+        .await
+        .unwrap();
+    store
+        .append_piece("q-pieces", 2, 1, "two-b ")
+        .await
+        .unwrap();
+    let pieces = store.pieces("q-pieces").await.unwrap();
+    assert_eq!(pieces.attempt, 2);
+    assert_eq!(pieces.texts, ["two-a ", "two-b "]);
 }

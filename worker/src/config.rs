@@ -134,6 +134,11 @@ pub struct TestHooks {
     #[cfg(feature = "test-hooks")]
     #[arg(long, env = "EBB_DEBUG_TOKEN_DELAY", value_parser = ebb_runtime::duration::parse)]
     pub debug_token_delay: Option<Duration>,
+    /// Test hook: panic inside the batch step that holds a question
+    /// containing this text, as a bug in candle would.
+    #[cfg(feature = "test-hooks")]
+    #[arg(long, env = "EBB_DEBUG_PANIC_MARKER")]
+    pub debug_panic_marker: Option<String>,
 }
 
 #[cfg(feature = "test-hooks")]
@@ -149,6 +154,13 @@ impl TestHooks {
     pub fn step_delay(&self) -> Option<Duration> {
         self.debug_token_delay
     }
+
+    /// Whether a step holding `question` is to panic.
+    pub fn panics(&self, question: &str) -> bool {
+        self.debug_panic_marker
+            .as_deref()
+            .is_some_and(|marker| question.contains(marker))
+    }
 }
 
 // Constant answers, so the checks compile away in production builds.
@@ -162,6 +174,11 @@ impl TestHooks {
     /// The pause after every batch step that produced text: none.
     pub fn step_delay(&self) -> Option<Duration> {
         None
+    }
+
+    /// Whether a step holding `question` is to panic: never.
+    pub fn panics(&self, _question: &str) -> bool {
+        false
     }
 }
 

@@ -38,6 +38,18 @@ pub enum GenerateError {
     Step(String),
     #[error("the model engine stopped")]
     EngineStopped,
+    /// The model panicked in a step holding this question and `batch - 1`
+    /// others. With `batch` 1 the question is the cause, and a retry would
+    /// crash the next worker the same way: permanent.
+    #[error("{}", panic_message(reason, *batch))]
+    Panicked { reason: String, batch: usize },
+}
+
+fn panic_message(reason: &str, batch: usize) -> String {
+    match batch {
+        1 => format!("the model crashed on this question: {reason}"),
+        n => format!("the model crashed in a step of {n} questions ({reason}); retried alone"),
+    }
 }
 
 impl GenerateError {
@@ -45,8 +57,16 @@ impl GenerateError {
     pub fn is_permanent(&self) -> bool {
         matches!(
             self,
-            GenerateError::PromptTooLong { .. } | GenerateError::NeverFits { .. }
+            GenerateError::PromptTooLong { .. }
+                | GenerateError::NeverFits { .. }
+                | GenerateError::Panicked { batch: 1, .. }
         )
+    }
+
+    /// A crash in a shared step: the question may be innocent, so its
+    /// next attempt runs alone, where a crash proves it the cause.
+    pub fn needs_a_solo_retry(&self) -> bool {
+        matches!(self, GenerateError::Panicked { batch, .. } if *batch > 1)
     }
 }
 
@@ -86,8 +106,50 @@ pub struct Prompt {
 #[derive(Debug, Clone)]
 pub struct Prompts {
     tokenizer: Arc<Tokenizer>,
+    /// The same tokenizer reading special tokens as plain text: for
+    /// everything a request wrote (see [`Piece`]).
+    text_tokenizer: Arc<Tokenizer>,
     stop_tokens: Vec<u32>,
     system_prompt: String,
+}
+
+/// A run of prompt text: template markup, whose `<|im_start|>` is the
+/// control token, or text from the request (question, history, course,
+/// language) and the operator's system prompt, in which it is only text, so
+/// no question can open a turn of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    Markup(String),
+    Text(String),
+}
+
+/// A prompt as pieces, adjacent pieces of one kind merged.
+#[derive(Debug, Default)]
+struct Pieces(Vec<Piece>);
+
+impl Pieces {
+    fn markup(&mut self, markup: &str) {
+        match self.0.last_mut() {
+            Some(Piece::Markup(last)) => last.push_str(markup),
+            _ => self.0.push(Piece::Markup(markup.to_owned())),
+        }
+    }
+
+    fn text(&mut self, text: &str) {
+        match self.0.last_mut() {
+            Some(Piece::Text(last)) => last.push_str(text),
+            _ => self.0.push(Piece::Text(text.to_owned())),
+        }
+    }
+
+    fn render(&self) -> String {
+        self.0
+            .iter()
+            .map(|piece| match piece {
+                Piece::Markup(s) | Piece::Text(s) => s.as_str(),
+            })
+            .collect()
+    }
 }
 
 impl Prompts {
@@ -111,8 +173,11 @@ impl Prompts {
                     .into(),
             });
         }
+        let mut text_tokenizer = tokenizer.clone();
+        text_tokenizer.set_encode_special_tokens(true);
         Ok(Prompts {
             tokenizer: Arc::new(tokenizer),
+            text_tokenizer: Arc::new(text_tokenizer),
             stop_tokens,
             system_prompt,
         })
@@ -124,61 +189,74 @@ impl Prompts {
 
     /// The tutor's instructions, with the app's `system` messages after
     /// them (so an app can add to but not replace the safety rules).
-    fn system_block(&self, job: &Job) -> String {
-        let mut system = self.system_prompt.clone();
+    fn system_block(&self, job: &Job) -> Pieces {
+        let mut block = Pieces::default();
+        block.markup("<|im_start|>system\n");
+        block.text(&self.system_prompt);
         if let Some(grade) = job.grade {
-            system.push_str(&format!(" The student is in grade {grade}."));
+            block.text(&format!(" The student is in grade {grade}."));
         }
         if let Some(course) = &job.course {
-            system.push_str(&format!(" The question is from their {course} course."));
+            block.text(&format!(" The question is from their {course} course."));
         }
         if let Some(language) = &job.language {
-            system.push_str(&format!(" Answer in this language: {language}."));
+            block.text(&format!(" Answer in this language: {language}."));
         }
         for message in job.history.iter().filter(|m| m.role == Role::System) {
-            system.push_str("\n\n");
-            system.push_str(&message.content);
+            block.text("\n\n");
+            block.text(&message.content);
         }
-        format!("<|im_start|>system\n{system}<|im_end|>\n")
+        block.markup("<|im_end|>\n");
+        block
     }
 
     /// The ChatML conversation for one question: the system block, the
     /// earlier turns, then the question.
-    pub fn prompt(&self, job: &Job) -> String {
-        let mut prompt = self.system_block(job);
-        for message in job.history.iter().filter(|m| m.role != Role::System) {
-            let role = message.role.as_str();
-            prompt.push_str(&format!(
-                "<|im_start|>{role}\n{}<|im_end|>\n",
-                message.content
-            ));
+    fn pieces(&self, job: &Job) -> Pieces {
+        let mut pieces = self.system_block(job);
+        let turns = job.history.iter().filter(|m| m.role != Role::System);
+        for (role, content) in turns
+            .map(|m| (m.role.as_str(), m.content.as_str()))
+            .chain([("user", job.question.as_str())])
+        {
+            pieces.markup(&format!("<|im_start|>{role}\n"));
+            pieces.text(content);
+            pieces.markup("<|im_end|>\n");
         }
-        prompt.push_str(&format!(
-            "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
-            job.question
-        ));
-        prompt
+        pieces.markup("<|im_start|>assistant\n");
+        pieces
     }
 
-    fn encode(&self, text: &str) -> Result<Vec<u32>, GenerateError> {
-        Ok(self
-            .tokenizer
-            .encode(text, false)
-            .map_err(|err| GenerateError::Tokenizer(err.to_string()))?
-            .get_ids()
-            .to_vec())
+    /// The prompt as text (what [`Prompts::request`] tokenizes, piece by piece).
+    pub fn prompt(&self, job: &Job) -> String {
+        self.pieces(job).render()
+    }
+
+    fn encode(&self, pieces: &Pieces) -> Result<Vec<u32>, GenerateError> {
+        let mut ids = Vec::new();
+        for piece in &pieces.0 {
+            let (tokenizer, text) = match piece {
+                Piece::Markup(markup) => (&self.tokenizer, markup),
+                Piece::Text(text) => (&self.text_tokenizer, text),
+            };
+            let encoding = tokenizer
+                .encode(text.as_str(), false)
+                .map_err(|err| GenerateError::Tokenizer(err.to_string()))?;
+            ids.extend_from_slice(encoding.get_ids());
+        }
+        Ok(ids)
     }
 
     /// The engine request for `job` on a model with `max_context` positions.
     pub fn request(&self, job: &Job, max_context: usize) -> Result<Request, GenerateError> {
-        let ids = self.encode(&self.prompt(job))?;
+        let ids = self.encode(&self.pieces(job))?;
         if ids.len() >= max_context {
             return Err(GenerateError::PromptTooLong {
                 tokens: ids.len(),
                 max: max_context,
             });
         }
-        // The system block ends in special tokens, so its tokens are a
+        // Pieces are tokenized apart, so the system block's tokens are a
         // prefix of the whole prompt's; checked rather than assumed.
         let system = self.encode(&self.system_block(job))?;
         let shared_prefix = if ids.len() > system.len() && ids.starts_with(&system) {

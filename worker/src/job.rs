@@ -16,11 +16,11 @@ use bytes::Bytes;
 use ebb_nats::messages::moving_average;
 use ebb_nats::{AnswerEvent, CachedAnswer, Job, QuestionRecord, QuestionStatus, Timings, subjects};
 use ebb_runtime::{backoff, telemetry};
-use ebb_store::Answer;
+use ebb_store::{Answer, Ending, Put};
 use tracing::Instrument;
 
 use crate::engine::positions_needed;
-use crate::engine::thread::SeqEvent;
+use crate::engine::thread::{Admission, SeqEvent};
 use crate::generate::{GenerateError, Generation};
 use crate::runner::Worker;
 
@@ -79,7 +79,7 @@ impl Worker {
             .fail_unreadable(&id, &message.payload, &reason, deliveries)
             .await
         {
-            Ok(()) => {
+            Ok(_) => {
                 let _ = message.ack_with(AckKind::Term).await;
             }
             Err(cause) => {
@@ -91,39 +91,33 @@ impl Worker {
     }
 
     async fn handle_job(&self, message: &jetstream::Message, job: Job, deliveries: i64) {
-        if self.already_ended(&job).await {
-            tracing::info!("already answered; acknowledging the redelivery");
-            ack(message).await;
-            return;
-        }
-        let finished = match self.cached(&job).await {
-            Some(hit) => {
-                self.finish_from_cache(message, &job, deliveries, &hit)
-                    .await
-            }
-            None => self.generate_and_finish(message, &job, deliveries).await,
-        };
-        match finished {
-            Ok(()) => ack(message).await,
-            Err(err) => self.retry_or_fail(message, &job, deliveries, &err).await,
-        }
-    }
-
-    /// Whether an earlier delivery already ended the question; if so, its
-    /// event and webhook call go out again in case that worker died before
-    /// them.
-    async fn already_ended(&self, job: &Job) -> bool {
         let earlier = self
             .store
             .degradable("the redelivery check", self.store.record(&job.id))
             .await
             .flatten();
-        match earlier {
-            Some(record) if record.status.is_terminal() => {
-                self.lifecycle.reannounce(job, &record).await;
-                true
+        if let Some(record) = earlier.as_ref().filter(|r| r.status.is_terminal()) {
+            // The process that ended it may have died before its event or
+            // webhook call: both go out again.
+            tracing::info!("already ended; announcing it again and acknowledging the redelivery");
+            self.lifecycle.reannounce(&job, record).await;
+            ack(message).await;
+            return;
+        }
+        let solo = earlier.is_some_and(|record| record.run_alone);
+        let finished = match self.cached(&job).await {
+            Some(hit) => {
+                self.finish_from_cache(message, &job, deliveries, &hit)
+                    .await
             }
-            _ => false,
+            None => {
+                self.generate_and_finish(message, &job, deliveries, solo)
+                    .await
+            }
+        };
+        match finished {
+            Ok(_) => ack(message).await,
+            Err(err) => self.retry_or_fail(message, &job, deliveries, &err).await,
         }
     }
 
@@ -133,7 +127,7 @@ impl Worker {
         job: &Job,
         deliveries: i64,
         hit: &CachedAnswer,
-    ) -> Result<(), JobError> {
+    ) -> Result<Ending, JobError> {
         let answer = Answer {
             text: &hit.answer,
             model: &hit.model,
@@ -152,7 +146,8 @@ impl Worker {
         message: &jetstream::Message,
         job: &Job,
         deliveries: i64,
-    ) -> Result<(), JobError> {
+        solo: bool,
+    ) -> Result<Ending, JobError> {
         let started_ms = ebb_nats::now_ms();
         let running = QuestionRecord {
             status: QuestionStatus::Running,
@@ -165,7 +160,7 @@ impl Worker {
             .degradable("the running mark", self.store.put_record(&running))
             .await;
         let started = Instant::now();
-        let generation = self.generate(message, job, deliveries).await?;
+        let generation = self.generate(message, job, deliveries, solo).await?;
         let timings = Timings {
             queue_ms: started_ms.saturating_sub(job.enqueued_at_ms),
             inference_ms: started.elapsed().as_millis() as u64,
@@ -182,10 +177,13 @@ impl Worker {
             // under its key.
             cache_for: (job.model == self.identity).then_some(self.config.cache_ttl),
         };
-        self.finish_durably(message, job, deliveries, answer)
+        let ending = self
+            .finish_durably(message, job, deliveries, answer)
             .await?;
-        self.count_answered(&generation, timings);
-        Ok(())
+        if ending == Ending::Recorded {
+            self.count_answered(&generation, timings);
+        }
+        Ok(ending)
     }
 
     /// Records the answer, however long Redis is away: nothing is wrong
@@ -199,12 +197,14 @@ impl Worker {
         job: &Job,
         deliveries: i64,
         answer: Answer<'_>,
-    ) -> Result<(), ebb_store::StoreError> {
+    ) -> Result<Ending, ebb_store::StoreError> {
         let mut stalled = None;
         let mut progress = self.progress_acks();
-        for attempt in 1u64.. {
+        let mut attempt = 0;
+        let ending = loop {
+            attempt += 1;
             let err = match self.lifecycle.finish(job, deliveries, answer).await {
-                Ok(()) => break,
+                Ok(ending) => break ending,
                 Err(err @ ebb_store::StoreError::Corrupt { .. }) => return Err(err),
                 Err(err) => err,
             };
@@ -221,11 +221,11 @@ impl Worker {
                     _ = progress.tick() => progress_ack(message).await,
                 }
             }
-        }
+        };
         if stalled.is_some() {
             tracing::info!("answer recorded after the status store came back");
         }
-        Ok(())
+        Ok(ending)
     }
 
     fn count_answered(&self, generation: &Generation, timings: Timings) {
@@ -266,6 +266,7 @@ impl Worker {
         message: &jetstream::Message,
         job: &Job,
         attempt: i64,
+        solo: bool,
     ) -> Result<Generation, JobError> {
         if self.config.hooks.fails(&job.question) {
             return Err(JobError::Injected);
@@ -298,7 +299,16 @@ impl Worker {
             }
         };
         self.gate.admitted(positions);
-        let mut events = self.engine.submit(request, reservation).await?;
+        let mode = Admission {
+            solo,
+            panics: self.config.hooks.panics(&job.question),
+        };
+        if solo {
+            tracing::info!(
+                "running alone: an earlier attempt was in a step that crashed the model"
+            );
+        }
+        let mut events = self.engine.submit(request, reservation, mode).await?;
         let client = self.topology.jetstream.client();
         let answers = subjects::answers(&job.id);
         let mut seq = 0;
@@ -344,7 +354,7 @@ impl Worker {
         if permanent || deliveries >= max_deliver {
             let reason = format!("{err}");
             match self.lifecycle.fail(job, &reason, deliveries).await {
-                Ok(()) => ack(message).await,
+                Ok(_) => ack(message).await,
                 // Leave the message unacknowledged: its max-deliveries
                 // advisory makes the gateway's reaper fail it once it can.
                 Err(cause) => {
@@ -360,11 +370,14 @@ impl Worker {
             error: Some(format!("attempt {deliveries} failed: {err}")),
             attempts: deliveries,
             updated_at_ms: ebb_nats::now_ms(),
+            run_alone: matches!(err, JobError::Generate(err) if err.needs_a_solo_retry()),
             ..QuestionRecord::of_job(job)
         };
-        self.store
-            .degradable("the retry's status", self.store.put_record(&record))
-            .await;
+        let put = self.store.put_record(&record);
+        if let Some(Put::Ended(_)) = self.store.degradable("the retry's status", put).await {
+            // Another delivery ended the question meanwhile: nothing to retry.
+            return ack(message).await;
+        }
         if let Err(err) = message.ack_with(AckKind::Nak(Some(delay))).await {
             tracing::warn!(cause = %err, "nak failed; the question returns after the ack wait");
         }

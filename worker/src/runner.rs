@@ -174,12 +174,17 @@ impl Worker {
         // the order.
         let mut backlog = true;
         loop {
-            if self.engine.is_stopped() {
-                return Err(WorkerError::EngineStopped);
-            }
-            if shutdown.is_cancelled() {
+            // A stopped engine (it panicked) takes nothing new, but the
+            // questions it held finish first: each records its failure, so
+            // none is retried blindly on the next worker.
+            let stopped = self.engine.is_stopped();
+            let closing = shutdown.is_cancelled() || stopped;
+            if closing {
                 if jobs.is_empty() {
-                    return Ok(());
+                    return match stopped {
+                        true => Err(WorkerError::EngineStopped),
+                        false => Ok(()),
+                    };
                 }
             } else {
                 let waiting = self.gate.waiting.load(Ordering::Relaxed);
@@ -217,12 +222,12 @@ impl Worker {
                     while arrivals.next().now_or_never().flatten().is_some() {}
                 }
             }
-            self.publish_load(jobs.len(), shutdown.is_cancelled());
+            self.publish_load(jobs.len(), closing);
             let changed = self.gate.changed.notified();
             // Read once for the select below: a shutdown during the pull
             // above must not leave it waiting with nothing in flight.
-            let open = !shutdown.is_cancelled();
-            if !open && jobs.is_empty() {
+            let open = !shutdown.is_cancelled() && !stopped;
+            if shutdown.is_cancelled() && jobs.is_empty() {
                 return Ok(());
             }
             tokio::select! {

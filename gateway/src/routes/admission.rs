@@ -83,20 +83,11 @@ pub async fn admit(
         Hold::IfFree => Waiter::slot(state).ok(),
         Hold::Required => Some(Waiter::slot(state)?),
     };
-    let job = new_job(state, question, cache_key);
+    let mut job = new_job(state, question, cache_key);
     if let Some(key) = idempotency {
-        let claim = Claimed {
-            id: job.id.clone(),
-            request_sha256: key.request_sha256().to_owned(),
-            priority: job.priority,
-            language: job.language.clone(),
-            accepted_at_ms: job.enqueued_at_ms,
-        };
-        // A concurrent request with the same key got there first.
-        if let Some(earlier) = key.claim(&state.store, &claim).await? {
-            drop(slot);
-            return asked_before(state, earlier, hold).await;
-        }
+        // The key names the question: concurrent retries publish one id,
+        // which JetStream's duplicate window keeps to one message.
+        job.id = key.question_id();
     }
     tracing::Span::current().record("question_id", job.id.as_str());
     let waiter = match slot {
@@ -105,6 +96,18 @@ pub async fn admit(
     };
     enqueue(state, &job).await?;
     reservation.keep();
+    if let Some(key) = idempotency {
+        // Remembered only once published: a key never names a question
+        // that was not asked.
+        let claim = Claimed {
+            id: job.id.clone(),
+            request_sha256: key.request_sha256().to_owned(),
+            priority: job.priority,
+            language: job.language.clone(),
+            accepted_at_ms: job.enqueued_at_ms,
+        };
+        key.remember(&state.store, &claim).await?;
+    }
     Ok(Admission::Queued(Queued {
         id: job.id,
         language: job.language,
@@ -191,6 +194,7 @@ fn new_job(state: &AppState, question: NewQuestion, cache_key: Option<String>) -
         cache_key,
         enqueued_at_ms: ebb_nats::now_ms(),
         callback_url: question.callback_url.map(String::from),
+        owner: question.owner,
     }
 }
 

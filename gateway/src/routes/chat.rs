@@ -47,8 +47,9 @@ pub(crate) async fn chat_completions(
 ) -> Result<Response, ApiError> {
     require_json(&headers)?;
     let body = body_bytes(body)?;
-    let request = ChatRequest::from_json(&body, state.limits)?;
+    let mut request = ChatRequest::from_json(&body, state.limits)?;
     let caller = caller.as_ref().map(|Extension(caller)| caller);
+    request.question.owner = caller.and_then(Caller::owner).map(str::to_owned);
     let idempotency = IdempotencyKey::from_request(&headers, caller, "chat", &body)?;
     if let Some(asked) = &request.model
         && !state.serves(asked)
@@ -161,32 +162,54 @@ impl Chunks {
 
     /// The role chunk, then a chunk per piece, then the end. A reset ends
     /// the stream with an error: OpenAI's chunks cannot take text back.
+    /// Pieces lost on the way (an event dropped in a NATS reconnect) are
+    /// sent before the end, from the final answer, so the client's text is
+    /// always the recorded answer.
     fn of_feed(self, feed: AnswerFeed) -> impl Stream<Item = Event> + Send + 'static {
         let role = futures::stream::once(std::future::ready(self.role()));
         let rest = feed
-            .scan(false, |ended, item| {
-                let item = (!*ended).then(|| {
+            .scan((false, String::new()), move |(ended, sent), item| {
+                let events = (!*ended).then(|| {
                     *ended = !matches!(item, Relayed::Piece { .. });
-                    item
+                    self.of_item(item, sent)
                 });
-                std::future::ready(item)
+                std::future::ready(events)
             })
-            .flat_map(move |item| futures::stream::iter(self.of_item(item)));
+            .flat_map(futures::stream::iter);
         role.chain(rest)
     }
 
-    fn of_item(&self, item: Relayed) -> Vec<Event> {
+    /// The events for one relayed item; `sent` is the text streamed so far.
+    fn of_item(&self, item: Relayed, sent: &mut String) -> Vec<Event> {
         match item {
-            Relayed::Piece { text, .. } => vec![self.piece(&text)],
-            Relayed::Reset => {
-                let message = format!(
-                    "the worker failed mid-answer and the question is being retried; see /v1/questions/{}",
-                    self.id
-                );
-                error_events(ApiError::AnswerFailed(message))
+            Relayed::Piece { text, .. } => {
+                sent.push_str(&text);
+                vec![self.piece(&text)]
             }
-            Relayed::Final(answered) => self.finish(&answered),
+            Relayed::Reset => self.retried(),
+            Relayed::Final(answered) => {
+                let answer = answered.answer.as_deref().unwrap_or_default();
+                match answer.strip_prefix(sent.as_str()) {
+                    _ if answered.status != QuestionStatus::Done => self.finish(&answered),
+                    Some("") => self.finish(&answered),
+                    Some(missing) => {
+                        let mut events = vec![self.piece(missing)];
+                        events.extend(self.finish(&answered));
+                        events
+                    }
+                    // What was streamed is not this answer's beginning.
+                    None => self.retried(),
+                }
+            }
         }
+    }
+
+    fn retried(&self) -> Vec<Event> {
+        let message = format!(
+            "the worker failed mid-answer and the question is being retried; see /v1/questions/{}",
+            self.id
+        );
+        error_events(ApiError::AnswerFailed(message))
     }
 
     fn delta(&self, delta: serde_json::Value, finish: Option<FinishReason>) -> Event {

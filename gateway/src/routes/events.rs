@@ -16,6 +16,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
@@ -28,6 +29,7 @@ use super::AppState;
 use super::admission::{Answered, CACHED_ID_PREFIX};
 use super::feed::{Cursor, Relayed, Waiter};
 use super::questions::{question_id, record_of};
+use crate::auth::Caller;
 use crate::error::ApiError;
 
 /// An SSE response over `events`, with keep-alive comments while quiet.
@@ -52,10 +54,12 @@ pub fn sse(
 )]
 pub(crate) async fn question_events(
     State(state): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let id = question_id(id)?;
+    let caller = caller.map(|Extension(caller)| caller);
     let cursor = Cursor::resume(
         headers
             .get("last-event-id")
@@ -63,7 +67,7 @@ pub(crate) async fn question_events(
     );
     if id.starts_with(CACHED_ID_PREFIX) {
         // Answered whole, at once: nothing to follow, no slot to hold.
-        let record = record_of(&state, &id).await?;
+        let record = record_of(&state, &id, caller.as_ref()).await?;
         let answered = Answered::from_record(record, &state.model);
         let events = futures::stream::once(std::future::ready(final_event(&answered)));
         return Ok(sse(events, state.sse_keep_alive).into_response());
@@ -71,7 +75,7 @@ pub(crate) async fn question_events(
     // Subscribed before the record is read: an answer finished in between
     // is then in the record or in the subscription, never in neither.
     let waiter = Waiter::subscribe(&state, &id, Waiter::slot(&state)?).await?;
-    record_of(&state, &id).await?;
+    record_of(&state, &id, caller.as_ref()).await?;
     let feed = waiter.feed(state.store.clone(), state.model.clone(), id, cursor);
     Ok(sse(feed.map(|item| event_of(&item)), state.sse_keep_alive).into_response())
 }

@@ -58,12 +58,15 @@ pub struct AppState {
     pub keys: Keys,
     pub rate_limits: LimitArgs,
     pub ip_limiter: RateLimiter<IpAddr>,
+    /// Failed authentications, by client bucket (see `--auth-failures-per-ip`).
+    pub auth_failures: RateLimiter<IpAddr>,
     pub key_limiter: RateLimiter<String>,
     pub priority: PriorityRules,
     pub overload: Arc<Overload>,
     pub webhooks: WebhookArgs,
     pub metrics: Metrics,
     pub sse_keep_alive: Duration,
+    pub body_timeout: Duration,
     pub scaler: Option<(String, Option<String>)>,
     pub http: reqwest::Client,
 }
@@ -88,6 +91,7 @@ impl AppState {
             waiting: Arc::new(Semaphore::new(config.max_waiting)),
             keys,
             ip_limiter: RateLimiter::new(config.limits.max_clients),
+            auth_failures: RateLimiter::new(config.limits.max_clients),
             // One bucket per configured key: bounded by the config.
             key_limiter: RateLimiter::new(usize::MAX),
             rate_limits: config.limits,
@@ -96,6 +100,7 @@ impl AppState {
             webhooks: config.webhooks,
             metrics: Metrics::default(),
             sse_keep_alive: config.sse_keep_alive,
+            body_timeout: config.body_timeout,
             scaler: config.scaler_url.map(|url| (url, config.scaler_token)),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
@@ -142,7 +147,43 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|uri: Uri| async move { ApiError::RouteNotFound(uri.path().to_owned()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(state.clone(), read_body))
         .with_state(state)
+}
+
+/// Reads the whole request body within `--body-timeout` and
+/// [`MAX_BODY_BYTES`] before any handler runs: a client that trickles its
+/// body gets `408 body_timeout` instead of holding a connection open.
+async fn read_body(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    let read = axum::body::to_bytes(body, MAX_BODY_BYTES);
+    let bytes = match tokio::time::timeout(state.body_timeout, read).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(err)) => {
+            let too_large = err
+                .into_inner()
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
+            return Err(match too_large {
+                true => ApiError::PayloadTooLarge {
+                    limit: MAX_BODY_BYTES,
+                },
+                false => ApiError::InvalidJson("the request body could not be read".into()),
+            });
+        }
+        Err(_) => {
+            return Err(ApiError::BodyTimeout {
+                limit: state.body_timeout,
+            });
+        }
+    };
+    Ok(next
+        .run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await)
 }
 
 fn authorization(headers: &HeaderMap) -> Option<&str> {
@@ -153,21 +194,51 @@ fn authorization(headers: &HeaderMap) -> Option<&str> {
 
 async fn authenticate(
     State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let caller = state.keys.caller(authorization(request.headers()))?;
+    let caller = within_failure_budget(&state, peer, request.headers(), |credential| {
+        state.keys.caller(credential)
+    })?;
     request.extensions_mut().insert(caller);
     Ok(next.run(request).await)
 }
 
 async fn authenticate_admin(
     State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    state.keys.admin(authorization(request.headers()))?;
+    within_failure_budget(&state, peer, request.headers(), |credential| {
+        state.keys.admin(credential)
+    })?;
     Ok(next.run(request).await)
+}
+
+/// Runs a credential check under the client's budget of failures: a client
+/// out of budget is refused (`429`) before its credential is looked at, and
+/// each `401` spends from the budget.
+fn within_failure_budget<T>(
+    state: &AppState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    check: impl FnOnce(Option<&str>) -> Result<T, ApiError>,
+) -> Result<T, ApiError> {
+    let ip = crate::rate_limit::client_ip(peer.ip(), headers, &state.rate_limits.trusted_proxies);
+    let client = crate::rate_limit::bucket_of(ip);
+    let budget = state.rate_limits.auth_failures_per_ip;
+    let now = Instant::now();
+    if let Some(retry_after) = state.auth_failures.exhausted(&client, budget, now) {
+        state.metrics.rejected("auth_failures");
+        return Err(ApiError::RateLimited { retry_after });
+    }
+    check(authorization(headers)).inspect_err(|err| {
+        if matches!(err, ApiError::Unauthorized(_)) {
+            state.auth_failures.take(&client, budget, now);
+        }
+    })
 }
 
 /// One token from the client IP's bucket and, with a key, the key's bucket;
@@ -184,7 +255,10 @@ async fn rate_limit(
         &state.rate_limits.trusted_proxies,
     );
     let now = Instant::now();
-    let mut decision = state.ip_limiter.take(&ip, state.rate_limits.per_ip, now);
+    let client = crate::rate_limit::bucket_of(ip);
+    let mut decision = state
+        .ip_limiter
+        .take(&client, state.rate_limits.per_ip, now);
     if let Some(Caller::Key { name, per_minute }) = request.extensions().get::<Caller>() {
         decision = decision.stricter(state.key_limiter.take(name, *per_minute, now));
     }

@@ -50,8 +50,9 @@ pub(crate) async fn post_question(
 ) -> Result<Response, ApiError> {
     require_json(&headers)?;
     let body = body_bytes(body)?;
-    let question = NewQuestion::from_json(&body, state.limits)?;
+    let mut question = NewQuestion::from_json(&body, state.limits)?;
     let caller = caller.as_ref().map(|Extension(caller)| caller);
+    question.owner = caller.and_then(Caller::owner).map(str::to_owned);
     let idempotency = IdempotencyKey::from_request(&headers, caller, "questions", &body)?;
     let wait = question.wait;
     let hold = if wait.is_zero() {
@@ -116,15 +117,23 @@ pub(crate) async fn post_question(
 )]
 pub(crate) async fn get_question(
     State(state): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<QuestionRecord>, ApiError> {
     let id = question_id(id)?;
-    Ok(Json(record_of(&state, &id).await?))
+    let caller = caller.map(|Extension(caller)| caller);
+    let record = record_of(&state, &id, caller.as_ref()).await?;
+    Ok(Json(record.for_clients()))
 }
 
-/// The status record of `id`; for an answer served from the cache
-/// (`cached-<key>`), the cache entry as a `done` record.
-pub async fn record_of(state: &AppState, id: &str) -> Result<QuestionRecord, ApiError> {
+/// The status record of `id` if `caller` may read it (another key's
+/// question is `404`, as if it did not exist); for an answer served from
+/// the cache (`cached-<key>`), the cache entry as a `done` record.
+pub async fn record_of(
+    state: &AppState,
+    id: &str,
+    caller: Option<&Caller>,
+) -> Result<QuestionRecord, ApiError> {
     let unavailable = |err: ebb_store::StoreError| ApiError::StoreUnavailable(err.to_string());
     let record = match id.strip_prefix(CACHED_ID_PREFIX) {
         Some(key) => state
@@ -143,7 +152,11 @@ pub async fn record_of(state: &AppState, id: &str) -> Result<QuestionRecord, Api
             }),
         None => state.store.record(id).await.map_err(unavailable)?,
     };
-    record.ok_or_else(|| ApiError::QuestionNotFound(id.to_owned()))
+    let anyone = Caller::Anonymous;
+    let caller = caller.unwrap_or(&anyone);
+    record
+        .filter(|record| caller.may_read(record.owner.as_deref()))
+        .ok_or_else(|| ApiError::QuestionNotFound(id.to_owned()))
 }
 
 /// The path's id, if it can name a question at all.

@@ -29,6 +29,9 @@ use ebb_control::config::{DockerBackendConfig, GpuRequest};
 
 pub const POOL_LABEL: &str = "io.ebb.pool";
 pub const WORKER_LABEL: &str = "io.ebb.worker-id";
+/// Processes (threads included) a worker container may run: the engine's
+/// thread pool and the runtime's, with room to spare.
+const WORKER_PIDS_LIMIT: i64 = 512;
 
 #[derive(Debug)]
 pub struct DockerPool {
@@ -113,6 +116,12 @@ impl DockerPool {
                 }),
                 // A tiny init as PID 1 forwards SIGTERM to the worker.
                 init: Some(true),
+                // A worker runs a model on untrusted questions: no Linux
+                // capabilities, no privilege gained through setuid files,
+                // and a bounded number of processes.
+                cap_drop: Some(vec!["ALL".into()]),
+                security_opt: Some(vec!["no-new-privileges:true".into()]),
+                pids_limit: Some(WORKER_PIDS_LIMIT),
                 ..Default::default()
             }),
             ..Default::default()

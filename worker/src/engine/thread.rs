@@ -7,7 +7,7 @@
 //! given back when its sequence leaves the engine, which wakes a question
 //! waiting for room.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -131,6 +131,18 @@ struct Submission {
     request: Request,
     reservation: KvReservation,
     events: mpsc::Sender<SeqEvent>,
+    mode: Admission,
+}
+
+/// How a question joins the batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Admission {
+    /// Run with no other question in the engine: an earlier attempt was in
+    /// a step that crashed, and only a solo run tells whether it was the
+    /// cause. Later questions wait until it is done.
+    pub solo: bool,
+    /// Test hook (`--debug-panic-marker`): panic in a step holding it.
+    pub panics: bool,
 }
 
 /// Counters the engine thread keeps for heartbeats.
@@ -181,6 +193,7 @@ impl EngineHandle {
         &self,
         request: Request,
         reservation: KvReservation,
+        mode: Admission,
     ) -> Result<mpsc::Receiver<SeqEvent>, GenerateError> {
         // Room for every piece (at most one a token) and the result, so the
         // engine never waits on one slow reader.
@@ -190,6 +203,7 @@ impl EngineHandle {
                 request,
                 reservation,
                 events,
+                mode,
             })
             .await
             .map_err(|_| GenerateError::EngineStopped)?;
@@ -206,6 +220,7 @@ struct Client {
     events: mpsc::Sender<SeqEvent>,
     /// Dropped after the sequence has left the engine: gives its memory back.
     _reservation: KvReservation,
+    mode: Admission,
 }
 
 fn serve(
@@ -215,21 +230,25 @@ fn serve(
     step_delay: Option<Duration>,
 ) {
     let mut clients: HashMap<SeqId, Client> = HashMap::new();
+    // Bounded by the submissions channel: the worker never has more
+    // questions in flight than slots.
+    let mut pending: VecDeque<Submission> = VecDeque::new();
     let mut open = true;
     loop {
-        if engine.is_idle() {
+        if engine.is_idle() && pending.is_empty() {
             match submissions.blocking_recv() {
-                Some(submission) => admit(&mut engine, &mut clients, submission),
+                Some(submission) => pending.push_back(submission),
                 None => return,
             }
         }
         while open {
             match submissions.try_recv() {
-                Ok(submission) => admit(&mut engine, &mut clients, submission),
+                Ok(submission) => pending.push_back(submission),
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => open = false,
             }
         }
+        admit_pending(&mut engine, &mut clients, &mut pending);
         // A question whose job is gone (the worker is exiting) stops here.
         clients.retain(|id, client| {
             let gone = client.events.is_closed();
@@ -239,13 +258,37 @@ fn serve(
             !gone
         });
         if engine.is_idle() {
-            if !open {
+            if !open && pending.is_empty() {
                 return;
             }
             continue;
         }
+        let injected = clients.values().any(|client| client.mode.panics);
+        let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            assert!(!injected, "failure injected by --debug-panic-marker");
+            engine.step()
+        }));
+        let outputs = match step {
+            Ok(outputs) => outputs,
+            Err(payload) => {
+                // Nothing in the engine can be trusted after a panic: every
+                // question in it fails with the reason, and the thread ends
+                // (the worker then exits and is replaced).
+                let reason = panic_reason(&*payload);
+                tracing::error!(%reason, questions = clients.len(), "the model panicked; stopping the engine");
+                let batch = clients.len();
+                for client in clients.values() {
+                    let failure = GenerateError::Panicked {
+                        reason: reason.clone(),
+                        batch,
+                    };
+                    let _ = client.events.try_send(SeqEvent::Done(Err(failure)));
+                }
+                return;
+            }
+        };
         let mut produced_text = false;
-        for output in engine.step() {
+        for output in outputs {
             match output {
                 Output::Text(id, text) => {
                     produced_text = true;
@@ -268,11 +311,39 @@ fn serve(
     }
 }
 
+/// Admits waiting questions in arrival order: none while a solo question
+/// runs, and a solo one only into an empty engine (the questions behind it
+/// wait, so the engine drains).
+fn admit_pending(
+    engine: &mut Engine,
+    clients: &mut HashMap<SeqId, Client>,
+    pending: &mut VecDeque<Submission>,
+) {
+    while let Some(next) = pending.front() {
+        let solo_running = clients.values().any(|client| client.mode.solo);
+        let fits = !solo_running && (!next.mode.solo || engine.is_idle());
+        if !fits {
+            return;
+        }
+        let submission = pending.pop_front().expect("just looked");
+        admit(engine, clients, submission);
+    }
+}
+
+fn panic_reason(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
 fn admit(engine: &mut Engine, clients: &mut HashMap<SeqId, Client>, submission: Submission) {
     let Submission {
         request,
         reservation,
         events,
+        mode,
     } = submission;
     match engine.admit(request) {
         Ok(id) => {
@@ -281,6 +352,7 @@ fn admit(engine: &mut Engine, clients: &mut HashMap<SeqId, Client>, submission: 
                 Client {
                     events,
                     _reservation: reservation,
+                    mode,
                 },
             );
         }
