@@ -159,9 +159,14 @@ impl DockerPool {
         };
         let mut logs = self.docker.logs(container, Some(options));
         let mut output = Vec::new();
+        let mut errors = Vec::new();
         let read = async {
             while let Some(chunk) = logs.next().await {
-                output.extend_from_slice(chunk?.as_ref());
+                let chunk = chunk?;
+                if matches!(chunk, bollard::container::LogOutput::StdErr { .. }) {
+                    errors.extend_from_slice(chunk.as_ref());
+                }
+                output.extend_from_slice(chunk.as_ref());
             }
             Ok::<_, bollard::errors::Error>(())
         };
@@ -172,8 +177,28 @@ impl DockerPool {
             }
             Err(_) => tracing::debug!(container, "reading an exited worker's logs timed out"),
         }
-        last_lines(&output)
+        with_last_errors(last_lines(&output), &last_lines(&errors))
     }
+}
+
+/// Error lines kept whatever the order the engine gives.
+const KEPT_ERROR_LINES: usize = 5;
+
+/// The engine orders stdout and stderr by when it read them, not when they
+/// were written, so a worker's last error may sort before its last
+/// ordinary lines and fall off the tail; the error is the point, so the
+/// last few error lines are kept in place of the oldest lines.
+fn with_last_errors(mut lines: Vec<String>, errors: &[String]) -> Vec<String> {
+    let kept = &errors[errors.len().saturating_sub(KEPT_ERROR_LINES)..];
+    for error in kept {
+        if !lines.contains(error) {
+            if lines.len() >= LAST_OUTPUT_LINES {
+                lines.remove(0);
+            }
+            lines.push(error.clone());
+        }
+    }
+    lines
 }
 
 /// Longest the listing waits for an exited container's logs.
@@ -315,5 +340,26 @@ impl WorkerPool for DockerPool {
         self.signal(&self.container_name(id), "SIGTERM").await?;
         self.stopping.insert(id.to_owned(), (Utc::now(), false));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_errors_stay_whatever_order_the_engine_gave() {
+        let lines: Vec<String> = (0..LAST_OUTPUT_LINES)
+            .map(|n| format!("line {n}"))
+            .collect();
+        let errors = vec!["cannot download config.json".to_owned()];
+        let kept = with_last_errors(lines.clone(), &errors);
+        assert_eq!(kept.len(), LAST_OUTPUT_LINES);
+        assert_eq!(kept.last(), Some(&errors[0]));
+        assert_eq!(kept[0], "line 1", "the oldest line made room");
+        // Already among the lines: nothing changes.
+        let mut with_error = lines.clone();
+        with_error[3] = errors[0].clone();
+        assert_eq!(with_last_errors(with_error.clone(), &errors), with_error);
     }
 }
