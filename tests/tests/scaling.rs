@@ -47,7 +47,13 @@ fn running(status: &Value) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_scales_from_zero_to_max_answers_everything_and_returns_to_zero() {
     let stack = Stack::start(StackOptions::default()).await;
-    let scaler = ScalerProcess::start(&stack, ELASTIC, &["--debug-token-delay", "40ms"]);
+    // One question at a time per worker: the backlog is the burst itself,
+    // however fast the first workers start and take questions.
+    let scaler = ScalerProcess::start(
+        &stack,
+        ELASTIC,
+        &["--debug-token-delay", "40ms", "--max-batch", "1"],
+    );
     let idle = scaler
         .wait_status(Duration::from_secs(10), "zero workers at rest", |s| {
             s["desired"] == 0
