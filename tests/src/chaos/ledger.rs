@@ -457,7 +457,9 @@ fn called_with(seen: &Seen, id: &str, outcome: &Outcome) -> bool {
     })
 }
 
-/// `t=<unix>,v1=<hex HMAC-SHA256 of "t.body">` under the run's secret.
+/// `t=<unix>,v1=<hex HMAC-SHA256 of "t.body">` under the run's secret,
+/// computed here as a receiver would, not with the gateway's own
+/// `webhook::signature`, so a wrong signer cannot pass its own check.
 fn valid(signature: &str, body: &[u8]) -> bool {
     let Some((t, v1)) = signature
         .strip_prefix("t=")
