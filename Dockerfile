@@ -5,6 +5,7 @@
 #   docker build --target gateway -t ebb-gateway .
 #   docker build --target worker  -t ebb-worker .
 #   docker build --target scaler  -t ebb-scaler .
+#   docker build --target credentials -t ebb-credentials .
 #   docker build --target worker-cuda --build-arg CUDA_COMPUTE_CAP=86 -t ebb-worker:cuda .   # NVIDIA GPUs
 #
 # Runtime images are Debian slim with the binary only, running as a non-root
@@ -19,8 +20,8 @@ WORKDIR /src
 COPY . .
 # Plain RUN (no BuildKit cache mounts), so docker-compose 1.29's legacy
 # builder builds it too.
-RUN cargo build --release --locked --bin ebb-gateway --bin ebb-worker --bin ebb-scaler \
- && mkdir -p /out && cp target/release/ebb-gateway target/release/ebb-worker target/release/ebb-scaler /out/
+RUN cargo build --release --locked --bin ebb-gateway --bin ebb-worker --bin ebb-scaler --bin ebb-credentials \
+ && mkdir -p /out && cp target/release/ebb-gateway target/release/ebb-worker target/release/ebb-scaler target/release/ebb-credentials /out/
 
 FROM debian:${DEBIAN}-slim AS runtime
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
@@ -44,6 +45,11 @@ FROM runtime AS scaler
 COPY --from=build /out/ebb-scaler /usr/local/bin/
 EXPOSE 9090
 ENTRYPOINT ["ebb-scaler"]
+
+# Root: it gives the credentials volumes to the services' user (10001).
+FROM runtime AS credentials
+COPY --from=build /out/ebb-credentials /usr/local/bin/
+ENTRYPOINT ["ebb-credentials"]
 
 # The GPU worker: candle with CUDA kernels, on NVIDIA's CUDA images.
 FROM nvidia/cuda:${CUDA_VERSION}-devel-ubuntu22.04 AS build-cuda

@@ -97,6 +97,11 @@ impl Keys {
         self.keys.is_empty()
     }
 
+    /// The configured keys' names.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.keys.iter().map(|(_, name, _)| name.as_str())
+    }
+
     /// Checks the `Authorization: Bearer` header of a public route.
     pub fn caller(&self, authorization: Option<&str>) -> Result<Caller, ApiError> {
         let Some(presented) = bearer(authorization) else {

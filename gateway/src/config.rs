@@ -36,6 +36,11 @@ pub struct Config {
     /// streams are refused with 503.
     #[arg(long, env = "EBB_MAX_WAITING", default_value_t = 10_000)]
     pub max_waiting: usize,
+    /// Most of those one API key may hold; past it that key's chats and
+    /// `/events` get 429 `too_many_waiting_for_key` (questions their status
+    /// URL), so one client cannot take every slot.
+    #[arg(long, env = "EBB_MAX_WAITING_PER_KEY", default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_waiting_per_key: u32,
     /// YAML file with API keys, priority rules and their timetable (README:
     /// "Gateway config").
     #[arg(long = "config", env = "EBB_GATEWAY_CONFIG")]
@@ -129,6 +134,12 @@ pub struct WebhookArgs {
     /// Longest one webhook call may take.
     #[arg(long, env = "EBB_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = ebb_runtime::duration::parse)]
     pub webhook_timeout: Duration,
+    /// Most webhook calls one API key may have waiting for delivery; past
+    /// it its questions with a `callback_url` get 429
+    /// `too_many_webhooks_for_key`, so one key's dead receiver cannot fill
+    /// the queue every key's calls share.
+    #[arg(long, env = "EBB_MAX_QUEUED_WEBHOOKS_PER_KEY", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_queued_webhooks_per_key: u64,
 }
 
 /// The `--config` file.

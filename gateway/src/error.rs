@@ -43,6 +43,14 @@ pub enum ApiError {
     Overloaded { retry_after: Duration },
     #[error("too many requests are waiting for answers; retry later")]
     TooManyWaiting,
+    #[error(
+        "this API key holds {limit} requests open for answers already (--max-waiting-per-key); end one, or ask with wait_seconds 0 and poll"
+    )]
+    TooManyWaitingForKey { limit: u32 },
+    #[error(
+        "this API key has {limit} webhook calls waiting for delivery (--max-queued-webhooks-per-key); ask without callback_url, or when its receiver has caught up"
+    )]
+    TooManyWebhooksForKey { limit: u64 },
     #[error("the question queue is full; retry later")]
     QueueFull,
     #[error("the question queue is unavailable: {0}")]
@@ -93,9 +101,10 @@ impl ApiError {
             | ApiError::ModelNotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            ApiError::RateLimited { .. } | ApiError::Overloaded { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            ApiError::RateLimited { .. }
+            | ApiError::Overloaded { .. }
+            | ApiError::TooManyWaitingForKey { .. }
+            | ApiError::TooManyWebhooksForKey { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::TooManyWaiting
             | ApiError::QueueFull
             | ApiError::QueueUnavailable(_)
@@ -120,6 +129,8 @@ impl ApiError {
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Overloaded { .. } => "overloaded",
             ApiError::TooManyWaiting => "too_many_waiting",
+            ApiError::TooManyWaitingForKey { .. } => "too_many_waiting_for_key",
+            ApiError::TooManyWebhooksForKey { .. } => "too_many_webhooks_for_key",
             ApiError::QueueFull => "queue_full",
             ApiError::QueueUnavailable(_) => "queue_unavailable",
             ApiError::StoreUnavailable(_) => "store_unavailable",
@@ -136,9 +147,10 @@ impl ApiError {
             ApiError::RateLimited { retry_after } | ApiError::Overloaded { retry_after } => {
                 Some(seconds(*retry_after))
             }
-            ApiError::QueueFull | ApiError::QueueUnavailable(_) | ApiError::TooManyWaiting => {
-                Some(1)
-            }
+            ApiError::QueueFull
+            | ApiError::QueueUnavailable(_)
+            | ApiError::TooManyWaiting
+            | ApiError::TooManyWaitingForKey { .. } => Some(1),
             _ => None,
         }
     }

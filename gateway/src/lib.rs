@@ -86,9 +86,9 @@ pub async fn run(
         }
     }
     let (keys, priority) = access_rules(&config)?;
-    let client = ebb_nats::connect(&config.services.nats_url, "ebb-gateway", None).await?;
+    let client = ebb_nats::connect(&config.services.nats, "ebb-gateway", None).await?;
     let topology = ensure_topology(client, &config).await;
-    let store = Store::connect_lazy(&config.services.redis_url)?;
+    let store = Store::connect(&config.services.redis)?;
     let webhook_args = config.webhooks.clone();
     let state = Arc::new(routes::AppState::new(
         config,

@@ -17,11 +17,15 @@
 //! - [`record`]: a question's status record ([`QuestionRecord`]) and a
 //!   cached answer: the JSON kept in Redis and sent to webhooks.
 //! - [`webhook`]: the queue of callback calls the gateway delivers.
+//! - [`access`]: each role's NATS user and subject permissions;
+//!   [`connect`] logs a process in as its role.
 //!
 //! Reading and writing those records in Redis, and a question's terminal
 //! transitions, live in `ebb-store`; timetables in `ebb-schedule`; process
 //! plumbing (telemetry, shared flags, durations) in `ebb-runtime`.
 
+pub mod access;
+mod connect;
 pub mod depth;
 pub mod messages;
 pub mod record;
@@ -29,6 +33,7 @@ pub mod subjects;
 pub mod topology;
 pub mod webhook;
 
+pub use connect::connect;
 pub use depth::{PriorityDepth, QueueDepth, queue_depth};
 pub use messages::{
     AnswerEvent, ChatMessage, DeadLetter, DownloadProgress, FinishReason, FleetStatus, Heartbeat,
@@ -36,7 +41,7 @@ pub use messages::{
 };
 pub use record::{CachedAnswer, QuestionRecord, QuestionStatus};
 pub use subjects::Priority;
-pub use topology::{Mismatch, QueueConfig, QueueError, Topology, connect, mismatches};
+pub use topology::{Mismatch, QueueConfig, QueueError, Topology, mismatches};
 
 /// Milliseconds since the Unix epoch: the one timestamp format on the wire.
 pub fn now_ms() -> u64 {

@@ -25,6 +25,9 @@ pub const HEARTBEAT: &str = "ebb.workers.heartbeat";
 /// ([`crate::FleetStatus`]) every 2 s.
 pub const SCALER_STATUS: &str = "ebb.scaler.status";
 
+/// The scaler's key-value bucket (what it learned, kept across restarts).
+pub const SCALER_STATE_BUCKET: &str = "ebb_scaler_state";
+
 /// Subject of the server's advisory for a question consumer that exhausted
 /// `max_deliver`.
 pub fn max_deliveries_advisory_wildcard() -> String {

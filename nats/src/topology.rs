@@ -24,6 +24,8 @@ pub enum QueueError {
         url: String,
         source: async_nats::ConnectError,
     },
+    #[error(transparent)]
+    Login(#[from] ebb_runtime::LoginError),
     #[error("cannot set up stream {stream}: {source}")]
     Stream {
         stream: String,
@@ -484,45 +486,6 @@ fn worker_consumer(priority: Priority, config: &QueueConfig) -> consumer::pull::
         max_ack_pending: 10_000,
         ..Default::default()
     }
-}
-
-/// Connects to NATS the way every ebb process does: named, reconnecting
-/// forever with a short capped backoff (so a restarted server is back in use
-/// within ~2 s), and tolerant of a server that is not up yet.
-/// `subscription_capacity` bounds each subscription's buffer (messages past
-/// it are dropped as a slow consumer); `None` keeps the client default.
-pub async fn connect(
-    url: &str,
-    name: &str,
-    subscription_capacity: Option<usize>,
-) -> Result<async_nats::Client, QueueError> {
-    let options = async_nats::ConnectOptions::new();
-    let options = match subscription_capacity {
-        Some(capacity) => options.subscription_capacity(capacity),
-        None => options,
-    };
-    options
-        .name(name)
-        .retry_on_initial_connect()
-        .connection_timeout(Duration::from_secs(2))
-        // async-nats asks for a delay before every attempt, the first
-        // (`attempts == 1`) included: that one must be immediate, or every
-        // worker's cold start pays for it (it was 200 ms, 90 % of the tiny
-        // model's start).
-        .reconnect_delay_callback(|attempts| match attempts {
-            0 | 1 => Duration::ZERO,
-            retry => ebb_runtime::backoff::exponential(
-                Duration::from_millis(100),
-                retry as u64 - 1,
-                Duration::from_secs(2),
-            ),
-        })
-        .connect(url)
-        .await
-        .map_err(|source| QueueError::Connect {
-            url: url.to_owned(),
-            source,
-        })
 }
 
 #[cfg(test)]

@@ -10,14 +10,17 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
+use futures::TryStreamExt as _;
 use serde::{Deserialize, Serialize};
 
 use crate::record::QuestionRecord;
 
 /// The stream of webhook calls not yet delivered.
 pub const STREAM: &str = "EBB_WEBHOOKS";
-/// Every webhook subject: `ebb.webhooks.<call id>` (see [`enqueue`]).
-pub const WILDCARD: &str = "ebb.webhooks.*";
+/// Every webhook subject: `ebb.webhooks.<owner>.<call id>` (see
+/// [`subject`]); releases before per-key counts used `ebb.webhooks.<call id>`,
+/// which this matches too.
+pub const WILDCARD: &str = "ebb.webhooks.>";
 /// The durable consumer the gateways' dispatchers share.
 pub const CONSUMER: &str = "ebb-webhooks";
 /// Deliveries of one call before it is given up (with backoff, ~10 minutes).
@@ -30,8 +33,31 @@ pub struct WebhookCall {
     pub record: QuestionRecord,
 }
 
-pub fn subject(question_id: &str) -> String {
-    format!("ebb.webhooks.{question_id}")
+/// The subject of a call for a question of `owner` (an API key's name):
+/// the owner is a token of its own, so the calls one key has queued can be
+/// counted ([`queued_for`]).
+pub fn subject(owner: Option<&str>, call_id: &str) -> String {
+    format!("ebb.webhooks.{}.{call_id}", owner_token(owner))
+}
+
+/// A key's name as one subject token: its bytes in hex (names may hold
+/// dots or spaces), `_` for questions no key owns.
+fn owner_token(owner: Option<&str>) -> String {
+    match owner {
+        Some(name) => name.bytes().map(|byte| format!("{byte:02x}")).collect(),
+        None => "_".to_owned(),
+    }
+}
+
+/// How many calls for questions of `owner` wait for delivery.
+pub async fn queued_for(stream: &stream::Stream, owner: &str) -> Result<u64, async_nats::Error> {
+    let filter = format!("ebb.webhooks.{}.*", owner_token(Some(owner)));
+    let mut subjects = stream.info_with_subjects(filter).await?;
+    let mut queued = 0u64;
+    while let Some((_, count)) = subjects.try_next().await? {
+        queued += count as u64;
+    }
+    Ok(queued)
 }
 
 /// Queues the call. `call_id` is the question id (the gateway uses a fresh
@@ -52,7 +78,7 @@ pub async fn enqueue(
         .payload(serde_json::to_vec(&call)?.into())
         .message_id(format!("webhook-{call_id}-{:?}", record.status));
     jetstream
-        .send_publish(subject(call_id), message)
+        .send_publish(subject(record.owner.as_deref(), call_id), message)
         .await?
         .await?;
     Ok(())
@@ -83,5 +109,19 @@ pub(crate) fn consumer_config() -> consumer::pull::Config {
         max_deliver: MAX_DELIVER,
         max_ack_pending: 1_000,
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_key_has_a_subject_token_of_its_own() {
+        assert_eq!(subject(None, "q1"), "ebb.webhooks._.q1");
+        assert_eq!(subject(Some("a.b c"), "q1"), "ebb.webhooks.612e622063.q1");
+        assert_ne!(owner_token(Some("a.b")), owner_token(Some("a_b")));
+        // The stream still takes calls queued under the old layout.
+        assert_eq!(WILDCARD, "ebb.webhooks.>");
     }
 }

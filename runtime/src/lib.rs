@@ -4,7 +4,7 @@
 //! # Layout
 //! - [`telemetry`]: tracing/OpenTelemetry setup and W3C `traceparent`
 //!   propagation through NATS message headers.
-//! - [`args`]: flags every process shares ([`ServiceArgs`], [`ModelArgs`]).
+//! - [`args`]: flags every process shares ([`ServiceArgs`]: NATS and Redis with their logins; [`ModelArgs`]).
 //! - [`backoff`]: the one exponential retry backoff, and
 //!   [`backoff::retry_startup`], the one way a startup step is retried.
 //! - [`duration`]: the `30s` / `500ms` syntax every duration flag and
@@ -22,4 +22,4 @@ pub mod quantile;
 pub mod shutdown;
 pub mod telemetry;
 
-pub use args::{ModelArgs, ServiceArgs};
+pub use args::{Login, LoginError, ModelArgs, NatsArgs, RedisArgs, ServiceArgs};

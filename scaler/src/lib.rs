@@ -52,7 +52,7 @@ pub enum ScalerError {
 /// and scales until `shutdown`. Workers keep running when the scaler stops.
 pub async fn run(
     config: ScalerConfig,
-    nats_url: &str,
+    nats: &ebb_runtime::NatsArgs,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ScalerError> {
@@ -73,7 +73,7 @@ pub async fn run(
         shutdown.await;
         on_signal.cancel();
     });
-    let scaled = start_and_scale(config, nats_url, shared, stopping.clone()).await;
+    let scaled = start_and_scale(config, nats, shared, stopping.clone()).await;
     stopping.cancel();
     let served = api.await.expect("the API task does not panic");
     scaled.and(served)
@@ -82,13 +82,13 @@ pub async fn run(
 /// Waits for what the loop needs, then runs it until `stopping`.
 async fn start_and_scale(
     config: ScalerConfig,
-    nats_url: &str,
+    nats: &ebb_runtime::NatsArgs,
     shared: Arc<Shared>,
     stopping: CancellationToken,
 ) -> Result<(), ScalerError> {
     let connect = async {
         shared.starting(Startup::Nats);
-        let client = ebb_nats::connect(nats_url, "ebb-scaler", None).await?;
+        let client = ebb_nats::connect(nats, "ebb-scaler", None).await?;
         shared.starting(Startup::QuestionStream);
         let questions = wait_for_queue(&client).await?;
         listen_for_signals(&client, &shared).await?;

@@ -19,9 +19,8 @@ struct Cli {
     /// Address of the HTTP API (/status, /scale, /metrics, /healthz).
     #[arg(long, env = "EBB_SCALER_LISTEN", default_value = "0.0.0.0:9090")]
     listen: SocketAddr,
-    /// NATS server with JetStream enabled.
-    #[arg(long, env = "EBB_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    nats_url: String,
+    #[command(flatten)]
+    nats: ebb_runtime::NatsArgs,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -86,7 +85,7 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
         .map_err(|err| anyhow::anyhow!("cannot listen on {} (--listen): {err}", cli.listen))?;
     ebb_scaler::run(
         config,
-        &cli.nats_url,
+        &cli.nats,
         listener,
         // Workers keep running and are adopted by the next scaler.
         ebb_runtime::shutdown::first_signal("stopping the scaler; workers keep running"),

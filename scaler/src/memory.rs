@@ -21,7 +21,7 @@ use ebb_control::config::{BackendConfig, ScalerConfig};
 use ebb_control::learned::LearnedFloors;
 
 /// The scaler's KV bucket (one value per pool and kind of state).
-pub const BUCKET: &str = "ebb_scaler_state";
+pub const BUCKET: &str = ebb_nats::subjects::SCALER_STATE_BUCKET;
 /// Longest a change waits before it is written.
 pub const SAVE_EVERY: Duration = Duration::from_secs(10);
 /// Largest value kept: a day-long `learn` window is 1,441 minutes.

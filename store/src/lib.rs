@@ -1,6 +1,7 @@
 //! `ebb-store`: a question's state after the gateway accepts it.
 //!
 //! # Layout
+//! - [`access`]: each role's Redis ACL rules.
 //! - [`store`]: Redis status records, the answer cache and the streamed
 //!   pieces late joiners read ([`Store`]); [`Store::degradable`] is the one
 //!   way a Redis failure is allowed to only degrade service.
@@ -14,6 +15,7 @@
 //!
 //! The JSON of records is part of the queue contract (`ebb_nats::record`).
 
+pub mod access;
 pub mod janitor;
 pub mod lifecycle;
 pub mod reaper;

@@ -17,8 +17,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use redis::AsyncCommands;
+use ebb_runtime::{Login, RedisArgs};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, IntoConnectionInfo as _};
 use serde::Serialize;
 
 use ebb_nats::{CachedAnswer, QuestionRecord};
@@ -32,6 +33,8 @@ pub const PIECES_TTL: Duration = Duration::from_secs(3600);
 pub enum StoreError {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error(transparent)]
+    Login(#[from] ebb_runtime::LoginError),
     #[error("corrupt record under {key}: {source}")]
     Corrupt {
         key: String,
@@ -74,7 +77,26 @@ impl Store {
     /// Prepares a lazy connection: nothing is dialled until the first command,
     /// and every command fails fast (1 s) while Redis is unreachable.
     pub fn connect_lazy(url: &str) -> Result<Store, StoreError> {
-        let client = redis::Client::open(url)?;
+        Store::connect_lazy_as(url, None)
+    }
+
+    /// [`Store::connect_lazy`] as the user of --redis-user and
+    /// --redis-password-file (when given).
+    pub fn connect(args: &RedisArgs) -> Result<Store, StoreError> {
+        Store::connect_lazy_as(&args.redis_url, args.login()?.as_ref())
+    }
+
+    fn connect_lazy_as(url: &str, login: Option<&Login>) -> Result<Store, StoreError> {
+        let mut info = url.into_connection_info()?;
+        if let Some(login) = login {
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_username(&login.user)
+                .set_password(&login.password);
+            info = info.set_redis_settings(settings);
+        }
+        let client = redis::Client::open(info)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(Some(Duration::from_secs(1)))

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ebb_nats::access::Role;
 use serde_json::Value;
 
 use crate::servers::{TempDir, free_port};
@@ -20,7 +21,8 @@ pub struct ScalerProcess {
     pub config_path: PathBuf,
     state: TempDir,
     port: u16,
-    nats_url: String,
+    /// How it reaches NATS: `--nats-url` and its login.
+    nats_args: Vec<String>,
 }
 
 /// The `ebb-scaler` binary of this build.
@@ -46,7 +48,12 @@ pub fn process_backend_of(
     model_dir: &std::path::Path,
     worker_args: &[&str],
 ) -> String {
-    process_backend_with(stack.shared_args(), state_dir, model_dir, worker_args)
+    process_backend_with(
+        stack.shared_args(Role::Worker),
+        state_dir,
+        model_dir,
+        worker_args,
+    )
 }
 
 /// Backend section running workers with `shared_args` (the flags they
@@ -71,12 +78,13 @@ impl ScalerProcess {
     /// Starts a scaler with `policy` (YAML without the backend section) and
     /// waits until its loop runs.
     pub fn start(stack: &Stack, policy: &str, worker_args: &[&str]) -> ScalerProcess {
-        let mut scaler = ScalerProcess::configure(stack.nats.url(), |state_dir| {
-            format!(
-                "{policy}\n{}",
-                process_backend(stack, state_dir, worker_args)
-            )
-        });
+        let mut scaler =
+            ScalerProcess::configure(stack.nats.login_args(Role::Scaler), |state_dir| {
+                format!(
+                    "{policy}\n{}",
+                    process_backend(stack, state_dir, worker_args)
+                )
+            });
         scaler.restart();
         scaler
     }
@@ -89,20 +97,22 @@ impl ScalerProcess {
         model_dir: &std::path::Path,
         worker_args: &[&str],
     ) -> ScalerProcess {
-        let mut scaler = ScalerProcess::configure(stack.nats.url(), |state_dir| {
-            format!(
-                "{policy}\n{}",
-                process_backend_of(stack, state_dir, model_dir, worker_args)
-            )
-        });
+        let mut scaler =
+            ScalerProcess::configure(stack.nats.login_args(Role::Scaler), |state_dir| {
+                format!(
+                    "{policy}\n{}",
+                    process_backend_of(stack, state_dir, model_dir, worker_args)
+                )
+            });
         scaler.restart();
         scaler
     }
 
     /// Starts a scaler against a NATS server that may not hold ebb's
-    /// streams yet; returns once it listens, without waiting for health.
-    pub fn start_before_the_queue(nats_url: String, policy: &str) -> ScalerProcess {
-        let mut scaler = ScalerProcess::configure(nats_url, |state_dir| {
+    /// streams yet (`nats_args`: its URL and login); returns once it
+    /// listens, without waiting for health.
+    pub fn start_before_the_queue(nats_args: Vec<String>, policy: &str) -> ScalerProcess {
+        let mut scaler = ScalerProcess::configure(nats_args, |state_dir| {
             format!(
                 "{policy}\nbackend:\n  kind: process\n  command: {}\n  state_dir: {}\n  pool: test\n",
                 worker_binary().display(),
@@ -116,14 +126,14 @@ impl ScalerProcess {
     /// A scaler on `config` (made from its workers' state directory), not
     /// started yet: [`ScalerProcess::restart`] starts it.
     pub fn configured(
-        nats_url: String,
+        nats_args: Vec<String>,
         config: impl FnOnce(&std::path::Path) -> String,
     ) -> ScalerProcess {
-        ScalerProcess::configure(nats_url, config)
+        ScalerProcess::configure(nats_args, config)
     }
 
     fn configure(
-        nats_url: String,
+        nats_args: Vec<String>,
         config: impl FnOnce(&std::path::Path) -> String,
     ) -> ScalerProcess {
         let state = TempDir::new("scaler");
@@ -135,7 +145,7 @@ impl ScalerProcess {
             config_path,
             state,
             port: free_port(),
-            nats_url,
+            nats_args,
         }
     }
 
@@ -179,7 +189,7 @@ impl ScalerProcess {
         let child = Command::new(scaler_binary())
             .args(["--config", &self.config_path.display().to_string()])
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
-            .args(["--nats-url", &self.nats_url])
+            .args(&self.nats_args)
             .env("EBB_SCALER_ADMIN_TOKEN", ADMIN_TOKEN)
             .env(
                 "RUST_LOG",

@@ -1,10 +1,16 @@
-//! Real NATS and Redis servers, one per test, killed on Drop.
+//! Real NATS and Redis servers, one per test, killed on Drop. Both run as
+//! ebb deploys them: only the users of `ebb-credentials` get in, each role
+//! with its permissions. Test clients log in as the operator (everything):
+//! [`NatsServer::client`], [`RedisServer::url`]; ebb's processes as their
+//! role, with `login_args`.
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use ebb_credentials::{Credentials, Role, Service};
 
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
@@ -73,37 +79,114 @@ fn kill(child: &mut Option<Child>) {
     }
 }
 
-/// `nats-server -js` with its own store directory.
+/// `nats-server -js` with its own store directory and credentials.
 #[derive(Debug)]
 pub struct NatsServer {
     child: Option<Child>,
     pub port: u16,
     store: TempDir,
+    credentials: Credentials,
     extra_args: Vec<String>,
 }
 
 impl NatsServer {
     pub fn start() -> NatsServer {
-        NatsServer::start_with(Vec::new())
+        NatsServer::start_with(None, Vec::new())
     }
 
-    /// Starts with extra arguments (e.g. `-c server.conf`); the port and
-    /// store directory flags given here still win over a config file.
+    /// Starts on a copy of the config file `base` (if any), which gets the
+    /// users of this server's credentials, with extra arguments; the port
+    /// and store directory flags given here still win over the file.
     /// The server picks its own port (`-p -1`, read back from its ports
     /// file), so parallel tests cannot race for one.
-    pub fn start_with(extra_args: Vec<String>) -> NatsServer {
+    pub fn start_with(base: Option<&Path>, extra_args: Vec<String>) -> NatsServer {
+        let store = TempDir::new("nats");
+        let credentials = Credentials::ensure(&store.path().join("credentials"), None)
+            .expect("write the credentials");
+        let mut config = match base {
+            Some(base) => std::fs::read_to_string(base).expect("read the nats-server config"),
+            None => String::new(),
+        };
+        // nats/server.conf includes them already (as compose mounts them).
+        if !config.contains(INCLUDE_USERS) {
+            config.push_str(&format!("\n{INCLUDE_USERS}\n"));
+        }
+        let config_path = store.path().join("server.conf");
+        std::fs::write(&config_path, config).expect("write the nats-server config");
+        let mut args = vec!["-c".to_owned(), config_path.display().to_string()];
+        args.extend(extra_args);
         let mut server = NatsServer {
             child: None,
             port: 0,
-            store: TempDir::new("nats"),
-            extra_args,
+            store,
+            credentials,
+            extra_args: args,
         };
         server.resume();
         server
     }
 
+    /// The server's address; a client needs a login too
+    /// ([`NatsServer::client`], [`NatsServer::login_args`]).
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The URL with the operator's login in it, for clients that read one
+    /// from the URL (nats-py; async-nats does not).
+    pub fn operator_url(&self) -> String {
+        format!(
+            "nats://{}:{}@127.0.0.1:{}",
+            Role::Operator.user(),
+            self.operator_password(),
+            self.port
+        )
+    }
+
+    fn operator_password(&self) -> &str {
+        let password = self.credentials.password(Role::Operator, Service::Nats);
+        password.expect("the operator has a NATS password")
+    }
+
+    /// Connect options with the operator's login: a client that may do
+    /// everything, for the tests' own reads and faults.
+    pub fn operator(&self) -> async_nats::ConnectOptions {
+        async_nats::ConnectOptions::with_user_and_password(
+            Role::Operator.user(),
+            self.operator_password().to_owned(),
+        )
+    }
+
+    /// A client of the operator's.
+    pub async fn client(&self) -> async_nats::Client {
+        self.operator()
+            .connect(self.url())
+            .await
+            .expect("connect to NATS as the operator")
+    }
+
+    /// `--nats-url`, `--nats-user` and `--nats-password-file` of `role`.
+    pub fn login_args(&self, role: Role) -> Vec<String> {
+        vec![
+            "--nats-url".to_owned(),
+            self.url(),
+            "--nats-user".to_owned(),
+            role.user(),
+            "--nats-password-file".to_owned(),
+            self.credentials
+                .password_file(role, Service::Nats)
+                .display()
+                .to_string(),
+        ]
+    }
+
+    /// What [`NatsServer::login_args`] parse to: for `ebb_nats::connect`.
+    pub fn nats_args(&self, role: Role) -> ebb_runtime::NatsArgs {
+        ebb_runtime::NatsArgs {
+            nats_url: self.url(),
+            nats_user: Some(role.user()),
+            nats_password_file: Some(self.credentials.password_file(role, Service::Nats)),
+        }
     }
 
     pub fn is_running(&self) -> bool {
@@ -146,6 +229,11 @@ impl NatsServer {
     }
 }
 
+/// The line of nats/server.conf that brings in the users; its path is where
+/// compose mounts the nats-server credentials and where the harness and
+/// run-local write them, next to the config.
+pub const INCLUDE_USERS: &str = "include \"credentials/nats-server/users.conf\"";
+
 /// The client port in a nats-server ports file (`{"nats":["nats://host:port"]}`),
 /// waiting for the server to write it.
 fn client_port(ports_file: &Path) -> u16 {
@@ -184,21 +272,53 @@ pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
     dir: TempDir,
+    credentials: Credentials,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
+        let dir = TempDir::new("redis");
+        let credentials = Credentials::ensure(&dir.path().join("credentials"), None)
+            .expect("write the credentials");
         let mut server = RedisServer {
             child: None,
             port: free_port(),
-            dir: TempDir::new("redis"),
+            dir,
+            credentials,
         };
         server.resume();
         server
     }
 
+    /// The operator's URL: a login that may do everything.
     pub fn url(&self) -> String {
+        let password = self.credentials.password(Role::Operator, Service::Redis);
+        let password = password.expect("the operator has a Redis password");
+        format!(
+            "redis://{}:{password}@127.0.0.1:{}",
+            Role::Operator.user(),
+            self.port
+        )
+    }
+
+    /// The URL without a login (the server refuses its commands).
+    pub fn anonymous_url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `--redis-url`, `--redis-user` and `--redis-password-file` of `role`.
+    pub fn login_args(&self, role: Role) -> Vec<String> {
+        vec![
+            "--redis-url".to_owned(),
+            self.anonymous_url(),
+            "--redis-user".to_owned(),
+            role.user(),
+            "--redis-password-file".to_owned(),
+            self.credentials
+                .password_file(role, Service::Redis)
+                .display()
+                .to_string(),
+        ]
     }
 
     pub fn stop(&mut self) {
@@ -224,6 +344,8 @@ impl RedisServer {
             "everysec",
             "--dir",
             &self.dir.path().display().to_string(),
+            "--aclfile",
+            &self.credentials.redis_acl().display().to_string(),
         ]
         .into_iter()
         .map(str::to_owned)

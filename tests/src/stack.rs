@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use clap::Parser as _;
+use ebb_nats::access::Role;
 use ebb_nats::{Heartbeat, WorkerState, subjects};
 use futures::StreamExt;
 use serde_json::Value;
@@ -178,27 +179,27 @@ impl Stack {
         stack
     }
 
-    /// Flags shared by the gateway and workers (they must agree).
-    pub fn shared_args(&self) -> Vec<String> {
-        [
-            "--nats-url",
-            &self.nats.url(),
-            "--redis-url",
-            &self.redis.url(),
-            "--model",
-            TINY_MODEL,
-            "--model-revision",
-            TINY_REVISION,
-            "--ack-wait",
-            self.options.ack_wait,
-            "--max-deliver",
-            &self.options.max_deliver.to_string(),
-            "--queue-max-messages",
-            &self.options.queue_max_messages.to_string(),
-        ]
-        .into_iter()
-        .map(str::to_owned)
-        .collect()
+    /// Flags shared by the gateway and workers (they must agree), logged
+    /// in as `role`.
+    pub fn shared_args(&self, role: Role) -> Vec<String> {
+        let mut args = self.nats.login_args(role);
+        args.extend(self.redis.login_args(role));
+        args.extend(
+            [
+                "--model",
+                TINY_MODEL,
+                "--model-revision",
+                TINY_REVISION,
+                "--ack-wait",
+                self.options.ack_wait,
+                "--max-deliver",
+                &self.options.max_deliver.to_string(),
+                "--queue-max-messages",
+                &self.options.queue_max_messages.to_string(),
+            ]
+            .map(str::to_owned),
+        );
+        args
     }
 
     /// The queue settings the shared flags give (what the gateway created).
@@ -217,7 +218,7 @@ impl Stack {
             .expect("bind gateway");
         self.gateway_url = format!("http://{}", listener.local_addr().expect("address"));
         let mut args = vec!["ebb-gateway".to_owned()];
-        args.extend(self.shared_args());
+        args.extend(self.shared_args(Role::Gateway));
         args.extend(self.options.gateway_args.iter().cloned());
         let config = ebb_gateway::Config::try_parse_from(args).expect("gateway flags parse");
         let (stop, stopped) = oneshot::channel::<()>();
@@ -262,9 +263,7 @@ impl Stack {
 
     /// A NATS client of the test's own.
     pub async fn nats_client(&self) -> async_nats::Client {
-        async_nats::connect(self.nats.url())
-            .await
-            .expect("connect to NATS")
+        self.nats.client().await
     }
 
     /// Waits until a worker with this id announces `Ready`.
@@ -398,7 +397,7 @@ impl WorkerProcess {
             NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         );
         let child = Command::new(worker_binary())
-            .args(stack.shared_args())
+            .args(stack.shared_args(Role::Worker))
             .arg("--model-dir")
             .arg(tiny_model_dir())
             .args(["--worker-id", &id])

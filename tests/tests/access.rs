@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use ebb_nats::CachedAnswer;
+use ebb_nats::access::Role;
 use ebb_store::Store;
 use ebb_tests::{Stack, StackOptions, TempDir, eventually};
 use serde_json::{Value, json};
@@ -106,7 +107,7 @@ async fn without_keys_the_gateway_refuses_to_start_unless_insecure_dev() {
     use clap::Parser as _;
     let stack = Stack::start(StackOptions::default()).await;
     let mut args = vec!["ebb-gateway".to_owned()];
-    args.extend(stack.shared_args());
+    args.extend(stack.shared_args(Role::Gateway));
     let config = ebb_gateway::Config::try_parse_from(args).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let err = ebb_gateway::run(config, listener, async {})
@@ -344,7 +345,7 @@ async fn admin_scale_is_forwarded_to_the_scaler_with_its_token() {
     let policy = "tick: 200ms\nresources: {min_instances: 0, max_instances: 2}\ncooldowns: {scale_down_stabilization: 10m, scale_to_zero_idle: 10m}\n";
     let scaler = ebb_tests::ScalerProcess::start(&stack, policy, &[]);
     let mut args = vec!["ebb-gateway".to_owned()];
-    args.extend(stack.shared_args());
+    args.extend(stack.shared_args(Role::Gateway));
     args.extend(
         [
             "--insecure-dev",
@@ -485,4 +486,117 @@ async fn a_question_is_readable_only_by_the_key_that_asked_it() {
     let (code, _, body) = send(stack.http.get(&status).bearer_auth(ADMIN)).await;
     assert_eq!(code, 200, "the admin token reads any: {body}");
     assert_eq!(body["id"], mine["id"]);
+}
+
+/// One key cannot hold every waiting slot: past `--max-waiting-per-key`
+/// its streams get 429, while another key's are still served.
+#[tokio::test]
+async fn one_key_cannot_hold_every_waiting_slot() {
+    let dir = TempDir::new("waiting-per-key");
+    let stack = Stack::start(keyed_options(&dir, &["--max-waiting-per-key", "2"])).await;
+    let follow = |key: &'static str, id: String| {
+        stack
+            .http
+            .get(format!("{}/v1/questions/{id}/events", stack.gateway_url))
+            .bearer_auth(key)
+            .send()
+    };
+    let ask = |key: &'static str, text: &str| question(&stack, text).bearer_auth(key);
+    let mut held = Vec::new();
+    for n in 0..2 {
+        let (code, _, body) = send(ask(KEY, &format!("Held {n}?"))).await;
+        assert_eq!(code, 202, "{body}");
+        let stream = follow(KEY, body["id"].as_str().unwrap().to_owned())
+            .await
+            .unwrap();
+        assert_eq!(stream.status().as_u16(), 200);
+        held.push(stream);
+    }
+    let (_, _, body) = send(ask(KEY, "One too many?")).await;
+    let refused = follow(KEY, body["id"].as_str().unwrap().to_owned())
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 429);
+    let error: Value = refused.json().await.unwrap();
+    assert_eq!(
+        error["error"]["type"], "too_many_waiting_for_key",
+        "{error}"
+    );
+
+    let (_, _, body) = send(ask(SLOW_KEY, "Another key's turn?")).await;
+    let other = follow(SLOW_KEY, body["id"].as_str().unwrap().to_owned())
+        .await
+        .unwrap();
+    assert_eq!(other.status().as_u16(), 200, "another key is still served");
+    // A slot ends with its stream.
+    drop(held.pop());
+    let (_, _, body) = send(ask(KEY, "Room again?")).await;
+    let id = body["id"].as_str().unwrap().to_owned();
+    eventually(Duration::from_secs(10), "a slot freed", || async {
+        let stream = follow(KEY, id.clone()).await.unwrap();
+        match stream.status().as_u16() {
+            200 => Ok(()),
+            code => Err(code),
+        }
+    })
+    .await;
+}
+
+/// One key whose receiver is down cannot fill the webhook queue: past
+/// `--max-queued-webhooks-per-key` its callback questions get 429.
+#[tokio::test]
+async fn one_key_cannot_fill_the_webhook_queue() {
+    let dir = TempDir::new("webhooks-per-key");
+    let extra = [
+        "--webhook-secret",
+        "s3cret",
+        "--webhook-allow",
+        "127.0.0.0/8",
+        "--max-queued-webhooks-per-key",
+        "2",
+    ];
+    let stack = Stack::start(keyed_options(&dir, &extra)).await;
+    // Answers from the cache queue their call at once; nothing listens on
+    // the callback port, so the calls stay queued, retried.
+    let text = "What is a webhook?";
+    let hot = ebb_gateway::question::NewQuestion::from_json(
+        format!(r#"{{"question":"{text}","language":"English"}}"#).as_bytes(),
+        ebb_gateway::question::Limits {
+            default_max_tokens: 512,
+            max_tokens_limit: 4096,
+        },
+    )
+    .unwrap();
+    let key = hot.cache_key("ebb/tiny-qwen2@test").unwrap();
+    let answer = CachedAnswer {
+        answer: "A call back.".into(),
+        model: "ebb/tiny-qwen2@test".into(),
+        finish_reason: Default::default(),
+        language: None,
+    };
+    Store::connect_lazy(&stack.redis.url())
+        .unwrap()
+        .put_cached_answer(&key, &answer, Duration::from_secs(600))
+        .await
+        .unwrap();
+    let dead_receiver = format!("http://127.0.0.1:{}/hook", ebb_tests::free_port());
+    let ask = |key: &'static str| {
+        stack
+            .http
+            .post(format!("{}/v1/questions", stack.gateway_url))
+            .bearer_auth(key)
+            .json(&json!({"question": text, "language": "English", "callback_url": dead_receiver}))
+    };
+    for _ in 0..2 {
+        let (code, _, body) = send(ask(KEY)).await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["answer"], "A call back.");
+    }
+    let (code, _, body) = send(ask(KEY)).await;
+    assert_eq!(code, 429, "{body}");
+    assert_eq!(body["error"]["type"], "too_many_webhooks_for_key", "{body}");
+    let (code, _, body) = send(ask(SLOW_KEY)).await;
+    assert_eq!(code, 200, "another key's calls are its own: {body}");
+    let (code, _, body) = send(question(&stack, "No callback, no limit?").bearer_auth(KEY)).await;
+    assert_eq!(code, 202, "{body}");
 }

@@ -14,10 +14,11 @@ use ebb_scaler::pool::docker::POOL_LABEL;
 use ebb_tests::{TempDir, eventually, free_port};
 use serde_json::{Value, json};
 
-const IMAGES: [&str; 5] = [
+const IMAGES: [&str; 6] = [
     "ebb-gateway",
     "ebb-worker",
     "ebb-scaler",
+    "ebb-credentials",
     "ebb-nats",
     "ebb-redis",
 ];
@@ -113,8 +114,9 @@ async fn docker_compose_runs_the_stack_and_scales_workers_from_zero_and_back() {
              target: {{stable_window: 3s, panic_window: 2s, default_service_time: 1s}}\n\
              cooldowns: {{scale_down_stabilization: 1s, scale_to_zero_idle: 3s}}\n\
              backend:\n  kind: docker\n  image: ebb-worker:latest\n  network: {project}\n  pool: {project}\n\
-             \x20 env: {{EBB_NATS_URL: \"nats://nats:4222\", EBB_REDIS_URL: \"redis://redis:6379\", EBB_MODEL: ebb/tiny-qwen2, EBB_MODEL_DIR: /model, HF_HUB_OFFLINE: \"1\"}}\n\
-             \x20 volumes: [\"{}:/model:ro\"]\n",
+             \x20 env: {{EBB_NATS_URL: \"nats://nats:4222\", EBB_REDIS_URL: \"redis://redis:6379\", EBB_MODEL: ebb/tiny-qwen2, EBB_MODEL_DIR: /model, HF_HUB_OFFLINE: \"1\",\n\
+             \x20   EBB_NATS_USER: ebb-worker, EBB_NATS_PASSWORD_FILE: /run/ebb/nats-password, EBB_REDIS_USER: ebb-worker, EBB_REDIS_PASSWORD_FILE: /run/ebb/redis-password}}\n\
+             \x20 volumes: [\"{}:/model:ro\", \"{project}-worker-credentials:/run/ebb:ro\"]\n",
             model.display()
         ),
     )
@@ -201,6 +203,7 @@ async fn docker_compose_runs_the_stack_and_scales_workers_from_zero_and_back() {
         .await
         .expect("scaler status");
     assert_eq!(status["desired"], 0, "{status}");
+    no_secret_in_inspect(&compose);
 
     drop(compose);
     let leftovers = [
@@ -231,6 +234,38 @@ async fn docker_compose_runs_the_stack_and_scales_workers_from_zero_and_back() {
         "compose end-to-end took {:.1} s",
         started.elapsed().as_secs_f64()
     );
+}
+
+/// The passwords `credentials` wrote are in no container's config, and
+/// only the part a volume belongs to mounts it.
+fn no_secret_in_inspect(compose: &Compose) {
+    let volume = format!("{}-worker-credentials", compose.project);
+    let mountpoint = output(
+        "docker",
+        &["volume", "inspect", "-f", "{{.Mountpoint}}", &volume],
+    );
+    let password = std::fs::read_to_string(format!("{mountpoint}/nats-password"))
+        .expect("the worker's NATS password in its volume");
+    let password = password.trim();
+    assert_eq!(password.len(), 32, "a generated password");
+    let containers = output(
+        "docker",
+        &[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=com.docker.compose.project={}", compose.project),
+        ],
+    );
+    assert!(containers.lines().count() >= 5, "{containers}");
+    let mut inspect = Command::new("docker");
+    inspect.arg("inspect").args(containers.lines());
+    let described = String::from_utf8(inspect.output().unwrap().stdout).unwrap();
+    assert!(
+        !described.contains(password),
+        "a password in docker inspect"
+    );
+    assert!(described.contains("EBB_NATS_PASSWORD_FILE=/run/ebb/nats-password"));
 }
 
 #[test]

@@ -45,8 +45,8 @@ fn profiles(learned: &Value) -> Vec<Value> {
 }
 
 /// The learned profiles the scaler saved in NATS KV.
-async fn saved(nats_url: &str) -> Option<Value> {
-    let client = async_nats::connect(nats_url).await.ok()?;
+async fn saved(nats: &ebb_tests::NatsServer) -> Option<Value> {
+    let client = nats.operator().connect(nats.url()).await.ok()?;
     let store = async_nats::jetstream::new(client)
         .get_key_value("ebb_scaler_state")
         .await
@@ -89,15 +89,15 @@ async fn learned_profiles_are_shown_again_after_a_restart() {
     // Once the stable window has forgotten the questions the profile stops
     // changing; within the save interval NATS holds what /status shows.
     tokio::time::sleep(Duration::from_secs(15)).await;
-    let nats_url = stack.nats.url();
+    let nats = &stack.nats;
     let kept = eventually(
         Duration::from_secs(30),
         "the profile saved in NATS KV",
         || {
-            let (scaler, nats_url) = (&scaler, &nats_url);
+            let scaler = &scaler;
             async move {
                 let shown = scaler.status().await["learned"].clone();
-                match saved(nats_url).await {
+                match saved(nats).await {
                     Some(saved) if saved == shown => Ok(saved),
                     other => {
                         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ebb_nats::access::Role;
 use ebb_nats::{DownloadProgress, Heartbeat, WorkerState, subjects};
 use ebb_tests::hub::HubServer;
 use ebb_tests::{Stack, StackOptions, TempDir, free_port, worker_binary};
@@ -205,7 +206,7 @@ struct DownloadingWorker {
 impl DownloadingWorker {
     fn start(stack: &Stack, hub: &HubServer, hf_home: &Path, id: &str) -> DownloadingWorker {
         let child = Command::new(worker_binary())
-            .args(stack.shared_args())
+            .args(stack.shared_args(Role::Worker))
             .args(["--worker-id", id])
             .env("HF_HOME", hf_home)
             .env("HF_ENDPOINT", &hub.endpoint)
@@ -259,8 +260,8 @@ async fn a_worker_shows_its_download_in_heartbeats_and_the_next_one_reuses_the_c
     let model = TempDir::new("hub-model");
     let served = model_files(&model);
     let total: u64 = served.iter().map(|(_, bytes)| bytes.len() as u64).sum();
-    let revision = stack.shared_args()[stack
-        .shared_args()
+    let args = stack.shared_args(Role::Worker);
+    let revision = args[args
         .iter()
         .position(|arg| arg == "--model-revision")
         .unwrap()

@@ -107,7 +107,7 @@ async fn nats_py_publishes_a_job_in_the_documented_schema_and_gets_the_answer() 
     let dir = TempDir::new("nats-py");
     let (stack, _worker) = keyed_stack(&dir).await;
     let env = [
-        ("EBB_NATS_URL", stack.nats.url()),
+        ("EBB_NATS_URL", stack.nats.operator_url()),
         (
             "EBB_MODEL_IDENTITY",
             format!(

@@ -6,6 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use chrono::{Timelike, Utc};
+use ebb_nats::access::Role;
 use ebb_nats::{QueueConfig, Topology};
 use ebb_tests::{
     ADMIN_TOKEN, NatsServer, ScalerProcess, Stack, StackOptions, eventually, scaler_binary,
@@ -235,7 +236,7 @@ async fn a_timetable_window_prewarms_workers_before_it_opens() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scaler_started_before_the_queue_answers_healthz_at_once_naming_what_it_waits_for() {
     let nats = NatsServer::start();
-    let scaler = ScalerProcess::start_before_the_queue(nats.url(), ELASTIC);
+    let scaler = ScalerProcess::start_before_the_queue(nats.login_args(Role::Scaler), ELASTIC);
     let (code, body) = scaler.healthz().await;
     assert_eq!(code, 503, "{body}");
     assert_eq!(body["status"], "starting");
@@ -245,7 +246,7 @@ async fn a_scaler_started_before_the_queue_answers_healthz_at_once_naming_what_i
         "{body}"
     );
     // What the gateway does at its start.
-    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let client = nats.client().await;
     Topology::ensure(client, &QueueConfig::default())
         .await
         .expect("create the streams");

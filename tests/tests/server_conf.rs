@@ -3,22 +3,29 @@
 //! only opens the topology verifies it and never changes it.
 
 use std::io::Write;
+use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ebb_credentials::Credentials;
 use ebb_nats::{Priority, QueueConfig, QueueError, Topology, subjects};
-use ebb_tests::{NatsServer, free_port};
+use ebb_tests::{NatsServer, TempDir, free_port};
 use serde_json::Value;
 
-fn conf_path() -> String {
-    concat!(env!("CARGO_MANIFEST_DIR"), "/../nats/server.conf").to_owned()
+fn conf_path() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../nats/server.conf"))
 }
 
+/// With the users `ebb-credentials` writes where compose mounts them.
 #[test]
 fn the_config_file_is_valid() {
+    let dir = TempDir::new("conf");
+    Credentials::ensure(&dir.path().join("credentials"), None).unwrap();
+    let copy = dir.path().join("server.conf");
+    std::fs::copy(conf_path(), &copy).unwrap();
     let output = Command::new("nats-server")
-        .args(["-c", &conf_path(), "-t"])
+        .args(["-c", &copy.display().to_string(), "-t"])
         .output()
         .unwrap();
     assert!(
@@ -31,10 +38,8 @@ fn the_config_file_is_valid() {
 #[tokio::test]
 async fn the_topology_builds_on_a_server_run_from_the_config() {
     let monitor = free_port().to_string();
-    let server = NatsServer::start_with(vec!["-c".into(), conf_path(), "-m".into(), monitor]);
-    let client = async_nats::connect(format!("nats://127.0.0.1:{}", server.port))
-        .await
-        .unwrap();
+    let server = NatsServer::start_with(Some(conf_path()), vec!["-m".into(), monitor]);
+    let client = server.client().await;
     let topology = Topology::ensure(client.clone(), &QueueConfig::default())
         .await
         .unwrap();
@@ -57,7 +62,7 @@ async fn the_topology_builds_on_a_server_run_from_the_config() {
 #[tokio::test]
 async fn opening_before_the_owner_created_the_queue_says_not_created() {
     let server = NatsServer::start();
-    let client = async_nats::connect(server.url()).await.unwrap();
+    let client = server.client().await;
     let opened = Topology::open(client.clone(), &QueueConfig::default()).await;
     assert!(
         matches!(opened, Err(QueueError::NotCreated { .. })),
@@ -73,7 +78,7 @@ async fn opening_before_the_owner_created_the_queue_says_not_created() {
 #[tokio::test]
 async fn a_process_with_other_flags_logs_each_difference_and_changes_nothing() {
     let server = NatsServer::start();
-    let client = async_nats::connect(server.url()).await.unwrap();
+    let client = server.client().await;
     let owner = QueueConfig {
         max_messages: 1_000,
         ..QueueConfig::default()

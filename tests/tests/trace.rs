@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use clap::Parser as _;
+use ebb_nats::access::Role;
 use ebb_tests::{Stack, StackOptions, tiny_model_dir};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
@@ -23,7 +24,7 @@ async fn the_trace_id_crosses_the_queue() {
 
     let stack = Stack::start(StackOptions::default()).await;
     let mut args = vec!["ebb-worker".to_owned()];
-    args.extend(stack.shared_args());
+    args.extend(stack.shared_args(Role::Worker));
     args.extend([
         "--model-dir".to_owned(),
         tiny_model_dir().display().to_string(),

@@ -6,6 +6,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use ebb_nats::access::Role;
 use ebb_nats::{Heartbeat, StartPhase, WorkerState, subjects};
 use ebb_tests::{Stack, StackOptions, TempDir, worker_binary};
 use futures::StreamExt;
@@ -103,7 +104,7 @@ async fn a_worker_that_cannot_load_its_model_publishes_failed_with_the_reason_an
     let log = scratch.path().join("worker.log");
     let worker_id = format!("failing-worker-{}", std::process::id());
     let mut child = Command::new(worker_binary())
-        .args(stack.shared_args())
+        .args(stack.shared_args(Role::Worker))
         .arg("--model-dir")
         .arg(&missing)
         .args(["--worker-id", &worker_id])

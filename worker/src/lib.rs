@@ -186,7 +186,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
     let identity = config.model.identity();
     // Small buffers: the worker's subscriptions are wake-ups and single
     // pulls, and a busy worker must not hoard every question's payload.
-    let client = ebb_nats::connect(&config.services.nats_url, &worker_id, Some(64)).await?;
+    let client = ebb_nats::connect(&config.services.nats, &worker_id, Some(64)).await?;
     let Some(topology) = open_topology(&client, &config, &shutdown).await else {
         return Ok(());
     };
@@ -298,7 +298,7 @@ async fn load(
     topology: &Topology,
     progress: &StartProgress,
 ) -> Result<Loaded, WorkerError> {
-    let store = Store::connect_lazy(&config.services.redis_url)?;
+    let store = Store::connect(&config.services.redis)?;
     let generator = load_generator(config, progress).await?;
     let budget = kv_budget(config, &generator)?;
     let slots = config.max_batch.map_or_else(

@@ -7,7 +7,7 @@ use ebb_nats::{CachedAnswer, Job, Priority, QuestionRecord, QuestionStatus, Timi
 use serde::Serialize;
 
 use super::AppState;
-use super::feed::Waiter;
+use super::feed::{Slot, Waiter};
 use crate::error::ApiError;
 use crate::idempotency::{Claimed, IdempotencyKey};
 use crate::question::NewQuestion;
@@ -58,11 +58,14 @@ pub async fn admit(
 ) -> Result<Admission, ApiError> {
     if let Some(url) = &question.callback_url {
         check_callback(state, url)?;
+        if let Some(owner) = &question.owner {
+            check_queued_webhooks(state, owner).await?;
+        }
     }
     if let Some(key) = idempotency
         && let Some(claimed) = key.existing(&state.store).await?
     {
-        return asked_before(state, claimed, hold).await;
+        return asked_before(state, claimed, hold, question.owner.as_deref()).await;
     }
     tracing::debug!(question = %question.question, "question text");
     // Keyed before detection: a detected language follows from the question
@@ -78,11 +81,7 @@ pub async fn admit(
     let reservation = state.overload.reserve().inspect_err(|_| {
         state.metrics.rejected("overloaded");
     })?;
-    let slot = match hold {
-        Hold::No => None,
-        Hold::IfFree => Waiter::slot(state).ok(),
-        Hold::Required => Some(Waiter::slot(state)?),
-    };
+    let slot = hold_slot(state, hold, question.owner.as_deref())?;
     let mut job = new_job(state, question, cache_key);
     if let Some(key) = idempotency {
         // The key names the question: concurrent retries publish one id,
@@ -123,14 +122,11 @@ async fn asked_before(
     state: &AppState,
     claimed: Claimed,
     hold: Hold,
+    owner: Option<&str>,
 ) -> Result<Admission, ApiError> {
     tracing::Span::current().record("question_id", claimed.id.as_str());
     state.metrics.outcome("asked_before");
-    let slot = match hold {
-        Hold::No => None,
-        Hold::IfFree => Waiter::slot(state).ok(),
-        Hold::Required => Some(Waiter::slot(state)?),
-    };
+    let slot = hold_slot(state, hold, owner)?;
     let waiter = match slot {
         // It may have ended already: no event will come, the record says.
         Some(slot) => Some(
@@ -147,6 +143,15 @@ async fn asked_before(
         accepted_at_ms: claimed.accepted_at_ms,
         waiter,
     }))
+}
+
+/// The waiting slot `hold` asks for, if any.
+fn hold_slot(state: &AppState, hold: Hold, owner: Option<&str>) -> Result<Option<Slot>, ApiError> {
+    Ok(match hold {
+        Hold::No => None,
+        Hold::IfFree => Waiter::slot(state, owner).ok(),
+        Hold::Required => Some(Waiter::slot(state, owner)?),
+    })
 }
 
 async fn cached(state: &AppState, key: &str) -> Option<CachedAnswer> {
@@ -245,6 +250,8 @@ async fn from_cache(
             cached: true,
             finish_reason: Some(hit.finish_reason),
             language: language.clone(),
+            // Counted against the key's queued calls.
+            owner: question.owner.clone(),
             ..QuestionRecord::queued(&id, ebb_nats::now_ms())
         };
         let call_id = uuid::Uuid::now_v7().to_string();
@@ -284,6 +291,20 @@ fn check_callback(state: &AppState, url: &reqwest::Url) -> Result<(), ApiError> 
     if let Some(ip) = literal {
         webhook::check_address(ip, &state.webhooks.webhook_allow)
             .map_err(|err| ApiError::invalid("callback_url", err.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Refuses a question with a callback while its key has
+/// `--max-queued-webhooks-per-key` calls waiting for delivery.
+async fn check_queued_webhooks(state: &AppState, owner: &str) -> Result<(), ApiError> {
+    let limit = state.webhooks.max_queued_webhooks_per_key;
+    let queued = ebb_nats::webhook::queued_for(&state.topology.webhooks, owner)
+        .await
+        .map_err(|err| ApiError::QueueUnavailable(err.to_string()))?;
+    if queued >= limit {
+        state.metrics.rejected("too_many_webhooks_for_key");
+        return Err(ApiError::TooManyWebhooksForKey { limit });
     }
     Ok(())
 }

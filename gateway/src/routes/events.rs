@@ -74,7 +74,8 @@ pub(crate) async fn question_events(
     }
     // Subscribed before the record is read: an answer finished in between
     // is then in the record or in the subscription, never in neither.
-    let waiter = Waiter::subscribe(&state, &id, Waiter::slot(&state)?).await?;
+    let owner = caller.as_ref().and_then(Caller::owner);
+    let waiter = Waiter::subscribe(&state, &id, Waiter::slot(&state, owner)?).await?;
     record_of(&state, &id, caller.as_ref()).await?;
     let feed = waiter.feed(state.store.clone(), state.model.clone(), id, cursor);
     Ok(sse(feed.map(|item| event_of(&item)), state.sse_keep_alive).into_response())

@@ -32,10 +32,18 @@ const FEED_BUFFER: usize = 64;
 /// lost (e.g. across a NATS reconnect).
 const RECHECK: Duration = Duration::from_secs(5);
 
+/// A held waiting slot: one of the gateway's, and one of its API key's
+/// (so one key cannot hold every slot).
+#[derive(Debug)]
+pub struct Slot {
+    _gateway: OwnedSemaphorePermit,
+    _key: Option<OwnedSemaphorePermit>,
+}
+
 /// A request held open for an answer: a waiting slot and the subscription.
 #[derive(Debug)]
 pub struct Waiter {
-    slot: OwnedSemaphorePermit,
+    slot: Slot,
     answers: async_nats::Subscriber,
     /// Read the record before the first event: the question may have
     /// ended before this subscription (a retried request).
@@ -43,21 +51,31 @@ pub struct Waiter {
 }
 
 impl Waiter {
-    /// One of the bounded waiting slots, or `503 too_many_waiting`.
-    pub fn slot(state: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
-        state
+    /// One of the bounded waiting slots for a question of `owner` (an API
+    /// key's name): `429 too_many_waiting_for_key` past the key's share,
+    /// `503 too_many_waiting` when the gateway's are all taken.
+    pub fn slot(state: &AppState, owner: Option<&str>) -> Result<Slot, ApiError> {
+        let key = match owner.and_then(|name| state.waiting_per_key.get(name)) {
+            Some(slots) => Some(slots.clone().try_acquire_owned().map_err(|_| {
+                ApiError::TooManyWaitingForKey {
+                    limit: state.max_waiting_per_key,
+                }
+            })?),
+            None => None,
+        };
+        let gateway = state
             .waiting
             .clone()
             .try_acquire_owned()
-            .map_err(|_| ApiError::TooManyWaiting)
+            .map_err(|_| ApiError::TooManyWaiting)?;
+        Ok(Slot {
+            _gateway: gateway,
+            _key: key,
+        })
     }
 
     /// Subscribes to the answer events of `id` for the holder of `slot`.
-    pub async fn subscribe(
-        state: &AppState,
-        id: &str,
-        slot: OwnedSemaphorePermit,
-    ) -> Result<Waiter, ApiError> {
+    pub async fn subscribe(state: &AppState, id: &str, slot: Slot) -> Result<Waiter, ApiError> {
         let answers = state
             .topology
             .jetstream

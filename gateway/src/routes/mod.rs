@@ -18,6 +18,7 @@ pub mod events;
 pub mod feed;
 pub mod questions;
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,6 +56,9 @@ pub struct AppState {
     pub store: Store,
     /// Bounds the requests held open for an answer or a stream.
     pub waiting: Arc<Semaphore>,
+    /// The same, per API key (one entry per configured key: bounded).
+    pub waiting_per_key: HashMap<String, Arc<Semaphore>>,
+    pub max_waiting_per_key: u32,
     pub keys: Keys,
     pub rate_limits: LimitArgs,
     pub ip_limiter: RateLimiter<IpAddr>,
@@ -89,6 +93,16 @@ impl AppState {
             topology,
             store,
             waiting: Arc::new(Semaphore::new(config.max_waiting)),
+            waiting_per_key: keys
+                .names()
+                .map(|name| {
+                    (
+                        name.to_owned(),
+                        Arc::new(Semaphore::new(config.max_waiting_per_key as usize)),
+                    )
+                })
+                .collect(),
+            max_waiting_per_key: config.max_waiting_per_key,
             keys,
             ip_limiter: RateLimiter::new(config.limits.max_clients),
             auth_failures: RateLimiter::new(config.limits.max_clients),

@@ -4,6 +4,8 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use ebb_nats::access::Role;
+
 use crate::scaler::{ScalerProcess, process_backend_with};
 use crate::servers::{NatsServer, RedisServer, TempDir, free_port, wait_for_port};
 use crate::stack::{TINY_MODEL, TINY_REVISION, target_dir, tiny_model_dir};
@@ -44,11 +46,11 @@ impl Cast {
         let redis = RedisServer::start();
         let logs = TempDir::new("chaos");
         let mut cast = Cast {
-            scaler: ScalerProcess::configured(nats.url(), |state_dir| {
+            scaler: ScalerProcess::configured(nats.login_args(Role::Scaler), |state_dir| {
                 format!(
                     "{POLICY}\n{}",
                     process_backend_with(
-                        shared_args(&nats, &redis),
+                        shared_args(&nats, &redis, Role::Worker),
                         state_dir,
                         &tiny_model_dir(),
                         &["--debug-fail-marker", POISON, "--retry-backoff", "100ms"],
@@ -86,7 +88,7 @@ impl Cast {
     pub fn start_gateway(&mut self) {
         assert!(self.gateway.is_none(), "the gateway already runs");
         let child = Command::new(target_dir().join("ebb-gateway"))
-            .args(shared_args(&self.nats, &self.redis))
+            .args(shared_args(&self.nats, &self.redis, Role::Gateway))
             .args(["--listen", &format!("127.0.0.1:{}", self.gateway_port)])
             .args(["--insecure-dev", "--rate-limit-per-ip", "100000000"])
             .args([
@@ -157,25 +159,25 @@ impl Drop for Cast {
     }
 }
 
-/// Flags the gateway and workers share (they must agree).
-fn shared_args(nats: &NatsServer, redis: &RedisServer) -> Vec<String> {
-    [
-        "--nats-url",
-        &nats.url(),
-        "--redis-url",
-        &redis.url(),
-        "--model",
-        TINY_MODEL,
-        "--model-revision",
-        TINY_REVISION,
-        "--ack-wait",
-        &format!("{}s", ACK_WAIT.as_secs()),
-        "--max-deliver",
-        "5",
-    ]
-    .into_iter()
-    .map(str::to_owned)
-    .collect()
+/// Flags the gateway and workers share (they must agree), logged in as
+/// `role`.
+fn shared_args(nats: &NatsServer, redis: &RedisServer, role: Role) -> Vec<String> {
+    let mut args = nats.login_args(role);
+    args.extend(redis.login_args(role));
+    args.extend(
+        [
+            "--model",
+            TINY_MODEL,
+            "--model-revision",
+            TINY_REVISION,
+            "--ack-wait",
+            &format!("{}s", ACK_WAIT.as_secs()),
+            "--max-deliver",
+            "5",
+        ]
+        .map(str::to_owned),
+    );
+    args
 }
 
 /// `kill -<name> <pid>`; a process already gone is not an error.

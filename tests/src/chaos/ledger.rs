@@ -185,11 +185,16 @@ impl Ledger {
         self.seen().calls.entry(id).or_default().push(call);
     }
 
-    /// Records the id of every job published while the tap is connected.
-    pub fn tap(self: &Arc<Self>, nats_url: String) -> tokio::task::JoinHandle<()> {
+    /// Records the id of every job published while the tap is connected
+    /// (`options`: a login that may read the question subjects).
+    pub fn tap(
+        self: &Arc<Self>,
+        options: async_nats::ConnectOptions,
+        nats_url: String,
+    ) -> tokio::task::JoinHandle<()> {
         let ledger = self.clone();
         tokio::spawn(async move {
-            let options = async_nats::ConnectOptions::new().retry_on_initial_connect();
+            let options = options.retry_on_initial_connect();
             let Ok(client) = options.connect(nats_url).await else {
                 return;
             };
@@ -485,10 +490,11 @@ async fn wait_for_drained(
     cast: &tokio::sync::Mutex<Cast>,
     deadline: Instant,
 ) -> Result<(), String> {
-    let nats_url = cast.lock().await.nats_url();
-    let client = async_nats::connect(nats_url)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (options, nats_url) = {
+        let cast = cast.lock().await;
+        (cast.nats.operator(), cast.nats_url())
+    };
+    let client = options.connect(nats_url).await.map_err(|e| e.to_string())?;
     let jetstream = async_nats::jetstream::new(client);
     loop {
         let mut left = Vec::new();

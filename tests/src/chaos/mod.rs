@@ -101,13 +101,14 @@ impl Summary {
 pub async fn run(options: Options) -> Summary {
     let started = std::time::Instant::now();
     let cast = Arc::new(tokio::sync::Mutex::new(Cast::start().await));
-    let (gateway_url, nats_url, redis_url) = {
+    let (gateway_url, nats, redis_url) = {
         let cast = cast.lock().await;
-        (cast.gateway_url(), cast.nats_url(), cast.redis_url())
+        let nats = (cast.nats.operator(), cast.nats.url());
+        (cast.gateway_url(), nats, cast.redis_url())
     };
     let ledger = Arc::new(Ledger::new(&redis_url));
     let receiver = ledger.listen_for_webhooks().await;
-    let tap = ledger.tap(nats_url.clone());
+    let tap = ledger.tap(nats.0, nats.1);
     let stop_faults = CancellationToken::new();
     let schedule = options.faults.then(|| {
         tokio::spawn(faults::inject(
