@@ -77,7 +77,8 @@ pub struct ScalerConfig {
     #[serde(default)]
     pub health: Health,
     pub backend: BackendConfig,
-    /// Environment variable holding the bearer token for `POST /scale`.
+    /// Environment variable holding the bearer token for `POST /scale`; the
+    /// same name with `_FILE` appended may name a file holding it instead.
     #[serde(default = "defaults::admin_token_env")]
     pub admin_token_env: String,
 }

@@ -11,6 +11,8 @@
 //! <dir>/operator/nats-password  <dir>/operator/redis-password
 //! <dir>/nats-server/users.conf  (`authorization` block: users, permissions)
 //! <dir>/redis-server/users.acl  (ACL file: users, password hashes, rules)
+//! <dir>/{gateway,operator}/admin-token          (the gateway's `/admin/*`)
+//! <dir>/{gateway,scaler,operator}/scaler-token  (the scaler's `/scale`)
 //! ```
 //!
 //! [`Credentials::ensure`] keeps every password already there and makes the
@@ -56,6 +58,17 @@ impl Service {
         }
     }
 }
+
+/// The bearer tokens between ebb's HTTP APIs, and the roles that read each
+/// (a copy in each one's directory).
+pub const TOKENS: [(&str, &[Role]); 2] = [
+    ("admin-token", &[Role::Gateway, Role::Operator]),
+    // The gateway's `/admin/scale` forwards to the scaler's `/scale`.
+    (
+        "scaler-token",
+        &[Role::Gateway, Role::Scaler, Role::Operator],
+    ),
+];
 
 /// Characters of a password: safe unquoted in URLs, configs and shells.
 const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
@@ -121,6 +134,13 @@ impl Credentials {
                     .insert((service, role.name()), (role, password));
             }
         }
+        for (name, readers) in TOKENS {
+            let copies: Vec<PathBuf> = readers
+                .iter()
+                .map(|role| credentials.token_file(*role, name))
+                .collect();
+            ensure_copies(&writer, &copies)?;
+        }
         writer.directory(&root.join("nats-server"))?;
         writer.file(&credentials.nats_users(), &render::nats_users(&credentials))?;
         writer.directory(&root.join("redis-server"))?;
@@ -133,6 +153,11 @@ impl Credentials {
         self.root
             .join(role.name())
             .join(format!("{}-password", service.name()))
+    }
+
+    /// `<dir>/<role>/<token>` (see [`TOKENS`]).
+    pub fn token_file(&self, role: Role, token: &str) -> PathBuf {
+        self.root.join(role.name()).join(token)
     }
 
     /// The nats-server `authorization` block, for its config's `include`.
@@ -159,6 +184,25 @@ impl Credentials {
             .filter(move |((of, _), _)| *of == service)
             .map(|(_, (role, password))| (*role, password.as_str()))
     }
+}
+
+/// One secret in every file of `copies`: the first one there is kept (a
+/// reader that lost its copy gets it back), or a new one.
+fn ensure_copies(writer: &Writer, copies: &[PathBuf]) -> Result<(), CredentialsError> {
+    let found = copies
+        .iter()
+        .find_map(|path| std::fs::read_to_string(path).ok().map(|text| (text, path)));
+    let secret = match found {
+        Some((text, path)) => existing(text, path)?,
+        None => new_password()?,
+    };
+    for path in copies {
+        let current = std::fs::read_to_string(path).unwrap_or_default();
+        if current.trim_end_matches(['\r', '\n']) != secret {
+            writer.file(path, &format!("{secret}\n"))?;
+        }
+    }
+    Ok(())
 }
 
 fn existing(text: String, path: &Path) -> Result<String, CredentialsError> {
@@ -272,6 +316,20 @@ mod tests {
         );
         let users = std::fs::read_to_string(again.nats_users()).unwrap();
         assert!(users.contains(again.password(Role::Scaler, Service::Nats).unwrap()));
+
+        // A token is one secret in each of its readers' directories, and a
+        // lost copy comes back.
+        let scaler = again.token_file(Role::Scaler, "scaler-token");
+        let token = std::fs::read_to_string(&scaler).unwrap();
+        std::fs::remove_file(&scaler).unwrap();
+        let third = Credentials::ensure(&root, None).unwrap();
+        for role in [Role::Gateway, Role::Scaler, Role::Operator] {
+            let copy = std::fs::read_to_string(third.token_file(role, "scaler-token")).unwrap();
+            assert_eq!(copy, token, "{role:?}");
+        }
+        let admin =
+            std::fs::read_to_string(third.token_file(Role::Gateway, "admin-token")).unwrap();
+        assert_ne!(admin, token);
         std::fs::remove_dir_all(&root).unwrap();
     }
 

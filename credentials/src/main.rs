@@ -5,9 +5,10 @@ use clap::Parser;
 use ebb_credentials::{Credentials, Role, Service};
 
 /// Makes the passwords of ebb's roles (gateway, worker, scaler, operator) on
-/// NATS and Redis, keeping those already there, and writes the servers'
-/// files: nats-server/users.conf (users and subject permissions) and
-/// redis-server/users.acl. Prints what each part mounts; never a secret.
+/// NATS and Redis and the admin tokens of the gateway and the scaler,
+/// keeping those already there, and writes the servers' files:
+/// nats-server/users.conf (users and subject permissions) and
+/// redis-server/users.acl. Prints where each is; never a secret.
 #[derive(Debug, Parser)]
 #[command(name = "ebb-credentials", version, about)]
 struct Cli {
@@ -29,6 +30,12 @@ fn main() -> ExitCode {
                         let file = credentials.password_file(role, service);
                         println!("{} {service:?}: {}", role.user(), file.display());
                     }
+                }
+            }
+            for (token, readers) in ebb_credentials::TOKENS {
+                for role in readers {
+                    let file = credentials.token_file(*role, token);
+                    println!("{} {token}: {}", role.user(), file.display());
                 }
             }
             println!(

@@ -52,12 +52,19 @@ pub struct Config {
     /// Bearer token for the `/admin/*` routes (they are off without it).
     #[arg(long, env = "EBB_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// File holding the admin token instead (compose's, from
+    /// `ebb-credentials`), so it is in no environment.
+    #[arg(long, env = "EBB_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
+    pub admin_token_file: Option<PathBuf>,
     /// The scaler's HTTP address; `POST /admin/scale` forwards to its `/scale`.
     #[arg(long, env = "EBB_SCALER_URL")]
     pub scaler_url: Option<String>,
     /// The scaler's `/scale` bearer token, sent when forwarding.
     #[arg(long, env = "EBB_SCALER_TOKEN", hide_env_values = true)]
     pub scaler_token: Option<String>,
+    /// File holding the scaler's token instead.
+    #[arg(long, env = "EBB_SCALER_TOKEN_FILE", conflicts_with = "scaler_token")]
+    pub scaler_token_file: Option<PathBuf>,
     #[command(flatten)]
     pub limits: LimitArgs,
     #[command(flatten)]
@@ -127,6 +134,13 @@ pub struct WebhookArgs {
     /// `callback_url` field) are refused without it.
     #[arg(long, env = "EBB_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
+    /// File holding the webhook signing secret instead.
+    #[arg(
+        long,
+        env = "EBB_WEBHOOK_SECRET_FILE",
+        conflicts_with = "webhook_secret"
+    )]
+    pub webhook_secret_file: Option<PathBuf>,
     /// Private networks (CIDRs, comma-separated) webhooks may call anyway;
     /// loopback, private and link-local targets are refused otherwise.
     #[arg(long, env = "EBB_WEBHOOK_ALLOW", value_delimiter = ',')]

@@ -64,8 +64,40 @@ pub enum GatewayError {
     Queue(#[from] ebb_nats::QueueError),
     #[error(transparent)]
     Store(#[from] ebb_store::StoreError),
+    #[error(transparent)]
+    Secret(#[from] ebb_runtime::LoginError),
     #[error("HTTP server failed: {0}")]
     Serve(#[from] std::io::Error),
+}
+
+/// Fills each secret given as a file (`--admin-token-file`, ...), and
+/// drops empty ones (compose passes unset secrets as empty variables).
+fn read_secrets(config: &mut Config) -> Result<(), ebb_runtime::LoginError> {
+    for (secret, file, flag) in [
+        (
+            &mut config.admin_token,
+            &config.admin_token_file,
+            "--admin-token-file",
+        ),
+        (
+            &mut config.webhooks.webhook_secret,
+            &config.webhooks.webhook_secret_file,
+            "--webhook-secret-file",
+        ),
+        (
+            &mut config.scaler_token,
+            &config.scaler_token_file,
+            "--scaler-token-file",
+        ),
+    ] {
+        if let Some(path) = file {
+            *secret = Some(ebb_runtime::args::read_secret(path, flag)?);
+        }
+        if secret.as_deref() == Some("") {
+            *secret = None;
+        }
+    }
+    Ok(())
 }
 
 /// Validates the config, sets up the queue topology, then serves the API on
@@ -75,16 +107,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
-    // compose passes unset secrets as empty variables.
-    for secret in [
-        &mut config.admin_token,
-        &mut config.webhooks.webhook_secret,
-        &mut config.scaler_token,
-    ] {
-        if secret.as_deref() == Some("") {
-            *secret = None;
-        }
-    }
+    read_secrets(&mut config)?;
     let (keys, priority) = access_rules(&config)?;
     let client = ebb_nats::connect(&config.services.nats, "ebb-gateway", None).await?;
     let topology = ensure_topology(client, &config).await;

@@ -71,25 +71,30 @@ pub enum LoginError {
     Empty { flag: &'static str, path: PathBuf },
 }
 
-impl Login {
-    /// Reads the password of `user` from `path` (one line; the trailing
-    /// newline is not part of it).
-    pub fn read(user: &str, path: &Path, flag: &'static str) -> Result<Login, LoginError> {
-        let text = std::fs::read_to_string(path).map_err(|source| LoginError::Unreadable {
+/// Reads a secret (a password, a token) from the file `flag` named: one
+/// line, the trailing newline not part of it.
+pub fn read_secret(path: &Path, flag: &'static str) -> Result<String, LoginError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LoginError::Unreadable {
+        flag,
+        path: path.to_owned(),
+        source,
+    })?;
+    let secret = text.trim_end_matches(['\r', '\n']);
+    if secret.is_empty() {
+        return Err(LoginError::Empty {
             flag,
             path: path.to_owned(),
-            source,
-        })?;
-        let password = text.trim_end_matches(['\r', '\n']);
-        if password.is_empty() {
-            return Err(LoginError::Empty {
-                flag,
-                path: path.to_owned(),
-            });
-        }
+        });
+    }
+    Ok(secret.to_owned())
+}
+
+impl Login {
+    /// Reads the password of `user` from `path`.
+    pub fn read(user: &str, path: &Path, flag: &'static str) -> Result<Login, LoginError> {
         Ok(Login {
             user: user.to_owned(),
-            password: password.to_owned(),
+            password: read_secret(path, flag)?,
         })
     }
 

@@ -45,6 +45,8 @@ pub enum ScalerError {
     Pool(#[from] pool::PoolError),
     #[error("HTTP server failed: {0}")]
     Serve(#[from] std::io::Error),
+    #[error(transparent)]
+    Secret(#[from] ebb_runtime::LoginError),
 }
 
 /// Serves the HTTP API at once (`/healthz` answers 503 naming what the
@@ -64,7 +66,7 @@ pub async fn run(
     );
     let shared = Arc::new(Shared::new(controller));
     let api = tokio::spawn(serve_api(
-        api_state(&config, &shared),
+        api_state(&config, &shared)?,
         listener,
         stopping.clone(),
     ));
@@ -178,18 +180,19 @@ async fn publish_fleet_status(
     }
 }
 
-fn api_state(config: &ScalerConfig, shared: &Arc<Shared>) -> Arc<http::ApiState> {
-    let admin_token = std::env::var(&config.admin_token_env)
-        .ok()
-        .filter(|token| !token.is_empty());
+fn api_state(
+    config: &ScalerConfig,
+    shared: &Arc<Shared>,
+) -> Result<Arc<http::ApiState>, ebb_runtime::LoginError> {
+    let admin_token = admin_token(&config.admin_token_env)?;
     if admin_token.is_none() {
         tracing::warn!(variable = %config.admin_token_env, "no admin token: POST /scale is disabled");
     }
-    Arc::new(http::ApiState {
+    Ok(Arc::new(http::ApiState {
         shared: shared.clone(),
         admin_token,
         max_instances: config.resources.max_instances,
-    })
+    }))
 }
 
 async fn serve_api(
@@ -211,6 +214,18 @@ async fn wait_for_queue(
 ) -> Result<async_nats::jetstream::stream::Stream, ScalerError> {
     let open = || ebb_nats::Topology::question_stream(client.clone());
     Ok(ebb_runtime::backoff::retry_startup("open the question stream", open).await)
+}
+
+/// The token in the variable `variable`, or in the file its `_FILE`
+/// variant names (compose's, so the token is in no environment).
+fn admin_token(variable: &str) -> Result<Option<String>, ebb_runtime::LoginError> {
+    if let Some(path) = std::env::var_os(format!("{variable}_FILE")) {
+        let flag = "the admin token file (EBB_SCALER_ADMIN_TOKEN_FILE)";
+        return ebb_runtime::args::read_secret(std::path::Path::new(&path), flag).map(Some);
+    }
+    Ok(std::env::var(variable)
+        .ok()
+        .filter(|token| !token.is_empty()))
 }
 
 /// Feeds question arrivals and heartbeats into the shared signals. An

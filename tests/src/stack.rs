@@ -79,6 +79,34 @@ pub fn tiny_model_dir() -> PathBuf {
     .clone()
 }
 
+/// Flags the gateway and workers of a deployment on these servers share
+/// (they must agree): logins as `role`, the tiny model, `options`' queue.
+pub fn shared_args(
+    nats: &NatsServer,
+    redis: &RedisServer,
+    role: Role,
+    options: &StackOptions,
+) -> Vec<String> {
+    let mut args = nats.login_args(role);
+    args.extend(redis.login_args(role));
+    args.extend(
+        [
+            "--model",
+            TINY_MODEL,
+            "--model-revision",
+            TINY_REVISION,
+            "--ack-wait",
+            options.ack_wait,
+            "--max-deliver",
+            &options.max_deliver.to_string(),
+            "--queue-max-messages",
+            &options.queue_max_messages.to_string(),
+        ]
+        .map(str::to_owned),
+    );
+    args
+}
+
 /// A job as the gateway would queue it for the tiny model.
 pub fn tiny_job(question: &str, max_tokens: u32, grade: Option<u8>) -> ebb_nats::Job {
     ebb_nats::Job {
@@ -182,24 +210,7 @@ impl Stack {
     /// Flags shared by the gateway and workers (they must agree), logged
     /// in as `role`.
     pub fn shared_args(&self, role: Role) -> Vec<String> {
-        let mut args = self.nats.login_args(role);
-        args.extend(self.redis.login_args(role));
-        args.extend(
-            [
-                "--model",
-                TINY_MODEL,
-                "--model-revision",
-                TINY_REVISION,
-                "--ack-wait",
-                self.options.ack_wait,
-                "--max-deliver",
-                &self.options.max_deliver.to_string(),
-                "--queue-max-messages",
-                &self.options.queue_max_messages.to_string(),
-            ]
-            .map(str::to_owned),
-        );
-        args
+        shared_args(&self.nats, &self.redis, role, &self.options)
     }
 
     /// The queue settings the shared flags give (what the gateway created).

@@ -184,6 +184,15 @@ async fn docker_compose_runs_the_stack_and_scales_workers_from_zero_and_back() {
         !compose.worker_containers().is_empty(),
         "the scaler created a worker container"
     );
+    // The admin routes work with the token `credentials` made.
+    let admin = secret_in(&format!("{project}_operator-credentials"), "admin-token");
+    let queue = reqwest::Client::new()
+        .get(format!("{gateway}/admin/queue"))
+        .bearer_auth(admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(queue.status().as_u16(), 200);
 
     let compose_ref = &compose;
     eventually(
@@ -203,6 +212,24 @@ async fn docker_compose_runs_the_stack_and_scales_workers_from_zero_and_back() {
         .await
         .expect("scaler status");
     assert_eq!(status["desired"], 0, "{status}");
+    // The gateway forwards /admin/scale with the scaler token both read
+    // from their volumes.
+    let forwarded = reqwest::Client::new()
+        .post(format!("{gateway}/admin/scale"))
+        .bearer_auth(secret_in(
+            &format!("{project}_operator-credentials"),
+            "admin-token",
+        ))
+        .json(&json!({"action": "set", "count": 0, "ttl_seconds": 60}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        forwarded.status().as_u16(),
+        200,
+        "{:?}",
+        forwarded.text().await
+    );
     no_secret_in_inspect(&compose);
 
     drop(compose);
@@ -236,18 +263,29 @@ async fn docker_compose_runs_the_stack_and_scales_workers_from_zero_and_back() {
     );
 }
 
-/// The passwords `credentials` wrote are in no container's config, and
-/// only the part a volume belongs to mounts it.
-fn no_secret_in_inspect(compose: &Compose) {
-    let volume = format!("{}-worker-credentials", compose.project);
+/// A secret `credentials` wrote into `volume`.
+fn secret_in(volume: &str, file: &str) -> String {
     let mountpoint = output(
         "docker",
-        &["volume", "inspect", "-f", "{{.Mountpoint}}", &volume],
+        &["volume", "inspect", "-f", "{{.Mountpoint}}", volume],
     );
-    let password = std::fs::read_to_string(format!("{mountpoint}/nats-password"))
-        .expect("the worker's NATS password in its volume");
-    let password = password.trim();
-    assert_eq!(password.len(), 32, "a generated password");
+    let secret = std::fs::read_to_string(format!("{mountpoint}/{file}"))
+        .unwrap_or_else(|err| panic!("{file} in {volume}: {err}"));
+    let secret = secret.trim().to_owned();
+    assert_eq!(secret.len(), 32, "a generated secret");
+    secret
+}
+
+/// The secrets `credentials` wrote are in no container's config.
+fn no_secret_in_inspect(compose: &Compose) {
+    let password = secret_in(
+        &format!("{}-worker-credentials", compose.project),
+        "nats-password",
+    );
+    let admin = secret_in(
+        &format!("{}_operator-credentials", compose.project),
+        "admin-token",
+    );
     let containers = output(
         "docker",
         &[
@@ -262,8 +300,12 @@ fn no_secret_in_inspect(compose: &Compose) {
     inspect.arg("inspect").args(containers.lines());
     let described = String::from_utf8(inspect.output().unwrap().stdout).unwrap();
     assert!(
-        !described.contains(password),
+        !described.contains(&password),
         "a password in docker inspect"
+    );
+    assert!(
+        !described.contains(&admin),
+        "the admin token in docker inspect"
     );
     assert!(described.contains("EBB_NATS_PASSWORD_FILE=/run/ebb/nats-password"));
 }

@@ -8,7 +8,7 @@ use ebb_nats::access::Role;
 
 use crate::scaler::{ScalerProcess, process_backend_with};
 use crate::servers::{NatsServer, RedisServer, TempDir, free_port, wait_for_port};
-use crate::stack::{TINY_MODEL, TINY_REVISION, target_dir, tiny_model_dir};
+use crate::stack::{self, StackOptions, target_dir, tiny_model_dir};
 
 /// The webhook signing secret of the run.
 pub const WEBHOOK_SECRET: &str = "chaos-webhook-secret";
@@ -16,6 +16,8 @@ pub const WEBHOOK_SECRET: &str = "chaos-webhook-secret";
 pub const POISON: &str = "POISON";
 /// Short enough that a paused worker's question moves on within the run.
 pub const ACK_WAIT: Duration = Duration::from_secs(5);
+/// [`ACK_WAIT`] as the workers' and gateway's flag.
+const ACK_WAIT_FLAG: &str = "5s";
 /// The scaler's heartbeat timeout (its minimum).
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -162,22 +164,11 @@ impl Drop for Cast {
 /// Flags the gateway and workers share (they must agree), logged in as
 /// `role`.
 fn shared_args(nats: &NatsServer, redis: &RedisServer, role: Role) -> Vec<String> {
-    let mut args = nats.login_args(role);
-    args.extend(redis.login_args(role));
-    args.extend(
-        [
-            "--model",
-            TINY_MODEL,
-            "--model-revision",
-            TINY_REVISION,
-            "--ack-wait",
-            &format!("{}s", ACK_WAIT.as_secs()),
-            "--max-deliver",
-            "5",
-        ]
-        .map(str::to_owned),
-    );
-    args
+    let options = StackOptions {
+        ack_wait: ACK_WAIT_FLAG,
+        ..StackOptions::default()
+    };
+    stack::shared_args(nats, redis, role, &options)
 }
 
 /// `kill -<name> <pid>`; a process already gone is not an error.
