@@ -8,9 +8,14 @@
 //!    connection, the same number of connections;
 //! 2. accepted questions/s (`wait_seconds: 0`, driven by `wrk`) vs raw
 //!    async-nats JetStream publish-with-ack/s of the same job at the same
-//!    concurrency.
+//!    concurrency;
+//! 3. what durability costs: the same raw publishes to a server on
+//!    `nats/server.conf` (`sync_interval: always`: an fsync before each ack)
+//!    vs one syncing on nats-server's default interval, at the same
+//!    concurrency and one at a time.
 //!
-//! Rounds alternate between the two sides; medians are reported.
+//! Rounds alternate between the two sides; medians are reported, and
+//! written to `target/bench/edge.json`.
 //!
 //! `cargo bench -p ebb-tests --bench edge` (needs `apt-get install wrk`;
 //! EBB_BENCH_SECONDS, EBB_BENCH_CONNECTIONS)
@@ -69,12 +74,21 @@ fn median(values: Vec<f64>) -> f64 {
     ebb_runtime::quantile::of(values, 0.5)
 }
 
-fn report(name: &str, ours: &[f64], baseline_name: &str, baseline: &[f64], goal: f64) {
+/// Prints one comparison; returns its medians and ratio for the JSON.
+fn report(
+    name: &str,
+    ours: &[f64],
+    baseline_name: &str,
+    baseline: &[f64],
+    goal: Option<f64>,
+) -> serde_json::Value {
     let (ours, baseline) = (median(ours.to_vec()), median(baseline.to_vec()));
     let ratio = ours / baseline;
+    let goal_text = goal.map_or(String::new(), |goal| format!(" (goal >= {goal})"));
     println!(
-        "{name}: {ours:.0}/s vs {baseline_name}: {baseline:.0}/s -> ratio {ratio:.2} (goal >= {goal})"
+        "{name}: {ours:.0}/s vs {baseline_name}: {baseline:.0}/s -> ratio {ratio:.2}{goal_text}"
     );
+    json!({"per_second": ours, "baseline_per_second": baseline, "ratio": ratio})
 }
 
 /// Runs `wrk` against the gateway; returns requests/s (all must succeed).
@@ -100,12 +114,20 @@ fn wrk(url: &str, script: &str, connections: usize, seconds: f64) -> f64 {
         .unwrap_or_else(|| panic!("no rate in wrk output:\n{text}"))
 }
 
-/// Runs `redis-benchmark` with one command; returns requests/s.
-fn redis_benchmark(port: u16, connections: usize, requests: usize, command: &[&str]) -> f64 {
+/// Runs `redis-benchmark` with one command, as the operator; returns
+/// requests/s.
+fn redis_benchmark(
+    redis: &ebb_tests::RedisServer,
+    connections: usize,
+    requests: usize,
+    command: &[&str],
+) -> f64 {
+    let (user, password) = redis.operator_login();
     let output = Command::new("redis-benchmark")
+        .args(["--user", &user, "-a", &password])
         .args([
             "-p",
-            &port.to_string(),
+            &redis.port.to_string(),
             "-c",
             &connections.to_string(),
             "-n",
@@ -200,7 +222,7 @@ async fn prime_cache(edge: &Edge) -> (serde_json::Value, String) {
 }
 
 /// 1. Cache hits through the gateway vs raw GETs of the same entry.
-async fn cache_hits(edge: &Edge) {
+async fn cache_hits(edge: &Edge) -> serde_json::Value {
     let (body, key) = prime_cache(edge).await;
     let hit_script = format!(
         "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = '{body}'\n"
@@ -211,7 +233,7 @@ async fn cache_hits(edge: &Edge) {
         gateway_hits.push(wrk(&edge.url, &hit_script, edge.connections, edge.seconds));
         let requests = (median(gateway_hits.clone()) * 2.0 * edge.seconds) as usize;
         redis_gets.push(redis_benchmark(
-            edge.stack.redis.port,
+            &edge.stack.redis,
             edge.connections,
             requests,
             &["GET", &cache_entry],
@@ -222,8 +244,8 @@ async fn cache_hits(edge: &Edge) {
         &gateway_hits,
         "raw Redis GET (redis-benchmark)",
         &redis_gets,
-        0.5,
-    );
+        Some(0.5),
+    )
 }
 
 /// The job the gateway would publish for question `n`.
@@ -246,8 +268,32 @@ fn raw_job(n: u64) -> Job {
     }
 }
 
+/// Raw publish-with-ack/s of question jobs at `concurrency`.
+async fn publishes(
+    jetstream: &async_nats::jetstream::Context,
+    concurrency: usize,
+    seconds: f64,
+) -> f64 {
+    let jetstream = jetstream.clone();
+    throughput(concurrency, seconds, move |n| {
+        let job = raw_job(n);
+        let message = PublishMessage::build()
+            .payload(serde_json::to_vec(&job).expect("json").into())
+            .message_id(job.id.clone());
+        let jetstream = jetstream.clone();
+        async move {
+            let ack = jetstream
+                .send_publish(subjects::question(job.priority), message)
+                .await
+                .expect("publish");
+            ack.await.expect("ack");
+        }
+    })
+    .await
+}
+
 /// 2. Accepted questions vs raw publish-with-ack of the same job.
-async fn accepts(edge: &Edge) {
+async fn accepts(edge: &Edge) -> serde_json::Value {
     let accept_script = "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\n\
         counter = 0\nrequest = function()\n  counter = counter + 1\n  return wrk.format(nil, nil, nil, \
         '{\"question\":\"Question number ' .. counter .. '?\",\"wait_seconds\":0}')\nend\n";
@@ -262,24 +308,7 @@ async fn accepts(edge: &Edge) {
             edge.seconds,
         ));
         stream.purge().await.expect("purge");
-        let jetstream = jetstream.clone();
-        raw_publishes.push(
-            throughput(edge.connections, edge.seconds, move |n| {
-                let job = raw_job(n);
-                let message = PublishMessage::build()
-                    .payload(serde_json::to_vec(&job).expect("json").into())
-                    .message_id(job.id.clone());
-                let jetstream = jetstream.clone();
-                async move {
-                    let ack = jetstream
-                        .send_publish(subjects::question(job.priority), message)
-                        .await
-                        .expect("publish");
-                    ack.await.expect("ack");
-                }
-            })
-            .await,
-        );
+        raw_publishes.push(publishes(&jetstream, edge.connections, edge.seconds).await);
         stream.purge().await.expect("purge");
     }
     report(
@@ -287,13 +316,57 @@ async fn accepts(edge: &Edge) {
         &gateway_accepts,
         "raw JetStream publish+ack (async-nats)",
         &raw_publishes,
-        0.5,
-    );
+        Some(0.5),
+    )
+}
+
+/// 3. Publishes to a server that syncs each write (nats/server.conf) vs one
+/// on the default 2-minute interval, each with ebb's question stream.
+async fn durability(edge: &Edge) -> serde_json::Value {
+    let conf = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../nats/server.conf"));
+    let monitor = ebb_tests::free_port().to_string();
+    let syncing = ebb_tests::NatsServer::start_with(Some(conf), vec!["-m".into(), monitor]);
+    let config = ebb_nats::QueueConfig {
+        max_messages: 10_000_000,
+        ..ebb_nats::QueueConfig::default()
+    };
+    let always = ebb_nats::Topology::ensure(syncing.client().await, &config)
+        .await
+        .expect("the question stream on the syncing server");
+    let default = edge.stack.nats_client().await;
+    let default = ebb_nats::Topology::context(default);
+    let mut figures = serde_json::Map::new();
+    for concurrency in [edge.connections, 1] {
+        let (mut synced, mut interval) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            synced.push(publishes(&always.jetstream, concurrency, edge.seconds).await);
+            always.questions.purge().await.expect("purge");
+            interval.push(publishes(&default, concurrency, edge.seconds).await);
+            edge.stack
+                .questions_stream()
+                .await
+                .purge()
+                .await
+                .expect("purge");
+        }
+        let name = format!("publish+ack, sync_interval: always, {concurrency} in flight");
+        let figure = report(&name, &synced, "the default interval", &interval, None);
+        figures.insert(format!("in_flight_{concurrency}"), figure);
+    }
+    figures.into()
 }
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let edge = Edge::start().await;
-    cache_hits(&edge).await;
-    accepts(&edge).await;
+    let figures = json!({
+        "cache_hits": cache_hits(&edge).await,
+        "accepts": accepts(&edge).await,
+        "sync_always": durability(&edge).await,
+    });
+    let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench"));
+    std::fs::create_dir_all(dir).expect("create target/bench");
+    let path = dir.join("edge.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&figures).expect("json")).expect("write");
+    println!("wrote {}", path.display());
 }

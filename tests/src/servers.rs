@@ -301,6 +301,13 @@ impl RedisServer {
         )
     }
 
+    /// The operator's user and password (for `redis-cli`, `redis-benchmark`).
+    pub fn operator_login(&self) -> (String, String) {
+        let password = self.credentials.password(Role::Operator, Service::Redis);
+        let password = password.expect("the operator has a Redis password");
+        (Role::Operator.user(), password.to_owned())
+    }
+
     /// The URL without a login (the server refuses its commands).
     pub fn anonymous_url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
