@@ -320,8 +320,8 @@ async fn accepts(edge: &Edge) -> serde_json::Value {
     )
 }
 
-/// 3. Publishes to a server that syncs each write (nats/server.conf) vs one
-/// on the default 2-minute interval, each with ebb's question stream.
+/// Part 3: publishes to a server that syncs each write (nats/server.conf)
+/// vs one on the default 2-minute interval, each with ebb's question stream.
 async fn durability(edge: &Edge) -> serde_json::Value {
     let conf = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../nats/server.conf"));
     let monitor = ebb_tests::free_port().to_string();
