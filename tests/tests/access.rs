@@ -494,7 +494,8 @@ async fn a_question_is_readable_only_by_the_key_that_asked_it() {
 async fn one_key_cannot_hold_every_waiting_slot() {
     let dir = TempDir::new("waiting-per-key");
     let stack = Stack::start(keyed_options(&dir, &["--max-waiting-per-key", "2"])).await;
-    let follow = |key: &'static str, id: String| {
+    let follow = |key: &'static str, asked: &Value| {
+        let id = asked["id"].as_str().unwrap();
         stack
             .http
             .get(format!("{}/v1/questions/{id}/events", stack.gateway_url))
@@ -506,16 +507,12 @@ async fn one_key_cannot_hold_every_waiting_slot() {
     for n in 0..2 {
         let (code, _, body) = send(ask(KEY, &format!("Held {n}?"))).await;
         assert_eq!(code, 202, "{body}");
-        let stream = follow(KEY, body["id"].as_str().unwrap().to_owned())
-            .await
-            .unwrap();
+        let stream = follow(KEY, &body).await.unwrap();
         assert_eq!(stream.status().as_u16(), 200);
         held.push(stream);
     }
     let (_, _, body) = send(ask(KEY, "One too many?")).await;
-    let refused = follow(KEY, body["id"].as_str().unwrap().to_owned())
-        .await
-        .unwrap();
+    let refused = follow(KEY, &body).await.unwrap();
     assert_eq!(refused.status().as_u16(), 429);
     let error: Value = refused.json().await.unwrap();
     assert_eq!(
@@ -524,16 +521,13 @@ async fn one_key_cannot_hold_every_waiting_slot() {
     );
 
     let (_, _, body) = send(ask(SLOW_KEY, "Another key's turn?")).await;
-    let other = follow(SLOW_KEY, body["id"].as_str().unwrap().to_owned())
-        .await
-        .unwrap();
+    let other = follow(SLOW_KEY, &body).await.unwrap();
     assert_eq!(other.status().as_u16(), 200, "another key is still served");
     // A slot ends with its stream.
     drop(held.pop());
     let (_, _, body) = send(ask(KEY, "Room again?")).await;
-    let id = body["id"].as_str().unwrap().to_owned();
     eventually(Duration::from_secs(10), "a slot freed", || async {
-        let stream = follow(KEY, id.clone()).await.unwrap();
+        let stream = follow(KEY, &body).await.unwrap();
         match stream.status().as_u16() {
             200 => Ok(()),
             code => Err(code),
