@@ -12,8 +12,9 @@
 //!   OpenAPI schemas; [`question`] and [`chat`] validate them into
 //!   [`question::NewQuestion`]; the cache key; OpenAI's response shapes.
 //! - [`error`]: the single error -> HTTP mapping ([`error::ApiError`]).
-//! - [`auth`], [`rate_limit`], [`overload`]: who may ask, how often, and
-//!   whether the queue can take more; [`idempotency`]: a retried request
+//! - [`auth`], [`shared_limits`] (over [`rate_limit`]), [`overload`]: who
+//!   may ask, how often (counted across gateways in Redis), and whether the
+//!   queue can take more; [`idempotency`]: a retried request
 //!   gets the question it already asked.
 //! - [`priority`], [`language`]: what a question is labelled with.
 //! - [`queue`]: publishing a job (stored by JetStream before it returns).
@@ -40,6 +41,7 @@ pub mod queue;
 pub mod rate_limit;
 pub mod request;
 pub mod routes;
+pub mod shared_limits;
 pub mod webhook;
 
 use std::future::Future;
@@ -184,7 +186,9 @@ async fn sweep_rate_limits(state: Arc<routes::AppState>, stop: CancellationToken
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = every_minute.tick() => {
-                state.ip_limiter.sweep(state.rate_limits.per_ip, Instant::now());
+                state
+                    .client_limits
+                    .sweep(state.rate_limits.per_ip, Instant::now());
                 state
                     .auth_failures
                     .sweep(state.rate_limits.auth_failures_per_ip, Instant::now());

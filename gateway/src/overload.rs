@@ -10,9 +10,13 @@
 //! s, and `--max-workers` before the first announcement or once the scaler
 //! went quiet (a copy of the scaler's config kept by hand goes stale),
 //! `waiting` is the queue's `num_pending` (read every 250 ms) plus the
-//! questions this gateway queued since and those it is queueing now (a place
-//! is reserved before the estimate, so a burst of concurrent requests cannot
-//! all pass on one count), and `throughput` is the mean over the workers
+//! questions being queued now or queued since (a place is reserved before
+//! the estimate, so a burst of concurrent requests cannot all pass on one
+//! count). Places are shared by every gateway in Redis
+//! ([`ebb_store::limits`]), each counting for [`PLACE_WINDOW`] (longer than
+//! any gateway's depth reading takes to include its question, so a
+//! question may count twice for that long, never zero times); while Redis
+//! is away each gateway counts its own since its last reading. And `throughput` is the mean over the workers
 //! heard in the last 10 s of what each answers when full: `slots /
 //! mean_job_ms` from its heartbeat (a worker batching 8 questions that take
 //! 10 s each answers 0.8 a second). Until a worker reports, a worker is
@@ -27,12 +31,19 @@ use std::time::{Duration, Instant};
 
 use async_nats::{Message, Subscriber};
 use ebb_nats::{FleetStatus, Heartbeat, Topology, subjects};
+use ebb_store::Store;
 use futures::StreamExt;
 
 use crate::config::OverloadArgs;
 use crate::error::ApiError;
+use crate::shared_limits::RedisPause;
 
 const DEPTH_INTERVAL: Duration = Duration::from_millis(250);
+/// How long a shared place counts: four depth readings.
+pub const PLACE_WINDOW: Duration = Duration::from_secs(1);
+/// The most places Redis holds: past it a gateway sheds anyway (no
+/// deployment queues 100,000 questions a second within its goal).
+const MAX_PLACES: u64 = 100_000;
 /// A worker silent this long no longer counts towards the throughput.
 const HEARTBEAT_STALE: Duration = Duration::from_secs(10);
 /// A scaler silent this long (five announcements missed) is taken to be
@@ -113,10 +124,35 @@ pub struct Overload {
     max_workers: AtomicU32,
     /// The scaler's last announcement, and the choice made from it.
     fleet: Mutex<(Option<Learned>, MaxWorkers)>,
+    /// Places shared with the other gateways; `None` counts alone.
+    shared: Option<SharedPlaces>,
+}
+
+/// The places every gateway takes, in Redis.
+#[derive(Debug)]
+struct SharedPlaces {
+    store: Store,
+    redis: RedisPause,
+    /// Names this gateway's places apart from the others'.
+    gateway: uuid::Uuid,
+    next: AtomicU64,
+}
+
+impl SharedPlaces {
+    /// Takes a place; the others taken in the window, and its name.
+    async fn reserve(&self) -> Option<(u64, String)> {
+        let place = format!("{}-{}", self.gateway, self.next.fetch_add(1, Ordering::Relaxed));
+        let others = self
+            .redis
+            .call(&self.store, self.store.reserve_place(&place, PLACE_WINDOW, MAX_PLACES))
+            .await?;
+        Some((others, place))
+    }
 }
 
 impl Overload {
-    pub fn new(args: OverloadArgs) -> Self {
+    /// With a `store`, places are counted with every gateway's.
+    pub fn new(args: OverloadArgs, store: Option<Store>) -> Self {
         // One slot: a question per estimate.
         Overload {
             per_question_ns: AtomicU64::new(nanos(args.service_time_estimate)),
@@ -127,6 +163,12 @@ impl Overload {
             accepted_since: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             workers: Mutex::new(HashMap::new()),
+            shared: store.map(|store| SharedPlaces {
+                store,
+                redis: RedisPause::default(),
+                gateway: uuid::Uuid::now_v7(),
+                next: AtomicU64::new(0),
+            }),
         }
     }
 
@@ -134,13 +176,25 @@ impl Overload {
     /// when it could not be served in time. The place is taken before the
     /// estimate, so concurrent requests cannot all pass on the same count;
     /// it is given back when the returned guard drops unkept.
-    pub fn reserve(&self) -> Result<Reservation<'_>, ApiError> {
-        let others = self.in_flight.fetch_add(1, Ordering::Relaxed);
-        let reservation = Reservation {
+    pub async fn reserve(&self) -> Result<Reservation<'_>, ApiError> {
+        let others_here = self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let mut reservation = Reservation {
             overload: self,
             kept: false,
+            shared_place: None,
         };
-        let waiting = self.waiting_now() + others + 1;
+        let shared = match &self.shared {
+            Some(shared) => shared.reserve().await,
+            None => None,
+        };
+        let ahead = match shared {
+            Some((others, place)) => {
+                reservation.shared_place = Some(place);
+                others
+            }
+            None => self.accepted_since.load(Ordering::Relaxed) + others_here,
+        };
+        let waiting = self.waiting.load(Ordering::Relaxed) + ahead + 1;
         let max_workers = self.max_workers.load(Ordering::Relaxed);
         let wait = estimated_wait(waiting, self.per_question(), max_workers);
         if wait > self.args.latency_goal {
@@ -306,6 +360,8 @@ async fn next(subscriber: &mut Option<Subscriber>) -> Option<Message> {
 pub struct Reservation<'a> {
     overload: &'a Overload,
     kept: bool,
+    /// Its name in Redis, when it was taken there.
+    shared_place: Option<String>,
 }
 
 impl Reservation<'_> {
@@ -320,6 +376,16 @@ impl Drop for Reservation<'_> {
     fn drop(&mut self) {
         // Kept or not, the place is no longer in flight (`keep` counted it).
         self.overload.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.kept {
+            return;
+        }
+        // Not queued: the other gateways need not count it for the window.
+        if let (Some(place), Some(shared)) = (self.shared_place.take(), &self.overload.shared)
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let store = shared.store.clone();
+            runtime.spawn(async move { store.degradable("a shedding place", store.release_place(&place)).await });
+        }
     }
 }
 
@@ -332,7 +398,7 @@ mod tests {
             max_workers,
             latency_goal: Duration::from_secs(goal_s),
             service_time_estimate: Duration::from_secs(service_s),
-        })
+        }, None)
     }
 
     /// From JSON, as the wire brings it: fields added to the contract later
@@ -369,8 +435,8 @@ mod tests {
         assert_eq!(worker_throughput(&beat("w", 8, Some(0.0))), None);
     }
 
-    #[test]
-    fn heartbeats_replace_the_one_slot_estimate_with_the_measured_throughput() {
+    #[tokio::test]
+    async fn heartbeats_replace_the_one_slot_estimate_with_the_measured_throughput() {
         // 2 workers, 31 s goal, no heartbeat: 10 s a question, one at a time.
         let overload = overload(2, 31, 10);
         assert_eq!(overload.snapshot().1, Duration::from_secs(10));
@@ -384,9 +450,9 @@ mod tests {
         assert!((per_question - 1.0 / 0.6).abs() < 1e-9, "{per_question}");
         // At 2 x 0.6/s, 37 questions take 30.8 s and fit, 38 take 31.7 s.
         overload.waiting.store(36, Ordering::Relaxed);
-        overload.reserve().unwrap().keep();
+        overload.reserve().await.unwrap().keep();
         assert!(matches!(
-            overload.reserve(),
+            overload.reserve().await,
             Err(ApiError::Overloaded { .. })
         ));
         // Silent workers are forgotten; the last figure stays.
@@ -410,13 +476,13 @@ mod tests {
         assert_eq!(max_workers(learned, 100, quiet), MaxWorkers::Flag(100));
     }
 
-    #[test]
-    fn shedding_follows_the_announced_maximum_until_the_scaler_goes_quiet() {
+    #[tokio::test]
+    async fn shedding_follows_the_announced_maximum_until_the_scaler_goes_quiet() {
         // --max-workers 100, 1 s a question, 5 s goal: 500 would fit; the
         // scaler's single worker serves 5 in time.
         let overload = overload(100, 5, 1);
         overload.waiting.store(5, Ordering::Relaxed);
-        overload.reserve().unwrap();
+        overload.reserve().await.unwrap();
         let now = Instant::now();
         let status = |max_workers| FleetStatus {
             max_workers,
@@ -426,7 +492,7 @@ mod tests {
         overload.heard_fleet(&status(1), now);
         assert_eq!(overload.max_workers(), MaxWorkers::Scaler(1));
         assert!(matches!(
-            overload.reserve(),
+            overload.reserve().await,
             Err(ApiError::Overloaded { .. })
         ));
         // A nonsensical announcement changes nothing.
@@ -434,19 +500,19 @@ mod tests {
         assert_eq!(overload.max_workers(), MaxWorkers::Scaler(1));
         overload.refresh_max_workers(now + FLEET_STATUS_STALE);
         assert_eq!(overload.max_workers(), MaxWorkers::Flag(100));
-        overload.reserve().unwrap();
+        overload.reserve().await.unwrap();
     }
 
-    #[test]
-    fn questions_past_the_goal_are_shed_with_the_excess_as_retry_after() {
+    #[tokio::test]
+    async fn questions_past_the_goal_are_shed_with_the_excess_as_retry_after() {
         // 2 workers, 10 s each, 30 s goal: 6 waiting questions fit, the 7th not.
         let overload = overload(2, 30, 10);
         overload.waiting.store(4, Ordering::Relaxed);
-        overload.reserve().unwrap().keep();
+        overload.reserve().await.unwrap().keep();
         // A place not kept (the publish failed) is given back.
-        drop(overload.reserve().unwrap());
-        overload.reserve().unwrap().keep();
-        match overload.reserve() {
+        drop(overload.reserve().await.unwrap());
+        overload.reserve().await.unwrap().keep();
+        match overload.reserve().await {
             Err(ApiError::Overloaded { retry_after }) => {
                 assert_eq!(retry_after, Duration::from_secs(5))
             }

@@ -1,5 +1,7 @@
-//! Token-bucket rate limits per client IP and per API key, and finding the
-//! client's IP behind trusted proxies.
+//! Token-bucket rate limits per client IP and per API key, as one process
+//! keeps them (the fallback of [`crate::shared_limits`] while Redis is
+//! away, and the failed-authentication budget), and finding the client's IP
+//! behind trusted proxies.
 //!
 //! A bucket holds up to `per_minute` tokens and refills continuously at
 //! `per_minute / 60` a second; each question takes one. Buckets live in a
@@ -40,6 +42,25 @@ impl Decision {
             (true, true) if other.remaining < self.remaining => other,
             _ => self,
         }
+    }
+}
+
+/// The decision for a bucket of `per_minute` left with `tokens` after a
+/// request it `allowed` (took a token for) or refused.
+pub fn decision(per_minute: u32, tokens: f64, allowed: bool) -> Decision {
+    let capacity = f64::from(per_minute.max(1));
+    let refill_per_second = capacity / 60.0;
+    let seconds = |tokens: f64| Duration::from_secs_f64((tokens / refill_per_second).max(0.0));
+    Decision {
+        allowed,
+        limit: per_minute,
+        remaining: tokens.floor() as u32,
+        reset: seconds(capacity - tokens),
+        retry_after: if allowed {
+            Duration::ZERO
+        } else {
+            seconds(1.0 - tokens)
+        },
     }
 }
 
@@ -92,18 +113,7 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
         if allowed {
             bucket.tokens -= 1.0;
         }
-        let seconds = |tokens: f64| Duration::from_secs_f64((tokens / refill_per_second).max(0.0));
-        Decision {
-            allowed,
-            limit: per_minute,
-            remaining: bucket.tokens.floor() as u32,
-            reset: seconds(capacity - bucket.tokens),
-            retry_after: if allowed {
-                Duration::ZERO
-            } else {
-                seconds(1.0 - bucket.tokens)
-            },
-        }
+        decision(per_minute, bucket.tokens, allowed)
     }
 
     /// How long until `client` has a token again, if its bucket is empty

@@ -11,7 +11,8 @@ use crate::QueueError;
 /// Connects to NATS the way every ebb process does: named, logged in with
 /// the user and password file of `args` (if given), reconnecting forever
 /// with a short capped backoff (so a restarted server is back in use within
-/// ~2 s), and tolerant of a server that is not up yet.
+/// ~2 s), to any of the seed URLs (a cluster's nodes), and tolerant of a
+/// server that is not up yet.
 /// `subscription_capacity` bounds each subscription's buffer (messages past
 /// it are dropped as a slow consumer); `None` keeps the client default.
 pub async fn connect(
@@ -26,6 +27,7 @@ pub async fn connect(
         None => options,
     };
     let url = &args.nats_url;
+    let seeds = args.seed_urls();
     options
         .name(name)
         .retry_on_initial_connect()
@@ -42,7 +44,7 @@ pub async fn connect(
                 Duration::from_secs(2),
             ),
         })
-        .connect(url.as_str())
+        .connect(&seeds[..])
         .await
         .map_err(|source| QueueError::Connect {
             url: url.to_owned(),

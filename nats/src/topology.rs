@@ -72,6 +72,12 @@ pub struct QueueConfig {
     /// How long dead letters are kept in the `EBB_DEAD` stream.
     #[arg(long = "dead-letter-max-age", env = "EBB_DEAD_LETTER_MAX_AGE", default_value = "14d", value_parser = ebb_runtime::duration::parse)]
     pub dead_letter_max_age: Duration,
+    /// Copies of every ebb stream (and so of its consumers, which inherit
+    /// it) kept on different servers of a JetStream cluster: 3 in a
+    /// three-node cluster, so losing one node loses no question; 1 on a
+    /// single server. A stream's count can be raised or lowered in place.
+    #[arg(long = "stream-replicas", env = "EBB_STREAM_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub replicas: u8,
 }
 
 fn parse_ack_wait(text: &str) -> Result<Duration, String> {
@@ -91,6 +97,7 @@ impl Default for QueueConfig {
             max_deliver: 5,
             duplicate_window: Duration::from_secs(120),
             dead_letter_max_age: Duration::from_secs(14 * 86_400),
+            replicas: 1,
         }
     }
 }
@@ -219,11 +226,11 @@ fn wanted(config: &QueueConfig) -> Vec<Wanted> {
             consumers: Vec::new(),
         },
         Wanted {
-            stream: advisory_stream(),
+            stream: advisory_stream(config),
             consumers: vec![advisory_consumer()],
         },
         Wanted {
-            stream: crate::webhook::stream_config(),
+            stream: crate::webhook::stream_config(config),
             consumers: vec![crate::webhook::consumer_config()],
         },
     ]
@@ -391,6 +398,7 @@ impl Settings for stream::Config {
             Setting::defaulted("max_bytes", self.max_bytes),
             Setting::exact("max_age", self.max_age),
             Setting::defaulted("duplicate_window", self.duplicate_window),
+            Setting::exact("num_replicas", self.num_replicas),
         ]
     }
 }
@@ -437,6 +445,7 @@ fn questions_stream(config: &QueueConfig) -> stream::Config {
         max_bytes: config.max_bytes,
         duplicate_window: config.duplicate_window,
         allow_direct: true,
+        num_replicas: config.replicas.into(),
         ..Default::default()
     }
 }
@@ -449,11 +458,12 @@ fn dead_stream(config: &QueueConfig) -> stream::Config {
         storage: stream::StorageType::File,
         max_age: config.dead_letter_max_age,
         allow_direct: true,
+        num_replicas: config.replicas.into(),
         ..Default::default()
     }
 }
 
-fn advisory_stream() -> stream::Config {
+fn advisory_stream(config: &QueueConfig) -> stream::Config {
     stream::Config {
         name: subjects::ADVISORY_STREAM.to_owned(),
         description: Some("Max-deliveries advisories of the question consumers".to_owned()),
@@ -461,6 +471,7 @@ fn advisory_stream() -> stream::Config {
         retention: stream::RetentionPolicy::WorkQueue,
         storage: stream::StorageType::File,
         max_age: Duration::from_secs(7 * 86_400),
+        num_replicas: config.replicas.into(),
         ..Default::default()
     }
 }
@@ -538,12 +549,12 @@ mod tests {
     fn settings_left_to_the_server_are_not_compared() {
         // The server reads an unset limit back as -1 and an unset duplicate
         // window as 2 min: neither is a difference.
-        let expected = advisory_stream();
+        let expected = advisory_stream(&QueueConfig::default());
         let actual = stream::Config {
             max_messages: -1,
             max_bytes: -1,
             duplicate_window: Duration::from_secs(120),
-            ..advisory_stream()
+            ..advisory_stream(&QueueConfig::default())
         };
         assert_eq!(mismatches(&expected, &actual), []);
         let consumer = advisory_consumer().into_consumer_config();

@@ -84,7 +84,7 @@ pub async fn enqueue(
     Ok(())
 }
 
-pub(crate) fn stream_config() -> stream::Config {
+pub(crate) fn stream_config(config: &crate::QueueConfig) -> stream::Config {
     stream::Config {
         name: STREAM.to_owned(),
         description: Some("Webhook calls waiting for delivery".to_owned()),
@@ -95,6 +95,7 @@ pub(crate) fn stream_config() -> stream::Config {
         max_messages: 100_000,
         max_age: Duration::from_secs(86_400),
         duplicate_window: Duration::from_secs(120),
+        num_replicas: config.replicas.into(),
         ..Default::default()
     }
 }

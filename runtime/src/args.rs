@@ -15,7 +15,9 @@ pub struct ServiceArgs {
 /// The NATS server, and this process's user on it.
 #[derive(Debug, Clone, clap::Args)]
 pub struct NatsArgs {
-    /// NATS server with JetStream enabled.
+    /// NATS server with JetStream enabled; for a cluster, every node's URL,
+    /// comma-separated (the client tries them all, and moves to another
+    /// when its node goes).
     #[arg(long, env = "EBB_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
     /// NATS user of this process (e.g. `ebb-worker`); its password is read
@@ -112,6 +114,15 @@ impl Login {
 }
 
 impl NatsArgs {
+    /// The servers of --nats-url, one per comma-separated entry.
+    pub fn seed_urls(&self) -> Vec<&str> {
+        self.nats_url
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .collect()
+    }
+
     /// The login given by --nats-user and --nats-password-file, if any
     /// (credentials in the URL work too, for development).
     pub fn login(&self) -> Result<Option<Login>, LoginError> {

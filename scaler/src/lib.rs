@@ -106,7 +106,9 @@ async fn start_and_scale(
         fleet_status_of(&config),
         stopping.clone(),
     ));
-    let keeper = memory::remember(&client, &config, &shared, &stopping).await;
+    // Kept as safe as the queue: as many copies as its stream has.
+    let replicas = questions.cached_info().config.num_replicas;
+    let keeper = memory::remember(&client, &config, replicas, &shared, &stopping).await;
     shared.starting(Startup::Pool);
     let grace = config.health.stop_grace;
     let scaled = match config.backend {

@@ -55,9 +55,12 @@ pub fn learned_key(config: &ScalerConfig) -> String {
 
 impl Memory {
     /// Opens the bucket, creating it on first use.
+    /// `replicas`: copies of the bucket in a cluster (the question
+    /// stream's count, which the gateway decides).
     pub async fn open(
         client: &async_nats::Client,
         config: &ScalerConfig,
+        replicas: usize,
     ) -> Result<Memory, MemoryError> {
         let context = jetstream::new(client.clone());
         // The KV layout made by hand: `create_key_value` first asks for the
@@ -73,6 +76,7 @@ impl Memory {
             deny_delete: true,
             allow_direct: true,
             discard: jetstream::stream::DiscardPolicy::New,
+            num_replicas: replicas.max(1),
             ..jetstream::stream::Config::default()
         };
         context
@@ -161,11 +165,12 @@ impl Memory {
 pub async fn remember(
     client: &async_nats::Client,
     config: &ScalerConfig,
+    replicas: usize,
     shared: &Arc<Shared>,
     stopping: &CancellationToken,
 ) -> Option<tokio::task::JoinHandle<()>> {
     let opened = async {
-        let memory = Memory::open(client, config).await?;
+        let memory = Memory::open(client, config, replicas).await?;
         let learned = memory.load().await?;
         Ok::<_, MemoryError>((memory, learned.unwrap_or_default()))
     };

@@ -5,6 +5,8 @@
 //! - [`store`]: Redis status records, the answer cache and the streamed
 //!   pieces late joiners read ([`Store`]); [`Store::degradable`] is the one
 //!   way a Redis failure is allowed to only degrade service.
+//! - [`limits`]: the rate-limit buckets and shedding places all gateways
+//!   share, changed atomically by scripts on Redis's clock.
 //! - [`lifecycle`]: the only writer of terminal records: [`Lifecycle::finish`]
 //!   (cache, record, event, webhook) and [`Lifecycle::fail`] (dead letter,
 //!   record, event, webhook), used by the worker and the reaper alike.
@@ -18,9 +20,11 @@
 pub mod access;
 pub mod janitor;
 pub mod lifecycle;
+pub mod limits;
 pub mod reaper;
 pub mod store;
 
 pub use lifecycle::{Answer, Ending, Lifecycle};
+pub use limits::{Bucket, Taken};
 pub use reaper::run_reaper;
 pub use store::{Pieces, Put, Store, StoreError};

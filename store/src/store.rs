@@ -61,7 +61,7 @@ pub enum Put {
 /// Status records and the answer cache, over one multiplexed connection.
 #[derive(Clone)]
 pub struct Store {
-    connection: ConnectionManager,
+    pub(crate) connection: ConnectionManager,
     /// Whether the last degradable call failed: shared by every clone, so
     /// an outage is logged once per process, not once per request.
     degraded: Arc<AtomicBool>,

@@ -8,11 +8,14 @@
 //! - [`sse`]: a Server-Sent Events reader.
 //! - [`eventually()`]: the one polling wait.
 //! - [`hub`]: [`hub::HubServer`], a local Hugging Face Hub for download tests.
+//! - [`cluster`]: [`cluster::NatsCluster`], three nats-server containers on
+//!   a Docker network of their own, for node loss and partitions.
 //! - [`scaler`]: [`ScalerProcess`], an `ebb-scaler` running tiny-model workers.
 //! - [`chaos`]: the chaos run (`scripts/chaos`): every part a process, faults
 //!   on a seeded schedule, every accepted question checked at the end.
 
 pub mod chaos;
+pub mod cluster;
 pub mod eventually;
 pub mod hub;
 pub mod scaler;

@@ -79,6 +79,19 @@ fn kill(child: &mut Option<Child>) {
     }
 }
 
+/// Where ebb's processes find NATS and how they log in as a role: a
+/// single server or a cluster.
+pub trait NatsLogin {
+    /// `--nats-url`, `--nats-user` and `--nats-password-file` of `role`.
+    fn login_args(&self, role: Role) -> Vec<String>;
+}
+
+impl NatsLogin for NatsServer {
+    fn login_args(&self, role: Role) -> Vec<String> {
+        NatsServer::login_args(self, role)
+    }
+}
+
 /// `nats-server -js` with its own store directory and credentials.
 #[derive(Debug)]
 pub struct NatsServer {

@@ -14,7 +14,7 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use crate::eventually;
-use crate::servers::{NatsServer, RedisServer};
+use crate::servers::{NatsLogin, NatsServer, RedisServer};
 
 pub const TINY_MODEL: &str = "ebb/tiny-qwen2";
 pub const TINY_REVISION: &str = "test";
@@ -82,7 +82,7 @@ pub fn tiny_model_dir() -> PathBuf {
 /// Flags the gateway and workers of a deployment on these servers share
 /// (they must agree): logins as `role`, the tiny model, `options`' queue.
 pub fn shared_args(
-    nats: &NatsServer,
+    nats: &impl NatsLogin,
     redis: &RedisServer,
     role: Role,
     options: &StackOptions,
@@ -155,7 +155,7 @@ pub struct Stack {
     pub gateway_url: String,
     pub http: reqwest::Client,
     pub options: StackOptions,
-    gateway: Option<(oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
+    gateway: Option<Gateway>,
 }
 
 impl Stack {
@@ -224,41 +224,11 @@ impl Stack {
     }
 
     async fn start_gateway(&mut self) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind gateway");
-        self.gateway_url = format!("http://{}", listener.local_addr().expect("address"));
-        let mut args = vec!["ebb-gateway".to_owned()];
-        args.extend(self.shared_args(Role::Gateway));
+        let mut args = self.shared_args(Role::Gateway);
         args.extend(self.options.gateway_args.iter().cloned());
-        let config = ebb_gateway::Config::try_parse_from(args).expect("gateway flags parse");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let shutdown = async {
-                let _ = stopped.await;
-            };
-            if let Err(err) = ebb_gateway::run(config, listener, shutdown).await {
-                panic!("gateway failed: {err}");
-            }
-        });
-        self.gateway = Some((stop, task));
-        self.wait_healthy().await;
-    }
-
-    async fn wait_healthy(&self) {
-        let url = &format!("{}/healthz", self.gateway_url);
-        eventually(
-            Duration::from_secs(20),
-            "the gateway healthy",
-            || async move {
-                match self.http.get(url).send().await {
-                    Ok(response) if response.status().is_success() => Ok(()),
-                    Ok(response) => Err(response.status().to_string()),
-                    Err(err) => Err(err.to_string()),
-                }
-            },
-        )
-        .await
+        let gateway = Gateway::start(args).await;
+        self.gateway_url = gateway.url.clone();
+        self.gateway = Some(gateway);
     }
 
     /// Starts an `ebb-worker` process on the tiny model.
@@ -383,9 +353,62 @@ impl Stack {
     }
 }
 
-impl Drop for Stack {
+/// A gateway served in this process on a port of its own; stopped on Drop.
+#[derive(Debug)]
+pub struct Gateway {
+    pub url: String,
+    running: Option<(oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
+}
+
+impl Gateway {
+    /// Serves a gateway with these flags and waits until it is healthy.
+    pub async fn start(args: Vec<String>) -> Gateway {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind gateway");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let config = ebb_gateway::Config::try_parse_from(
+            std::iter::once("ebb-gateway".to_owned()).chain(args),
+        )
+        .expect("gateway flags parse");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            if let Err(err) = ebb_gateway::run(config, listener, shutdown).await {
+                panic!("gateway failed: {err}");
+            }
+        });
+        let gateway = Gateway {
+            url,
+            running: Some((stop, task)),
+        };
+        gateway.wait_healthy().await;
+        gateway
+    }
+
+    async fn wait_healthy(&self) {
+        let http = reqwest::Client::new();
+        let url = &format!("{}/healthz", self.url);
+        eventually(
+            Duration::from_secs(20),
+            "the gateway healthy",
+            || async {
+                match http.get(url).send().await {
+                    Ok(response) if response.status().is_success() => Ok(()),
+                    Ok(response) => Err(response.status().to_string()),
+                    Err(err) => Err(err.to_string()),
+                }
+            },
+        )
+        .await
+    }
+}
+
+impl Drop for Gateway {
     fn drop(&mut self) {
-        if let Some((stop, task)) = self.gateway.take() {
+        if let Some((stop, task)) = self.running.take() {
             let _ = stop.send(());
             task.abort();
         }
@@ -401,6 +424,12 @@ pub struct WorkerProcess {
 
 impl WorkerProcess {
     fn spawn(stack: &Stack, extra_args: &[&str], stderr: Stdio) -> WorkerProcess {
+        WorkerProcess::spawn_with(stack.shared_args(Role::Worker), extra_args, stderr)
+    }
+
+    /// A tiny-model worker with `shared_args` (its logins and the queue
+    /// flags it shares with the gateway; [`shared_args`]).
+    pub fn spawn_with(shared_args: Vec<String>, extra_args: &[&str], stderr: Stdio) -> WorkerProcess {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let id = format!(
             "test-worker-{}-{}",
@@ -408,7 +437,7 @@ impl WorkerProcess {
             NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         );
         let child = Command::new(worker_binary())
-            .args(stack.shared_args(Role::Worker))
+            .args(shared_args)
             .arg("--model-dir")
             .arg(tiny_model_dir())
             .args(["--worker-id", &id])

@@ -40,7 +40,7 @@ pub(crate) async fn queue(
     Ok(Json(QueueStatus {
         depth,
         service_time_seconds: service_time.as_secs_f64(),
-        rate_limited_clients: state.ip_limiter.clients(),
+        rate_limited_clients: state.client_limits.local_clients(),
     }))
 }
 

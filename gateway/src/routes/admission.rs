@@ -78,7 +78,7 @@ pub async fn admit(
         return Ok(from_cache(state, id, hit, question).await);
     }
     know_language(state, &mut question);
-    let reservation = state.overload.reserve().inspect_err(|_| {
+    let reservation = state.overload.reserve().await.inspect_err(|_| {
         state.metrics.rejected("overloaded");
     })?;
     let slot = hold_slot(state, hold, question.owner.as_deref())?;

@@ -42,6 +42,7 @@ use crate::overload::Overload;
 use crate::priority::PriorityRules;
 use crate::question::Limits;
 use crate::rate_limit::{Decision, RateLimiter};
+use crate::shared_limits::ClientLimits;
 
 /// Largest request body accepted (a chat carries its history).
 pub const MAX_BODY_BYTES: usize = 128 * 1024;
@@ -61,10 +62,10 @@ pub struct AppState {
     pub max_waiting_per_key: u32,
     pub keys: Keys,
     pub rate_limits: LimitArgs,
-    pub ip_limiter: RateLimiter<IpAddr>,
+    /// Questions per client IP and per key, shared by every gateway.
+    pub client_limits: ClientLimits,
     /// Failed authentications, by client bucket (see `--auth-failures-per-ip`).
     pub auth_failures: RateLimiter<IpAddr>,
-    pub key_limiter: RateLimiter<String>,
     pub priority: PriorityRules,
     pub overload: Arc<Overload>,
     pub webhooks: WebhookArgs,
@@ -91,7 +92,7 @@ impl AppState {
                 max_tokens_limit: config.max_tokens_limit,
             },
             topology,
-            store,
+            store: store.clone(),
             waiting: Arc::new(Semaphore::new(config.max_waiting)),
             waiting_per_key: keys
                 .names()
@@ -104,13 +105,11 @@ impl AppState {
                 .collect(),
             max_waiting_per_key: config.max_waiting_per_key,
             keys,
-            ip_limiter: RateLimiter::new(config.limits.max_clients),
+            client_limits: ClientLimits::new(store.clone(), config.limits.max_clients),
             auth_failures: RateLimiter::new(config.limits.max_clients),
-            // One bucket per configured key: bounded by the config.
-            key_limiter: RateLimiter::new(usize::MAX),
             rate_limits: config.limits,
             priority,
-            overload: Arc::new(Overload::new(config.overload)),
+            overload: Arc::new(Overload::new(config.overload, Some(store.clone()))),
             webhooks: config.webhooks,
             metrics: Metrics::default(),
             sse_keep_alive: config.sse_keep_alive,
@@ -255,8 +254,8 @@ fn within_failure_budget<T>(
     })
 }
 
-/// One token from the client IP's bucket and, with a key, the key's bucket;
-/// the stricter decision is reported in `X-RateLimit-*` headers.
+/// One token from the client IP's bucket and, with a key, the key's bucket
+/// (shared by all gateways through Redis); the stricter decision is reported in `X-RateLimit-*` headers.
 async fn rate_limit(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -268,14 +267,15 @@ async fn rate_limit(
         request.headers(),
         &state.rate_limits.trusted_proxies,
     );
-    let now = Instant::now();
     let client = crate::rate_limit::bucket_of(ip);
-    let mut decision = state
-        .ip_limiter
-        .take(&client, state.rate_limits.per_ip, now);
-    if let Some(Caller::Key { name, per_minute }) = request.extensions().get::<Caller>() {
-        decision = decision.stricter(state.key_limiter.take(name, *per_minute, now));
-    }
+    let key = match request.extensions().get::<Caller>() {
+        Some(Caller::Key { name, per_minute }) => Some((name.as_str(), *per_minute)),
+        _ => None,
+    };
+    let decision = state
+        .client_limits
+        .take(client, state.rate_limits.per_ip, key)
+        .await;
     let mut response = if decision.allowed {
         next.run(request).await
     } else {
