@@ -299,6 +299,16 @@ pub enum BackendConfig {
     Docker(DockerBackendConfig),
 }
 
+impl BackendConfig {
+    /// The pool's name: its workers' label or records, its lease.
+    pub fn pool(&self) -> &str {
+        match self {
+            BackendConfig::Process(process) => &process.pool,
+            BackendConfig::Docker(docker) => &docker.pool,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProcessBackendConfig {
@@ -435,10 +445,7 @@ impl ScalerConfig {
                 ));
             }
         }
-        let pool = match &self.backend {
-            BackendConfig::Process(process) => &process.pool,
-            BackendConfig::Docker(docker) => &docker.pool,
-        };
+        let pool = self.backend.pool();
         if pool.is_empty() || !pool.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
             return Err(invalid("backend.pool", "must be letters, digits and '-'"));
         }

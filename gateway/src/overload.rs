@@ -141,10 +141,17 @@ struct SharedPlaces {
 impl SharedPlaces {
     /// Takes a place; the others taken in the window, and its name.
     async fn reserve(&self) -> Option<(u64, String)> {
-        let place = format!("{}-{}", self.gateway, self.next.fetch_add(1, Ordering::Relaxed));
+        let place = format!(
+            "{}-{}",
+            self.gateway,
+            self.next.fetch_add(1, Ordering::Relaxed)
+        );
         let others = self
             .redis
-            .call(&self.store, self.store.reserve_place(&place, PLACE_WINDOW, MAX_PLACES))
+            .call(
+                &self.store,
+                self.store.reserve_place(&place, PLACE_WINDOW, MAX_PLACES),
+            )
             .await?;
         Some((others, place))
     }
@@ -384,7 +391,11 @@ impl Drop for Reservation<'_> {
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             let store = shared.store.clone();
-            runtime.spawn(async move { store.degradable("a shedding place", store.release_place(&place)).await });
+            runtime.spawn(async move {
+                store
+                    .degradable("a shedding place", store.release_place(&place))
+                    .await
+            });
         }
     }
 }
@@ -394,11 +405,14 @@ mod tests {
     use super::*;
 
     fn overload(max_workers: u32, goal_s: u64, service_s: u64) -> Overload {
-        Overload::new(OverloadArgs {
-            max_workers,
-            latency_goal: Duration::from_secs(goal_s),
-            service_time_estimate: Duration::from_secs(service_s),
-        }, None)
+        Overload::new(
+            OverloadArgs {
+                max_workers,
+                latency_goal: Duration::from_secs(goal_s),
+                service_time_estimate: Duration::from_secs(service_s),
+            },
+            None,
+        )
     }
 
     /// From JSON, as the wire brings it: fields added to the contract later

@@ -17,7 +17,8 @@ use crate::rate_limit::{Decision, RateLimiter};
 const REDIS_RETRY: Duration = Duration::from_secs(2);
 
 /// What a Redis outage costs these limits, for the outage's log line.
-const LOSES: &str = "shared rate limits and shedding places: each gateway counts alone until Redis is back";
+const LOSES: &str =
+    "shared rate limits and shedding places: each gateway counts alone until Redis is back";
 
 /// Whether shared state in Redis is worth asking for now: not for
 /// [`REDIS_RETRY`] after a failure.
@@ -79,7 +80,11 @@ impl ClientLimits {
         if let Some((name, per_minute)) = key {
             buckets.push(Bucket::new("key", name, per_minute));
         }
-        if let Some(taken) = self.redis.call(&self.store, self.store.take_tokens(&buckets)).await {
+        if let Some(taken) = self
+            .redis
+            .call(&self.store, self.store.take_tokens(&buckets))
+            .await
+        {
             return buckets
                 .iter()
                 .zip(taken.tokens)

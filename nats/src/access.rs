@@ -96,16 +96,17 @@ impl Role {
                 (publish, vec![inbox, questions])
             }
             Role::Scaler => {
-                let bucket = subjects::SCALER_STATE_BUCKET;
                 let mut publish = read_api.to_vec();
-                publish.extend([
-                    status,
-                    format!("$KV.{bucket}.>"),
-                    format!("$JS.API.STREAM.CREATE.KV_{bucket}"),
-                    format!("$JS.API.STREAM.UPDATE.KV_{bucket}"),
-                    format!("$JS.API.STREAM.MSG.GET.KV_{bucket}"),
-                    format!("$JS.API.DIRECT.GET.KV_{bucket}.>"),
-                ]);
+                publish.push(status);
+                for bucket in [subjects::SCALER_STATE_BUCKET, subjects::SCALER_LEASE_BUCKET] {
+                    publish.extend([
+                        format!("$KV.{bucket}.>"),
+                        format!("$JS.API.STREAM.CREATE.KV_{bucket}"),
+                        format!("$JS.API.STREAM.UPDATE.KV_{bucket}"),
+                        format!("$JS.API.STREAM.MSG.GET.KV_{bucket}"),
+                        format!("$JS.API.DIRECT.GET.KV_{bucket}.>"),
+                    ]);
+                }
                 (publish, vec![inbox, questions, heartbeat])
             }
         };

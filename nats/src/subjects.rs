@@ -27,6 +27,8 @@ pub const SCALER_STATUS: &str = "ebb.scaler.status";
 
 /// The scaler's key-value bucket (what it learned, kept across restarts).
 pub const SCALER_STATE_BUCKET: &str = "ebb_scaler_state";
+/// The scalers' lease bucket: one active scaler per pool.
+pub const SCALER_LEASE_BUCKET: &str = "ebb_scaler_lease";
 
 /// Subject of the server's advisory for a question consumer that exhausted
 /// `max_deliver`.

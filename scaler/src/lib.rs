@@ -9,10 +9,12 @@
 //! - [`scaler`]: the loop: list, step the controller, carry out its plan.
 //! - [`http`]: `/status`, `/scale`, `/metrics`, `/healthz`.
 //! - [`memory`]: learned timetable profiles kept in NATS KV across restarts.
+//! - [`lease`]: one active scaler per pool, the others standing by.
 //!
 //! [`run`] serves until `shutdown` resolves; `main` only parses flags.
 
 pub mod http;
+pub mod lease;
 pub mod memory;
 pub mod pool;
 pub mod scaler;
@@ -35,6 +37,15 @@ use pool::docker::DockerPool;
 use pool::process::ProcessPool;
 use scaler::{Scaler, Shared, Startup};
 
+/// The flags of a running scaler beyond its config file.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub nats: ebb_runtime::NatsArgs,
+    #[command(flatten)]
+    pub lease: lease::LeaseArgs,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ScalerError {
     #[error(transparent)]
@@ -54,7 +65,7 @@ pub enum ScalerError {
 /// and scales until `shutdown`. Workers keep running when the scaler stops.
 pub async fn run(
     config: ScalerConfig,
-    nats: &ebb_runtime::NatsArgs,
+    args: &RunArgs,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ScalerError> {
@@ -64,7 +75,7 @@ pub async fn run(
         config.health.clone(),
         config.target.slots_per_worker,
     );
-    let shared = Arc::new(Shared::new(controller));
+    let shared = Arc::new(Shared::new(controller, args.lease.id()));
     let api = tokio::spawn(serve_api(
         api_state(&config, &shared)?,
         listener,
@@ -75,7 +86,7 @@ pub async fn run(
         shutdown.await;
         on_signal.cancel();
     });
-    let scaled = start_and_scale(config, nats, shared, stopping.clone()).await;
+    let scaled = start_and_scale(config, args, shared, stopping.clone()).await;
     stopping.cancel();
     let served = api.await.expect("the API task does not panic");
     scaled.and(served)
@@ -84,13 +95,13 @@ pub async fn run(
 /// Waits for what the loop needs, then runs it until `stopping`.
 async fn start_and_scale(
     config: ScalerConfig,
-    nats: &ebb_runtime::NatsArgs,
+    args: &RunArgs,
     shared: Arc<Shared>,
     stopping: CancellationToken,
 ) -> Result<(), ScalerError> {
     let connect = async {
         shared.starting(Startup::Nats);
-        let client = ebb_nats::connect(nats, "ebb-scaler", None).await?;
+        let client = ebb_nats::connect(&args.nats, "ebb-scaler", None).await?;
         shared.starting(Startup::QuestionStream);
         let questions = wait_for_queue(&client).await?;
         listen_for_signals(&client, &shared).await?;
@@ -109,6 +120,14 @@ async fn start_and_scale(
     // Kept as safe as the queue: as many copies as its stream has.
     let replicas = questions.cached_info().config.num_replicas;
     let keeper = memory::remember(&client, &config, replicas, &shared, &stopping).await;
+    tokio::spawn(lease::keep(
+        client.clone(),
+        config.backend.pool().to_owned(),
+        args.lease.clone(),
+        replicas,
+        shared.lease.clone(),
+        stopping.clone(),
+    ));
     shared.starting(Startup::Pool);
     let grace = config.health.stop_grace;
     let scaled = match config.backend {

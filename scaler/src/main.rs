@@ -20,7 +20,7 @@ struct Cli {
     #[arg(long, env = "EBB_SCALER_LISTEN", default_value = "0.0.0.0:9090")]
     listen: SocketAddr,
     #[command(flatten)]
-    nats: ebb_runtime::NatsArgs,
+    run: ebb_scaler::RunArgs,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -85,7 +85,7 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
         .map_err(|err| anyhow::anyhow!("cannot listen on {} (--listen): {err}", cli.listen))?;
     ebb_scaler::run(
         config,
-        &cli.nats,
+        &cli.run,
         listener,
         // Workers keep running and are adopted by the next scaler.
         ebb_runtime::shutdown::first_signal("stopping the scaler; workers keep running"),

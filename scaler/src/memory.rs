@@ -17,7 +17,7 @@ use async_nats::jetstream::{self, kv};
 use tokio_util::sync::CancellationToken;
 
 use crate::scaler::Shared;
-use ebb_control::config::{BackendConfig, ScalerConfig};
+use ebb_control::config::ScalerConfig;
 use ebb_control::learned::LearnedFloors;
 
 /// The scaler's KV bucket (one value per pool and kind of state).
@@ -46,11 +46,7 @@ impl std::fmt::Debug for Memory {
 
 /// The KV key of a pool's learned profiles.
 pub fn learned_key(config: &ScalerConfig) -> String {
-    let pool = match &config.backend {
-        BackendConfig::Process(process) => &process.pool,
-        BackendConfig::Docker(docker) => &docker.pool,
-    };
-    format!("learned.{pool}")
+    format!("learned.{}", config.backend.pool())
 }
 
 impl Memory {

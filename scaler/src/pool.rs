@@ -111,6 +111,12 @@ pub trait WorkerPool: Send {
     /// killed if it has not exited within the grace period. Stopping a
     /// worker that is already stopping does nothing.
     fn stop(&mut self, id: &str) -> impl Future<Output = Result<(), PoolError>> + Send;
+    /// Takes over the workers another scaler of the pool left (called
+    /// when this one becomes the active scaler). Nothing to do for a pool
+    /// that finds its workers afresh at every `list` (Docker's labels).
+    fn adopt(&mut self) -> impl Future<Output = Result<(), PoolError>> + Send {
+        async { Ok(()) }
+    }
 }
 
 #[cfg(test)]

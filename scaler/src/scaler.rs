@@ -13,6 +13,7 @@ use ebb_nats::{PriorityDepth, QueueDepth};
 use serde::Serialize;
 use tokio::sync::Notify;
 
+use crate::lease::{Lease, LeaseView};
 use crate::pool::WorkerPool;
 use ebb_control::controller::{Controller, EbbPolicy, Inputs, Lost, Plan};
 use ebb_control::policy::{Observation, Override, WorkerCounts};
@@ -20,6 +21,8 @@ use ebb_control::reason::Reason;
 use ebb_control::signals::{ColdStarts, WorkerView};
 use ebb_schedule::timetable::Window;
 
+/// How often a standby scaler looks at its lease.
+const STANDBY_TICK: Duration = Duration::from_millis(500);
 /// Decisions kept for `/status`.
 const DECISION_LOG: usize = 50;
 /// Activation (and restart) delays kept for the percentiles.
@@ -68,6 +71,8 @@ pub struct Status {
     pub last_error: Option<String>,
     /// What the `learn` timetable windows learned (kept across restarts).
     pub learned: ebb_control::learned::LearnedFloors,
+    /// Active (this scaler starts and stops workers) or standby.
+    pub lease: LeaseView,
 }
 
 /// What a starting scaler still waits for; `/healthz` names it.
@@ -111,10 +116,13 @@ pub struct Shared {
     pub restart_delay: prometheus_client::metrics::histogram::Histogram,
     /// Every reported start phase's time, for `/metrics`.
     pub start_phases: crate::http::StartPhaseHistograms,
+    /// Whether this scaler is the pool's active one.
+    pub lease: Arc<Lease>,
 }
 
 impl Shared {
-    pub fn new(controller: Controller<EbbPolicy>) -> Shared {
+    /// `scaler_id`: this scaler's name in the pool's lease.
+    pub fn new(controller: Controller<EbbPolicy>, scaler_id: String) -> Shared {
         Shared {
             startup: Mutex::default(),
             status: Mutex::default(),
@@ -125,6 +133,7 @@ impl Shared {
             activation_delay: crate::http::activation_delay_histogram(),
             restart_delay: crate::http::activation_delay_histogram(),
             start_phases: crate::http::StartPhaseHistograms::default(),
+            lease: Arc::new(Lease::new(scaler_id)),
         }
     }
 
@@ -159,6 +168,8 @@ pub struct Scaler<P: WorkerPool> {
     client: async_nats::Client,
     /// Since when it has been up (see `Inputs::heard_since`).
     heard_since: Option<DateTime<Utc>>,
+    /// Whether the last round held the lease (see [`crate::lease`]).
+    active: bool,
 }
 
 impl<P: WorkerPool> std::fmt::Debug for Scaler<P> {
@@ -187,6 +198,7 @@ impl<P: WorkerPool> Scaler<P> {
             },
             client,
             heard_since: None,
+            active: false,
         }
     }
 
@@ -222,6 +234,24 @@ impl<P: WorkerPool> Scaler<P> {
     /// when to wake next.
     pub async fn tick(&mut self) -> Duration {
         let now = Utc::now();
+        let lease = self.shared.lease.view(std::time::Instant::now());
+        let active = matches!(lease, LeaseView::Active { .. });
+        self.shared.status.lock().expect("status lock").lease = lease;
+        if !active {
+            // Standing by: another scaler runs the pool. Look again soon.
+            self.active = false;
+            return STANDBY_TICK.min(self.tick);
+        }
+        if !self.active {
+            // Just became active: the workers are the last active one's.
+            if let Err(err) = self.pool.adopt().await {
+                let error = format!("adopting the pool's workers: {err}");
+                tracing::warn!(cause = %error, "skipping this round");
+                self.shared.status.lock().expect("status lock").last_error = Some(error);
+                return self.tick;
+            }
+            self.active = true;
+        }
         // Set before observing, so an arrival during this round still wakes
         // the next one at once.
         let desired = self.shared.controller().desired();
@@ -265,7 +295,13 @@ impl<P: WorkerPool> Scaler<P> {
         if verdict.desired != plan.previous {
             tracing::info!(from = plan.previous, to = verdict.desired, reason = %verdict.reason, "desired workers changed");
         }
-        let starts = self.carry_out(&plan, now, &mut errors).await;
+        // The lease may have run out during the round: act only with it.
+        let starts = if self.shared.lease.acting(std::time::Instant::now()) {
+            self.carry_out(&plan, now, &mut errors).await
+        } else {
+            errors.push("lost the lease during the round; nothing carried out".to_owned());
+            Starts::default()
+        };
         self.publish(&plan, starts, errors, now);
         self.shared
             .asleep

@@ -83,7 +83,10 @@ impl Store {
         let (allowed, left): (i64, Vec<i64>) = invocation.invoke_async(&mut connection).await?;
         Ok(Taken {
             allowed: allowed == 1,
-            tokens: left.into_iter().map(|milli| milli as f64 / 1000.0).collect(),
+            tokens: left
+                .into_iter()
+                .map(|milli| milli as f64 / 1000.0)
+                .collect(),
         })
     }
 

@@ -38,7 +38,10 @@ pub fn require_image(image: &str) {
         .args(["image", "inspect", &format!("{image}:latest")])
         .output()
         .is_ok_and(|output| output.status.success());
-    assert!(found, "image {image}:latest is missing: run scripts/build-images");
+    assert!(
+        found,
+        "image {image}:latest is missing: run scripts/build-images"
+    );
 }
 
 /// One node: its container and the host port of its client listener.
@@ -94,7 +97,10 @@ impl NatsCluster {
                     "-v",
                     &format!("{}:/etc/nats/server.conf:ro", config.display()),
                     "-v",
-                    &format!("{}:/etc/nats/credentials/nats-server:ro", users_dir.display()),
+                    &format!(
+                        "{}:/etc/nats/credentials/nats-server:ro",
+                        users_dir.display()
+                    ),
                     "ebb-nats:latest",
                     "-c",
                     "/etc/nats/server.conf",
@@ -130,7 +136,9 @@ impl NatsCluster {
 
     fn operator_password(&self) -> String {
         let password = self.credentials.password(Role::Operator, Service::Nats);
-        password.expect("the operator has a NATS password").to_owned()
+        password
+            .expect("the operator has a NATS password")
+            .to_owned()
     }
 
     /// The file holding `role`'s NATS password.
@@ -199,7 +207,10 @@ impl NatsCluster {
 
     async fn wait_for_jetstream(&self) {
         let client = self.client().await;
-        js_request(&client, "$JS.API.INFO", "JetStream in the cluster", |_| true).await;
+        js_request(&client, "$JS.API.INFO", "JetStream in the cluster", |_| {
+            true
+        })
+        .await;
     }
 }
 
@@ -219,7 +230,8 @@ pub async fn js_request(
         .await
         .map_err(|_| "timed out".to_owned())?
         .map_err(|err| err.to_string())?;
-        let answer: Value = serde_json::from_slice(&reply.payload).map_err(|err| err.to_string())?;
+        let answer: Value =
+            serde_json::from_slice(&reply.payload).map_err(|err| err.to_string())?;
         if answer.get("error").is_some() || !ready(&answer) {
             return Err(answer.to_string());
         }

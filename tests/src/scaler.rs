@@ -202,6 +202,11 @@ impl ScalerProcess {
         crate::servers::wait_for_port(self.port, "ebb-scaler");
     }
 
+    /// The scaler process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("scaler running").id()
+    }
+
     /// SIGKILLs the scaler only; its workers keep running.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

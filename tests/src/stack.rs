@@ -391,17 +391,13 @@ impl Gateway {
     async fn wait_healthy(&self) {
         let http = reqwest::Client::new();
         let url = &format!("{}/healthz", self.url);
-        eventually(
-            Duration::from_secs(20),
-            "the gateway healthy",
-            || async {
-                match http.get(url).send().await {
-                    Ok(response) if response.status().is_success() => Ok(()),
-                    Ok(response) => Err(response.status().to_string()),
-                    Err(err) => Err(err.to_string()),
-                }
-            },
-        )
+        eventually(Duration::from_secs(20), "the gateway healthy", || async {
+            match http.get(url).send().await {
+                Ok(response) if response.status().is_success() => Ok(()),
+                Ok(response) => Err(response.status().to_string()),
+                Err(err) => Err(err.to_string()),
+            }
+        })
         .await
     }
 }
@@ -429,7 +425,11 @@ impl WorkerProcess {
 
     /// A tiny-model worker with `shared_args` (its logins and the queue
     /// flags it shares with the gateway; [`shared_args`]).
-    pub fn spawn_with(shared_args: Vec<String>, extra_args: &[&str], stderr: Stdio) -> WorkerProcess {
+    pub fn spawn_with(
+        shared_args: Vec<String>,
+        extra_args: &[&str],
+        stderr: Stdio,
+    ) -> WorkerProcess {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let id = format!(
             "test-worker-{}-{}",

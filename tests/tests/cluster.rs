@@ -26,8 +26,14 @@ const REPLICAS: &str = "3";
 fn gateway_args(cluster: &NatsCluster, redis: &RedisServer) -> Vec<String> {
     let mut args = shared_args(cluster, redis, Role::Gateway, &StackOptions::default());
     args.extend(
-        ["--stream-replicas", REPLICAS, "--insecure-dev", "--rate-limit-per-ip", "1000000"]
-            .map(str::to_owned),
+        [
+            "--stream-replicas",
+            REPLICAS,
+            "--insecure-dev",
+            "--rate-limit-per-ip",
+            "1000000",
+        ]
+        .map(str::to_owned),
     );
     args
 }
@@ -66,7 +72,9 @@ async fn steady_load(gateway: String, stop: Arc<AtomicBool>) -> Ledger {
         let code = response.status().as_u16();
         let body: Value = response.json().await.unwrap_or(Value::Null);
         match code {
-            202 => ledger.accepted.push(body["id"].as_str().unwrap().to_owned()),
+            202 => ledger
+                .accepted
+                .push(body["id"].as_str().unwrap().to_owned()),
             _ => ledger.refused.entry(code).or_default().push(body),
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -79,20 +87,24 @@ async fn all_answered(gateway: &str, ids: &[String]) {
     let http = reqwest::Client::new();
     for id in ids {
         let url = format!("{gateway}/v1/questions/{id}");
-        let record = eventually(Duration::from_secs(120), "an accepted question answered", || async {
-            let body: Value = http
-                .get(&url)
-                .send()
-                .await
-                .map_err(|err| err.to_string())?
-                .json()
-                .await
-                .map_err(|err| err.to_string())?;
-            match body["status"].as_str() {
-                Some("done" | "failed") => Ok(body),
-                _ => Err(format!("{id}: {body}")),
-            }
-        })
+        let record = eventually(
+            Duration::from_secs(120),
+            "an accepted question answered",
+            || async {
+                let body: Value = http
+                    .get(&url)
+                    .send()
+                    .await
+                    .map_err(|err| err.to_string())?
+                    .json()
+                    .await
+                    .map_err(|err| err.to_string())?;
+                match body["status"].as_str() {
+                    Some("done" | "failed") => Ok(body),
+                    _ => Err(format!("{id}: {body}")),
+                }
+            },
+        )
         .await;
         assert_eq!(record["status"], "done", "{record}");
     }
@@ -105,7 +117,13 @@ async fn a_replicated_queue_answers_every_accepted_question_through_node_loss_an
     let gateway = Gateway::start(gateway_args(&cluster, &redis)).await;
     let _workers = [worker(&cluster, &redis), worker(&cluster, &redis)];
     let client = cluster.client().await;
-    let info = js_request(&client, "$JS.API.STREAM.INFO.EBB_QUESTIONS", "the stream", |_| true).await;
+    let info = js_request(
+        &client,
+        "$JS.API.STREAM.INFO.EBB_QUESTIONS",
+        "the stream",
+        |_| true,
+    )
+    .await;
     assert_eq!(info["config"]["num_replicas"], 3, "{info}");
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -113,14 +131,18 @@ async fn a_replicated_queue_answers_every_accepted_question_through_node_loss_an
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // The stream leader's machine dies, and comes back later.
-    let leader = cluster.stream_leader(&client, subjects::QUESTIONS_STREAM).await;
+    let leader = cluster
+        .stream_leader(&client, subjects::QUESTIONS_STREAM)
+        .await;
     cluster.kill(cluster.node(&leader));
     tokio::time::sleep(Duration::from_secs(8)).await;
     cluster.restart(cluster.node(&leader));
     tokio::time::sleep(Duration::from_secs(5)).await;
 
     // The new leader is cut off the network, then put back.
-    let leader = cluster.stream_leader(&client, subjects::QUESTIONS_STREAM).await;
+    let leader = cluster
+        .stream_leader(&client, subjects::QUESTIONS_STREAM)
+        .await;
     cluster.disconnect(cluster.node(&leader));
     tokio::time::sleep(Duration::from_secs(8)).await;
     cluster.reconnect(cluster.node(&leader));
@@ -130,7 +152,9 @@ async fn a_replicated_queue_answers_every_accepted_question_through_node_loss_an
     for node in &cluster.nodes {
         cluster.kill(node);
         cluster.restart(node);
-        cluster.stream_leader(&client, subjects::QUESTIONS_STREAM).await;
+        cluster
+            .stream_leader(&client, subjects::QUESTIONS_STREAM)
+            .await;
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
 
@@ -184,7 +208,9 @@ async fn the_depth_the_scaler_reads_is_the_leaders_through_leader_moves() {
         nats_user: Some(Role::Scaler.user()),
         nats_password_file: Some(cluster.password_file(Role::Scaler)),
     };
-    let scaler = ebb_nats::connect(&scaler_args, "test-scaler", None).await.unwrap();
+    let scaler = ebb_nats::connect(&scaler_args, "test-scaler", None)
+        .await
+        .unwrap();
     let questions = ebb_nats::Topology::question_stream(scaler).await.unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let reader = tokio::spawn({
@@ -205,7 +231,10 @@ async fn the_depth_the_scaler_reads_is_the_leaders_through_leader_moves() {
 
     let client = cluster.client().await;
     let consumer = subjects::consumer(Priority::Normal);
-    let consumer_info = format!("$JS.API.CONSUMER.INFO.{}.{consumer}", subjects::QUESTIONS_STREAM);
+    let consumer_info = format!(
+        "$JS.API.CONSUMER.INFO.{}.{consumer}",
+        subjects::QUESTIONS_STREAM
+    );
     for round in 0..3 {
         // Step-down requests: the leaders move to another node.
         let stepdown = format!(
@@ -213,7 +242,10 @@ async fn the_depth_the_scaler_reads_is_the_leaders_through_leader_moves() {
             subjects::QUESTIONS_STREAM
         );
         js_request(&client, &stepdown, "a consumer step-down", |_| true).await;
-        let stepdown = format!("$JS.API.STREAM.LEADER.STEPDOWN.{}", subjects::QUESTIONS_STREAM);
+        let stepdown = format!(
+            "$JS.API.STREAM.LEADER.STEPDOWN.{}",
+            subjects::QUESTIONS_STREAM
+        );
         js_request(&client, &stepdown, "a stream step-down", |_| true).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         // The consumer leader's machine dies (and comes back).
@@ -240,5 +272,9 @@ async fn the_depth_the_scaler_reads_is_the_leaders_through_leader_moves() {
         lags.iter().all(|&lag| lag <= BACKLOG),
         "a reading above the true backlog of {BACKLOG}: {lags:?}"
     );
-    assert_eq!(lags.last(), Some(&BACKLOG), "the backlog read after the moves");
+    assert_eq!(
+        lags.last(),
+        Some(&BACKLOG),
+        "the backlog read after the moves"
+    );
 }

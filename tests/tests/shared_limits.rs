@@ -58,7 +58,10 @@ async fn two_gateways_together_allow_the_per_ip_limit_once() {
         (100..=115).contains(&total),
         "{total} of 200 passed through two gateways with a limit of 100 a minute"
     );
-    assert!(passed(&codes[0]) > 30 && passed(&codes[1]) > 30, "both served");
+    assert!(
+        passed(&codes[0]) > 30 && passed(&codes[1]) > 30,
+        "both served"
+    );
     for refusal in &refusals {
         assert_eq!(refusal["error"]["type"], "rate_limited", "{refusal}");
     }
@@ -75,7 +78,10 @@ async fn without_redis_each_gateway_keeps_its_own_limit() {
     // never the 30 each was asked.
     for codes in &codes {
         let passed = passed(codes);
-        assert!((10..=12).contains(&passed), "{passed} of 30 passed: {codes:?}");
+        assert!(
+            (10..=12).contains(&passed),
+            "{passed} of 30 passed: {codes:?}"
+        );
     }
 }
 
@@ -102,7 +108,14 @@ async fn a_burst_through_two_gateways_is_shed_at_one_estimate() {
             .post(format!("{}/v1/questions", gateways[n % 2].url))
             .json(&json!({"question": format!("Burst {n}?"), "wait_seconds": 0}))
             .timeout(Duration::from_secs(20));
-        async move { request.send().await.expect("gateway reachable").status().as_u16() }
+        async move {
+            request
+                .send()
+                .await
+                .expect("gateway reachable")
+                .status()
+                .as_u16()
+        }
     });
     let codes = futures::future::join_all(asked).await;
     let accepted = codes.iter().filter(|&&code| code == 202).count();
@@ -110,5 +123,8 @@ async fn a_burst_through_two_gateways_is_shed_at_one_estimate() {
         (1..=5).contains(&accepted),
         "{accepted} accepted where 5 fit the goal (each gateway alone would take 5): {codes:?}"
     );
-    assert!(codes.iter().all(|&code| code == 202 || code == 429), "{codes:?}");
+    assert!(
+        codes.iter().all(|&code| code == 202 || code == 429),
+        "{codes:?}"
+    );
 }

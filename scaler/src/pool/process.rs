@@ -70,9 +70,27 @@ impl ProcessPool {
     pub fn open(config: ProcessBackendConfig, grace: Duration) -> Result<ProcessPool, PoolError> {
         let dir = config.state_dir.join(&config.pool);
         std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        let mut pool = ProcessPool {
+            config,
+            dir,
+            grace,
+            workers: BTreeMap::new(),
+            started: 0,
+        };
+        pool.adopt_recorded()?;
+        pool.prune_logs();
+        Ok(pool)
+    }
+
+    /// Makes the recorded workers this pool's: alive ones are adopted (or
+    /// kept, with their child handle, when this scaler started them),
+    /// records of dead ones are removed, and workers no longer recorded
+    /// (another scaler of the pool stopped them) are forgotten.
+    fn adopt_recorded(&mut self) -> Result<(), PoolError> {
+        let dir = &self.dir;
         let mut workers = BTreeMap::new();
-        for entry in std::fs::read_dir(&dir).map_err(io_error(&dir))? {
-            let path = entry.map_err(io_error(&dir))?.path();
+        for entry in std::fs::read_dir(dir).map_err(io_error(dir))? {
+            let path = entry.map_err(io_error(dir))?.path();
             if path.extension().is_none_or(|ext| ext != "json") {
                 continue;
             }
@@ -81,12 +99,17 @@ impl ProcessPool {
                 .and_then(|bytes| serde_json::from_slice(&bytes).ok());
             match record {
                 Some(record) if process_start(record.pid) == Some(record.proc_start) => {
-                    tracing::info!(worker_id = %record.id, pid = record.pid, "adopted a running worker");
-                    let managed = Managed {
-                        stopping_since: record.stopping_since,
-                        record,
-                        child: None,
-                        killed: false,
+                    let managed = match self.workers.remove(&record.id) {
+                        Some(mine) => mine,
+                        None => {
+                            tracing::info!(worker_id = %record.id, pid = record.pid, "adopted a running worker");
+                            Managed {
+                                stopping_since: record.stopping_since,
+                                record,
+                                child: None,
+                                killed: false,
+                            }
+                        }
                     };
                     workers.insert(managed.record.id.clone(), managed);
                 }
@@ -95,15 +118,8 @@ impl ProcessPool {
                 }
             }
         }
-        let pool = ProcessPool {
-            config,
-            dir,
-            grace,
-            workers,
-            started: 0,
-        };
-        pool.prune_logs();
-        Ok(pool)
+        self.workers = workers;
+        Ok(())
     }
 
     fn log_path(&self, id: &str) -> PathBuf {
@@ -174,6 +190,10 @@ impl ProcessPool {
 }
 
 impl WorkerPool for ProcessPool {
+    async fn adopt(&mut self) -> Result<(), PoolError> {
+        self.adopt_recorded()
+    }
+
     async fn list(&mut self) -> Result<Vec<PoolWorker>, PoolError> {
         let now = Utc::now();
         let mut listed = Vec::with_capacity(self.workers.len());

@@ -1,0 +1,172 @@
+//! Two scalers of one pool: a lease in NATS KV makes exactly one active.
+//! When the active one is killed the standby takes over within the lease's
+//! TTL (plus a tick), adopts the workers it started and starts no
+//! duplicates; a frozen active one (a stalled VM, a long pause) wakes up
+//! standing by, its lease gone, and acts no more.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ebb_nats::access::Role;
+use ebb_tests::scaler::process_backend;
+use ebb_tests::{ScalerProcess, Stack, StackOptions};
+use serde_json::{Value, json};
+
+const MAX_WORKERS: usize = 2;
+const LEASE_TTL: Duration = Duration::from_secs(3);
+
+fn policy() -> String {
+    format!(
+        "tick: 200ms\n\
+         resources: {{min_instances: 0, max_instances: {MAX_WORKERS}}}\n\
+         target: {{utilization: 1.0, drain_target: 2s, latency_goal: 60s, default_service_time: 1s, slots_per_worker: 1, stable_window: 5s, panic_window: 2s}}\n\
+         cooldowns: {{scale_down_stabilization: 1s, scale_to_zero_idle: 30s}}\n\
+         health: {{init_timeout: 30s, restart_backoff: 200ms, stop_grace: 20s}}\n"
+    )
+}
+
+/// Scalers `a` and `b` of the same pool, sharing its worker records.
+fn two_scalers(stack: &Stack) -> (ScalerProcess, ScalerProcess) {
+    let args = |id: &str| {
+        let mut args = stack.nats.login_args(Role::Scaler);
+        args.extend(["--scaler-id", id, "--lease-ttl", "3s"].map(str::to_owned));
+        args
+    };
+    let worker_args = ["--debug-token-delay", "40ms", "--max-batch", "1"];
+    let mut config = String::new();
+    let mut a = ScalerProcess::configured(args("a"), |workers| {
+        config = format!(
+            "{}\n{}",
+            policy(),
+            process_backend(stack, workers, &worker_args)
+        );
+        config.clone()
+    });
+    let mut b = ScalerProcess::configured(args("b"), |_| config.clone());
+    a.restart();
+    b.restart();
+    (a, b)
+}
+
+fn role(status: &Value) -> &str {
+    status["lease"]["role"].as_str().unwrap_or("?")
+}
+
+/// Asks `count` new questions (named by `label`) that do not wait; their ids.
+async fn burst(stack: &Stack, label: &str, count: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for n in 0..count {
+        let (code, body) = stack
+            .ask(json!({"question": format!("{label} {n}?"), "max_tokens": 24, "wait_seconds": 0}))
+            .await;
+        assert_eq!(code, 202, "{body}");
+        ids.push(body["id"].as_str().unwrap().to_owned());
+    }
+    ids
+}
+
+/// Waits for every id to be answered, checking all the while that the
+/// pool (the worker records in `owner`'s state directory, which both
+/// scalers share) never holds more live workers than its maximum.
+async fn served_without_duplicates(stack: &Stack, owner: &ScalerProcess, ids: &[String]) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut waiting = ids.to_vec();
+    while !waiting.is_empty() {
+        let workers = live(&owner.worker_pids());
+        assert!(
+            workers <= MAX_WORKERS,
+            "{workers} workers: a duplicate start"
+        );
+        let mut still = Vec::new();
+        for id in waiting {
+            let (_, record) = stack.status_of(&id).await;
+            match record["status"].as_str() {
+                Some("done") => {}
+                Some("failed") => panic!("{record}"),
+                _ => still.push(id),
+            }
+        }
+        waiting = still;
+        assert!(Instant::now() < deadline, "unanswered: {waiting:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// How many of `pids` are alive.
+fn live(pids: &[u32]) -> usize {
+    pids.iter()
+        .filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+        .count()
+}
+
+fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standby_takes_over_a_killed_scaler_and_adopts_its_workers() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let (mut a, b) = two_scalers(&stack);
+    a.wait_status(Duration::from_secs(10), "a active", |s| role(s) == "active")
+        .await;
+    let standby = b.status().await;
+    assert_eq!(role(&standby), "standby", "{standby}");
+    assert_eq!(standby["lease"]["holder"], "a", "{standby}");
+
+    let first = burst(&stack, "Before", 8).await;
+    a.wait_status(Duration::from_secs(30), "a started workers", |s| {
+        ["starting", "idle", "busy"]
+            .iter()
+            .any(|state| s["actual"][state].as_u64().unwrap_or(0) > 0)
+    })
+    .await;
+    let adopted = a.worker_pids();
+    a.kill();
+    let killed = Instant::now();
+    b.wait_status(Duration::from_secs(10), "b active", |s| role(s) == "active")
+        .await;
+    let takeover = killed.elapsed();
+    assert!(
+        takeover <= LEASE_TTL + Duration::from_secs(2),
+        "took {takeover:?} with a {LEASE_TTL:?} lease"
+    );
+    // b adopted a's workers: it lists them as its own.
+    let status = b
+        .wait_status(Duration::from_secs(5), "b listing a's workers", |s| {
+            s["workers"]
+                .as_array()
+                .is_some_and(|workers| !workers.is_empty())
+        })
+        .await;
+    assert!(
+        live(&adopted) > 0,
+        "a's workers {adopted:?} are gone: {status}"
+    );
+    let second = burst(&stack, "After", 4).await;
+    served_without_duplicates(&stack, &a, &[first, second].concat()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_active_scaler_wakes_up_standing_by() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let (a, b) = two_scalers(&stack);
+    a.wait_status(Duration::from_secs(10), "a active", |s| role(s) == "active")
+        .await;
+    let a_pid = a.pid();
+    signal(a_pid, "STOP");
+    b.wait_status(Duration::from_secs(10), "b active", |s| role(s) == "active")
+        .await;
+    let ids = burst(&stack, "Frozen", 6).await;
+    signal(a_pid, "CONT");
+    // a learns at its first look that its lease ran out.
+    a.wait_status(Duration::from_secs(5), "a standing by for b", |s| {
+        role(s) == "standby" && s["lease"]["holder"] == "b"
+    })
+    .await;
+    served_without_duplicates(&stack, &a, &ids).await;
+    assert_eq!(role(&b.status().await), "active");
+}
