@@ -39,8 +39,9 @@ use crate::error::ApiError;
 use crate::shared_limits::RedisPause;
 
 const DEPTH_INTERVAL: Duration = Duration::from_millis(250);
-/// How long a shared place counts: four depth readings.
-pub const PLACE_WINDOW: Duration = Duration::from_secs(1);
+/// How long a shared place counts: two depth readings (every gateway's
+/// next reading after a publish has ended by then, elections aside).
+pub const PLACE_WINDOW: Duration = Duration::from_millis(500);
 /// The most places Redis holds: past it a gateway sheds anyway (no
 /// deployment queues 100,000 questions a second within its goal).
 const MAX_PLACES: u64 = 100_000;

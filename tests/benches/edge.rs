@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::message::PublishMessage;
 use ebb_nats::{CachedAnswer, Job, subjects};
 use ebb_store::Store;
+use ebb_tests::bench::{median, report, wrk};
 use ebb_tests::{Stack, StackOptions};
 use serde_json::json;
 
@@ -68,50 +69,6 @@ where
         task.await.expect("load task");
     }
     done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
-}
-
-fn median(values: Vec<f64>) -> f64 {
-    ebb_runtime::quantile::of(values, 0.5)
-}
-
-/// Prints one comparison; returns its medians and ratio for the JSON.
-fn report(
-    name: &str,
-    ours: &[f64],
-    baseline_name: &str,
-    baseline: &[f64],
-    goal: Option<f64>,
-) -> serde_json::Value {
-    let (ours, baseline) = (median(ours.to_vec()), median(baseline.to_vec()));
-    let ratio = ours / baseline;
-    let goal_text = goal.map_or(String::new(), |goal| format!(" (goal >= {goal})"));
-    println!(
-        "{name}: {ours:.0}/s vs {baseline_name}: {baseline:.0}/s -> ratio {ratio:.2}{goal_text}"
-    );
-    json!({"per_second": ours, "baseline_per_second": baseline, "ratio": ratio})
-}
-
-/// Runs `wrk` against the gateway; returns requests/s (all must succeed).
-fn wrk(url: &str, script: &str, connections: usize, seconds: f64) -> f64 {
-    let script_path = std::env::temp_dir().join(format!("ebb-wrk-{}.lua", std::process::id()));
-    std::fs::write(&script_path, script).expect("write wrk script");
-    let output = Command::new("wrk")
-        .args([
-            "-t1",
-            &format!("-c{connections}"),
-            &format!("-d{seconds}s"),
-            "-s",
-        ])
-        .arg(&script_path)
-        .arg(url)
-        .output()
-        .expect("wrk runs (apt-get install wrk)");
-    let text = String::from_utf8_lossy(&output.stdout);
-    assert!(!text.contains("Non-2xx"), "some requests failed:\n{text}");
-    text.lines()
-        .find_map(|line| line.strip_prefix("Requests/sec:"))
-        .and_then(|rate| rate.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no rate in wrk output:\n{text}"))
 }
 
 /// Runs `redis-benchmark` with one command, as the operator; returns

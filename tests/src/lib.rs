@@ -10,12 +10,16 @@
 //! - [`hub`]: [`hub::HubServer`], a local Hugging Face Hub for download tests.
 //! - [`cluster`]: [`cluster::NatsCluster`], three nats-server containers on
 //!   a Docker network of their own, for node loss and partitions.
+//! - [`compose`]: [`compose::Compose`], a docker-compose project for a test.
 //! - [`scaler`]: [`ScalerProcess`], an `ebb-scaler` running tiny-model workers.
+//! - [`bench`]: `wrk` runs and side-by-side reports for the benchmarks.
 //! - [`chaos`]: the chaos run (`scripts/chaos`): every part a process, faults
 //!   on a seeded schedule, every accepted question checked at the end.
 
+pub mod bench;
 pub mod chaos;
 pub mod cluster;
+pub mod compose;
 pub mod eventually;
 pub mod hub;
 pub mod scaler;

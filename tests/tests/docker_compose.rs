@@ -10,7 +10,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ebb_scaler::pool::docker::POOL_LABEL;
+use ebb_tests::compose::{Compose, output, repo_root, secret_in, tiny_docker_scaler_config};
 use ebb_tests::{TempDir, eventually, free_port};
 use serde_json::{Value, json};
 
@@ -22,60 +22,6 @@ const IMAGES: [&str; 6] = [
     "ebb-nats",
     "ebb-redis",
 ];
-
-fn repo_root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn output(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program).args(args).output().expect("runs");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-/// Runs docker-compose for one project with the test's environment.
-struct Compose {
-    project: String,
-    env: Vec<(String, String)>,
-}
-
-impl Compose {
-    fn run(&self, args: &[&str]) -> std::process::Output {
-        Command::new("docker-compose")
-            .current_dir(repo_root())
-            .args(["-f", "compose.yaml", "-p", &self.project])
-            .args(args)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .output()
-            .expect("docker-compose runs")
-    }
-
-    fn worker_containers(&self) -> String {
-        output(
-            "docker",
-            &[
-                "ps",
-                "-aq",
-                "--filter",
-                &format!("label={POOL_LABEL}={}", self.project),
-            ],
-        )
-    }
-}
-
-impl Drop for Compose {
-    fn drop(&mut self) {
-        // Workers belong to the scaler, not to compose: remove them first, or
-        // the network cannot go.
-        let workers = self.worker_containers();
-        if !workers.is_empty() {
-            let _ = Command::new("docker")
-                .args(["rm", "-f"])
-                .args(workers.lines())
-                .output();
-        }
-        let _ = self.run(&["down", "-v", "--remove-orphans"]);
-    }
-}
 
 async fn get_json(url: &str) -> Option<(u16, Value)> {
     let response = reqwest::get(url).await.ok()?;
@@ -109,21 +55,13 @@ async fn docker_compose_runs_the_stack_and_scales_workers_from_zero_and_back() {
     let config = dir.path().join("scaler.yaml");
     std::fs::write(
         &config,
-        format!(
-            "tick: 200ms\nresources: {{min_instances: 0, max_instances: 1}}\n\
-             target: {{stable_window: 3s, panic_window: 2s, default_service_time: 1s}}\n\
-             cooldowns: {{scale_down_stabilization: 1s, scale_to_zero_idle: 3s}}\n\
-             backend:\n  kind: docker\n  image: ebb-worker:latest\n  network: {project}\n  pool: {project}\n\
-             \x20 env: {{EBB_NATS_URL: \"nats://nats:4222\", EBB_REDIS_URL: \"redis://redis:6379\", EBB_MODEL: ebb/tiny-qwen2, EBB_MODEL_DIR: /model, HF_HUB_OFFLINE: \"1\",\n\
-             \x20   EBB_NATS_USER: ebb-worker, EBB_NATS_PASSWORD_FILE: /run/ebb/nats-password, EBB_REDIS_USER: ebb-worker, EBB_REDIS_PASSWORD_FILE: /run/ebb/redis-password}}\n\
-             \x20 volumes: [\"{}:/model:ro\", \"{project}-worker-credentials:/run/ebb:ro\"]\n",
-            model.display()
-        ),
+        tiny_docker_scaler_config(&project, &model, "nats://nats:4222"),
     )
     .unwrap();
     let (gateway_port, scaler_port) = (free_port(), free_port());
     let compose = Compose {
         project: project.clone(),
+        file: "compose.yaml",
         env: vec![
             (
                 "EBB_SCALER_CONFIG_FILE".into(),
@@ -261,19 +199,6 @@ async fn docker_compose_runs_the_stack_and_scales_workers_from_zero_and_back() {
         "compose end-to-end took {:.1} s",
         started.elapsed().as_secs_f64()
     );
-}
-
-/// A secret `credentials` wrote into `volume`.
-fn secret_in(volume: &str, file: &str) -> String {
-    let mountpoint = output(
-        "docker",
-        &["volume", "inspect", "-f", "{{.Mountpoint}}", volume],
-    );
-    let secret = std::fs::read_to_string(format!("{mountpoint}/{file}"))
-        .unwrap_or_else(|err| panic!("{file} in {volume}: {err}"));
-    let secret = secret.trim().to_owned();
-    assert_eq!(secret.len(), 32, "a generated secret");
-    secret
 }
 
 /// The secrets `credentials` wrote are in no container's config.

@@ -1,0 +1,94 @@
+//! docker-compose projects for tests, removed with their volumes and the
+//! scaler's worker containers on Drop (also when the test fails).
+
+use std::process::Command;
+
+use ebb_scaler::pool::docker::POOL_LABEL;
+
+/// The repository's root (where the compose files are).
+pub fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The trimmed stdout of a command (empty when it fails).
+pub fn output(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).output().expect("runs");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Runs docker-compose for one project with the test's environment.
+#[derive(Debug)]
+pub struct Compose {
+    pub project: String,
+    /// `compose.yaml` or `compose.cluster.yaml`.
+    pub file: &'static str,
+    pub env: Vec<(String, String)>,
+}
+
+impl Compose {
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new("docker-compose")
+            .current_dir(repo_root())
+            .args(["-f", self.file, "-p", &self.project])
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .expect("docker-compose runs")
+    }
+
+    pub fn worker_containers(&self) -> String {
+        output(
+            "docker",
+            &[
+                "ps",
+                "-aq",
+                "--filter",
+                &format!("label={POOL_LABEL}={}", self.project),
+            ],
+        )
+    }
+}
+
+impl Drop for Compose {
+    fn drop(&mut self) {
+        // Workers belong to the scaler, not to compose: remove them first, or
+        // the network cannot go.
+        let workers = self.worker_containers();
+        if !workers.is_empty() {
+            let _ = Command::new("docker")
+                .args(["rm", "-f"])
+                .args(workers.lines())
+                .output();
+        }
+        let _ = self.run(&["down", "-v", "--remove-orphans"]);
+    }
+}
+
+/// A secret `credentials` wrote into `volume`.
+pub fn secret_in(volume: &str, file: &str) -> String {
+    let mountpoint = output(
+        "docker",
+        &["volume", "inspect", "-f", "{{.Mountpoint}}", volume],
+    );
+    let secret = std::fs::read_to_string(format!("{mountpoint}/{file}"))
+        .unwrap_or_else(|err| panic!("{file} in {volume}: {err}"));
+    let secret = secret.trim().to_owned();
+    assert_eq!(secret.len(), 32, "a generated secret");
+    secret
+}
+
+/// A scaler config whose Docker backend runs tiny-model workers (the model
+/// in `model`, mounted read-only) on the project's network, reaching NATS
+/// at `nats_url` (one node, or every node of a cluster).
+pub fn tiny_docker_scaler_config(project: &str, model: &std::path::Path, nats_url: &str) -> String {
+    format!(
+        "tick: 200ms\nresources: {{min_instances: 0, max_instances: 1}}\n\
+         target: {{stable_window: 3s, panic_window: 2s, default_service_time: 1s}}\n\
+         cooldowns: {{scale_down_stabilization: 1s, scale_to_zero_idle: 3s}}\n\
+         backend:\n  kind: docker\n  image: ebb-worker:latest\n  network: {project}\n  pool: {project}\n\
+         \x20 env: {{EBB_NATS_URL: \"{nats_url}\", EBB_REDIS_URL: \"redis://redis:6379\", EBB_MODEL: ebb/tiny-qwen2, EBB_MODEL_DIR: /model, HF_HUB_OFFLINE: \"1\",\n\
+         \x20   EBB_NATS_USER: ebb-worker, EBB_NATS_PASSWORD_FILE: /run/ebb/nats-password, EBB_REDIS_USER: ebb-worker, EBB_REDIS_PASSWORD_FILE: /run/ebb/redis-password}}\n\
+         \x20 volumes: [\"{}:/model:ro\", \"{project}-worker-credentials:/run/ebb:ro\"]\n",
+        model.display()
+    )
+}

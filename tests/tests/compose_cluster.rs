@@ -1,0 +1,216 @@
+//! `compose.cluster.yaml` on the real Docker engine, offline: three NATS
+//! nodes, two gateways behind haproxy, Redis, the scaler and its tiny-model
+//! worker containers. Under a steady load through the balancer one gateway
+//! is killed (SIGKILL) and later started again: clients that retry with
+//! their `Idempotency-Key` lose nothing, and no question is asked twice.
+//!
+//! `scripts/test` builds the images first; without a Docker engine it
+//! skips this file, saying so.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use ebb_tests::cluster::{docker, require_image};
+use ebb_tests::compose::{Compose, tiny_docker_scaler_config};
+use ebb_tests::{TempDir, eventually, free_port};
+use serde_json::{Value, json};
+
+/// The demo key of deploy/gateway.yaml.
+const KEY: &str = "ebb-local-demo-key";
+
+/// One question asked until a gateway takes it, the same key each time.
+/// Returns its id and how many tries were dropped by a dying gateway.
+async fn ask_with_retries(http: &reqwest::Client, balancer: &str, n: usize) -> (String, u32) {
+    let key = format!("cluster-load-{n}");
+    let mut dropped = 0;
+    for _ in 1..=240 {
+        let sent = http
+            .post(format!("{balancer}/v1/questions"))
+            .bearer_auth(KEY)
+            .header("idempotency-key", &key)
+            // Held open for the answer: a gateway killed meanwhile drops it.
+            .json(&json!({"question": format!("Gateway loss {n}?"), "max_tokens": 16, "wait_seconds": 10}))
+            .send()
+            .await;
+        if let Ok(response) = sent {
+            let code = response.status().as_u16();
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            match code {
+                200 | 202 => return (body["id"].as_str().unwrap().to_owned(), dropped),
+                // The balancer's answer when the gateway holding the
+                // request died (no JSON body: not the gateway's).
+                502..=504 if body.is_null() => dropped += 1,
+                // The gateway's 503 while a node is elected; 429 when the
+                // one worker is behind (shedding).
+                429 | 503 => {}
+                _ => panic!("{code}: {body}"),
+            }
+        } else {
+            dropped += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("question {n} never accepted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_gateway_behind_the_balancer_loses_no_question() {
+    for image in [
+        "ebb-gateway",
+        "ebb-worker",
+        "ebb-scaler",
+        "ebb-credentials",
+        "ebb-nats",
+        "ebb-redis",
+        "ebb-haproxy",
+    ] {
+        require_image(image);
+    }
+    let project = format!("ebbcluster{}", std::process::id());
+    let dir = TempDir::new("compose-cluster");
+    let model = dir.path().join("tiny");
+    ebb_worker::tiny::write_random_model(
+        &model,
+        ebb_worker::tiny::Shape::TINY,
+        42,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    let config = dir.path().join("scaler.yaml");
+    let seeds = "nats://nats-1:4222,nats://nats-2:4222,nats://nats-3:4222";
+    std::fs::write(&config, tiny_docker_scaler_config(&project, &model, seeds)).unwrap();
+    let port = free_port();
+    let compose = Compose {
+        project: project.clone(),
+        file: "compose.cluster.yaml",
+        env: vec![
+            (
+                "EBB_SCALER_CONFIG_FILE".into(),
+                config.display().to_string(),
+            ),
+            ("EBB_NETWORK".into(), project.clone()),
+            ("EBB_MODEL".into(), "ebb/tiny-qwen2".into()),
+            ("EBB_GATEWAY_PORT".into(), port.to_string()),
+            // Every request comes from the balancer's side of one address.
+            ("EBB_RATE_LIMIT_PER_IP".into(), "100000".into()),
+            ("EBB_SCALER_PORT".into(), free_port().to_string()),
+            ("EBB_NATS_MONITOR_PORT".into(), free_port().to_string()),
+        ],
+    };
+    let up = compose.run(&["up", "-d", "--no-build"]);
+    assert!(
+        up.status.success(),
+        "compose up: {}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let balancer = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(70))
+        .build()
+        .unwrap();
+    let healthz = &format!("{balancer}/healthz");
+    let http_ref = &http;
+    eventually(
+        Duration::from_secs(90),
+        "the gateways healthy behind the balancer",
+        || async move {
+            match http_ref.get(healthz).send().await {
+                Ok(response) if response.status().is_success() => Ok(()),
+                Ok(response) => Err(response.status().to_string()),
+                Err(err) => Err(err.to_string()),
+            }
+        },
+    )
+    .await;
+    // The first answer starts a worker container; the gateways may still
+    // be joining the balancer's rotation.
+    let first = eventually(
+        Duration::from_secs(120),
+        "a first answer through the balancer",
+        || async {
+            let response = http
+            .post(format!("{balancer}/v1/questions"))
+            .bearer_auth(KEY)
+            .json(&json!({"question": "Why is the sky blue?", "max_tokens": 8, "wait_seconds": 60}))
+            .send()
+            .await
+            .map_err(|err| err.to_string())?;
+            let text = response.text().await.map_err(|err| err.to_string())?;
+            serde_json::from_str::<Value>(&text).map_err(|_| text)
+        },
+    )
+    .await;
+    assert_eq!(first["status"], "done", "{first}");
+
+    // Three clients asking one question after another, each held open
+    // for its answer: a killed gateway always holds some.
+    let stop = Arc::new(AtomicBool::new(false));
+    let loads: Vec<_> = (0..3)
+        .map(|client| {
+            let (http, balancer, stop) = (http.clone(), balancer.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut asked = Vec::new();
+                let mut n = client;
+                while !stop.load(Ordering::Relaxed) {
+                    asked.push(ask_with_retries(&http, &balancer, n).await);
+                    n += 3;
+                }
+                asked
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let gateway_1 = format!("{project}_gateway-1_1");
+    docker(&["kill", &gateway_1]);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    docker(&["start", &gateway_1]);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut asked = Vec::new();
+    for load in loads {
+        asked.extend(load.await.unwrap());
+    }
+    let retried = asked.iter().filter(|(_, dropped)| *dropped > 0).count();
+    eprintln!(
+        "{} questions through the balancer, {retried} dropped by the killed gateway and retried",
+        asked.len()
+    );
+    assert!(asked.len() >= 20, "the load ran: {asked:?}");
+    assert!(
+        retried > 0,
+        "the kill dropped no request in flight: {asked:?}"
+    );
+    let mut ids: Vec<&String> = asked.iter().map(|(id, _)| id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), asked.len(), "two questions under one id");
+    for id in ids {
+        let url = format!("{balancer}/v1/questions/{id}");
+        let http = &http;
+        let record = eventually(
+            Duration::from_secs(120),
+            "an accepted question answered",
+            || {
+                let url = url.clone();
+                async move {
+                    let body: Value = http
+                        .get(&url)
+                        .bearer_auth(KEY)
+                        .send()
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .json()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    match body["status"].as_str() {
+                        Some("done" | "failed") => Ok(body),
+                        _ => Err(body.to_string()),
+                    }
+                }
+            },
+        )
+        .await;
+        assert_eq!(record["status"], "done", "{record}");
+    }
+}
