@@ -255,20 +255,14 @@ async fn open_bucket(
     replicas: usize,
 ) -> Result<(kv::Store, Duration), async_nats::Error> {
     let context = jetstream::new(client.clone());
-    // Made by hand, as the state bucket is (crate::memory): a KV stream
-    // whose entries expire `ttl` after they were written.
+    // A KV bucket whose entries expire `ttl` after they were written.
     let stream = jetstream::stream::Config {
-        name: format!("KV_{BUCKET}"),
-        description: Some("ebb-scaler leases: one active scaler per pool".to_owned()),
-        subjects: vec![format!("$KV.{BUCKET}.>")],
-        max_messages_per_subject: 1,
         max_age: ttl,
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
-        discard: jetstream::stream::DiscardPolicy::New,
-        num_replicas: replicas.max(1),
-        ..jetstream::stream::Config::default()
+        ..crate::memory::kv_stream(
+            BUCKET,
+            "ebb-scaler leases: one active scaler per pool",
+            replicas,
+        )
     };
     let mut stream = context.get_or_create_stream(stream).await?;
     let ttl = stream.info().await?.config.max_age;

@@ -49,6 +49,28 @@ pub fn learned_key(config: &ScalerConfig) -> String {
     format!("learned.{}", config.backend.pool())
 }
 
+/// The stream of a KV bucket with one value per key, made by hand:
+/// `create_key_value` first asks for the account's info, which nats-server
+/// 2.9 (Debian's) answers in a shape async-nats 0.51 cannot read.
+pub(crate) fn kv_stream(
+    bucket: &str,
+    description: &str,
+    replicas: usize,
+) -> jetstream::stream::Config {
+    jetstream::stream::Config {
+        name: format!("KV_{bucket}"),
+        description: Some(description.to_owned()),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: jetstream::stream::DiscardPolicy::New,
+        num_replicas: replicas.max(1),
+        ..jetstream::stream::Config::default()
+    }
+}
+
 impl Memory {
     /// Opens the bucket, creating it on first use.
     /// `replicas`: copies of the bucket in a cluster (the question
@@ -59,21 +81,9 @@ impl Memory {
         replicas: usize,
     ) -> Result<Memory, MemoryError> {
         let context = jetstream::new(client.clone());
-        // The KV layout made by hand: `create_key_value` first asks for the
-        // account's info, which nats-server 2.9 (Debian's) answers in a
-        // shape async-nats 0.51 cannot read.
         let stream = jetstream::stream::Config {
-            name: format!("KV_{BUCKET}"),
-            description: Some("ebb-scaler state kept across restarts".to_owned()),
-            subjects: vec![format!("$KV.{BUCKET}.>")],
-            max_messages_per_subject: 1,
             max_message_size: MAX_VALUE_BYTES,
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            discard: jetstream::stream::DiscardPolicy::New,
-            num_replicas: replicas.max(1),
-            ..jetstream::stream::Config::default()
+            ..kv_stream(BUCKET, "ebb-scaler state kept across restarts", replicas)
         };
         context
             .get_or_create_stream(stream)

@@ -29,18 +29,11 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::message::PublishMessage;
 use ebb_nats::{CachedAnswer, Job, subjects};
 use ebb_store::Store;
-use ebb_tests::bench::{median, report, wrk};
+use ebb_tests::bench::{env_or, median, report, wrk};
 use ebb_tests::{Stack, StackOptions};
 use serde_json::json;
 
 const ROUNDS: usize = 3;
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Runs `concurrency` loops of `call` for `seconds`; returns calls/s.
 async fn throughput<F, Fut>(concurrency: usize, seconds: f64, call: F) -> f64

@@ -13,7 +13,7 @@
 use std::process::{Child, Command, Stdio};
 
 use ebb_nats::access::Role;
-use ebb_tests::bench::{report, wrk};
+use ebb_tests::bench::{env_or, report, wrk};
 use ebb_tests::cluster::NatsCluster;
 use ebb_tests::servers::wait_for_port;
 use ebb_tests::stack::shared_args;
@@ -21,13 +21,6 @@ use ebb_tests::{RedisServer, StackOptions, free_port};
 use serde_json::json;
 
 const ROUNDS: usize = 3;
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// An `ebb-gateway` process of the release build, killed on Drop.
 struct GatewayProcess {
@@ -41,31 +34,26 @@ impl GatewayProcess {
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/ebb-gateway");
         assert!(binary.is_file(), "run `cargo build --release --bins` first");
         let port = free_port();
+        let options = StackOptions {
+            queue_max_messages: 10_000_000,
+            ..StackOptions::default()
+        };
         let child = Command::new(binary)
-            .args(shared_args(
-                cluster,
-                redis,
-                Role::Gateway,
-                &StackOptions::default(),
-            ))
+            .args(shared_args(cluster, redis, Role::Gateway, &options))
             .args(["--stream-replicas", "3", "--insecure-dev"])
-            .args([
-                "--rate-limit-per-ip",
-                "100000000",
-                "--queue-max-messages",
-                "10000000",
-            ])
+            .args(["--rate-limit-per-ip", "100000000"])
             // Shedding off the measurement's path: the backlog only grows.
             .args(["--max-workers", "1000000", "--latency-goal", "1h"])
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .spawn()
             .expect("start ebb-gateway");
         wait_for_port(port, "ebb-gateway");
         GatewayProcess {
             child,
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("http://127.0.0.1:{port}/v1/questions"),
         }
     }
 }
@@ -90,6 +78,16 @@ async fn main() {
     let accept_script = "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\n\
         counter = 0\nrequest = function()\n  counter = counter + 1\n  return wrk.format(nil, nil, nil, \
         '{\"question\":\"Question ' .. math.random(1e9) .. ' number ' .. counter .. '?\",\"wait_seconds\":0}')\nend\n";
+    for gateway in &gateways {
+        let response = reqwest::Client::new()
+            .post(&gateway.url)
+            .json(&json!({"question": "Ready?", "wait_seconds": 0}))
+            .send()
+            .await
+            .expect("gateway reachable");
+        let code = response.status().as_u16();
+        assert_eq!(code, 202, "{}", response.text().await.unwrap_or_default());
+    }
     // Let the streams settle on their leaders before measuring.
     wrk(&gateways[0].url, accept_script, 2, 1.0);
     let (mut two, mut one) = (Vec::new(), Vec::new());

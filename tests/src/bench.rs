@@ -5,6 +5,14 @@ use std::process::Command;
 
 use serde_json::json;
 
+/// A benchmark knob from the environment, else `default`.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// The median of a benchmark's rounds.
 pub fn median(values: Vec<f64>) -> f64 {
     ebb_runtime::quantile::of(values, 0.5)

@@ -12,7 +12,7 @@ use ebb_credentials::{Credentials, Role, Service};
 use serde_json::Value;
 
 use crate::eventually;
-use crate::servers::{NatsLogin, TempDir, free_port, wait_for_port};
+use crate::servers::{NatsLogin, TempDir, free_port, nats_login_args, wait_for_port};
 
 /// The user the images run as (scripts/build-images).
 const IMAGE_USER: u32 = 10001;
@@ -242,14 +242,7 @@ pub async fn js_request(
 
 impl NatsLogin for NatsCluster {
     fn login_args(&self, role: Role) -> Vec<String> {
-        vec![
-            "--nats-url".to_owned(),
-            self.url(),
-            "--nats-user".to_owned(),
-            role.user(),
-            "--nats-password-file".to_owned(),
-            self.password_file(role).display().to_string(),
-        ]
+        nats_login_args(&self.url(), &self.credentials, role)
     }
 }
 

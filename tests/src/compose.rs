@@ -1,7 +1,10 @@
 //! docker-compose projects for tests, removed with their volumes and the
 //! scaler's worker containers on Drop (also when the test fails).
 
+use std::path::Path;
 use std::process::Command;
+
+use crate::servers::free_port;
 
 use ebb_scaler::pool::docker::POOL_LABEL;
 
@@ -77,10 +80,53 @@ pub fn secret_in(volume: &str, file: &str) -> String {
     secret
 }
 
+/// A project of `file` whose scaler runs tiny-model worker containers
+/// (a fresh copy of the model in `dir`, workers given `nats_url`), on free
+/// host ports: returns it with its gateway and scaler ports.
+pub fn tiny_project(
+    project: &str,
+    file: &'static str,
+    nats_url: &str,
+    dir: &Path,
+) -> (Compose, u16, u16) {
+    // A fresh copy: the shared test model may predate world-readable weights.
+    let model = dir.join("tiny");
+    ebb_worker::tiny::write_random_model(
+        &model,
+        ebb_worker::tiny::Shape::TINY,
+        42,
+        candle_core::DType::F32,
+    )
+    .expect("write the tiny model");
+    let config = dir.join("scaler.yaml");
+    std::fs::write(
+        &config,
+        tiny_docker_scaler_config(project, &model, nats_url),
+    )
+    .expect("write the scaler config");
+    let (gateway_port, scaler_port) = (free_port(), free_port());
+    let compose = Compose {
+        project: project.to_owned(),
+        file,
+        env: vec![
+            (
+                "EBB_SCALER_CONFIG_FILE".into(),
+                config.display().to_string(),
+            ),
+            ("EBB_NETWORK".into(), project.to_owned()),
+            ("EBB_MODEL".into(), "ebb/tiny-qwen2".into()),
+            ("EBB_GATEWAY_PORT".into(), gateway_port.to_string()),
+            ("EBB_SCALER_PORT".into(), scaler_port.to_string()),
+            ("EBB_NATS_MONITOR_PORT".into(), free_port().to_string()),
+        ],
+    };
+    (compose, gateway_port, scaler_port)
+}
+
 /// A scaler config whose Docker backend runs tiny-model workers (the model
 /// in `model`, mounted read-only) on the project's network, reaching NATS
 /// at `nats_url` (one node, or every node of a cluster).
-pub fn tiny_docker_scaler_config(project: &str, model: &std::path::Path, nats_url: &str) -> String {
+fn tiny_docker_scaler_config(project: &str, model: &std::path::Path, nats_url: &str) -> String {
     format!(
         "tick: 200ms\nresources: {{min_instances: 0, max_instances: 1}}\n\
          target: {{stable_window: 3s, panic_window: 2s, default_service_time: 1s}}\n\

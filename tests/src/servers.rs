@@ -92,6 +92,19 @@ impl NatsLogin for NatsServer {
     }
 }
 
+/// `--nats-url url`, and `role`'s user and password file in `credentials`.
+pub fn nats_login_args(url: &str, credentials: &Credentials, role: Role) -> Vec<String> {
+    let password_file = credentials.password_file(role, Service::Nats);
+    vec![
+        "--nats-url".to_owned(),
+        url.to_owned(),
+        "--nats-user".to_owned(),
+        role.user(),
+        "--nats-password-file".to_owned(),
+        password_file.display().to_string(),
+    ]
+}
+
 /// `nats-server -js` with its own store directory and credentials.
 #[derive(Debug)]
 pub struct NatsServer {
@@ -180,17 +193,7 @@ impl NatsServer {
 
     /// `--nats-url`, `--nats-user` and `--nats-password-file` of `role`.
     pub fn login_args(&self, role: Role) -> Vec<String> {
-        vec![
-            "--nats-url".to_owned(),
-            self.url(),
-            "--nats-user".to_owned(),
-            role.user(),
-            "--nats-password-file".to_owned(),
-            self.credentials
-                .password_file(role, Service::Nats)
-                .display()
-                .to_string(),
-        ]
+        nats_login_args(&self.url(), &self.credentials, role)
     }
 
     /// What [`NatsServer::login_args`] parse to: for `ebb_nats::connect`.

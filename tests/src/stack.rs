@@ -353,6 +353,33 @@ impl Stack {
     }
 }
 
+/// Waits until every question in `ids` has ended `done` at the gateway
+/// `gateway` (read with the API key `key`, when questions have owners).
+pub async fn all_answered(gateway: &str, ids: &[String], key: Option<&str>) {
+    let http = reqwest::Client::new();
+    for id in ids {
+        let url = format!("{gateway}/v1/questions/{id}");
+        let record = eventually(
+            Duration::from_secs(120),
+            "an accepted question answered",
+            || async {
+                let mut request = http.get(&url);
+                if let Some(key) = key {
+                    request = request.bearer_auth(key);
+                }
+                let response = request.send().await.map_err(|err| err.to_string())?;
+                let body: Value = response.json().await.map_err(|err| err.to_string())?;
+                match body["status"].as_str() {
+                    Some("done" | "failed") => Ok(body),
+                    _ => Err(format!("{id}: {body}")),
+                }
+            },
+        )
+        .await;
+        assert_eq!(record["status"], "done", "{record}");
+    }
+}
+
 /// A gateway served in this process on a port of its own; stopped on Drop.
 #[derive(Debug)]
 pub struct Gateway {

@@ -16,8 +16,8 @@ use std::time::Duration;
 use ebb_nats::access::Role;
 use ebb_nats::subjects::{self, Priority};
 use ebb_tests::cluster::{NatsCluster, js_request};
-use ebb_tests::stack::{Gateway, shared_args};
-use ebb_tests::{RedisServer, StackOptions, WorkerProcess, eventually};
+use ebb_tests::stack::{Gateway, all_answered, shared_args};
+use ebb_tests::{RedisServer, StackOptions, WorkerProcess};
 use serde_json::{Value, json};
 
 const REPLICAS: &str = "3";
@@ -80,34 +80,6 @@ async fn steady_load(gateway: String, stop: Arc<AtomicBool>) -> Ledger {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     ledger
-}
-
-/// Waits until every accepted question is `done`.
-async fn all_answered(gateway: &str, ids: &[String]) {
-    let http = reqwest::Client::new();
-    for id in ids {
-        let url = format!("{gateway}/v1/questions/{id}");
-        let record = eventually(
-            Duration::from_secs(120),
-            "an accepted question answered",
-            || async {
-                let body: Value = http
-                    .get(&url)
-                    .send()
-                    .await
-                    .map_err(|err| err.to_string())?
-                    .json()
-                    .await
-                    .map_err(|err| err.to_string())?;
-                match body["status"].as_str() {
-                    Some("done" | "failed") => Ok(body),
-                    _ => Err(format!("{id}: {body}")),
-                }
-            },
-        )
-        .await;
-        assert_eq!(record["status"], "done", "{record}");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -181,7 +153,7 @@ async fn a_replicated_queue_answers_every_accepted_question_through_node_loss_an
     unique.sort();
     unique.dedup();
     assert_eq!(unique.len(), ledger.accepted.len(), "an id accepted twice");
-    all_answered(&gateway.url, &ledger.accepted).await;
+    all_answered(&gateway.url, &ledger.accepted, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

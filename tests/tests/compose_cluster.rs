@@ -12,8 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ebb_tests::cluster::{docker, require_image};
-use ebb_tests::compose::{Compose, tiny_docker_scaler_config};
-use ebb_tests::{TempDir, eventually, free_port};
+use ebb_tests::compose::tiny_project;
+use ebb_tests::stack::all_answered;
+use ebb_tests::{TempDir, eventually};
 use serde_json::{Value, json};
 
 /// The demo key of deploy/gateway.yaml.
@@ -69,35 +70,12 @@ async fn killing_a_gateway_behind_the_balancer_loses_no_question() {
     }
     let project = format!("ebbcluster{}", std::process::id());
     let dir = TempDir::new("compose-cluster");
-    let model = dir.path().join("tiny");
-    ebb_worker::tiny::write_random_model(
-        &model,
-        ebb_worker::tiny::Shape::TINY,
-        42,
-        candle_core::DType::F32,
-    )
-    .unwrap();
-    let config = dir.path().join("scaler.yaml");
     let seeds = "nats://nats-1:4222,nats://nats-2:4222,nats://nats-3:4222";
-    std::fs::write(&config, tiny_docker_scaler_config(&project, &model, seeds)).unwrap();
-    let port = free_port();
-    let compose = Compose {
-        project: project.clone(),
-        file: "compose.cluster.yaml",
-        env: vec![
-            (
-                "EBB_SCALER_CONFIG_FILE".into(),
-                config.display().to_string(),
-            ),
-            ("EBB_NETWORK".into(), project.clone()),
-            ("EBB_MODEL".into(), "ebb/tiny-qwen2".into()),
-            ("EBB_GATEWAY_PORT".into(), port.to_string()),
-            // Every request comes from the balancer's side of one address.
-            ("EBB_RATE_LIMIT_PER_IP".into(), "100000".into()),
-            ("EBB_SCALER_PORT".into(), free_port().to_string()),
-            ("EBB_NATS_MONITOR_PORT".into(), free_port().to_string()),
-        ],
-    };
+    let (mut compose, port, _) = tiny_project(&project, "compose.cluster.yaml", seeds, dir.path());
+    // Every request comes from the balancer's side of one address.
+    compose
+        .env
+        .push(("EBB_RATE_LIMIT_PER_IP".into(), "100000".into()));
     let up = compose.run(&["up", "-d", "--no-build"]);
     assert!(
         up.status.success(),
@@ -185,32 +163,6 @@ async fn killing_a_gateway_behind_the_balancer_loses_no_question() {
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), asked.len(), "two questions under one id");
-    for id in ids {
-        let url = format!("{balancer}/v1/questions/{id}");
-        let http = &http;
-        let record = eventually(
-            Duration::from_secs(120),
-            "an accepted question answered",
-            || {
-                let url = url.clone();
-                async move {
-                    let body: Value = http
-                        .get(&url)
-                        .bearer_auth(KEY)
-                        .send()
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .json()
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    match body["status"].as_str() {
-                        Some("done" | "failed") => Ok(body),
-                        _ => Err(body.to_string()),
-                    }
-                }
-            },
-        )
-        .await;
-        assert_eq!(record["status"], "done", "{record}");
-    }
+    let ids: Vec<String> = ids.into_iter().cloned().collect();
+    all_answered(&balancer, &ids, Some(KEY)).await;
 }

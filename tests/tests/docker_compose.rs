@@ -10,8 +10,9 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ebb_tests::compose::{Compose, output, repo_root, secret_in, tiny_docker_scaler_config};
-use ebb_tests::{TempDir, eventually, free_port};
+use ebb_tests::cluster::require_image;
+use ebb_tests::compose::{Compose, output, repo_root, secret_in, tiny_project};
+use ebb_tests::{TempDir, eventually};
 use serde_json::{Value, json};
 
 const IMAGES: [&str; 6] = [
@@ -32,48 +33,13 @@ async fn get_json(url: &str) -> Option<(u16, Value)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_compose_runs_the_stack_and_scales_workers_from_zero_and_back() {
     for image in IMAGES {
-        let found = Command::new("docker")
-            .args(["image", "inspect", &format!("{image}:latest")])
-            .output();
-        assert!(
-            found.is_ok_and(|o| o.status.success()),
-            "image {image}:latest is missing: run scripts/build-images"
-        );
+        require_image(image);
     }
     let started = Instant::now();
     let project = format!("ebbtest{}", std::process::id());
     let dir = TempDir::new("compose");
-    // A fresh copy: the shared test model may predate world-readable weights.
-    let model = dir.path().join("tiny");
-    ebb_worker::tiny::write_random_model(
-        &model,
-        ebb_worker::tiny::Shape::TINY,
-        42,
-        candle_core::DType::F32,
-    )
-    .unwrap();
-    let config = dir.path().join("scaler.yaml");
-    std::fs::write(
-        &config,
-        tiny_docker_scaler_config(&project, &model, "nats://nats:4222"),
-    )
-    .unwrap();
-    let (gateway_port, scaler_port) = (free_port(), free_port());
-    let compose = Compose {
-        project: project.clone(),
-        file: "compose.yaml",
-        env: vec![
-            (
-                "EBB_SCALER_CONFIG_FILE".into(),
-                config.display().to_string(),
-            ),
-            ("EBB_NETWORK".into(), project.clone()),
-            ("EBB_MODEL".into(), "ebb/tiny-qwen2".into()),
-            ("EBB_GATEWAY_PORT".into(), gateway_port.to_string()),
-            ("EBB_SCALER_PORT".into(), scaler_port.to_string()),
-            ("EBB_NATS_MONITOR_PORT".into(), free_port().to_string()),
-        ],
-    };
+    let (compose, gateway_port, scaler_port) =
+        tiny_project(&project, "compose.yaml", "nats://nats:4222", dir.path());
     let up = compose.run(&["up", "-d", "--no-build"]);
     assert!(
         up.status.success(),
