@@ -113,9 +113,10 @@ async fn the_standby_takes_over_a_killed_scaler_and_adopts_its_workers() {
     let (mut a, b) = two_scalers(&stack);
     a.wait_status(Duration::from_secs(10), "a active", |s| role(s) == "active")
         .await;
-    let standby = b.status().await;
-    assert_eq!(role(&standby), "standby", "{standby}");
-    assert_eq!(standby["lease"]["holder"], "a", "{standby}");
+    b.wait_status(Duration::from_secs(10), "b standing by for a", |s| {
+        role(s) == "standby" && s["lease"]["holder"] == "a"
+    })
+    .await;
 
     let first = burst(&stack, "Before", 8).await;
     a.wait_status(Duration::from_secs(30), "a started workers", |s| {
