@@ -151,7 +151,9 @@ impl Memory {
                 .state
                 .learned
                 .clone();
-            if learned != saved {
+            // Only the active scaler writes: a standby's profiles are stale.
+            let active = shared.lease.acting(std::time::Instant::now());
+            if active && learned != saved {
                 match self.save(&learned).await {
                     Ok(()) => saved = learned,
                     // Kept in memory meanwhile; the next round tries again.

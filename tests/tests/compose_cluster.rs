@@ -166,3 +166,70 @@ async fn killing_a_gateway_behind_the_balancer_loses_no_question() {
     let ids: Vec<String> = ids.into_iter().cloned().collect();
     all_answered(&balancer, &ids, Some(KEY)).await;
 }
+
+#[test]
+fn the_cluster_file_publishes_only_the_balancer_and_gives_every_process_all_nodes() {
+    let merged = std::process::Command::new("docker-compose")
+        .current_dir(ebb_tests::compose::repo_root())
+        .args(["-f", "compose.cluster.yaml", "config"])
+        .output()
+        .expect("docker-compose runs");
+    assert!(
+        merged.status.success(),
+        "{}",
+        String::from_utf8_lossy(&merged.stderr)
+    );
+    let text = String::from_utf8_lossy(&merged.stdout);
+    let seeds = "nats://nats-1:4222,nats://nats-2:4222,nats://nats-3:4222";
+    // Both gateways and the scaler: every node, and the gateways' three replicas.
+    assert_eq!(
+        text.matches(&format!("EBB_NATS_URL: {seeds}")).count(),
+        3,
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("EBB_STREAM_REPLICAS: '3'").count(),
+        2,
+        "{text}"
+    );
+    // Published beyond this host: the balancer's port alone.
+    let mut service = "";
+    let mut open = Vec::new();
+    for line in text.lines() {
+        // `  name:` opens a service (under `services:`, indented by two).
+        if line.len() > 2
+            && line.starts_with("  ")
+            && !line.starts_with("   ")
+            && line.ends_with(':')
+        {
+            service = line.trim().trim_end_matches(':');
+        }
+        let entry = line.trim_start().trim_start_matches("- ");
+        let short_form_open = entry.chars().next().is_some_and(|c| c.is_ascii_digit())
+            && entry.contains(':')
+            && !entry.starts_with("127.0.0.1:");
+        if entry.starts_with("published:") || short_form_open {
+            open.push((service.to_owned(), entry.to_owned()));
+        }
+    }
+    assert_eq!(
+        open,
+        [("balancer".to_owned(), "published: 8080".to_owned())],
+        "{text}"
+    );
+    assert!(
+        text.contains("- 127.0.0.1:8222:8222/tcp") && text.contains("- 127.0.0.1:9090:9090/tcp"),
+        "{text}"
+    );
+    let config = ebb_control::config::ScalerConfig::load(
+        &ebb_tests::compose::repo_root().join("deploy/scaler.cluster.yaml"),
+    )
+    .expect("valid");
+    let ebb_control::config::BackendConfig::Docker(docker) = config.backend else {
+        panic!("the cluster's scaler runs containers");
+    };
+    assert_eq!(
+        docker.env.get("EBB_NATS_URL").map(String::as_str),
+        Some(seeds)
+    );
+}
