@@ -19,6 +19,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use serde_json::{Value, json};
 
+use crate::lease::LeaseView;
 use crate::scaler::{Shared, Startup, Status};
 use ebb_control::policy::Override;
 use ebb_control::signals::WorkerView;
@@ -48,6 +49,8 @@ enum ApiError {
     NotFound,
     MethodNotAllowed,
     TooLarge,
+    /// Another scaler of the pool is the active one (`holder`, if known).
+    Standby(Option<String>),
 }
 
 impl IntoResponse for ApiError {
@@ -90,6 +93,15 @@ impl IntoResponse for ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",
                 "the body is larger than 4 KiB".to_owned(),
+                None,
+            ),
+            ApiError::Standby(holder) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "standby",
+                match holder {
+                    Some(holder) => format!("this scaler stands by; the active one is {holder}"),
+                    None => "this scaler stands by (no active scaler known yet)".to_owned(),
+                },
                 None,
             ),
         };
@@ -194,6 +206,13 @@ async fn scale(
             .filter(|ttl| (1..=MAX_OVERRIDE_TTL_SECONDS).contains(ttl))
             .ok_or_else(|| invalid("ttl_seconds", "must be an integer from 1 to 604800"))?,
     };
+    // Only the active scaler acts on an override: a standby would keep it
+    // until it takes over, hours later perhaps.
+    match state.shared.lease.view(std::time::Instant::now()) {
+        LeaseView::Active { .. } => {}
+        LeaseView::Standby { holder, .. } => return Err(ApiError::Standby(holder)),
+        LeaseView::Starting => return Err(ApiError::Standby(None)),
+    }
     let current = state.shared.status().desired;
     let target = match action {
         "up" => current.saturating_add(count),

@@ -142,13 +142,15 @@ impl Lease {
 }
 
 /// Opens the lease bucket (creating it with `ttl` and `replicas`) and
-/// keeps this scaler's side of the lease of `pool` until `stopping`.
+/// keeps this scaler's side of the lease of `pool` until `stopping`;
+/// `decided` is sent once the first attempt has made it active or standby.
 pub async fn keep(
     client: async_nats::Client,
     pool: String,
     args: LeaseArgs,
     replicas: usize,
     lease: std::sync::Arc<Lease>,
+    decided: tokio::sync::oneshot::Sender<()>,
     stopping: CancellationToken,
 ) {
     let open = || open_bucket(&client, args.lease_ttl, replicas);
@@ -167,9 +169,13 @@ pub async fn keep(
         state.opened = true;
     }
     let key = format!("pool.{pool}");
+    let mut decided = Some(decided);
     loop {
         let was_acting = lease.acting(Instant::now());
         let wait = step(&store, &key, &lease, ttl).await;
+        if let Some(decided) = decided.take() {
+            let _ = decided.send(());
+        }
         let acting = lease.acting(Instant::now());
         if acting != was_acting {
             match acting {

@@ -120,14 +120,29 @@ async fn start_and_scale(
     // Kept as safe as the queue: as many copies as its stream has.
     let replicas = questions.cached_info().config.num_replicas;
     let keeper = memory::remember(&client, &config, replicas, &shared, &stopping).await;
+    // Active or standby before it reports ready, so `/scale` and
+    // `/status` answer for the role it has.
+    shared.starting(Startup::Lease);
+    let (decided, first_decision) = tokio::sync::oneshot::channel();
     tokio::spawn(lease::keep(
         client.clone(),
         config.backend.pool().to_owned(),
         args.lease.clone(),
         replicas,
         shared.lease.clone(),
+        decided,
         stopping.clone(),
     ));
+    let stopped_first = tokio::select! {
+        _ = first_decision => false,
+        () = stopping.cancelled() => true,
+    };
+    if stopped_first {
+        if let Some(keeper) = keeper {
+            let _ = keeper.await;
+        }
+        return Ok(());
+    }
     shared.starting(Startup::Pool);
     let grace = config.health.stop_grace;
     let scaled = match config.backend {

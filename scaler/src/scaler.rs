@@ -81,6 +81,7 @@ pub enum Startup {
     #[default]
     Nats,
     QuestionStream,
+    Lease,
     Pool,
     Ready,
 }
@@ -92,6 +93,7 @@ impl std::fmt::Display for Startup {
             Startup::QuestionStream => {
                 "waiting for the question stream (the gateway creates it; is NATS reachable?)"
             }
+            Startup::Lease => "taking part in the scaler lease (NATS KV)",
             Startup::Pool => "opening the worker pool",
             Startup::Ready => "ready",
         })

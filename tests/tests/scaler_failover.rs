@@ -117,6 +117,21 @@ async fn the_standby_takes_over_a_killed_scaler_and_adopts_its_workers() {
         role(s) == "standby" && s["lease"]["holder"] == "a"
     })
     .await;
+    // An override sent to the standby is refused, naming the active one.
+    let refused = reqwest::Client::new()
+        .post(format!("{}/scale", b.url))
+        .bearer_auth(ebb_tests::ADMIN_TOKEN)
+        .json(&json!({"action": "set", "count": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 503);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "standby", "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains(" a"),
+        "{body}"
+    );
 
     let first = burst(&stack, "Before", 8).await;
     a.wait_status(Duration::from_secs(30), "a started workers", |s| {
