@@ -11,6 +11,8 @@
 //! - [`cluster`]: [`cluster::NatsCluster`], three nats-server containers on
 //!   a Docker network of their own, for node loss and partitions.
 //! - [`compose`]: [`compose::Compose`], a docker-compose project for a test.
+//! - [`proxy`]: [`proxy::CuttableProxy`], a TCP proxy a test cuts to
+//!   partition one process from a server.
 //! - [`scaler`]: [`ScalerProcess`], an `ebb-scaler` running tiny-model workers.
 //! - [`bench`]: `wrk` runs and side-by-side reports for the benchmarks.
 //! - [`chaos`]: the chaos run (`scripts/chaos`): every part a process, faults
@@ -22,6 +24,7 @@ pub mod cluster;
 pub mod compose;
 pub mod eventually;
 pub mod hub;
+pub mod proxy;
 pub mod scaler;
 pub mod servers;
 pub mod sse;

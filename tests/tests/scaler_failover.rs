@@ -27,8 +27,16 @@ fn policy() -> String {
 
 /// Scalers `a` and `b` of the same pool, sharing its worker records.
 fn two_scalers(stack: &Stack) -> (ScalerProcess, ScalerProcess) {
+    two_scalers_via(stack, None)
+}
+
+/// The same, `a` reaching NATS through the proxy on `a_port` when given.
+fn two_scalers_via(stack: &Stack, a_port: Option<u16>) -> (ScalerProcess, ScalerProcess) {
     let args = |id: &str| {
         let mut args = stack.nats.login_args(Role::Scaler);
+        if let (Some(port), "a") = (a_port, id) {
+            args[1] = format!("nats://127.0.0.1:{port}");
+        }
         args.extend(["--scaler-id", id, "--lease-ttl", "3s"].map(str::to_owned));
         args
     };
@@ -185,4 +193,76 @@ async fn a_frozen_active_scaler_wakes_up_standing_by() {
     .await;
     served_without_duplicates(&stack, &a, &ids).await;
     assert_eq!(role(&b.status().await), "active");
+}
+
+/// Sets a manual override of `count` workers on `scaler`.
+async fn set_workers(scaler: &ScalerProcess, count: u32) -> u16 {
+    reqwest::Client::new()
+        .post(format!("{}/scale", scaler.url))
+        .bearer_auth(ebb_tests::ADMIN_TOKEN)
+        .json(&json!({"action": "set", "count": count, "ttl_seconds": 600}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_active_scaler_cut_off_from_nats_stops_acting_and_the_standby_takes_over() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let proxy = ebb_tests::proxy::CuttableProxy::start(stack.nats.port).await;
+    let (a, b) = two_scalers_via(&stack, Some(proxy.port));
+    a.wait_status(Duration::from_secs(10), "a active", |s| role(s) == "active")
+        .await;
+    b.wait_status(Duration::from_secs(10), "b standing by", |s| {
+        role(s) == "standby"
+    })
+    .await;
+    // a runs two workers on an override it keeps for ten minutes.
+    assert_eq!(set_workers(&a, 2).await, 200);
+    ebb_tests::eventually(Duration::from_secs(30), "a's two workers", || async {
+        match live(&a.worker_pids()) {
+            2 => Ok(()),
+            n => Err(n),
+        }
+    })
+    .await;
+
+    proxy.cut();
+    let cut = Instant::now();
+    b.wait_status(Duration::from_secs(10), "b active", |s| role(s) == "active")
+        .await;
+    let takeover = cut.elapsed();
+    assert!(
+        takeover <= LEASE_TTL + Duration::from_secs(2),
+        "took {takeover:?}"
+    );
+    // b wants none; a, cut off with its override of two, must not put
+    // them back.
+    assert_eq!(set_workers(&b, 0).await, 200);
+    ebb_tests::eventually(
+        Duration::from_secs(30),
+        "b stopping the workers",
+        || async {
+            match live(&a.worker_pids()) {
+                0 => Ok(()),
+                n => Err(n),
+            }
+        },
+    )
+    .await;
+    let held = Instant::now();
+    while held.elapsed() < Duration::from_secs(4) {
+        let workers = live(&a.worker_pids());
+        assert_eq!(workers, 0, "the cut-off scaler started workers");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = a.status().await;
+    assert_eq!(role(&status), "standby", "{status}");
+    proxy.heal();
+    a.wait_status(Duration::from_secs(15), "a back, standing by for b", |s| {
+        role(s) == "standby" && s["lease"]["holder"] == "b"
+    })
+    .await;
 }
