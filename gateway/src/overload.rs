@@ -13,10 +13,11 @@
 //! questions being queued now or queued since (a place is reserved before
 //! the estimate, so a burst of concurrent requests cannot all pass on one
 //! count). Places are shared by every gateway in Redis
-//! ([`ebb_store::limits`]), each counting for [`PLACE_WINDOW`] (longer than
-//! any gateway's depth reading takes to include its question, so a
-//! question may count twice for that long, never zero times); while Redis
-//! is away each gateway counts its own since its last reading. And `throughput` is the mean over the workers
+//! ([`ebb_store::limits`]): a gateway counts every place still being
+//! queued and every place queued since its own last reading started (by
+//! Redis's clock), which that reading may not include; while Redis is away
+//! each gateway counts its own since its last reading. And `throughput` is
+//! the mean over the workers
 //! heard in the last 10 s of what each answers when full: `slots /
 //! mean_job_ms` from its heartbeat (a worker batching 8 questions that take
 //! 10 s each answers 0.8 a second). Until a worker reports, a worker is
@@ -39,9 +40,6 @@ use crate::error::ApiError;
 use crate::shared_limits::RedisPause;
 
 const DEPTH_INTERVAL: Duration = Duration::from_millis(250);
-/// How long a shared place counts: two depth readings (every gateway's
-/// next reading after a publish has ended by then, elections aside).
-pub const PLACE_WINDOW: Duration = Duration::from_millis(500);
 /// The most places Redis holds: past it a gateway sheds anyway (no
 /// deployment queues 100,000 questions a second within its goal).
 const MAX_PLACES: u64 = 100_000;
@@ -127,6 +125,9 @@ pub struct Overload {
     fleet: Mutex<(Option<Learned>, MaxWorkers)>,
     /// Places shared with the other gateways; `None` counts alone.
     shared: Option<SharedPlaces>,
+    /// When the last depth reading started, by Redis's clock (ms; 0 when
+    /// unknown, and every recent place counts).
+    reading_started_ms: AtomicU64,
 }
 
 /// The places every gateway takes, in Redis.
@@ -140,8 +141,9 @@ struct SharedPlaces {
 }
 
 impl SharedPlaces {
-    /// Takes a place; the others taken in the window, and its name.
-    async fn reserve(&self) -> Option<(u64, String)> {
+    /// Takes a place; the places the reading that started at
+    /// `reading_started_ms` did not include, and the new place's name.
+    async fn reserve(&self, reading_started_ms: u64) -> Option<(u64, String)> {
         let place = format!(
             "{}-{}",
             self.gateway,
@@ -151,7 +153,8 @@ impl SharedPlaces {
             .redis
             .call(
                 &self.store,
-                self.store.reserve_place(&place, PLACE_WINDOW, MAX_PLACES),
+                self.store
+                    .reserve_place(&place, reading_started_ms, MAX_PLACES),
             )
             .await?;
         Some((others, place))
@@ -177,6 +180,7 @@ impl Overload {
                 gateway: uuid::Uuid::now_v7(),
                 next: AtomicU64::new(0),
             }),
+            reading_started_ms: AtomicU64::new(0),
         }
     }
 
@@ -192,7 +196,10 @@ impl Overload {
             shared_place: None,
         };
         let shared = match &self.shared {
-            Some(shared) => shared.reserve().await,
+            Some(shared) => {
+                let started = self.reading_started_ms.load(Ordering::Relaxed);
+                shared.reserve(started).await
+            }
             None => None,
         };
         let ahead = match shared {
@@ -211,6 +218,17 @@ impl Overload {
             });
         }
         Ok(reservation)
+    }
+
+    /// Runs `call` on the shared store in the background (off the
+    /// request's path), when there is one.
+    fn spawn_on_store<F: Future<Output = ()> + Send + 'static>(
+        &self,
+        call: impl FnOnce(Store) -> F,
+    ) {
+        if let (Some(shared), Ok(runtime)) = (&self.shared, tokio::runtime::Handle::try_current()) {
+            runtime.spawn(call(shared.store.clone()));
+        }
     }
 
     /// Waiting at the last reading plus queued since (not in-flight places).
@@ -265,9 +283,19 @@ impl Overload {
         // questions queued during it may count twice (shedding a little
         // early), never zero times.
         let counted = self.accepted_since.load(Ordering::Relaxed);
+        let started = match &self.shared {
+            Some(shared) => {
+                let now = shared.store.redis_time_ms();
+                shared.redis.call(&shared.store, now).await.unwrap_or(0)
+            }
+            None => 0,
+        };
         match ebb_nats::queue_depth(&topology.questions).await {
             Ok(depth) => {
                 self.waiting.store(depth.waiting(), Ordering::Relaxed);
+                // After `waiting`: a reservation in between pairs the new
+                // count with the older start, counting more places, not fewer.
+                self.reading_started_ms.store(started, Ordering::Relaxed);
                 self.accepted_since.fetch_sub(counted, Ordering::Relaxed);
             }
             Err(err) => tracing::debug!(cause = %err, "queue depth unknown; keeping the last"),
@@ -377,6 +405,13 @@ impl Reservation<'_> {
     pub fn keep(mut self) {
         self.kept = true;
         self.overload.accepted_since.fetch_add(1, Ordering::Relaxed);
+        if let Some(place) = self.shared_place.take() {
+            self.overload.spawn_on_store(move |store| async move {
+                store
+                    .degradable("a shedding place", store.keep_place(&place))
+                    .await;
+            });
+        }
     }
 }
 
@@ -387,15 +422,12 @@ impl Drop for Reservation<'_> {
         if self.kept {
             return;
         }
-        // Not queued: the other gateways need not count it for the window.
-        if let (Some(place), Some(shared)) = (self.shared_place.take(), &self.overload.shared)
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            let store = shared.store.clone();
-            runtime.spawn(async move {
+        // Not queued: the other gateways need not count it.
+        if let Some(place) = self.shared_place.take() {
+            self.overload.spawn_on_store(move |store| async move {
                 store
                     .degradable("a shedding place", store.release_place(&place))
-                    .await
+                    .await;
             });
         }
     }

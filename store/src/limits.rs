@@ -6,15 +6,22 @@
 //! Keys: `ebb:rate:<kind>:<client>` (hash: `m` milli-tokens left, `at` ms
 //! of the last update; expires once the bucket would be full again, so
 //! idle clients hold no memory) and [`PLACES_KEY`] (sorted set of
-//! reservation ids scored by the ms they were taken; trimmed to the last
-//! window at each reservation and capped in size).
+//! shedding places: scored [`QUEUEING_FOR`] ahead while their question is
+//! being queued, then by the ms it was queued; trimmed at each reservation
+//! and capped in size).
 
 use std::time::Duration;
 
 use crate::{Store, StoreError};
 
-/// The sorted set of shedding places taken in the last window.
+/// The sorted set of shedding places.
 pub const PLACES_KEY: &str = "ebb:shedding:places";
+/// A queued place is kept this long: far past every gateway's next depth
+/// reading (every 250 ms), which then includes its question.
+pub const KEPT_FOR: Duration = Duration::from_secs(2);
+/// A place being queued counts this long at most (a gateway that died
+/// while publishing never gives it back).
+pub const QUEUEING_FOR: Duration = Duration::from_secs(60);
 
 /// A bucket to take from: its key and its size (tokens a minute, which is
 /// also how fast it refills).
@@ -90,39 +97,70 @@ impl Store {
         })
     }
 
-    /// Takes a shedding place named `id` and returns how many other places
-    /// were taken, by any gateway, in the last `window` (the questions
-    /// being queued now or queued too recently for every gateway's depth
-    /// reading to include them). At `cap` places the set grows no more.
+    /// Takes a shedding place named `id` for a question about to be queued
+    /// and returns how many places the caller's last depth reading did not
+    /// include: every place still being queued (by any gateway), and every
+    /// place queued at or after `reading_started_ms` (Redis time; 0 when
+    /// unknown: then all places of the last [`KEPT_FOR`]). At `cap` places the
+    /// set grows no more.
     pub async fn reserve_place(
         &self,
         id: &str,
-        window: Duration,
+        reading_started_ms: u64,
         cap: u64,
     ) -> Result<u64, StoreError> {
+        // A place being queued is scored a minute ahead, so it counts as
+        // "after any reading" and still goes if its gateway dies with it.
         let script = redis::Script::new(
             r#"
             local time = redis.call('TIME')
             local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-            local window = tonumber(ARGV[2])
-            redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-            local others = redis.call('ZCARD', KEYS[1])
-            if others < tonumber(ARGV[3]) then
-              redis.call('ZADD', KEYS[1], now, ARGV[1])
+            redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[4]))
+            local ahead = redis.call('ZCOUNT', KEYS[1], ARGV[2], '+inf')
+            if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[3]) then
+              redis.call('ZADD', KEYS[1], now + tonumber(ARGV[5]), ARGV[1])
             end
-            redis.call('PEXPIRE', KEYS[1], window)
-            return others
+            redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[5]) + tonumber(ARGV[4]))
+            return ahead
             "#,
         );
         let mut connection = self.connection.clone();
-        let others: u64 = script
+        let ahead: u64 = script
             .key(PLACES_KEY)
             .arg(id)
-            .arg(window.as_millis() as u64)
+            .arg(reading_started_ms)
             .arg(cap)
+            .arg(KEPT_FOR.as_millis() as u64)
+            .arg(QUEUEING_FOR.as_millis() as u64)
             .invoke_async(&mut connection)
             .await?;
-        Ok(others)
+        Ok(ahead)
+    }
+
+    /// Place `id`'s question is queued: from now on it counts only for
+    /// depth readings that started before now (Redis time).
+    pub async fn keep_place(&self, id: &str) -> Result<(), StoreError> {
+        let script = redis::Script::new(
+            r#"
+            local time = redis.call('TIME')
+            local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+            return redis.call('ZADD', KEYS[1], 'XX', now, ARGV[1])
+            "#,
+        );
+        let mut connection = self.connection.clone();
+        let _: i64 = script
+            .key(PLACES_KEY)
+            .arg(id)
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(())
+    }
+
+    /// Redis's clock (ms since the epoch): what depth readings are dated by.
+    pub async fn redis_time_ms(&self) -> Result<u64, StoreError> {
+        let mut connection = self.connection.clone();
+        let (seconds, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut connection).await?;
+        Ok(seconds * 1000 + micros / 1000)
     }
 
     /// Gives back place `id` (its question was not queued).
