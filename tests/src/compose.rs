@@ -13,6 +13,23 @@ pub fn repo_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// `docker-compose -f <files>... config`: the merged configuration as
+/// compose reads it (panics, with compose's error, if it is invalid).
+pub fn merged_config(files: &[&str]) -> String {
+    let mut command = Command::new("docker-compose");
+    command.current_dir(repo_root());
+    for file in files {
+        command.args(["-f", file]);
+    }
+    let merged = command.arg("config").output().expect("docker-compose runs");
+    assert!(
+        merged.status.success(),
+        "{}",
+        String::from_utf8_lossy(&merged.stderr)
+    );
+    String::from_utf8_lossy(&merged.stdout).into_owned()
+}
+
 /// The trimmed stdout of a command (empty when it fails).
 pub fn output(program: &str, args: &[&str]) -> String {
     let out = Command::new(program).args(args).output().expect("runs");

@@ -169,17 +169,7 @@ async fn killing_a_gateway_behind_the_balancer_loses_no_question() {
 
 #[test]
 fn the_cluster_file_publishes_only_the_balancer_and_gives_every_process_all_nodes() {
-    let merged = std::process::Command::new("docker-compose")
-        .current_dir(ebb_tests::compose::repo_root())
-        .args(["-f", "compose.cluster.yaml", "config"])
-        .output()
-        .expect("docker-compose runs");
-    assert!(
-        merged.status.success(),
-        "{}",
-        String::from_utf8_lossy(&merged.stderr)
-    );
-    let text = String::from_utf8_lossy(&merged.stdout);
+    let text = ebb_tests::compose::merged_config(&["compose.cluster.yaml"]);
     let seeds = "nats://nats-1:4222,nats://nats-2:4222,nats://nats-3:4222";
     // Both gateways and the scaler: every node, and the gateways' three replicas.
     assert_eq!(

@@ -203,17 +203,7 @@ fn no_secret_in_inspect(compose: &Compose) {
 
 #[test]
 fn docker_compose_gpu_override_switches_the_scaler_config_and_worker_image() {
-    let merged = Command::new("docker-compose")
-        .current_dir(repo_root())
-        .args(["-f", "compose.yaml", "-f", "compose.gpu.yaml", "config"])
-        .output()
-        .expect("docker-compose runs");
-    assert!(
-        merged.status.success(),
-        "{}",
-        String::from_utf8_lossy(&merged.stderr)
-    );
-    let text = String::from_utf8_lossy(&merged.stdout);
+    let text = ebb_tests::compose::merged_config(&["compose.yaml", "compose.gpu.yaml"]);
     assert_eq!(
         text.matches(":/etc/ebb/scaler.yaml:ro").count(),
         1,
