@@ -91,6 +91,10 @@ pub struct Resources {
     /// What a worker runs on (informational, e.g. `nvidia-a10`).
     #[serde(default)]
     pub instance_type: Option<String>,
+    /// What one worker costs per hour running (any currency): the
+    /// console's cost so far today, and the fixed fleet's beside it.
+    #[serde(default)]
+    pub price_per_hour: Option<f64>,
 }
 
 /// Seed-style rules: scale up when ANY `scale_up` condition has held for its
@@ -457,6 +461,15 @@ impl Resources {
     fn validate(&self) -> Result<(), ConfigError> {
         if self.max_instances == 0 {
             return Err(invalid("resources.max_instances", "must be at least 1"));
+        }
+        if self
+            .price_per_hour
+            .is_some_and(|price| !price.is_finite() || price < 0.0)
+        {
+            return Err(invalid(
+                "resources.price_per_hour",
+                "must be a number of at least 0",
+            ));
         }
         if self.min_instances > self.max_instances {
             return Err(invalid(

@@ -69,6 +69,10 @@ fn errors_name_the_offending_key() {
         "resources.max_instances"
     );
     assert_eq!(
+        key_of(&FULL.replace("max_instances: 8", "max_instances: 8\n  price_per_hour: -2")),
+        "resources.price_per_hour"
+    );
+    assert_eq!(
         key_of(&FULL.replace("threshold: 10", "threshold: -1")),
         "rules.scale_up[0].threshold"
     );

@@ -361,9 +361,9 @@ impl<A: Autoscaler> Controller<A> {
         self.signals.cold_starts()
     }
 
-    /// Phase times of the cold starts since the last call.
-    pub fn take_new_phase_times(&mut self) -> Vec<ebb_nats::PhaseTime> {
-        self.signals.take_new_phase_times()
+    /// The cold starts since the last call.
+    pub fn take_new_cold_starts(&mut self) -> Vec<crate::signals::NewColdStart> {
+        self.signals.take_new_cold_starts()
     }
 
     /// Losses among the pool's exits: those the scaler did not ask for,

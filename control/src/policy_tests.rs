@@ -309,6 +309,7 @@ fn min_and_max_clamp_every_outcome() {
             min_instances: 2,
             max_instances: 3,
             instance_type: None,
+            price_per_hour: None,
         },
         timetable: Timetable::new(&[]).unwrap(),
         ..policy

@@ -16,8 +16,15 @@ use crate::policy::{Observation, WorkerCounts};
 const COLD_START_SAMPLES: usize = 50;
 /// A ready time this recent (two heartbeat intervals) is a new cold start.
 const FRESH_READY_MS: u64 = 5_000;
-/// Phase times of new cold starts held until the loop takes them.
-const NEW_PHASE_TIMES: usize = 64;
+/// New cold starts held until the loop takes them.
+const NEW_COLD_STARTS: usize = 16;
+
+/// One worker's cold start: start to ready, and its phases.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewColdStart {
+    pub whole: Duration,
+    pub phases: Vec<PhaseTime>,
+}
 
 /// Events per second, counted in one-second buckets over a bounded window.
 #[derive(Debug, Default)]
@@ -148,8 +155,8 @@ pub struct Signals {
     /// a worker reports no phases).
     cold_starts_without_download: VecDeque<Duration>,
     phase_times: HashMap<StartPhase, VecDeque<Duration>>,
-    /// Phase times of cold starts since the loop last took them.
-    new_phase_times: VecDeque<PhaseTime>,
+    /// Cold starts since the loop last took them.
+    new_cold_starts: VecDeque<NewColdStart>,
     /// The first question no worker has been there to take.
     pub(crate) first_unserved_arrival: Option<DateTime<Utc>>,
 }
@@ -168,7 +175,7 @@ impl Signals {
             cold_starts: VecDeque::new(),
             cold_starts_without_download: VecDeque::new(),
             phase_times: HashMap::new(),
-            new_phase_times: VecDeque::new(),
+            new_cold_starts: VecDeque::new(),
             first_unserved_arrival: None,
         }
     }
@@ -213,14 +220,18 @@ impl Signals {
         for time in &beat.start_phases {
             let samples = self.phase_times.entry(time.phase).or_default();
             push_bounded(samples, Duration::from_millis(time.ms), COLD_START_SAMPLES);
-            push_bounded(&mut self.new_phase_times, *time, NEW_PHASE_TIMES);
         }
+        let start = NewColdStart {
+            whole,
+            phases: beat.start_phases.clone(),
+        };
+        push_bounded(&mut self.new_cold_starts, start, NEW_COLD_STARTS);
     }
 
-    /// The phase times of cold starts since the last call (at most the
-    /// last [`NEW_PHASE_TIMES`]), for a histogram.
-    pub fn take_new_phase_times(&mut self) -> Vec<PhaseTime> {
-        self.new_phase_times.drain(..).collect()
+    /// The cold starts since the last call (at most the last
+    /// [`NEW_COLD_STARTS`]), for histograms.
+    pub fn take_new_cold_starts(&mut self) -> Vec<NewColdStart> {
+        self.new_cold_starts.drain(..).collect()
     }
 
     /// The cold-start p90 the pre-warm lead plans with: without the

@@ -160,9 +160,15 @@ fn cold_starts_are_kept_per_phase_and_the_lead_leaves_downloads_out() {
     assert_eq!(stats.phase_p90_ms["weights"], 2_000.0);
     assert_eq!(stats.phase_p90_ms["download"], 10.0);
     assert_eq!(stats.phase_p90_ms.len(), 4);
-    let times = signals.take_new_phase_times();
-    assert_eq!(times.len(), 40);
-    assert!(signals.take_new_phase_times().is_empty(), "taken once");
+    let starts = signals.take_new_cold_starts();
+    assert_eq!(starts.len(), 11, "the one from before phases counts whole");
+    assert_eq!(starts.iter().map(|s| s.phases.len()).sum::<usize>(), 40);
+    assert!(
+        starts
+            .iter()
+            .any(|s| s.whole == Duration::from_millis(3_000))
+    );
+    assert!(signals.take_new_cold_starts().is_empty(), "taken once");
     // The one 62.5 s start weighs on the whole p90 but not the lead's.
     for n in 0..3 {
         let mut slow = Heartbeat::loading(&format!("s{n}"), "m@main", 0);

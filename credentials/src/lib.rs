@@ -11,6 +11,9 @@
 //! <dir>/operator/nats-password  <dir>/operator/redis-password
 //! <dir>/nats-server/users.conf  (`authorization` block: users, permissions)
 //! <dir>/redis-server/users.acl  (ACL file: users, password hashes, rules)
+//! <dir>/redis-server/replication-password  (replicas' and Sentinels' login)
+//! <dir>/redis-server/replication.conf  (`masteruser`/`masterauth` lines, for
+//!                                       `redis-server <it> --replicaof ...`)
 //! <dir>/{gateway,operator}/admin-token          (the gateway's `/admin/*`)
 //! <dir>/{gateway,scaler,operator}/scaler-token  (the scaler's `/scale`)
 //! ```
@@ -100,6 +103,8 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CredentialsError + '_
 pub struct Credentials {
     root: PathBuf,
     passwords: BTreeMap<(Service, &'static str), (Role, String)>,
+    /// [`ebb_store::access::REPLICATION_USER`]'s password.
+    replication: String,
 }
 
 impl Credentials {
@@ -111,6 +116,7 @@ impl Credentials {
         let mut credentials = Credentials {
             root: root.to_owned(),
             passwords: BTreeMap::new(),
+            replication: String::new(),
         };
         let writer = Writer { owner };
         for role in Role::ALL {
@@ -144,7 +150,17 @@ impl Credentials {
         writer.directory(&root.join("nats-server"))?;
         writer.file(&credentials.nats_users(), &render::nats_users(&credentials))?;
         writer.directory(&root.join("redis-server"))?;
+        let replication = credentials.replication_password_file();
+        ensure_copies(&writer, std::slice::from_ref(&replication))?;
+        credentials.replication = existing(
+            std::fs::read_to_string(&replication).map_err(io_error(&replication))?,
+            &replication,
+        )?;
         writer.file(&credentials.redis_acl(), &render::redis_acl(&credentials))?;
+        writer.file(
+            &credentials.redis_replication_conf(),
+            &render::redis_replication(&credentials),
+        )?;
         Ok(credentials)
     }
 
@@ -168,6 +184,23 @@ impl Credentials {
     /// The Redis ACL file, for `redis-server --aclfile`.
     pub fn redis_acl(&self) -> PathBuf {
         self.root.join("redis-server").join("users.acl")
+    }
+
+    /// The password replicas and Sentinels log in to the master with (user
+    /// [`ebb_store::access::REPLICATION_USER`]).
+    pub fn replication_password_file(&self) -> PathBuf {
+        self.root.join("redis-server").join("replication-password")
+    }
+
+    /// A redis-server config file with the replication login: every data
+    /// node of a replicated Redis starts with it, since any may become a
+    /// replica.
+    pub fn redis_replication_conf(&self) -> PathBuf {
+        self.root.join("redis-server").join("replication.conf")
+    }
+
+    pub fn replication_password(&self) -> &str {
+        &self.replication
     }
 
     /// The password of `role` on `service`, if it has a user there.

@@ -46,6 +46,11 @@ fn main() -> ExitCode {
                 "redis-server --aclfile {}",
                 credentials.redis_acl().display()
             );
+            println!(
+                "redis replicas and Sentinels: {} (redis-server {})",
+                credentials.replication_password_file().display(),
+                credentials.redis_replication_conf().display()
+            );
             ExitCode::SUCCESS
         }
         Err(err) => {

@@ -45,11 +45,35 @@ pub fn redis_acl(credentials: &Credentials) -> String {
     for (role, password) in credentials.users(Service::Redis) {
         let rules = ebb_store::access::acl_rules(role)
             .expect("only roles with Redis rules have a password");
-        let hash = Sha256::digest(password.as_bytes());
-        let hex: String = hash.iter().map(|byte| format!("{byte:02x}")).collect();
-        let _ = writeln!(text, "user {} reset on #{hex} {rules}", role.user());
+        let _ = writeln!(
+            text,
+            "user {} reset on #{} {rules}",
+            role.user(),
+            sha256_hex(password)
+        );
     }
+    let _ = writeln!(
+        text,
+        "user {} reset on #{} {}",
+        ebb_store::access::REPLICATION_USER,
+        sha256_hex(credentials.replication_password()),
+        ebb_store::access::REPLICATION_RULES
+    );
     text
+}
+
+/// The replication login a data node uses when it is a replica.
+pub fn redis_replication(credentials: &Credentials) -> String {
+    format!(
+        "masteruser {}\nmasterauth {}\n",
+        ebb_store::access::REPLICATION_USER,
+        credentials.replication_password()
+    )
+}
+
+fn sha256_hex(password: &str) -> String {
+    let hash = Sha256::digest(password.as_bytes());
+    hash.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 /// A double-quoted string: nats-server reads `$` in unquoted values as a
@@ -87,9 +111,14 @@ mod tests {
 
         let acl = redis_acl(&credentials);
         assert!(acl.starts_with("user default off\n"), "{acl}");
-        assert_eq!(acl.lines().count(), 4, "{acl}");
+        // Three roles and the replication user.
+        assert_eq!(acl.lines().count(), 5, "{acl}");
+        assert!(acl.contains("user ebb-replication reset on #"), "{acl}");
         let worker = credentials.password(Role::Worker, Service::Redis).unwrap();
         assert!(!acl.contains(worker), "the ACL file holds hashes only");
+        assert!(!acl.contains(credentials.replication_password()), "{acl}");
+        let replication = redis_replication(&credentials);
+        assert!(replication.contains(credentials.replication_password()));
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

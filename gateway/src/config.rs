@@ -56,9 +56,11 @@ pub struct Config {
     /// `ebb-credentials`), so it is in no environment.
     #[arg(long, env = "EBB_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
     pub admin_token_file: Option<PathBuf>,
-    /// The scaler's HTTP address; `POST /admin/scale` forwards to its `/scale`.
-    #[arg(long, env = "EBB_SCALER_URL")]
-    pub scaler_url: Option<String>,
+    /// The scalers' HTTP addresses, comma-separated; `POST /admin/scale`
+    /// forwards to the `/scale` of the one that is active (a standby
+    /// answers 503 `standby`, and the next is tried).
+    #[arg(long, env = "EBB_SCALER_URL", value_delimiter = ',')]
+    pub scaler_url: Vec<String>,
     /// The scaler's `/scale` bearer token, sent when forwarding.
     #[arg(long, env = "EBB_SCALER_TOKEN", hide_env_values = true)]
     pub scaler_token: Option<String>,
@@ -78,6 +80,10 @@ pub struct Config {
     /// Interval of SSE keep-alive comments on idle streams.
     #[arg(long, env = "EBB_SSE_KEEP_ALIVE", default_value = "15s", value_parser = ebb_runtime::duration::parse)]
     pub sse_keep_alive: Duration,
+    /// Memory for hot answers in this gateway, in MiB: cache hits served
+    /// from it need no Redis round trip (0: every lookup goes to Redis).
+    #[arg(long, env = "EBB_HOT_CACHE_MIB", default_value_t = 64)]
+    pub hot_cache_mib: u64,
     #[command(flatten)]
     pub queue: QueueConfig,
 }

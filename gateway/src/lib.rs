@@ -1,7 +1,7 @@
 //! `ebb-gateway`: the HTTP API in front of the question queue.
 //!
 //! A question is checked at the edge (API key, rate limit, body), answered
-//! from the Redis cache when it is hot, shed when the queue could not serve
+//! from memory or the Redis cache when it is hot, shed when the queue could not serve
 //! it in time, and otherwise published to JetStream with its priority; the
 //! request then waits for the worker's answer, streams it, or returns a
 //! status URL.
@@ -16,7 +16,8 @@
 //!   may ask, how often (counted across gateways in Redis), and whether the
 //!   queue can take more; [`idempotency`]: a retried request
 //!   gets the question it already asked.
-//! - [`priority`], [`language`]: what a question is labelled with.
+//! - [`priority`]: what a question is queued with.
+//! - [`hot_cache`]: the most asked answers in memory, in front of Redis.
 //! - [`queue`]: publishing a job (stored by JetStream before it returns).
 //! - [`webhook`]: delivering `callback_url` calls.
 //! - [`routes`]: the axum handlers; `routes::admission` is what every
@@ -30,8 +31,8 @@ pub mod auth;
 pub mod chat;
 pub mod config;
 pub mod error;
+pub mod hot_cache;
 pub mod idempotency;
-pub mod language;
 pub mod metrics;
 pub mod openapi;
 pub mod overload;
@@ -143,6 +144,19 @@ pub async fn run(
     let watch_stop = stop.clone();
     background.spawn(async move { overload.watch(topology, watch_stop.cancelled_owned()).await });
     background.spawn(sweep_rate_limits(state.clone(), stop.clone()));
+    background.spawn(report_cache_hits(state.clone(), stop.clone()));
+    background.spawn(hot_cache::keep_popularity(
+        state.hot_cache.clone(),
+        state.store.clone(),
+        stop.clone().cancelled_owned(),
+    ));
+    // Before serving: a restart at a class break must not send every hot
+    // question to Redis at once.
+    let warmed = hot_cache::warm(&state.hot_cache, &state.store).await;
+    tracing::info!(
+        entries = warmed,
+        "hot cache warmed from the most asked answers"
+    );
 
     tracing::info!(address = %listener.local_addr()?, "gateway listening");
     let app = routes::router(state).into_make_service_with_connect_info::<SocketAddr>();
@@ -192,6 +206,32 @@ async fn sweep_rate_limits(state: Arc<routes::AppState>, stop: CancellationToken
                 state
                     .auth_failures
                     .sweep(state.rate_limits.auth_failures_per_ip, Instant::now());
+            }
+        }
+    }
+}
+
+/// Tells the scaler's console the cache hits of each second (they never
+/// reach the queue, so nothing else shows them there). A report lost to a
+/// NATS outage only leaves a dip in a plot.
+async fn report_cache_hits(state: Arc<routes::AppState>, stop: CancellationToken) {
+    let mut every_second = tokio::time::interval(Duration::from_secs(1));
+    let client = state.topology.jetstream.client();
+    let mut reported = state.metrics.cache_hits();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every_second.tick() => {
+                let total = state.metrics.cache_hits();
+                let hits = total - reported;
+                if hits == 0 {
+                    continue;
+                }
+                reported = total;
+                let body = serde_json::to_vec(&ebb_nats::CacheHits { hits }).expect("serializes");
+                if let Err(err) = client.publish(ebb_nats::subjects::CACHE_HITS, body.into()).await {
+                    tracing::debug!(cause = %err, "cannot report cache hits");
+                }
             }
         }
     }

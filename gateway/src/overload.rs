@@ -13,7 +13,9 @@
 //! questions being queued now or queued since (a place is reserved before
 //! the estimate, so a burst of concurrent requests cannot all pass on one
 //! count). Places are shared by every gateway in Redis
-//! ([`ebb_store::limits`]): a gateway counts every place still being
+//! ([`ebb_store::limits`]), taken by the script that looks the answer up
+//! and writes the question's record (one round trip per accept) and kept
+//! in batches: a gateway counts every place still being
 //! queued and every place queued since its own last reading started (by
 //! Redis's clock), which that reading may not include; while Redis is away
 //! each gateway counts its own since its last reading. And `throughput` is
@@ -32,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::{Message, Subscriber};
 use ebb_nats::{FleetStatus, Heartbeat, Topology, subjects};
-use ebb_store::Store;
+use ebb_store::{PlaceRequest, Store};
 use futures::StreamExt;
 
 use crate::config::OverloadArgs;
@@ -43,6 +45,10 @@ const DEPTH_INTERVAL: Duration = Duration::from_millis(250);
 /// The most places Redis holds: past it a gateway sheds anyway (no
 /// deployment queues 100,000 questions a second within its goal).
 const MAX_PLACES: u64 = 100_000;
+/// How often kept places are flushed to Redis, and how many make a flush
+/// at once: one call for many accepts.
+const KEEP_EVERY: Duration = Duration::from_millis(10);
+const KEEP_BATCH: usize = 256;
 /// A worker silent this long no longer counts towards the throughput.
 const HEARTBEAT_STALE: Duration = Duration::from_secs(10);
 /// A scaler silent this long (five announcements missed) is taken to be
@@ -138,26 +144,25 @@ struct SharedPlaces {
     /// Names this gateway's places apart from the others'.
     gateway: uuid::Uuid,
     next: AtomicU64,
+    /// Places whose questions are queued, kept in Redis in one call every
+    /// [`KEEP_EVERY`] (or at [`KEEP_BATCH`] of them): until then each
+    /// counts as still being queued, which sheds a little early, never late.
+    kept: Mutex<Vec<String>>,
 }
 
 impl SharedPlaces {
-    /// Takes a place; the places the reading that started at
-    /// `reading_started_ms` did not include, and the new place's name.
-    async fn reserve(&self, reading_started_ms: u64) -> Option<(u64, String)> {
-        let place = format!(
+    /// A new place's name, unique across gateways.
+    fn name(&self) -> String {
+        format!(
             "{}-{}",
             self.gateway,
             self.next.fetch_add(1, Ordering::Relaxed)
-        );
-        let others = self
-            .redis
-            .call(
-                &self.store,
-                self.store
-                    .reserve_place(&place, reading_started_ms, MAX_PLACES),
-            )
-            .await?;
-        Some((others, place))
+        )
+    }
+
+    /// The kept places waiting for the next flush, taken out.
+    fn take_kept(&self) -> Vec<String> {
+        std::mem::take(&mut *self.kept.lock().expect("kept places lock"))
     }
 }
 
@@ -179,45 +184,41 @@ impl Overload {
                 redis: RedisPause::default(),
                 gateway: uuid::Uuid::now_v7(),
                 next: AtomicU64::new(0),
+                kept: Mutex::new(Vec::with_capacity(KEEP_BATCH)),
             }),
             reading_started_ms: AtomicU64::new(0),
         }
     }
 
-    /// Takes a place for one more question, or refuses it (`Overloaded`)
-    /// when it could not be served in time. The place is taken before the
-    /// estimate, so concurrent requests cannot all pass on the same count;
-    /// it is given back when the returned guard drops unkept.
-    pub async fn reserve(&self) -> Result<Reservation<'_>, ApiError> {
-        let others_here = self.in_flight.fetch_add(1, Ordering::Relaxed);
-        let mut reservation = Reservation {
+    /// Starts a place for one more question: counted in flight here at
+    /// once and, when places are shared, named for Redis, where the lookup
+    /// that writes the question's record takes it
+    /// ([`Reservation::place`]); then [`Reservation::decide`] refuses or
+    /// admits it. The place is taken before the estimate, so concurrent
+    /// requests cannot all pass on the same count; it is given back when
+    /// the guard drops unkept.
+    pub fn begin(&self) -> Reservation<'_> {
+        Reservation {
             overload: self,
+            others_here: self.in_flight.fetch_add(1, Ordering::Relaxed),
             kept: false,
-            shared_place: None,
-        };
-        let shared = match &self.shared {
-            Some(shared) => {
-                let started = self.reading_started_ms.load(Ordering::Relaxed);
-                shared.reserve(started).await
-            }
-            None => None,
-        };
-        let ahead = match shared {
-            Some((others, place)) => {
-                reservation.shared_place = Some(place);
-                others
-            }
-            None => self.accepted_since.load(Ordering::Relaxed) + others_here,
-        };
-        let waiting = self.waiting.load(Ordering::Relaxed) + ahead + 1;
-        let max_workers = self.max_workers.load(Ordering::Relaxed);
-        let wait = estimated_wait(waiting, self.per_question(), max_workers);
-        if wait > self.args.latency_goal {
-            return Err(ApiError::Overloaded {
-                retry_after: (wait - self.args.latency_goal).min(Duration::from_secs(300)),
-            });
+            name: self.shared.as_ref().map(SharedPlaces::name),
+            taken: None,
         }
-        Ok(reservation)
+    }
+
+    /// Sends the kept places to Redis, off the request's path.
+    fn flush_kept(&self) {
+        let Some(shared) = &self.shared else { return };
+        let places = shared.take_kept();
+        if places.is_empty() {
+            return;
+        }
+        self.spawn_on_store(move |store| async move {
+            store
+                .degradable("shedding places", store.keep_places(&places))
+                .await;
+        });
     }
 
     /// Runs `call` on the shared store in the background (off the
@@ -258,11 +259,14 @@ impl Overload {
         let mut heartbeats = subscribe(&client, subjects::HEARTBEAT, "service time").await;
         let mut fleet = subscribe(&client, subjects::SCALER_STATUS, "--max-workers").await;
         let mut ticker = tokio::time::interval(DEPTH_INTERVAL);
+        let mut keep = tokio::time::interval(KEEP_EVERY);
+        keep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(stop);
         loop {
             tokio::select! {
-                _ = &mut stop => return,
+                _ = &mut stop => return self.flush_kept(),
                 _ = ticker.tick() => self.read_depth(&topology).await,
+                _ = keep.tick() => self.flush_kept(),
                 Some(message) = next(&mut heartbeats) => {
                     if let Ok(beat) = serde_json::from_slice::<Heartbeat>(&message.payload) {
                         self.heard(beat);
@@ -395,22 +399,65 @@ async fn next(subscriber: &mut Option<Subscriber>) -> Option<Message> {
 #[derive(Debug)]
 pub struct Reservation<'a> {
     overload: &'a Overload,
+    /// Places this gateway had in flight when this one began.
+    others_here: u64,
     kept: bool,
-    /// Its name in Redis, when it was taken there.
-    shared_place: Option<String>,
+    /// Its name in Redis, when places are shared.
+    name: Option<String>,
+    /// The same, once Redis has taken it.
+    taken: Option<String>,
 }
 
 impl Reservation<'_> {
+    /// What the lookup that writes the question's record is to take in
+    /// Redis; `None` when places are not shared.
+    pub fn place(&self) -> Option<PlaceRequest<'_>> {
+        Some(PlaceRequest {
+            id: self.name.as_deref()?,
+            reading_started_ms: self.overload.reading_started_ms.load(Ordering::Relaxed),
+            cap: MAX_PLACES,
+        })
+    }
+
+    /// Admits the question, or refuses it (`Overloaded`) when it could
+    /// not be served in time. `shared_ahead` is what taking the place in
+    /// Redis counted, `None` when it was not taken there (no Redis, or no
+    /// shared places): then this gateway counts alone, its places queued
+    /// since its last reading and those in flight.
+    pub fn decide(mut self, shared_ahead: Option<u64>) -> Result<Self, ApiError> {
+        let overload = self.overload;
+        let ahead = match shared_ahead {
+            Some(ahead) => {
+                self.taken = self.name.take();
+                ahead
+            }
+            None => overload.accepted_since.load(Ordering::Relaxed) + self.others_here,
+        };
+        let waiting = overload.waiting.load(Ordering::Relaxed) + ahead + 1;
+        let max_workers = overload.max_workers.load(Ordering::Relaxed);
+        let wait = estimated_wait(waiting, overload.per_question(), max_workers);
+        let goal = overload.args.latency_goal;
+        if wait > goal {
+            return Err(ApiError::Overloaded {
+                retry_after: (wait - goal).min(Duration::from_secs(300)),
+            });
+        }
+        Ok(self)
+    }
+
     /// The question is queued: it now counts until the next depth reading.
     pub fn keep(mut self) {
         self.kept = true;
-        self.overload.accepted_since.fetch_add(1, Ordering::Relaxed);
-        if let Some(place) = self.shared_place.take() {
-            self.overload.spawn_on_store(move |store| async move {
-                store
-                    .degradable("a shedding place", store.keep_place(&place))
-                    .await;
-            });
+        let overload = self.overload;
+        overload.accepted_since.fetch_add(1, Ordering::Relaxed);
+        if let (Some(place), Some(shared)) = (self.taken.take(), &overload.shared) {
+            let mut kept = shared.kept.lock().expect("kept places lock");
+            kept.push(place);
+            let full = kept.len() >= KEEP_BATCH;
+            drop(kept);
+            if full {
+                overload.flush_kept();
+            }
         }
     }
 }
@@ -423,7 +470,7 @@ impl Drop for Reservation<'_> {
             return;
         }
         // Not queued: the other gateways need not count it.
-        if let Some(place) = self.shared_place.take() {
+        if let Some(place) = self.taken.take() {
             self.overload.spawn_on_store(move |store| async move {
                 store
                     .degradable("a shedding place", store.release_place(&place))
@@ -434,136 +481,5 @@ impl Drop for Reservation<'_> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn overload(max_workers: u32, goal_s: u64, service_s: u64) -> Overload {
-        Overload::new(
-            OverloadArgs {
-                max_workers,
-                latency_goal: Duration::from_secs(goal_s),
-                service_time_estimate: Duration::from_secs(service_s),
-            },
-            None,
-        )
-    }
-
-    /// From JSON, as the wire brings it: fields added to the contract later
-    /// take their defaults here too.
-    fn beat(id: &str, slots: u32, mean_job_ms: Option<f64>) -> Heartbeat {
-        serde_json::from_value(serde_json::json!({
-            "worker_id": id, "state": "busy", "model": "m@main", "started_at_ms": 0,
-            "ready_at_ms": 1, "jobs_done": 3, "jobs_failed": 0, "slots": slots,
-            "active": slots, "mean_job_ms": mean_job_ms, "sent_at_ms": 2,
-        }))
-        .expect("a heartbeat")
-    }
-
-    #[test]
-    fn the_wait_is_the_backlog_over_the_fleet_throughput() {
-        // 50 workers taking 10 s a question (0.1/s each): 100 take 20 s.
-        assert_eq!(
-            estimated_wait(100, Duration::from_secs(10), 50),
-            Duration::from_secs(20)
-        );
-    }
-
-    #[test]
-    fn a_worker_answers_its_slots_per_job_time() {
-        let full = worker_throughput(&beat("w", 8, Some(10_000.0))).unwrap();
-        assert!((full - 0.8).abs() < 1e-12, "8 slots of 10 s: {full}");
-        let old = worker_throughput(&beat("w", 1, Some(10_000.0))).unwrap();
-        assert!((old - 0.1).abs() < 1e-12);
-        assert_eq!(
-            worker_throughput(&beat("w", 8, None)),
-            None,
-            "not measured yet"
-        );
-        assert_eq!(worker_throughput(&beat("w", 8, Some(0.0))), None);
-    }
-
-    #[tokio::test]
-    async fn heartbeats_replace_the_one_slot_estimate_with_the_measured_throughput() {
-        // 2 workers, 31 s goal, no heartbeat: 10 s a question, one at a time.
-        let overload = overload(2, 31, 10);
-        assert_eq!(overload.snapshot().1, Duration::from_secs(10));
-        overload.heard(beat("a", 8, Some(10_000.0)));
-        overload.heard(beat("b", 4, Some(10_000.0)));
-        overload.heard(beat("c", 4, None));
-        let now = Instant::now();
-        overload.refresh_throughput(now);
-        // Mean of 0.8 and 0.4 questions a second: 1/0.6 s per question.
-        let per_question = overload.snapshot().1.as_secs_f64();
-        assert!((per_question - 1.0 / 0.6).abs() < 1e-9, "{per_question}");
-        // At 2 x 0.6/s, 37 questions take 30.8 s and fit, 38 take 31.7 s.
-        overload.waiting.store(36, Ordering::Relaxed);
-        overload.reserve().await.unwrap().keep();
-        assert!(matches!(
-            overload.reserve().await,
-            Err(ApiError::Overloaded { .. })
-        ));
-        // Silent workers are forgotten; the last figure stays.
-        overload.refresh_throughput(now + HEARTBEAT_STALE);
-        assert!(overload.workers.lock().unwrap().is_empty());
-        assert!((overload.snapshot().1.as_secs_f64() - 1.0 / 0.6).abs() < 1e-9);
-    }
-
-    #[test]
-    fn the_scalers_maximum_applies_while_fresh_and_the_flag_otherwise() {
-        let start = Instant::now();
-        assert_eq!(max_workers(None, 100, start), MaxWorkers::Flag(100));
-        let learned = Some(Learned {
-            max_workers: 3,
-            heard_at: start,
-        });
-        assert_eq!(max_workers(learned, 100, start), MaxWorkers::Scaler(3));
-        let almost = start + FLEET_STATUS_STALE - Duration::from_millis(1);
-        assert_eq!(max_workers(learned, 100, almost), MaxWorkers::Scaler(3));
-        let quiet = start + FLEET_STATUS_STALE;
-        assert_eq!(max_workers(learned, 100, quiet), MaxWorkers::Flag(100));
-    }
-
-    #[tokio::test]
-    async fn shedding_follows_the_announced_maximum_until_the_scaler_goes_quiet() {
-        // --max-workers 100, 1 s a question, 5 s goal: 500 would fit; the
-        // scaler's single worker serves 5 in time.
-        let overload = overload(100, 5, 1);
-        overload.waiting.store(5, Ordering::Relaxed);
-        overload.reserve().await.unwrap();
-        let now = Instant::now();
-        let status = |max_workers| FleetStatus {
-            max_workers,
-            slots_per_worker: None,
-            published_at_ms: 0,
-        };
-        overload.heard_fleet(&status(1), now);
-        assert_eq!(overload.max_workers(), MaxWorkers::Scaler(1));
-        assert!(matches!(
-            overload.reserve().await,
-            Err(ApiError::Overloaded { .. })
-        ));
-        // A nonsensical announcement changes nothing.
-        overload.heard_fleet(&status(0), now);
-        assert_eq!(overload.max_workers(), MaxWorkers::Scaler(1));
-        overload.refresh_max_workers(now + FLEET_STATUS_STALE);
-        assert_eq!(overload.max_workers(), MaxWorkers::Flag(100));
-        overload.reserve().await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn questions_past_the_goal_are_shed_with_the_excess_as_retry_after() {
-        // 2 workers, 10 s each, 30 s goal: 6 waiting questions fit, the 7th not.
-        let overload = overload(2, 30, 10);
-        overload.waiting.store(4, Ordering::Relaxed);
-        overload.reserve().await.unwrap().keep();
-        // A place not kept (the publish failed) is given back.
-        drop(overload.reserve().await.unwrap());
-        overload.reserve().await.unwrap().keep();
-        match overload.reserve().await {
-            Err(ApiError::Overloaded { retry_after }) => {
-                assert_eq!(retry_after, Duration::from_secs(5))
-            }
-            other => panic!("expected overloaded, got {other:?}"),
-        }
-    }
-}
+#[path = "overload_tests.rs"]
+mod tests;

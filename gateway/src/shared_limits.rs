@@ -3,7 +3,18 @@
 //! rate, not N times it. While Redis cannot be reached each gateway falls
 //! back to its own buckets ([`RateLimiter`]) with a warning: limits per
 //! process, never no limit.
+//!
+//! A client with a high limit takes up to a second's worth of tokens in one
+//! round trip and spends them here ([`Allowance`]): a gateway asks Redis
+//! once per batch, not once per request (a cache hit from memory then
+//! needs no round trip at all). Limits under 120 a minute take one token at
+//! a time, exactly as before. An allowance unspent after a second is
+//! dropped, counted as spent: together the gateways never allow more than
+//! the limit, and a client loses at most a second's worth per gateway. A
+//! refusal is kept until a token can have come back, so a client retrying
+//! in a loop costs Redis one call per refill, not one per request.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -51,6 +62,28 @@ impl RedisPause {
     }
 }
 
+/// The most tokens one round trip takes for a client.
+const MAX_BATCH: u32 = 100;
+/// How long tokens taken ahead are kept for their client.
+const ALLOWANCE_FOR: Duration = Duration::from_secs(1);
+
+/// Tokens a round trip takes for a client of `per_minute`: a second's worth.
+fn batch(per_minute: u32) -> u32 {
+    (per_minute / 60).clamp(1, MAX_BATCH)
+}
+
+/// Tokens taken from the shared buckets ahead of need, with the decision
+/// Redis's answer made (its headers, less what is spent since).
+#[derive(Debug, Clone, Copy)]
+struct Allowance {
+    left: u32,
+    decision: Decision,
+    until: Instant,
+}
+
+/// A client: its IP, and its API key's name when it gave one.
+type Client = (IpAddr, Option<String>);
+
 /// Per-client buckets: in Redis, or this process's own while it is away.
 #[derive(Debug)]
 pub struct ClientLimits {
@@ -59,6 +92,9 @@ pub struct ClientLimits {
     ip: RateLimiter<IpAddr>,
     /// One bucket per configured key: bounded by the config.
     keys: RateLimiter<String>,
+    /// Tokens taken ahead, per client; at most `max_clients` entries.
+    allowances: Mutex<HashMap<Client, Allowance>>,
+    max_clients: usize,
 }
 
 impl ClientLimits {
@@ -70,33 +106,89 @@ impl ClientLimits {
             redis: RedisPause::default(),
             ip: RateLimiter::new(max_clients),
             keys: RateLimiter::new(usize::MAX),
+            allowances: Mutex::default(),
+            max_clients,
         }
+    }
+
+    /// One token of the client's allowance, if it has one left; or its
+    /// refusal again while no token can have come back (exact: the
+    /// buckets refill on a fixed clock, and other gateways only take).
+    fn spend_allowance(&self, client: &Client, now: Instant) -> Option<Decision> {
+        let mut allowances = self.allowances.lock().expect("allowances lock");
+        let allowance = allowances.get_mut(client).filter(|a| a.until > now)?;
+        if !allowance.decision.allowed {
+            let retry_after = allowance.until - now;
+            return Some(Decision {
+                retry_after,
+                ..allowance.decision
+            });
+        }
+        allowance.left = allowance.left.checked_sub(1)?;
+        Some(Decision {
+            remaining: allowance.decision.remaining + allowance.left,
+            ..allowance.decision
+        })
+    }
+
+    /// Keeps what a round trip took beyond this request's token, or the
+    /// refusal it made, for the client's next requests.
+    fn keep_allowance(&self, client: Client, taken: u32, decision: Decision, now: Instant) {
+        let until = if decision.allowed {
+            now + ALLOWANCE_FOR
+        } else {
+            now + decision.retry_after.min(ALLOWANCE_FOR)
+        };
+        let left = taken.saturating_sub(1);
+        if decision.allowed && left == 0 {
+            return;
+        }
+        let mut allowances = self.allowances.lock().expect("allowances lock");
+        if allowances.len() >= self.max_clients && !allowances.contains_key(&client) {
+            // Full: this client asks Redis each time until a sweep.
+            return;
+        }
+        allowances.insert(
+            client,
+            Allowance {
+                left,
+                decision,
+                until,
+            },
+        );
     }
 
     /// One token from the client IP's bucket and, with a key, the key's
     /// bucket (`(name, per_minute)`); the stricter decision of the two.
     pub async fn take(&self, ip: IpAddr, per_ip: u32, key: Option<(&str, u32)>) -> Decision {
+        let now = Instant::now();
+        let want = batch(per_ip).min(key.map_or(MAX_BATCH, |(_, per_minute)| batch(per_minute)));
+        let client = (ip, key.map(|(name, _)| name.to_owned()));
+        if let Some(decision) = self.spend_allowance(&client, now) {
+            return decision;
+        }
         let mut buckets = vec![Bucket::new("ip", &ip.to_string(), per_ip)];
         if let Some((name, per_minute)) = key {
             buckets.push(Bucket::new("key", name, per_minute));
         }
         if let Some(taken) = self
             .redis
-            .call(&self.store, self.store.take_tokens(&buckets))
+            .call(&self.store, self.store.take_tokens(&buckets, want))
             .await
         {
-            return buckets
+            let decision = buckets
                 .iter()
-                .zip(taken.tokens)
-                .map(|(bucket, tokens)| {
+                .zip(&taken.tokens)
+                .map(|(bucket, &tokens)| {
                     // A bucket with a token left refused nothing itself.
-                    let allowed = taken.allowed || tokens >= 1.0;
+                    let allowed = taken.allowed() || tokens >= 1.0;
                     crate::rate_limit::decision(bucket.per_minute, tokens, allowed)
                 })
                 .reduce(Decision::stricter)
                 .expect("the IP's bucket at least");
+            self.keep_allowance(client, taken.taken, decision, now);
+            return decision;
         }
-        let now = Instant::now();
         let decision = self.ip.take(&ip, per_ip, now);
         match key {
             Some((name, per_minute)) => {
@@ -106,9 +198,11 @@ impl ClientLimits {
         }
     }
 
-    /// Drops the fallback's idle IP buckets.
+    /// Drops the fallback's idle IP buckets and the allowances that ran out.
     pub fn sweep(&self, per_ip: u32, now: Instant) {
         self.ip.sweep(per_ip, now);
+        let mut allowances = self.allowances.lock().expect("allowances lock");
+        allowances.retain(|_, allowance| allowance.until > now);
     }
 
     /// Client IPs in the fallback's buckets.

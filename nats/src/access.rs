@@ -56,6 +56,8 @@ impl Role {
         let webhooks = webhook::WILDCARD.to_owned();
         let heartbeat = subjects::HEARTBEAT.to_owned();
         let status = subjects::SCALER_STATUS.to_owned();
+        let answered = subjects::ANSWERED.to_owned();
+        let cache_hits = subjects::CACHE_HITS.to_owned();
         // Reading stream and consumer state is harmless and every role's
         // start checks it; workers and the scaler read the oldest waiting
         // question of each priority (its age orders and sizes the work).
@@ -80,6 +82,7 @@ impl Role {
                     webhooks,
                     "$JS.API.>".to_owned(),
                     "$JS.ACK.>".to_owned(),
+                    cache_hits.clone(),
                 ],
                 vec![inbox, answers, heartbeat, status],
             ),
@@ -92,6 +95,7 @@ impl Role {
                     dead,
                     webhooks,
                     heartbeat,
+                    answered,
                 ]);
                 (publish, vec![inbox, questions])
             }
@@ -107,7 +111,10 @@ impl Role {
                         format!("$JS.API.DIRECT.GET.KV_{bucket}.>"),
                     ]);
                 }
-                (publish, vec![inbox, questions, heartbeat])
+                (
+                    publish,
+                    vec![inbox, questions, heartbeat, answered, cache_hits],
+                )
             }
         };
         Some(Permissions { publish, subscribe })

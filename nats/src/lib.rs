@@ -36,8 +36,8 @@ pub mod webhook;
 pub use connect::connect;
 pub use depth::{PriorityDepth, QueueDepth, queue_depth};
 pub use messages::{
-    AnswerEvent, ChatMessage, DeadLetter, DownloadProgress, FinishReason, FleetStatus, Heartbeat,
-    Job, PhaseTime, Role, Sampling, StartPhase, Timings, WorkerState,
+    AnswerEvent, CacheHits, ChatMessage, DeadLetter, DownloadProgress, FinishReason, FleetStatus,
+    Heartbeat, Job, PhaseTime, Role, Sampling, StartPhase, Timings, WorkerState,
 };
 pub use record::{CachedAnswer, QuestionRecord, QuestionStatus};
 pub use subjects::Priority;

@@ -25,7 +25,8 @@ pub struct Job {
     pub grade: Option<u8>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub course: Option<String>,
-    /// Language the answer should be in (BCP 47 tag or name), when known.
+    /// Language the answer should be in (BCP 47 tag or name) as the client
+    /// gave it; when absent, the worker detects it from the question.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub language: Option<String>,
     pub max_tokens: u32,
@@ -132,6 +133,24 @@ pub struct Timings {
     pub prompt_tokens: u32,
     #[serde(default)]
     pub completion_tokens: u32,
+    /// From acceptance by the gateway to the first token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_token_ms: Option<u64>,
+}
+
+impl Timings {
+    /// From acceptance to the answer's end.
+    pub fn response_ms(&self) -> u64 {
+        self.queue_ms + self.inference_ms
+    }
+}
+
+/// A gateway's cache hits since its previous report, on
+/// [`crate::subjects::CACHE_HITS`]: what the scaler's console plots beside
+/// arrivals (a hit never reaches the queue).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheHits {
+    pub hits: u64,
 }
 
 /// Events on core NATS `ebb.answers.<id>`: token chunks while generating,
@@ -162,6 +181,14 @@ pub enum AnswerEvent {
         timings: Option<Timings>,
         #[serde(default)]
         finish_reason: FinishReason,
+        /// Seconds the answer stays cached under the question's cache key
+        /// (absent: not cached): a gateway relaying it keeps a copy in
+        /// memory no longer than that.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cache_ttl_s: Option<u64>,
+        /// The question's language as given, or as the worker detected it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        language: Option<String>,
     },
     Failed {
         error: String,

@@ -62,6 +62,10 @@ pub struct QuestionRecord {
     /// never shown to clients or webhooks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// How long its answer stays cached under the question's cache key,
+    /// from `updated_at_ms` (none: not cached); never shown to clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_ttl_s: Option<u64>,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
 }
@@ -81,6 +85,7 @@ impl QuestionRecord {
             attempts: 0,
             run_alone: false,
             owner: None,
+            cache_ttl_s: None,
             created_at_ms,
             updated_at_ms: created_at_ms,
         }
@@ -101,6 +106,7 @@ impl QuestionRecord {
         QuestionRecord {
             owner: None,
             run_alone: false,
+            cache_ttl_s: None,
             ..self.clone()
         }
     }
@@ -115,6 +121,12 @@ impl QuestionRecord {
                 cached: self.cached,
                 timings: self.timings,
                 finish_reason: self.finish_reason.unwrap_or_default(),
+                // What is left of it now.
+                cache_ttl_s: self.cache_ttl_s.map(|ttl| {
+                    let since = crate::now_ms().saturating_sub(self.updated_at_ms) / 1000;
+                    ttl.saturating_sub(since)
+                }),
+                language: self.language.clone(),
             }),
             QuestionStatus::Failed => Some(AnswerEvent::Failed {
                 error: self.error.clone().unwrap_or_default(),

@@ -24,6 +24,12 @@ pub const HEARTBEAT: &str = "ebb.workers.heartbeat";
 /// Core NATS subject on which the scaler announces its fleet's limits
 /// ([`crate::FleetStatus`]) every 2 s.
 pub const SCALER_STATUS: &str = "ebb.scaler.status";
+/// Core NATS subject on which a worker reports each answer it generated:
+/// its [`crate::Timings`], no text (the scaler's latency histograms).
+pub const ANSWERED: &str = "ebb.workers.answered";
+/// Core NATS subject on which each gateway reports its cache hits since its
+/// last report ([`crate::CacheHits`]).
+pub const CACHE_HITS: &str = "ebb.gateway.cache_hits";
 
 /// The scaler's key-value bucket (what it learned, kept across restarts).
 pub const SCALER_STATE_BUCKET: &str = "ebb_scaler_state";

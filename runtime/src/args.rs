@@ -33,9 +33,19 @@ pub struct NatsArgs {
 /// The Redis server, and this process's ACL user on it.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RedisArgs {
-    /// Redis server for status records and the answer cache.
+    /// Redis server for status records and the answer cache (not used when
+    /// --redis-sentinels is given).
     #[arg(long, env = "EBB_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
+    /// Redis Sentinels that name the master (`host:port`, comma-separated).
+    /// With them, ebb asks the Sentinels where the master is and follows it
+    /// through a failover, instead of dialling --redis-url.
+    #[arg(long, env = "EBB_REDIS_SENTINELS", value_delimiter = ',')]
+    pub redis_sentinels: Vec<String>,
+    /// The name the Sentinels monitor the master under (`sentinel monitor
+    /// <name> ...`).
+    #[arg(long, env = "EBB_REDIS_MASTER_NAME", default_value = "ebb")]
+    pub redis_master_name: String,
     /// Redis ACL user of this process (e.g. `ebb-worker`); its password is
     /// read from --redis-password-file.
     #[arg(long, env = "EBB_REDIS_USER", requires = "redis_password_file")]

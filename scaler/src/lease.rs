@@ -78,7 +78,8 @@ pub fn may_act(held: Option<Held>, ttl: Duration, now: Instant) -> bool {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "role")]
 pub enum LeaseView {
-    /// Not decided yet (the bucket is being opened).
+    /// Not decided yet (the bucket is being opened, or the first attempt
+    /// on the lease has not come back).
     #[default]
     Starting,
     Active {
@@ -103,7 +104,8 @@ struct LeaseState {
     held: Option<Held>,
     /// The holder last read, when it is another scaler.
     other: Option<String>,
-    opened: bool,
+    /// Whether the first attempt has made this scaler active or standby.
+    decided: bool,
 }
 
 impl Lease {
@@ -126,7 +128,7 @@ impl Lease {
 
     pub fn view(&self, now: Instant) -> LeaseView {
         let state = self.state();
-        if !state.opened {
+        if !state.decided {
             LeaseView::Starting
         } else if may_act(state.held, state.ttl, now) {
             LeaseView::Active {
@@ -163,17 +165,14 @@ pub async fn keep(
             "the lease bucket keeps the TTL it was created with; using it"
         );
     }
-    {
-        let mut state = lease.state();
-        state.ttl = ttl;
-        state.opened = true;
-    }
+    lease.state().ttl = ttl;
     let key = format!("pool.{pool}");
     let mut decided = Some(decided);
     loop {
         let was_acting = lease.acting(Instant::now());
         let wait = step(&store, &key, &lease, ttl).await;
         if let Some(decided) = decided.take() {
+            lease.state().decided = true;
             let _ = decided.send(());
         }
         let acting = lease.acting(Instant::now());

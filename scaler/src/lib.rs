@@ -13,11 +13,14 @@
 //!
 //! [`run`] serves until `shutdown` resolves; `main` only parses flags.
 
+pub mod console;
 pub mod http;
 pub mod lease;
 pub mod memory;
+pub mod metrics;
 pub mod pool;
 pub mod scaler;
+pub mod traffic;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -44,6 +47,8 @@ pub struct RunArgs {
     pub nats: ebb_runtime::NatsArgs,
     #[command(flatten)]
     pub lease: lease::LeaseArgs,
+    #[command(flatten)]
+    pub console: console::ConsoleArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +80,12 @@ pub async fn run(
         config.health.clone(),
         config.target.slots_per_worker,
     );
-    let shared = Arc::new(Shared::new(controller, args.lease.id()));
+    let shared = Arc::new(Shared::new(
+        controller,
+        args.lease.id(),
+        args.console.console_step,
+    ));
+    tokio::spawn(console::keep_history(shared.clone(), stopping.clone()));
     let api = tokio::spawn(serve_api(
         api_state(&config, &shared)?,
         listener,
@@ -237,7 +247,8 @@ async fn serve_api(
     stopping: CancellationToken,
 ) -> Result<(), ScalerError> {
     tracing::info!(address = %listener.local_addr()?, "scaler listening");
-    axum::serve(listener, http::router(api))
+    let app = http::router(api).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(stopping.cancelled_owned())
         .await?;
     Ok(())
@@ -264,23 +275,24 @@ fn admin_token(variable: &str) -> Result<Option<String>, ebb_runtime::LoginError
         .filter(|token| !token.is_empty()))
 }
 
-/// Feeds question arrivals and heartbeats into the shared signals. An
-/// arrival while no worker is wanted wakes the loop at once.
+/// Feeds question arrivals and heartbeats into the shared signals, and
+/// answers' timings and cache hits into the traffic tally. An arrival while
+/// no worker is wanted wakes the loop at once.
 async fn listen_for_signals(
     client: &async_nats::Client,
     shared: &Arc<Shared>,
 ) -> Result<(), ScalerError> {
-    let mut arrivals = client
-        .subscribe(subjects::QUESTIONS_WILDCARD)
-        .await
-        .map_err(|err| ScalerError::Nats(err.into()))?;
-    let mut heartbeats = client
-        .subscribe(subjects::HEARTBEAT)
-        .await
-        .map_err(|err| ScalerError::Nats(err.into()))?;
+    let subscribe = |subject: &'static str| async move {
+        client
+            .subscribe(subject)
+            .await
+            .map_err(|err| ScalerError::Nats(err.into()))
+    };
+    let mut arrivals = subscribe(subjects::QUESTIONS_WILDCARD).await?;
     let on_arrival = shared.clone();
     tokio::spawn(async move {
         while arrivals.next().await.is_some() {
+            on_arrival.traffic.arrived();
             on_arrival
                 .controller
                 .lock()
@@ -292,19 +304,39 @@ async fn listen_for_signals(
         }
     });
     let on_heartbeat = shared.clone();
+    spawn_reader::<Heartbeat>(subscribe(subjects::HEARTBEAT).await?, move |beat| {
+        on_heartbeat
+            .controller
+            .lock()
+            .expect("controller lock")
+            .heartbeat(beat, Utc::now())
+    });
+    let on_answer = shared.clone();
+    spawn_reader::<ebb_nats::Timings>(subscribe(subjects::ANSWERED).await?, move |timings| {
+        on_answer.traffic.answered(&timings)
+    });
+    let on_hits = shared.clone();
+    spawn_reader::<ebb_nats::CacheHits>(subscribe(subjects::CACHE_HITS).await?, move |report| {
+        on_hits.traffic.cache_hits(report.hits)
+    });
+    Ok(())
+}
+
+/// Hands each readable message of `messages` to `on_message`.
+fn spawn_reader<T: serde::de::DeserializeOwned>(
+    mut messages: async_nats::Subscriber,
+    on_message: impl Fn(T) + Send + 'static,
+) {
     tokio::spawn(async move {
-        while let Some(message) = heartbeats.next().await {
-            match serde_json::from_slice::<Heartbeat>(&message.payload) {
-                Ok(beat) => on_heartbeat
-                    .controller
-                    .lock()
-                    .expect("controller lock")
-                    .heartbeat(beat, Utc::now()),
-                Err(err) => tracing::debug!(cause = %err, "unreadable heartbeat"),
+        while let Some(message) = messages.next().await {
+            match serde_json::from_slice::<T>(&message.payload) {
+                Ok(value) => on_message(value),
+                Err(err) => {
+                    tracing::debug!(subject = %message.subject, cause = %err, "unreadable message")
+                }
             }
         }
     });
-    Ok(())
 }
 
 #[cfg(test)]

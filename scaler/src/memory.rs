@@ -4,10 +4,12 @@
 //! backend has it (a Docker-run scaler keeps no state directory), and a
 //! replacement scaler on another machine finds it too.
 //!
-//! Read once at start, before the first decision; written when it changed,
-//! at most every [`SAVE_EVERY`] (a profile changes at most once a minute
-//! per window), and once more when the scaler stops. A scaler killed
-//! outright loses at most the last [`SAVE_EVERY`] of learning.
+//! Read at start, before the first decision, and again when a standby
+//! takes over (within [`SAVE_EVERY`]); written by the active scaler only,
+//! when it changed, at most every [`SAVE_EVERY`] (a profile changes at most
+//! once a minute per window), and once more when the scaler stops. A
+//! scaler killed outright loses at most the last [`SAVE_EVERY`] of
+//! learning.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +18,7 @@ use async_nats::jetstream::{self, kv};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::lease::LeaseView;
 use crate::scaler::Shared;
 use ebb_control::config::ScalerConfig;
 use ebb_control::learned::LearnedFloors;
@@ -138,11 +141,35 @@ impl Memory {
     ) {
         let mut every = tokio::time::interval(SAVE_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The profiles were loaded just before the lease was first decided.
+        let mut was_active = true;
         loop {
             let last = tokio::select! {
                 () = stopping.cancelled() => true,
                 _ = every.tick() => false,
             };
+            let role = shared.lease.view(std::time::Instant::now());
+            let active = matches!(role, LeaseView::Active { .. });
+            if active && !was_active {
+                // A standby taking over: what the last active scaler learned
+                // since this one started is in the bucket, not in memory.
+                match self.load().await {
+                    Ok(loaded) => {
+                        saved = loaded.unwrap_or_default();
+                        set_learned(&shared, saved.clone());
+                        tracing::info!(
+                            profiles = saved.profiles.len(),
+                            "learned profiles re-read on taking over"
+                        );
+                    }
+                    Err(err) => {
+                        tracing::warn!(cause = %err, "learned profiles not re-read on taking over")
+                    }
+                }
+            }
+            if !matches!(role, LeaseView::Starting) {
+                was_active = active;
+            }
             let learned = shared
                 .controller
                 .lock()
@@ -152,7 +179,6 @@ impl Memory {
                 .learned
                 .clone();
             // Only the active scaler writes: a standby's profiles are stale.
-            let active = shared.lease.acting(std::time::Instant::now());
             if active && learned != saved {
                 match self.save(&learned).await {
                     Ok(()) => saved = learned,
@@ -195,16 +221,24 @@ pub async fn remember(
         openings = learned.openings.len(),
         "learned timetable profiles loaded"
     );
+    set_learned(shared, learned.clone());
+    Some(tokio::spawn(memory.keep(
+        shared.clone(),
+        learned,
+        stopping.clone(),
+    )))
+}
+
+/// Puts `learned` into the controller, and into `/status` at once: a
+/// scaler at zero workers may not step again (nor refresh its status)
+/// until the next question or window.
+fn set_learned(shared: &Shared, learned: LearnedFloors) {
+    shared.status.lock().expect("status lock").learned = learned.clone();
     shared
         .controller
         .lock()
         .expect("controller lock")
         .autoscaler_mut()
         .state
-        .learned = learned.clone();
-    Some(tokio::spawn(memory.keep(
-        shared.clone(),
-        learned,
-        stopping.clone(),
-    )))
+        .learned = learned;
 }

@@ -116,15 +116,24 @@ pub struct Shared {
     pub activation_delay: prometheus_client::metrics::histogram::Histogram,
     /// Every restart delay, for `/metrics`.
     pub restart_delay: prometheus_client::metrics::histogram::Histogram,
-    /// Every reported start phase's time, for `/metrics`.
-    pub start_phases: crate::http::StartPhaseHistograms,
+    /// Every reported cold start, for `/metrics`.
+    pub cold_starts: crate::metrics::ColdStartHistograms,
+    /// Arrivals, answer timings and cache hits, for `/metrics` and the console.
+    pub traffic: crate::traffic::Traffic,
     /// Whether this scaler is the pool's active one.
     pub lease: Arc<Lease>,
+    /// What the console plots.
+    history: Mutex<crate::console::history::History>,
 }
 
 impl Shared {
-    /// `scaler_id`: this scaler's name in the pool's lease.
-    pub fn new(controller: Controller<EbbPolicy>, scaler_id: String) -> Shared {
+    /// `scaler_id`: this scaler's name in the pool's lease; `console_step`:
+    /// the resolution of the console's history.
+    pub fn new(
+        controller: Controller<EbbPolicy>,
+        scaler_id: String,
+        console_step: Duration,
+    ) -> Shared {
         Shared {
             startup: Mutex::default(),
             status: Mutex::default(),
@@ -132,11 +141,17 @@ impl Shared {
             controller: Mutex::new(controller),
             asleep: AtomicBool::new(false),
             wake: Notify::new(),
-            activation_delay: crate::http::activation_delay_histogram(),
-            restart_delay: crate::http::activation_delay_histogram(),
-            start_phases: crate::http::StartPhaseHistograms::default(),
+            activation_delay: crate::metrics::activation_delay_histogram(),
+            restart_delay: crate::metrics::activation_delay_histogram(),
+            cold_starts: crate::metrics::ColdStartHistograms::default(),
+            traffic: crate::traffic::Traffic::default(),
             lease: Arc::new(Lease::new(scaler_id)),
+            history: Mutex::new(crate::console::history::History::new(console_step)),
         }
+    }
+
+    pub fn history(&self) -> std::sync::MutexGuard<'_, crate::console::history::History> {
+        self.history.lock().expect("history lock")
     }
 
     pub fn status(&self) -> Status {
@@ -367,8 +382,8 @@ impl<P: WorkerPool> Scaler<P> {
     fn publish(&self, plan: &Plan, starts: Starts, errors: Vec<String>, now: DateTime<Utc>) {
         let (next_window, manual, losses, crashes_in_a_row, cold_starts) = {
             let mut controller = self.shared.controller();
-            for time in controller.take_new_phase_times() {
-                self.shared.start_phases.observe(time);
+            for start in controller.take_new_cold_starts() {
+                self.shared.cold_starts.observe(&start);
             }
             let ebb = controller.autoscaler();
             (

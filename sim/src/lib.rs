@@ -11,12 +11,14 @@
 //!   fleet, KEDA-like and Knative-like models.
 //! - [`clairvoyant`]: the perfect-foresight reference; [`fixed`]: the search
 //!   for the smallest always-on fleet meeting the SLO.
-//! - [`report`]: JSON, Markdown and SVG output.
+//! - [`report`]: the JSON schema and the Markdown table; [`plot`]: the SVG
+//!   plots (plotters) and `report.html`.
 //! - [`school`]: the school-day trace generator (`ebb-scaler gen-trace`).
 
 pub mod clairvoyant;
 pub mod engine;
 pub mod fixed;
+pub mod plot;
 pub mod policies;
 pub mod report;
 pub mod school;
@@ -96,7 +98,7 @@ pub struct SimulateArgs {
     /// Seed of every random draw; the same seed gives byte-identical JSON.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Directory for report.json, report.md and report.svg.
+    /// Directory for report.json, report.md, report.svg and report.html.
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Replay this much of the trace first without counting it: policies
@@ -320,9 +322,11 @@ pub fn run(args: &SimulateArgs) -> Result<Simulation, SimulateError> {
         health: &config.health,
     };
 
+    let progress = progress(args.policies.len());
     // The clairvoyant replay is also the yardstick: its answers are pure
     // service work, and its peak bounds the fixed fleet's search.
     let reference = clairvoyant::replay(&setup);
+    progress.inc(1);
     let (work, mean_service) = service_work(&reference);
     let lower_bound = lower_bound(&trace, &reference, &model, work);
     let bench = Bench {
@@ -340,7 +344,9 @@ pub fn run(args: &SimulateArgs) -> Result<Simulation, SimulateError> {
     let mut results = Vec::new();
     let mut outcomes = Vec::new();
     for &name in &args.policies {
+        progress.set_message(name.as_str());
         let (detail, outcome) = bench.replay(name)?;
+        progress.inc(1);
         results.push(PolicyResult::new(
             name.as_str(),
             detail,
@@ -360,7 +366,24 @@ pub fn run(args: &SimulateArgs) -> Result<Simulation, SimulateError> {
         policies: results,
     };
     report.compare();
+    progress.finish_and_clear();
     Ok(Simulation { report, outcomes })
+}
+
+/// A bar on stderr over the reference replay and each policy's (a long
+/// trace takes minutes); indicatif draws nothing when stderr is not a
+/// terminal, so logs and tests stay quiet.
+fn progress(policies: usize) -> indicatif::ProgressBar {
+    let style = indicatif::ProgressStyle::with_template(
+        "{elapsed:>4} [{bar:30}] {pos}/{len} replays: {msg}",
+    )
+    .expect("a valid template")
+    .progress_chars("=> ");
+    let bar = indicatif::ProgressBar::new(policies as u64 + 1)
+        .with_style(style)
+        .with_message("clairvoyant reference");
+    bar.enable_steady_tick(std::time::Duration::from_millis(250));
+    bar
 }
 
 /// Seconds of service the measured answers took in all, and per answer.
@@ -552,10 +575,9 @@ pub fn write(simulation: &Simulation, dir: &Path) -> Result<(), SimulateError> {
         .iter()
         .map(|(name, outcome)| (name.as_str(), outcome))
         .collect();
-    write(
-        "report.svg",
-        report::svg(&panels, &simulation.report.worker),
-    )
+    let plots = plot::svg(&panels, &simulation.report.worker);
+    write("report.html", plot::html(&simulation.report, &plots))?;
+    write("report.svg", plots)
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! What a simulation run prints: per-policy cost and SLO figures as JSON
-//! (typed, so the schema is this file), a Markdown table and an SVG plot.
+//! (typed, so the schema is this file) and a Markdown table; the plots and
+//! the HTML page are [`crate::plot`]'s.
 
 use std::fmt::Write;
 
@@ -173,59 +174,90 @@ impl Report {
         }
     }
 
-    pub fn markdown(&self) -> String {
-        let trace = &self.trace;
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "Trace `{}` ({:?}): {} questions measured over {:.1} h from {} after a {:.1} h warm-up, mean {:.2}/s, peak minute {:.2}/s; rate x{}, time x{}, arrival cv {}, seed {}.",
-            trace.file,
-            trace.format,
-            trace.questions,
-            (trace.duration_s - trace.warm_up_s) / 3600.0,
-            trace.start,
-            trace.warm_up_s / 3600.0,
-            trace.mean_rate_rps,
-            trace.peak_minute_rate_rps,
-            trace.rate_scale,
-            trace.time_scale,
-            trace.arrival_cv,
-            self.seed
-        );
-        let _ = writeln!(
-            out,
-            "Worker: {}. SLO: first token <= {} s for {}% of questions. Lower bound: {:.1} worker-hours.\n",
-            self.worker.describe(),
-            self.slo.first_token_s,
-            self.slo.target * 100.0,
-            self.lower_bound_worker_seconds / 3600.0
-        );
-        out.push_str("| policy | worker-hours | cost | saving vs fixed | x clairvoyant | utilization | SLO met | first token p50 / p95 / p99 (s) | answer p99 (s) | rejected | cold starts | scale events |\n");
-        out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    /// The per-policy table, as the Markdown and the HTML report show it.
+    pub fn table(&self) -> ([&'static str; 12], Vec<[String; 12]>) {
+        let header = [
+            "policy",
+            "worker-hours",
+            "cost",
+            "saving vs fixed",
+            "x clairvoyant",
+            "utilization",
+            "SLO met",
+            "first token p50 / p95 / p99 (s)",
+            "answer p99 (s)",
+            "rejected",
+            "cold starts",
+            "scale events",
+        ];
         let optional = |value: Option<f64>, percent: bool| match value {
             Some(v) if percent => format!("{:.1}%", v * 100.0),
             Some(v) => format!("{v:.2}"),
             None => "-".to_owned(),
         };
-        for p in &self.policies {
-            let _ = writeln!(
-                out,
-                "| {} | {:.1} | {:.2} | {} | {} | {:.1}% | {:.3}% | {:.2} / {:.2} / {:.2} | {:.1} | {} | {} | {} |",
-                p.name,
-                p.worker_seconds / 3600.0,
-                p.cost,
-                optional(p.saving_vs_fixed, true),
-                optional(p.vs_clairvoyant, false),
-                p.utilization * 100.0,
-                p.slo_attainment * 100.0,
-                p.first_token_s.p50,
-                p.first_token_s.p95,
-                p.first_token_s.p99,
-                p.total_s.p99,
-                p.rejected,
-                p.cold_starts,
-                p.scale_events
-            );
+        let rows = self
+            .policies
+            .iter()
+            .map(|p| {
+                [
+                    p.name.clone(),
+                    format!("{:.1}", p.worker_seconds / 3600.0),
+                    format!("{:.2}", p.cost),
+                    optional(p.saving_vs_fixed, true),
+                    optional(p.vs_clairvoyant, false),
+                    format!("{:.1}%", p.utilization * 100.0),
+                    format!("{:.3}%", p.slo_attainment * 100.0),
+                    format!(
+                        "{:.2} / {:.2} / {:.2}",
+                        p.first_token_s.p50, p.first_token_s.p95, p.first_token_s.p99
+                    ),
+                    format!("{:.1}", p.total_s.p99),
+                    p.rejected.to_string(),
+                    p.cold_starts.to_string(),
+                    p.scale_events.to_string(),
+                ]
+            })
+            .collect();
+        (header, rows)
+    }
+
+    /// What was replayed and against what: two sentences.
+    pub fn summary(&self) -> [String; 2] {
+        let trace = &self.trace;
+        [
+            format!(
+                "Trace `{}` ({:?}): {} questions measured over {:.1} h from {} after a {:.1} h warm-up, mean {:.2}/s, peak minute {:.2}/s; rate x{}, time x{}, arrival cv {}, seed {}.",
+                trace.file,
+                trace.format,
+                trace.questions,
+                (trace.duration_s - trace.warm_up_s) / 3600.0,
+                trace.start,
+                trace.warm_up_s / 3600.0,
+                trace.mean_rate_rps,
+                trace.peak_minute_rate_rps,
+                trace.rate_scale,
+                trace.time_scale,
+                trace.arrival_cv,
+                self.seed
+            ),
+            format!(
+                "Worker: {}. SLO: first token <= {} s for {}% of questions. Lower bound: {:.1} worker-hours.",
+                self.worker.describe(),
+                self.slo.first_token_s,
+                self.slo.target * 100.0,
+                self.lower_bound_worker_seconds / 3600.0
+            ),
+        ]
+    }
+
+    pub fn markdown(&self) -> String {
+        let [trace, worker] = self.summary();
+        let mut out = format!("{trace}\n{worker}\n\n");
+        let (header, rows) = self.table();
+        let _ = writeln!(out, "| {} |", header.join(" | "));
+        let _ = writeln!(out, "|---|{}", "---:|".repeat(header.len() - 1));
+        for row in rows {
+            let _ = writeln!(out, "| {} |", row.join(" | "));
         }
         out.push('\n');
         for p in &self.policies {
@@ -233,96 +265,4 @@ impl Report {
         }
         out
     }
-}
-
-/// One panel per policy: arrivals per second (grey area), questions in the
-/// system (orange) and workers running (blue), each bucket's maximum,
-/// under a caption naming the worker model.
-pub fn svg(panels: &[(&str, &Outcome)], worker: &WorkerModel) -> String {
-    const WIDTH: f64 = 960.0;
-    const PANEL: f64 = 150.0;
-    const LEFT: f64 = 60.0;
-    let plot_width = WIDTH - LEFT - 20.0;
-    let max_of = |f: &dyn Fn(&super::engine::Sample) -> f64| {
-        panels
-            .iter()
-            .flat_map(|(_, o)| o.samples.iter().map(f))
-            .fold(1e-9, f64::max)
-    };
-    let bucket = panels.first().map_or(1.0, |(_, o)| o.bucket_seconds);
-    let max_rate = max_of(&|s| s.arrivals as f64 / bucket);
-    let max_lag = max_of(&|s| s.lag as f64);
-    let max_workers = max_of(&|s| s.workers as f64);
-    let buckets = panels
-        .iter()
-        .map(|(_, o)| o.samples.len())
-        .max()
-        .unwrap_or(1)
-        .max(2);
-    // Two caption lines above the panels.
-    const CAPTION: f64 = 44.0;
-    let height = PANEL * panels.len() as f64 + CAPTION + 10.0;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" font-family="sans-serif" font-size="11">"#
-    );
-    let _ = writeln!(
-        out,
-        r##"<text x="{LEFT}" y="16">grey: arrivals/s (max {max_rate:.1}) · orange: questions in system (max {max_lag:.0}) · blue: workers (max {max_workers:.0}) · x: {:.1} h</text>"##,
-        bucket * buckets as f64 / 3600.0
-    );
-    let _ = writeln!(
-        out,
-        r##"<text x="{LEFT}" y="30">worker: {}</text>"##,
-        escape(&worker.describe())
-    );
-    for (index, (name, outcome)) in panels.iter().enumerate() {
-        let top = CAPTION + index as f64 * PANEL;
-        let bottom = top + PANEL - 20.0;
-        let x = |i: usize| LEFT + plot_width * i as f64 / (buckets - 1) as f64;
-        let y = |value: f64, max: f64| bottom - (PANEL - 30.0) * value / max;
-        let line = |f: &dyn Fn(&super::engine::Sample) -> f64, max: f64| {
-            outcome
-                .samples
-                .iter()
-                .enumerate()
-                .map(|(i, s)| format!("{:.1},{:.1}", x(i), y(f(s), max)))
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
-        let _ = writeln!(
-            out,
-            r##"<text x="4" y="{:.0}" font-weight="bold">{name}</text><line x1="{LEFT}" y1="{bottom}" x2="{:.0}" y2="{bottom}" stroke="#999"/>"##,
-            top + 12.0,
-            LEFT + plot_width
-        );
-        let last = outcome.samples.len().saturating_sub(1);
-        let _ = writeln!(
-            out,
-            r##"<polygon fill="#ccc" points="{:.1},{bottom} {} {:.1},{bottom}"/>"##,
-            x(0),
-            line(&|s| s.arrivals as f64 / bucket, max_rate),
-            x(last)
-        );
-        let _ = writeln!(
-            out,
-            r##"<polyline fill="none" stroke="#e67e22" points="{}"/>"##,
-            line(&|s| s.lag as f64, max_lag)
-        );
-        let _ = writeln!(
-            out,
-            r##"<polyline fill="none" stroke="#1f5fbf" stroke-width="1.5" points="{}"/>"##,
-            line(&|s| s.workers as f64, max_workers)
-        );
-    }
-    out.push_str("</svg>\n");
-    out
-}
-
-/// Text for SVG: the profile's file name is the user's.
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
 }

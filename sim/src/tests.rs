@@ -362,11 +362,26 @@ fn the_report_has_every_policy_and_round_trips_through_its_schema() {
     let markdown = std::fs::read_to_string(dir.join("report.md")).unwrap();
     assert!(markdown.contains("| knative-like |"), "{markdown}");
     let svg = std::fs::read_to_string(dir.join("report.svg")).unwrap();
+    for policy in &back.policies {
+        let caption = format!("font-weight=\"bold\">\n{}\n</text>", policy.name);
+        let caption_inline = format!("font-weight=\"bold\">{}</text>", policy.name);
+        assert!(
+            svg.contains(&caption) || svg.contains(&caption_inline),
+            "a panel captioned {}",
+            policy.name
+        );
+    }
     assert_eq!(
         svg.matches("font-weight=\"bold\">").count(),
         6,
         "a panel per policy"
     );
+    // Two lines a panel (questions in system, workers) beside the area.
+    assert!(svg.matches("<polyline").count() >= 12, "{svg}");
+    let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
+    assert!(html.contains("<td>knative-like</td>"), "{html}");
+    assert!(html.contains("Content-Security-Policy"), "{html}");
+    assert!(html.contains(svg.trim()), "the page holds the same plots");
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -82,6 +82,11 @@ impl Lifecycle {
             timings: answer.timings,
             finish_reason: Some(answer.finish_reason),
             attempts: deliveries,
+            cache_ttl_s: job
+                .cache_key
+                .as_ref()
+                .and(answer.cache_for)
+                .map(|ttl| ttl.as_secs()),
             updated_at_ms: ebb_nats::now_ms(),
             ..QuestionRecord::of_job(job)
         };

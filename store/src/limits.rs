@@ -8,8 +8,10 @@
 //! idle clients hold no memory) and [`PLACES_KEY`] (sorted set of
 //! shedding places: scored [`QUEUEING_FOR`] ahead while their question is
 //! being queued, then by the ms it was queued; trimmed at each reservation
-//! and capped in size).
+//! and capped in size). A place is taken in the same script as the cache
+//! lookup and the `queued` record ([`crate::cache`]): one round trip.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use crate::{Store, StoreError};
@@ -22,6 +24,46 @@ pub const KEPT_FOR: Duration = Duration::from_secs(2);
 /// A place being queued counts this long at most (a gateway that died
 /// while publishing never gives it back).
 pub const QUEUEING_FOR: Duration = Duration::from_secs(60);
+
+/// A shedding place to take for a question about to be queued, in the
+/// round trip that looks its answer up and writes its record
+/// ([`Store::cached_or_queue`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlaceRequest<'a> {
+    /// The place's name (unique per gateway and request).
+    pub id: &'a str,
+    /// When the caller's last depth reading started (Redis time, ms; 0 when
+    /// unknown: then every place of the last [`KEPT_FOR`] counts).
+    pub reading_started_ms: u64,
+    /// At this many places the set grows no more.
+    pub cap: u64,
+}
+
+/// Lua: `take_place(places, id, since, cap)` adds place `id` (scored
+/// [`QUEUEING_FOR`] ahead, so it counts as "after any reading" and still
+/// goes if its gateway dies with it) and returns how many places a reading
+/// started at `since` may not include: every place still being queued (by
+/// any gateway), and every place queued since. Trims places older than
+/// [`KEPT_FOR`] first.
+pub(crate) fn take_place_lua() -> String {
+    format!(
+        r#"
+local function take_place(places, id, since, cap)
+  local time = redis.call('TIME')
+  local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  redis.call('ZREMRANGEBYSCORE', places, '-inf', now - {kept_for})
+  local ahead = redis.call('ZCOUNT', places, since, '+inf')
+  if redis.call('ZCARD', places) < cap then
+    redis.call('ZADD', places, now + {queueing_for}, id)
+  end
+  redis.call('PEXPIRE', places, {queueing_for} + {kept_for})
+  return ahead
+end
+"#,
+        kept_for = KEPT_FOR.as_millis(),
+        queueing_for = QUEUEING_FOR.as_millis(),
+    )
+}
 
 /// A bucket to take from: its key and its size (tokens a minute, which is
 /// also how fast it refills).
@@ -44,21 +86,32 @@ impl Bucket {
 /// What [`Store::take_tokens`] found.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Taken {
-    /// Whether every bucket had a token (then each gave one; else none did).
-    pub allowed: bool,
+    /// Tokens taken from each bucket (the same from all; 0: refused, and
+    /// none spent).
+    pub taken: u32,
     /// Tokens left in each bucket afterwards, in the order given.
     pub tokens: Vec<f64>,
 }
 
+impl Taken {
+    pub fn allowed(&self) -> bool {
+        self.taken > 0
+    }
+}
+
 impl Store {
-    /// Takes one token from each of `buckets`, all or none: a client
-    /// refused by its key's bucket spends nothing from its IP's.
-    pub async fn take_tokens(&self, buckets: &[Bucket]) -> Result<Taken, StoreError> {
-        let script = redis::Script::new(
-            r#"
+    /// Takes up to `want` tokens (at least one) from each of `buckets`, as
+    /// many as the emptiest one holds, all or none: a client refused by its
+    /// key's bucket spends nothing from its IP's.
+    pub async fn take_tokens(&self, buckets: &[Bucket], want: u32) -> Result<Taken, StoreError> {
+        // Built once: a Script hashes its source (SHA-1, for EVALSHA) when made.
+        static SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
+            redis::Script::new(
+                r#"
             local time = redis.call('TIME')
             local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-            local left, allowed = {}, true
+            local want = tonumber(ARGV[#KEYS + 1])
+            local left, take = {}, want
             for i, key in ipairs(KEYS) do
               local size = tonumber(ARGV[i]) * 1000
               local stored = redis.call('HMGET', key, 'm', 'at')
@@ -67,18 +120,19 @@ impl Store {
               -- size / 60 s refill: size milli-tokens a minute = size/60000 a ms.
               milli = math.min(size, milli + math.max(0, now - at) * size / 60000)
               left[i] = milli
-              if milli < 1000 then allowed = false end
+              take = math.min(take, math.floor(milli / 1000))
             end
             for i, key in ipairs(KEYS) do
               local size = tonumber(ARGV[i]) * 1000
-              if allowed then left[i] = left[i] - 1000 end
-              left[i] = math.floor(left[i])
+              left[i] = math.floor(left[i] - take * 1000)
               redis.call('HSET', key, 'm', left[i], 'at', now)
               redis.call('PEXPIRE', key, math.ceil((size - left[i]) * 60000 / size) + 1000)
             end
-            return {allowed and 1 or 0, left}
+            return {take, left}
             "#,
-        );
+            )
+        });
+        let script = &*SCRIPT;
         let mut invocation = script.prepare_invoke();
         for bucket in buckets {
             invocation.key(&bucket.key);
@@ -86,10 +140,11 @@ impl Store {
         for bucket in buckets {
             invocation.arg(bucket.per_minute);
         }
+        invocation.arg(want.max(1));
         let mut connection = self.connection.clone();
-        let (allowed, left): (i64, Vec<i64>) = invocation.invoke_async(&mut connection).await?;
+        let (taken, left): (i64, Vec<i64>) = invocation.invoke_async(&mut connection).await?;
         Ok(Taken {
-            allowed: allowed == 1,
+            taken: u32::try_from(taken).unwrap_or(0),
             tokens: left
                 .into_iter()
                 .map(|milli| milli as f64 / 1000.0)
@@ -97,62 +152,32 @@ impl Store {
         })
     }
 
-    /// Takes a shedding place named `id` for a question about to be queued
-    /// and returns how many places the caller's last depth reading did not
-    /// include: every place still being queued (by any gateway), and every
-    /// place queued at or after `reading_started_ms` (Redis time; 0 when
-    /// unknown: then all places of the last [`KEPT_FOR`]). At `cap` places the
-    /// set grows no more.
-    pub async fn reserve_place(
-        &self,
-        id: &str,
-        reading_started_ms: u64,
-        cap: u64,
-    ) -> Result<u64, StoreError> {
-        // A place being queued is scored a minute ahead, so it counts as
-        // "after any reading" and still goes if its gateway dies with it.
-        let script = redis::Script::new(
-            r#"
+    /// The questions of places `ids` are queued: from now on each counts
+    /// only for depth readings that started before now (Redis time). One
+    /// call for a batch (see the gateway's `overload`).
+    pub async fn keep_places(&self, ids: &[String]) -> Result<(), StoreError> {
+        // Built once: a Script hashes its source (SHA-1, for EVALSHA) when made.
+        static SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
+            redis::Script::new(
+                r#"
             local time = redis.call('TIME')
             local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-            redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[4]))
-            local ahead = redis.call('ZCOUNT', KEYS[1], ARGV[2], '+inf')
-            if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[3]) then
-              redis.call('ZADD', KEYS[1], now + tonumber(ARGV[5]), ARGV[1])
+            for _, id in ipairs(ARGV) do
+              redis.call('ZADD', KEYS[1], 'XX', now, id)
             end
-            redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[5]) + tonumber(ARGV[4]))
-            return ahead
+            return #ARGV
             "#,
-        );
+            )
+        });
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut invocation = SCRIPT.key(PLACES_KEY);
+        for id in ids {
+            invocation.arg(id);
+        }
         let mut connection = self.connection.clone();
-        let ahead: u64 = script
-            .key(PLACES_KEY)
-            .arg(id)
-            .arg(reading_started_ms)
-            .arg(cap)
-            .arg(KEPT_FOR.as_millis() as u64)
-            .arg(QUEUEING_FOR.as_millis() as u64)
-            .invoke_async(&mut connection)
-            .await?;
-        Ok(ahead)
-    }
-
-    /// Place `id`'s question is queued: from now on it counts only for
-    /// depth readings that started before now (Redis time).
-    pub async fn keep_place(&self, id: &str) -> Result<(), StoreError> {
-        let script = redis::Script::new(
-            r#"
-            local time = redis.call('TIME')
-            local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-            return redis.call('ZADD', KEYS[1], 'XX', now, ARGV[1])
-            "#,
-        );
-        let mut connection = self.connection.clone();
-        let _: i64 = script
-            .key(PLACES_KEY)
-            .arg(id)
-            .invoke_async(&mut connection)
-            .await?;
+        let _: i64 = invocation.invoke_async(&mut connection).await?;
         Ok(())
     }
 

@@ -14,20 +14,27 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ebb_runtime::{Login, RedisArgs};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, IntoConnectionInfo as _};
+use redis::{AsyncCommands, IntoConnectionInfo as _, RedisConnectionInfo};
 use serde::Serialize;
 
 use ebb_nats::{CachedAnswer, QuestionRecord};
+
+use crate::connection::RedisConnection;
 
 /// How long a status record lives after its last update.
 pub const RECORD_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How long an answer's streamed pieces stay readable after the last one.
 pub const PIECES_TTL: Duration = Duration::from_secs(3600);
+/// How long a terminal record waits for a replica's copy (behind
+/// Sentinels); below the connection's 1 s answer timeout.
+pub const REPLICA_WAIT: Duration = Duration::from_millis(500);
+/// How long answers go without waiting once one found no replica.
+pub const REPLICA_RECHECK: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -35,6 +42,8 @@ pub enum StoreError {
     Redis(#[from] redis::RedisError),
     #[error(transparent)]
     Login(#[from] ebb_runtime::LoginError),
+    #[error("{0} took too long")]
+    TimedOut(&'static str),
     #[error("corrupt record under {key}: {source}")]
     Corrupt {
         key: String,
@@ -61,10 +70,13 @@ pub enum Put {
 /// Status records and the answer cache, over one multiplexed connection.
 #[derive(Clone)]
 pub struct Store {
-    pub(crate) connection: ConnectionManager,
+    pub(crate) connection: RedisConnection,
     /// Whether the last degradable call failed: shared by every clone, so
     /// an outage is logged once per process, not once per request.
     degraded: Arc<AtomicBool>,
+    /// When a terminal record last had no replica's copy in time, if the
+    /// one after it has not had one either.
+    unreplicated: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -81,32 +93,43 @@ impl Store {
     }
 
     /// [`Store::connect_lazy`] as the user of --redis-user and
-    /// --redis-password-file (when given).
+    /// --redis-password-file (when given), or behind --redis-sentinels.
     pub fn connect(args: &RedisArgs) -> Result<Store, StoreError> {
-        Store::connect_lazy_as(&args.redis_url, args.login()?.as_ref())
+        let login = args.login()?;
+        match args.redis_sentinels.as_slice() {
+            [] => Store::connect_lazy_as(&args.redis_url, login.as_ref()),
+            sentinels => {
+                Store::connect_sentinel(sentinels, &args.redis_master_name, login.as_ref())
+            }
+        }
     }
 
     fn connect_lazy_as(url: &str, login: Option<&Login>) -> Result<Store, StoreError> {
-        let mut info = url.into_connection_info()?;
-        if let Some(login) = login {
-            let settings = info
-                .redis_settings()
-                .clone()
-                .set_username(&login.user)
-                .set_password(&login.password);
-            info = info.set_redis_settings(settings);
-        }
-        let client = redis::Client::open(info)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(Duration::from_secs(1)))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(2));
-        let connection = ConnectionManager::new_lazy_with_config(client, config)?;
-        Ok(Store {
+        let info = url.into_connection_info()?;
+        let settings = with_login(info.redis_settings().clone(), login);
+        let info = info.set_redis_settings(settings);
+        let connection = RedisConnection::single(redis::Client::open(info)?)?;
+        Ok(Store::over(connection))
+    }
+
+    /// The master the Sentinels at `sentinels` name `master_name`, followed
+    /// through failovers (see [`RedisConnection`]).
+    pub fn connect_sentinel(
+        sentinels: &[String],
+        master_name: &str,
+        login: Option<&Login>,
+    ) -> Result<Store, StoreError> {
+        let login = with_login(RedisConnectionInfo::default(), login);
+        let connection = RedisConnection::sentinel(sentinels, master_name, login)?;
+        Ok(Store::over(connection))
+    }
+
+    fn over(connection: RedisConnection) -> Store {
+        Store {
             connection,
             degraded: Arc::default(),
-        })
+            unreplicated: Arc::default(),
+        }
     }
 
     /// Runs a Redis call whose failure only degrades the service (no cache,
@@ -167,13 +190,23 @@ impl Store {
         Ok(written.is_some())
     }
 
+    /// Removes a question's record: one written before a publish that
+    /// failed, for a question never accepted.
+    pub async fn forget_record(&self, id: &str) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        let _: () = connection.del(record_key(id)).await?;
+        Ok(())
+    }
+
     /// Writes a view of the question unless the stored record is terminal:
     /// an ended question stays as it ended, so a stale or duplicate
     /// delivery (or a worker that wakes after the reaper failed its
     /// question) can neither reopen it nor give it a second answer.
     pub async fn put_record(&self, record: &QuestionRecord) -> Result<Put, StoreError> {
-        let script = redis::Script::new(
-            r#"
+        // Built once: a Script hashes its source (SHA-1, for EVALSHA) when made.
+        static SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
+            redis::Script::new(
+                r#"
             local current = redis.call('GET', KEYS[1])
             if current then
               local stored = cjson.decode(current)
@@ -184,7 +217,9 @@ impl Store {
             redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
             return {0, ''}
             "#,
-        );
+            )
+        });
+        let script = &*SCRIPT;
         let key = record_key(&record.id);
         let body = serde_json::to_string(record).expect("records serialize");
         let mut connection = self.connection.clone();
@@ -201,9 +236,47 @@ impl Store {
             })
         };
         Ok(match outcome {
-            0 => Put::Written,
+            0 => {
+                if record.status.is_terminal() {
+                    self.wait_for_replica().await?;
+                }
+                Put::Written
+            }
             _ => Put::Ended(Box::new(stored()?)),
         })
+    }
+
+    /// Behind Sentinels, waits until a replica holds what was written so
+    /// far: Redis replicates after it answers, and a terminal record must
+    /// outlive its master once the question's message is acknowledged.
+    /// Without a replica's copy in [`REPLICA_WAIT`] the write stands (the
+    /// replica may be down: answering goes on), the risk is logged once per
+    /// stretch, and the next [`REPLICA_RECHECK`] of answers do not wait.
+    async fn wait_for_replica(&self) -> Result<(), StoreError> {
+        if !self.connection.has_replicas() {
+            return Ok(());
+        }
+        let unreplicated = *self.unreplicated.lock().expect("not poisoned");
+        if unreplicated.is_some_and(|since| since.elapsed() < REPLICA_RECHECK) {
+            return Ok(());
+        }
+        let mut connection = self.connection.clone();
+        let copies: i64 = redis::cmd("WAIT")
+            .arg(1)
+            .arg(REPLICA_WAIT.as_millis() as u64)
+            .query_async(&mut connection)
+            .await?;
+        let mut unreplicated = self.unreplicated.lock().expect("not poisoned");
+        match (copies, unreplicated.is_some()) {
+            (0, false) => tracing::warn!(
+                waited_ms = REPLICA_WAIT.as_millis() as u64,
+                "no Redis replica copied an answer: answers written until one does are lost if the master fails"
+            ),
+            (1.., true) => tracing::info!("a Redis replica copies answers again"),
+            _ => {}
+        }
+        *unreplicated = (copies == 0).then(std::time::Instant::now);
+        Ok(())
     }
 
     pub async fn cached_answer(&self, key: &str) -> Result<Option<CachedAnswer>, StoreError> {
@@ -224,7 +297,11 @@ impl Store {
     /// its attempt number always agree; pieces of an earlier attempt that
     /// arrive after a later one started (a worker paused past the ack wait
     /// and resumed) are dropped, so two deliveries running at once never
-    /// interleave in the list late joiners read.
+    /// interleave in the list late joiners read. A piece goes only at its
+    /// own position (`seq` = the list's length): two deliveries under the
+    /// same attempt number (a nats-server killed before it synced the
+    /// delivery count) cannot mix either, and a list that lost its tail (a
+    /// Redis crash) stops growing rather than shift every later piece.
     pub async fn append_piece(
         &self,
         id: &str,
@@ -232,8 +309,10 @@ impl Store {
         seq: u64,
         text: &str,
     ) -> Result<(), StoreError> {
-        let script = redis::Script::new(
-            r#"
+        // Built once: a Script hashes its source (SHA-1, for EVALSHA) when made.
+        static SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
+            redis::Script::new(
+                r#"
             local current = tonumber(redis.call('GET', KEYS[2]) or '0')
             local attempt = tonumber(ARGV[1])
             if attempt < current then
@@ -243,12 +322,17 @@ impl Store {
               redis.call('DEL', KEYS[1])
               redis.call('SET', KEYS[2], attempt)
             end
+            if tonumber(ARGV[2]) ~= redis.call('LLEN', KEYS[1]) then
+              return 0
+            end
             redis.call('RPUSH', KEYS[1], ARGV[3])
             redis.call('EXPIRE', KEYS[1], ARGV[4])
             redis.call('EXPIRE', KEYS[2], ARGV[4])
             return 1
             "#,
-        );
+            )
+        });
+        let script = &*SCRIPT;
         let mut connection = self.connection.clone();
         let _: i64 = script
             .key(pieces_key(id))
@@ -331,6 +415,15 @@ impl Store {
         let mut connection = self.connection.clone();
         let _: () = connection.set_ex(key, body, ttl.as_secs().max(1)).await?;
         Ok(())
+    }
+}
+
+fn with_login(settings: RedisConnectionInfo, login: Option<&Login>) -> RedisConnectionInfo {
+    match login {
+        Some(login) => settings
+            .set_username(&login.user)
+            .set_password(&login.password),
+        None => settings,
     }
 }
 

@@ -1,7 +1,15 @@
-//! What the benchmarks share: `wrk` against the gateway, medians, and one
-//! printed line (and JSON figure) per side-by-side comparison.
+//! What the benchmarks share: `wrk` against the gateway, raw JetStream
+//! publishes, medians, and one printed line (and JSON figure) per
+//! side-by-side comparison.
 
+use std::future::Future;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::message::PublishMessage;
+use ebb_nats::Job;
 
 use serde_json::json;
 
@@ -56,4 +64,78 @@ pub fn wrk(url: &str, script: &str, connections: usize, seconds: f64) -> f64 {
         .find_map(|line| line.strip_prefix("Requests/sec:"))
         .and_then(|rate| rate.trim().parse().ok())
         .unwrap_or_else(|| panic!("no rate in wrk output:\n{text}"))
+}
+
+/// Runs `concurrency` loops of `call` for `seconds`; returns calls/s.
+pub async fn throughput<F, Fut>(concurrency: usize, seconds: f64, call: F) -> f64
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let call = Arc::new(call);
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|task| {
+            let (call, done) = (call.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    call((task as u64) << 32 | n).await;
+                    n += 1;
+                }
+                done.fetch_add(n, Ordering::Relaxed);
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("load task");
+    }
+    done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The job the gateway would publish for question `n`.
+pub fn raw_job(n: u64) -> Job {
+    Job {
+        id: format!("raw-{n}"),
+        question: format!("Question number {n}?"),
+        grade: None,
+        course: None,
+        language: None,
+        max_tokens: 512,
+        sampling: Default::default(),
+        priority: Default::default(),
+        model: "ebb/tiny-qwen2@test".into(),
+        cache_key: Some("0".repeat(64)),
+        enqueued_at_ms: 0,
+        owner: None,
+        history: Vec::new(),
+        callback_url: None,
+    }
+}
+
+/// Raw publish-with-ack/s of question jobs on `subject` at `concurrency`.
+pub async fn publishes(
+    jetstream: &async_nats::jetstream::Context,
+    subject: String,
+    concurrency: usize,
+    seconds: f64,
+) -> f64 {
+    let jetstream = jetstream.clone();
+    throughput(concurrency, seconds, move |n| {
+        let job = raw_job(n);
+        let message = PublishMessage::build()
+            .payload(serde_json::to_vec(&job).expect("json").into())
+            .message_id(job.id.clone());
+        let (jetstream, subject) = (jetstream.clone(), subject.clone());
+        async move {
+            let ack = jetstream
+                .send_publish(subject, message)
+                .await
+                .expect("publish");
+            ack.await.expect("ack");
+        }
+    })
+    .await
 }

@@ -71,8 +71,10 @@ impl Compose {
 
 impl Drop for Compose {
     fn drop(&mut self) {
-        // Workers belong to the scaler, not to compose: remove them first, or
-        // the network cannot go.
+        // Workers belong to the scaler, not to compose: stop the scaler (or
+        // it may start one more), remove its workers, or the network cannot
+        // go, and only then the project.
+        let _ = self.run(&["stop", "-t", "5", "scaler"]);
         let workers = self.worker_containers();
         if !workers.is_empty() {
             let _ = Command::new("docker")
@@ -97,13 +99,37 @@ pub fn secret_in(volume: &str, file: &str) -> String {
     secret
 }
 
+/// Where a project's workers find NATS and Redis: `EBB_NATS_URL` and the
+/// Redis variable (`EBB_REDIS_URL` or `EBB_REDIS_SENTINELS`) with its value.
+#[derive(Debug, Clone, Copy)]
+pub struct Services<'a> {
+    pub nats_url: &'a str,
+    pub redis: (&'a str, &'a str),
+}
+
+impl Services<'_> {
+    /// compose.yaml's: one NATS server, one Redis.
+    pub const SINGLE: Services<'static> = Services {
+        nats_url: "nats://nats:4222",
+        redis: ("EBB_REDIS_URL", "redis://redis:6379"),
+    };
+    /// compose.cluster.yaml's: three NATS nodes, Redis behind Sentinels.
+    pub const CLUSTER: Services<'static> = Services {
+        nats_url: "nats://nats-1:4222,nats://nats-2:4222,nats://nats-3:4222",
+        redis: (
+            "EBB_REDIS_SENTINELS",
+            "sentinel-1:26379,sentinel-2:26379,sentinel-3:26379",
+        ),
+    };
+}
+
 /// A project of `file` whose scaler runs tiny-model worker containers
-/// (a fresh copy of the model in `dir`, workers given `nats_url`), on free
+/// (a fresh copy of the model in `dir`, workers given `services`), on free
 /// host ports: returns it with its gateway and scaler ports.
 pub fn tiny_project(
     project: &str,
     file: &'static str,
-    nats_url: &str,
+    services: Services,
     dir: &Path,
 ) -> (Compose, u16, u16) {
     // A fresh copy: the shared test model may predate world-readable weights.
@@ -118,7 +144,7 @@ pub fn tiny_project(
     let config = dir.join("scaler.yaml");
     std::fs::write(
         &config,
-        tiny_docker_scaler_config(project, &model, nats_url),
+        tiny_docker_scaler_config(project, &model, services),
     )
     .expect("write the scaler config");
     let (gateway_port, scaler_port) = (free_port(), free_port());
@@ -142,14 +168,18 @@ pub fn tiny_project(
 
 /// A scaler config whose Docker backend runs tiny-model workers (the model
 /// in `model`, mounted read-only) on the project's network, reaching NATS
-/// at `nats_url` (one node, or every node of a cluster).
-fn tiny_docker_scaler_config(project: &str, model: &std::path::Path, nats_url: &str) -> String {
+/// and Redis as `services` says.
+fn tiny_docker_scaler_config(project: &str, model: &std::path::Path, services: Services) -> String {
+    let Services {
+        nats_url,
+        redis: (redis_variable, redis),
+    } = services;
     format!(
         "tick: 200ms\nresources: {{min_instances: 0, max_instances: 1}}\n\
          target: {{stable_window: 3s, panic_window: 2s, default_service_time: 1s}}\n\
          cooldowns: {{scale_down_stabilization: 1s, scale_to_zero_idle: 3s}}\n\
          backend:\n  kind: docker\n  image: ebb-worker:latest\n  network: {project}\n  pool: {project}\n\
-         \x20 env: {{EBB_NATS_URL: \"{nats_url}\", EBB_REDIS_URL: \"redis://redis:6379\", EBB_MODEL: ebb/tiny-qwen2, EBB_MODEL_DIR: /model, HF_HUB_OFFLINE: \"1\",\n\
+         \x20 env: {{EBB_NATS_URL: \"{nats_url}\", {redis_variable}: \"{redis}\", EBB_MODEL: ebb/tiny-qwen2, EBB_MODEL_DIR: /model, HF_HUB_OFFLINE: \"1\",\n\
          \x20   EBB_NATS_USER: ebb-worker, EBB_NATS_PASSWORD_FILE: /run/ebb/nats-password, EBB_REDIS_USER: ebb-worker, EBB_REDIS_PASSWORD_FILE: /run/ebb/redis-password}}\n\
          \x20 volumes: [\"{}:/model:ro\", \"{project}-worker-credentials:/run/ebb:ro\"]\n",
         model.display()

@@ -13,6 +13,8 @@
 //! - [`compose`]: [`compose::Compose`], a docker-compose project for a test.
 //! - [`proxy`]: [`proxy::CuttableProxy`], a TCP proxy a test cuts to
 //!   partition one process from a server.
+//! - [`sentinel`]: [`sentinel::SentinelRedis`], a Redis master, replica and
+//!   three Sentinels, for failovers.
 //! - [`scaler`]: [`ScalerProcess`], an `ebb-scaler` running tiny-model workers.
 //! - [`bench`]: `wrk` runs and side-by-side reports for the benchmarks.
 //! - [`chaos`]: the chaos run (`scripts/chaos`): every part a process, faults
@@ -20,12 +22,15 @@
 
 pub mod bench;
 pub mod chaos;
+pub mod chromium;
 pub mod cluster;
 pub mod compose;
 pub mod eventually;
 pub mod hub;
+pub mod prometheus;
 pub mod proxy;
 pub mod scaler;
+pub mod sentinel;
 pub mod servers;
 pub mod sse;
 pub mod stack;

@@ -191,6 +191,8 @@ impl ScalerProcess {
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
             .args(&self.nats_args)
             .env("EBB_SCALER_ADMIN_TOKEN", ADMIN_TOKEN)
+            // The console's plots at test speed.
+            .env("EBB_CONSOLE_STEP", "1s")
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -228,6 +230,23 @@ impl ScalerProcess {
     /// The scaler's `/metrics` text.
     pub async fn metrics(&self) -> String {
         self.get("/metrics").await
+    }
+
+    /// Pins the scaler at zero workers for ten minutes (`POST /scale`
+    /// with the admin token) and waits until the override is in force.
+    pub async fn hold_at_zero(&self) {
+        let response = reqwest::Client::new()
+            .post(format!("{}/scale", self.url))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&serde_json::json!({"action": "set", "count": 0, "ttl_seconds": 600}))
+            .send()
+            .await
+            .expect("scaler reachable");
+        assert_eq!(response.status().as_u16(), 200);
+        self.wait_status(Duration::from_secs(30), "the override", |status| {
+            status["manual_override"].is_object()
+        })
+        .await;
     }
 
     pub async fn status(&self) -> Value {

@@ -60,7 +60,7 @@ impl Drop for TempDir {
     }
 }
 
-fn spawn(program: &str, args: &[String]) -> Child {
+pub(crate) fn spawn(program: &str, args: &[String]) -> Child {
     Command::new(program)
         .args(args)
         .stdin(Stdio::null())
@@ -72,7 +72,7 @@ fn spawn(program: &str, args: &[String]) -> Child {
         })
 }
 
-fn kill(child: &mut Option<Child>) {
+pub(crate) fn kill(child: &mut Option<Child>) {
     if let Some(mut child) = child.take() {
         let _ = child.kill();
         let _ = child.wait();
@@ -101,6 +101,31 @@ pub fn nats_login_args(url: &str, credentials: &Credentials, role: Role) -> Vec<
         "--nats-user".to_owned(),
         role.user(),
         "--nats-password-file".to_owned(),
+        password_file.display().to_string(),
+    ]
+}
+
+/// Where ebb's processes find Redis and how they log in as a role: one
+/// server or a group behind Sentinels.
+pub trait RedisLogin {
+    /// `--redis-url` (or `--redis-sentinels`), `--redis-user` and
+    /// `--redis-password-file` of `role`.
+    fn login_args(&self, role: Role) -> Vec<String>;
+}
+
+impl RedisLogin for RedisServer {
+    fn login_args(&self, role: Role) -> Vec<String> {
+        RedisServer::login_args(self, role)
+    }
+}
+
+/// `--redis-user` and `--redis-password-file` of `role` in `credentials`.
+pub fn redis_user_args(credentials: &Credentials, role: Role) -> Vec<String> {
+    let password_file = credentials.password_file(role, Service::Redis);
+    vec![
+        "--redis-user".to_owned(),
+        role.user(),
+        "--redis-password-file".to_owned(),
         password_file.display().to_string(),
     ]
 }
@@ -289,6 +314,8 @@ pub struct RedisServer {
     pub port: u16,
     dir: TempDir,
     credentials: Credentials,
+    /// Flags after the usual ones (a replica's `--replicaof`).
+    extra_args: Vec<String>,
 }
 
 impl RedisServer {
@@ -296,11 +323,22 @@ impl RedisServer {
         let dir = TempDir::new("redis");
         let credentials = Credentials::ensure(&dir.path().join("credentials"), None)
             .expect("write the credentials");
+        RedisServer::start_with(dir, credentials, Vec::new())
+    }
+
+    /// A server in `dir` checking `credentials` (shared with other servers
+    /// of a replication group), with `extra_args`.
+    pub fn start_with(
+        dir: TempDir,
+        credentials: Credentials,
+        extra_args: Vec<String>,
+    ) -> RedisServer {
         let mut server = RedisServer {
             child: None,
             port: free_port(),
             dir,
             credentials,
+            extra_args,
         };
         server.resume();
         server
@@ -331,17 +369,9 @@ impl RedisServer {
 
     /// `--redis-url`, `--redis-user` and `--redis-password-file` of `role`.
     pub fn login_args(&self, role: Role) -> Vec<String> {
-        vec![
-            "--redis-url".to_owned(),
-            self.anonymous_url(),
-            "--redis-user".to_owned(),
-            role.user(),
-            "--redis-password-file".to_owned(),
-            self.credentials
-                .password_file(role, Service::Redis)
-                .display()
-                .to_string(),
-        ]
+        let mut args = vec!["--redis-url".to_owned(), self.anonymous_url()];
+        args.extend(redis_user_args(&self.credentials, role));
+        args
     }
 
     pub fn stop(&mut self) {
@@ -372,6 +402,7 @@ impl RedisServer {
         ]
         .into_iter()
         .map(str::to_owned)
+        .chain(self.extra_args.iter().cloned())
         .collect();
         self.child = Some(spawn("redis-server", &args));
         wait_for_port(self.port, "redis-server");

@@ -14,7 +14,7 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use crate::eventually;
-use crate::servers::{NatsLogin, NatsServer, RedisServer};
+use crate::servers::{NatsLogin, NatsServer, RedisLogin, RedisServer};
 
 pub const TINY_MODEL: &str = "ebb/tiny-qwen2";
 pub const TINY_REVISION: &str = "test";
@@ -83,7 +83,7 @@ pub fn tiny_model_dir() -> PathBuf {
 /// (they must agree): logins as `role`, the tiny model, `options`' queue.
 pub fn shared_args(
     nats: &impl NatsLogin,
-    redis: &RedisServer,
+    redis: &impl RedisLogin,
     role: Role,
     options: &StackOptions,
 ) -> Vec<String> {
@@ -105,6 +105,46 @@ pub fn shared_args(
         .map(str::to_owned),
     );
     args
+}
+
+/// Stores `answer` in Redis's cache under the key the gateway gives the
+/// question `body` (a `POST /v1/questions` body) for the tiny model, for an
+/// hour; returns the key.
+pub async fn prime_cache(
+    store: &ebb_store::Store,
+    body: &serde_json::Value,
+    answer: &str,
+) -> String {
+    let limits = ebb_gateway::question::Limits {
+        default_max_tokens: 512,
+        max_tokens_limit: 4096,
+    };
+    let key = ebb_gateway::question::NewQuestion::from_json(body.to_string().as_bytes(), limits)
+        .expect("a valid question")
+        .cache_key(&format!("{TINY_MODEL}@{TINY_REVISION}"))
+        .expect("a greedy question has a cache key");
+    let cached = ebb_nats::CachedAnswer {
+        answer: answer.to_owned(),
+        model: format!("{TINY_MODEL}@{TINY_REVISION}"),
+        finish_reason: Default::default(),
+        language: None,
+    };
+    store
+        .put_cached_answer(&key, &cached, Duration::from_secs(3600))
+        .await
+        .expect("prime the cache");
+    key
+}
+
+/// The `/metrics` text of the process serving `url`.
+pub async fn metrics_of(url: &str) -> String {
+    reqwest::get(format!("{url}/metrics"))
+        .await
+        .and_then(|response| response.error_for_status())
+        .expect("/metrics answers")
+        .text()
+        .await
+        .expect("/metrics text")
 }
 
 /// A job as the gateway would queue it for the tiny model.
@@ -129,7 +169,7 @@ pub fn tiny_job(question: &str, max_tokens: u32, grade: Option<u8>) -> ebb_nats:
 
 /// `target/<profile>`, found from the running binary: a test or bench
 /// (`.../deps/name-hash`) or an example (`.../examples/name`).
-pub(crate) fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     exe.parent()
         .and_then(|dir| dir.parent())
@@ -223,12 +263,24 @@ impl Stack {
         }
     }
 
+    /// Stops the gateway and starts a new one on the same servers (on
+    /// another port: `gateway_url` follows).
+    pub async fn restart_gateway(&mut self) {
+        drop(self.gateway.take());
+        self.start_gateway().await;
+    }
+
     async fn start_gateway(&mut self) {
         let mut args = self.shared_args(Role::Gateway);
         args.extend(self.options.gateway_args.iter().cloned());
         let gateway = Gateway::start(args).await;
         self.gateway_url = gateway.url.clone();
         self.gateway = Some(gateway);
+    }
+
+    /// The gateway's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        metrics_of(&self.gateway_url).await
     }
 
     /// Starts an `ebb-worker` process on the tiny model.

@@ -284,15 +284,7 @@ async fn overload_sheds_new_questions_keeps_serving_cache_hits_and_stays_bounded
         grown_mib < 64,
         "memory grew {grown_mib} MiB over 2000 refusals"
     );
-    let metrics = stack
-        .http
-        .get(format!("{}/metrics", stack.gateway_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = stack.metrics().await;
     let shed = format!(
         "ebb_gateway_rejected_total{{reason=\"overloaded\"}} {}",
         refused + 1

@@ -1,8 +1,10 @@
 //! `compose.cluster.yaml` on the real Docker engine, offline: three NATS
-//! nodes, two gateways behind haproxy, Redis, the scaler and its tiny-model
-//! worker containers. Under a steady load through the balancer one gateway
-//! is killed (SIGKILL) and later started again: clients that retry with
-//! their `Idempotency-Key` lose nothing, and no question is asked twice.
+//! nodes, two gateways behind haproxy, a Redis master and replica with
+//! three Sentinels, the scaler and its tiny-model worker containers. Under
+//! a steady load through the balancer one gateway is killed (SIGKILL) and
+//! later started again, then the Redis master is killed: clients that retry
+//! with their `Idempotency-Key` lose nothing, no question is asked twice,
+//! and the Sentinels' new master serves every answer.
 //!
 //! `scripts/test` builds the images first; without a Docker engine it
 //! skips this file, saying so.
@@ -12,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ebb_tests::cluster::{docker, require_image};
-use ebb_tests::compose::tiny_project;
+use ebb_tests::compose::{Services, tiny_project};
 use ebb_tests::stack::all_answered;
 use ebb_tests::{TempDir, eventually};
 use serde_json::{Value, json};
@@ -70,8 +72,12 @@ async fn killing_a_gateway_behind_the_balancer_loses_no_question() {
     }
     let project = format!("ebbcluster{}", std::process::id());
     let dir = TempDir::new("compose-cluster");
-    let seeds = "nats://nats-1:4222,nats://nats-2:4222,nats://nats-3:4222";
-    let (mut compose, port, _) = tiny_project(&project, "compose.cluster.yaml", seeds, dir.path());
+    let (mut compose, port, _) = tiny_project(
+        &project,
+        "compose.cluster.yaml",
+        Services::CLUSTER,
+        dir.path(),
+    );
     // Every request comes from the balancer's side of one address.
     compose
         .env
@@ -144,6 +150,35 @@ async fn killing_a_gateway_behind_the_balancer_loses_no_question() {
     tokio::time::sleep(Duration::from_secs(8)).await;
     docker(&["start", &gateway_1]);
     tokio::time::sleep(Duration::from_secs(6)).await;
+    // The Redis master goes; the Sentinels (5 s to call it down) promote
+    // the replica and every process follows it.
+    let master = redis_master(&project).expect("the Sentinels name a master");
+    docker(&["kill", &format!("{project}_{master}_1")]);
+    let killed = std::time::Instant::now();
+    let promoted = async {
+        // Asked each second, not each 50 ms: two cores run the whole
+        // cluster, and a Sentinel starved for 2 s stops acting a while.
+        while redis_master(&project).is_none_or(|now| now == master) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(60), promoted)
+        .await
+        .is_err()
+    {
+        let logs: Vec<String> = (1..=3)
+            .map(|n| {
+                let sentinel = format!("{project}_sentinel-{n}_1");
+                ebb_tests::compose::output("docker", &["logs", "--tail", "40", &sentinel])
+            })
+            .collect();
+        panic!("the Sentinels promoted no replica of {master} in 60 s: {logs:#?}");
+    }
+    println!(
+        "{master} killed: the other node promoted after {:?}",
+        killed.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(6)).await;
     stop.store(true, Ordering::Relaxed);
     let mut asked = Vec::new();
     for load in loads {
@@ -167,6 +202,25 @@ async fn killing_a_gateway_behind_the_balancer_loses_no_question() {
     all_answered(&balancer, &ids, Some(KEY)).await;
 }
 
+/// The Redis node sentinel-1 names master (`redis-1` or `redis-2`, at their
+/// fixed addresses .11 and .12), asked with the image's busybox `nc` (the
+/// Sentinels' port is not published).
+fn redis_master(project: &str) -> Option<&'static str> {
+    let ask = r#"printf 'SENTINEL get-master-addr-by-name ebb\r\n' | /bin/busybox nc -w 1 127.0.0.1 26379"#;
+    let sentinel = format!("{project}_sentinel-1_1");
+    let answer = ebb_tests::compose::output(
+        "docker",
+        &["exec", &sentinel, "/bin/busybox", "sh", "-c", ask],
+    );
+    // *2, $11, 10.213.53.11, $4, 6379
+    let address = answer.lines().nth(2)?.trim();
+    match address.rsplit('.').next()? {
+        "11" => Some("redis-1"),
+        "12" => Some("redis-2"),
+        _ => None,
+    }
+}
+
 #[test]
 fn the_cluster_file_publishes_only_the_balancer_and_gives_every_process_all_nodes() {
     let text = ebb_tests::compose::merged_config(&["compose.cluster.yaml"]);
@@ -182,6 +236,15 @@ fn the_cluster_file_publishes_only_the_balancer_and_gives_every_process_all_node
         2,
         "{text}"
     );
+    // Both gateways ask the Sentinels where the Redis master is.
+    let (_, sentinels) = Services::CLUSTER.redis;
+    assert_eq!(
+        text.matches(&format!("EBB_REDIS_SENTINELS: {sentinels}"))
+            .count(),
+        2,
+        "{text}"
+    );
+    assert!(!text.contains("EBB_REDIS_URL"), "{text}");
     // Published beyond this host: the balancer's port alone.
     let mut service = "";
     let mut open = Vec::new();
@@ -221,5 +284,9 @@ fn the_cluster_file_publishes_only_the_balancer_and_gives_every_process_all_node
     assert_eq!(
         docker.env.get("EBB_NATS_URL").map(String::as_str),
         Some(seeds)
+    );
+    assert_eq!(
+        docker.env.get("EBB_REDIS_SENTINELS").map(String::as_str),
+        Some(sentinels)
     );
 }

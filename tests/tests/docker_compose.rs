@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ebb_tests::cluster::require_image;
-use ebb_tests::compose::{Compose, output, repo_root, secret_in, tiny_project};
+use ebb_tests::compose::{Compose, Services, output, repo_root, secret_in, tiny_project};
 use ebb_tests::{TempDir, eventually};
 use serde_json::{Value, json};
 
@@ -39,7 +39,7 @@ async fn docker_compose_runs_the_stack_and_scales_workers_from_zero_and_back() {
     let project = format!("ebbtest{}", std::process::id());
     let dir = TempDir::new("compose");
     let (compose, gateway_port, scaler_port) =
-        tiny_project(&project, "compose.yaml", "nats://nats:4222", dir.path());
+        tiny_project(&project, "compose.yaml", Services::SINGLE, dir.path());
     let up = compose.run(&["up", "-d", "--no-build"]);
     assert!(
         up.status.success(),

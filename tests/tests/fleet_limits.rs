@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use ebb_nats::{FleetStatus, subjects};
-use ebb_tests::{ADMIN_TOKEN, ScalerProcess, Stack, StackOptions, eventually};
+use ebb_tests::{ScalerProcess, Stack, StackOptions, eventually};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -19,25 +19,6 @@ async fn ask(stack: &Stack, text: &str) -> (u16, Value) {
         .expect("gateway reachable");
     let code = response.status().as_u16();
     (code, response.json().await.unwrap_or(Value::Null))
-}
-
-/// Pins the scaler at zero workers, so nothing drains the backlog and the
-/// queue depth alone decides.
-async fn hold_at_zero(stack: &Stack, scaler: &ScalerProcess) {
-    let response = stack
-        .http
-        .post(format!("{}/scale", scaler.url))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"action": "set", "count": 0, "ttl_seconds": 600}))
-        .send()
-        .await
-        .expect("scaler reachable");
-    assert_eq!(response.status().as_u16(), 200);
-    scaler
-        .wait_status(Duration::from_secs(30), "the override", |status| {
-            status["manual_override"].is_object()
-        })
-        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,7 +44,8 @@ async fn the_gateway_sheds_by_the_scalers_maximum_and_falls_back_to_its_flag() {
         .expect("subscribe");
     let policy = "tick: 200ms\nresources: {min_instances: 0, max_instances: 1}\ntarget: {slots_per_worker: 4}\n";
     let mut scaler = ScalerProcess::start(&stack, policy, &[]);
-    hold_at_zero(&stack, &scaler).await;
+    // Nothing drains the backlog: the queue depth alone decides.
+    scaler.hold_at_zero().await;
 
     let message = tokio::time::timeout(Duration::from_secs(10), announcements.next())
         .await

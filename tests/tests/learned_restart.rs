@@ -134,3 +134,86 @@ async fn learned_profiles_are_shown_again_after_a_restart() {
         "{after}"
     );
 }
+
+/// Two scalers of one pool: what the active one learns reaches the standby
+/// only through the bucket, so a standby that takes over re-reads it (it
+/// loaded the profiles when it started, before anything was learned).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_that_takes_over_shows_what_the_active_one_learned() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let args = |id: &str| {
+        let mut args = stack.nats.login_args(ebb_nats::access::Role::Scaler);
+        args.extend(["--scaler-id", id, "--lease-ttl", "3s"].map(str::to_owned));
+        args
+    };
+    let mut config = String::new();
+    let mut a = ScalerProcess::configured(args("a"), |workers| {
+        config = format!(
+            "{LEARNING}\n{}",
+            ebb_tests::scaler::process_backend(&stack, workers, &[])
+        );
+        config.clone()
+    });
+    let mut b = ScalerProcess::configured(args("b"), |_| config.clone());
+    a.restart();
+    b.restart();
+    assert_eq!(a.status().await["lease"]["role"], "active");
+
+    let mut asked = 0;
+    eventually(Duration::from_secs(200), "a learned profile", || {
+        asked += 1;
+        let question = json!({"question": format!("Learning question {asked}?"), "max_tokens": 4, "wait_seconds": 0});
+        let (stack, a) = (&stack, &a);
+        async move {
+            let (code, body) = stack.ask(question).await;
+            assert_eq!(code, 202, "{body}");
+            let learned = a.status().await["learned"].clone();
+            if learned_minutes(&learned).iter().any(|&workers| workers > 0) {
+                Ok(())
+            } else {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                Err(learned)
+            }
+        }
+    })
+    .await;
+    eventually(Duration::from_secs(30), "a profile saved", || async {
+        match saved(&stack.nats).await {
+            Some(saved) if learned_minutes(&saved).iter().any(|&w| w > 0) => Ok(()),
+            other => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                Err(format!("{other:?}"))
+            }
+        }
+    })
+    .await;
+    // Nothing left to answer: what `b` shows after taking over can only
+    // come from the bucket, not from needing workers itself.
+    eventually(Duration::from_secs(60), "the queue empty", || async {
+        match stack.queued_messages().await {
+            0 => Ok(()),
+            left => Err(left),
+        }
+    })
+    .await;
+    let standby = b.status().await;
+    assert_eq!(standby["lease"]["role"], "standby", "{standby}");
+    assert!(
+        !learned_minutes(&standby["learned"]).iter().any(|&w| w > 0),
+        "the standby already shows a learned minute: {standby}"
+    );
+
+    a.kill();
+    let last_saved = saved(&stack.nats).await.expect("a saved profile");
+    let peak = learned_minutes(&last_saved).into_iter().max();
+    assert!(peak > Some(0), "{last_saved}");
+    b.wait_status(
+        Duration::from_secs(30),
+        "the saved profile on the new active scaler",
+        |s| {
+            s["lease"]["role"] == "active"
+                && learned_minutes(&s["learned"]).into_iter().max() == peak
+        },
+    )
+    .await;
+}

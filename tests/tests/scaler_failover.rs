@@ -154,6 +154,7 @@ async fn the_standby_takes_over_a_killed_scaler_and_adopts_its_workers() {
     b.wait_status(Duration::from_secs(10), "b active", |s| role(s) == "active")
         .await;
     let takeover = killed.elapsed();
+    println!("a SIGKILLed active scaler: b took over after {takeover:?}");
     assert!(
         takeover <= LEASE_TTL + Duration::from_secs(2),
         "took {takeover:?} with a {LEASE_TTL:?} lease"
@@ -234,6 +235,7 @@ async fn an_active_scaler_cut_off_from_nats_stops_acting_and_the_standby_takes_o
     b.wait_status(Duration::from_secs(10), "b active", |s| role(s) == "active")
         .await;
     let takeover = cut.elapsed();
+    println!("an active scaler cut off: b took over after {takeover:?}");
     assert!(
         takeover <= LEASE_TTL + Duration::from_secs(2),
         "took {takeover:?}"
@@ -265,4 +267,48 @@ async fn an_active_scaler_cut_off_from_nats_stops_acting_and_the_standby_takes_o
         role(s) == "standby" && s["lease"]["holder"] == "b"
     })
     .await;
+}
+
+/// An operator's override through the gateway reaches the active scaler
+/// even when the gateway lists the standby first; it never sits unused on
+/// the standby.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_forwards_an_override_past_the_standby_to_the_active_scaler() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let (a, b) = two_scalers(&stack);
+    a.wait_status(Duration::from_secs(10), "a active", |s| role(s) == "active")
+        .await;
+    b.wait_status(Duration::from_secs(10), "b standing by", |s| {
+        role(s) == "standby"
+    })
+    .await;
+    let admin = "gateway-admin-token";
+    let mut args = stack.shared_args(Role::Gateway);
+    args.extend(
+        [
+            "--insecure-dev",
+            "--admin-token",
+            admin,
+            "--scaler-url",
+            &format!("{},{}", b.url, a.url),
+            "--scaler-token",
+            ebb_tests::ADMIN_TOKEN,
+        ]
+        .map(str::to_owned),
+    );
+    let gateway = ebb_tests::stack::Gateway::start(args).await;
+    let answer = reqwest::Client::new()
+        .post(format!("{}/admin/scale", gateway.url))
+        .bearer_auth(admin)
+        .json(&json!({"action": "set", "count": 1, "ttl_seconds": 60}))
+        .send()
+        .await
+        .unwrap();
+    let code = answer.status().as_u16();
+    assert_eq!(code, 200, "{}", answer.text().await.unwrap());
+    a.wait_status(Duration::from_secs(10), "a holding the override", |s| {
+        s["manual_override"].is_object()
+    })
+    .await;
+    assert!(b.status().await["manual_override"].is_null());
 }

@@ -248,8 +248,17 @@ async fn an_aged_low_question_goes_before_fresh_high_ones() {
 }
 
 #[tokio::test]
-async fn the_language_is_detected_reported_and_counted() {
+async fn the_worker_detects_the_language_and_it_is_reported_and_counted() {
     let stack = Stack::start(StackOptions::default()).await;
+    let (code, queued) = stack
+        .ask(json!({"question": "لماذا يتغير شكل القمر خلال الشهر؟", "wait_seconds": 0}))
+        .await;
+    assert_eq!(code, 202, "{queued}");
+    assert!(
+        queued.get("language").is_none(),
+        "the gateway does not detect: {queued}"
+    );
+    let _worker = stack.worker(&[]);
     for (question, language) in [
         ("Explain the French revolution", "English"),
         ("为什么月亮在一个月里会改变形状？", "Chinese"),
@@ -257,31 +266,29 @@ async fn the_language_is_detected_reported_and_counted() {
             "¿Por qué la luna cambia de forma durante el mes?",
             "Spanish",
         ),
-        ("لماذا يتغير شكل القمر خلال الشهر؟", "Arabic"),
     ] {
         let (code, body) = stack
-            .ask(json!({"question": question, "wait_seconds": 0}))
+            .ask(json!({"question": question, "max_tokens": 2}))
             .await;
-        assert_eq!(code, 202, "{body}");
+        assert_eq!(code, 200, "{body}");
         assert_eq!(body["language"], language, "{question}");
         let (_, record) = stack.status_of(body["id"].as_str().unwrap()).await;
         assert_eq!(record["language"], language);
     }
+    let arabic = queued["id"].as_str().unwrap();
+    let record = stack.wait_terminal(arabic, Duration::from_secs(30)).await;
+    assert_eq!(
+        (&record["status"], &record["language"]),
+        (&json!("done"), &json!("Arabic")),
+        "{record}"
+    );
     let (_, given) = stack
         .ask(json!({"question": "Why is the sea salty?", "language": "French", "wait_seconds": 0}))
         .await;
     assert_eq!(given["language"], "French");
-    let metrics = stack
-        .http
-        .get(format!("{}/metrics", stack.gateway_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = stack.metrics().await;
     assert!(
-        metrics.contains(r#"ebb_gateway_questions_total{language="Arabic",source="detected"} 1"#),
+        metrics.contains(r#"ebb_gateway_questions_total{language="unknown",source="at_worker"} 4"#),
         "{metrics}"
     );
     assert!(

@@ -44,10 +44,16 @@ impl Worker {
     /// Handles one delivery, start to acknowledgement.
     pub(crate) async fn handle(&self, message: jetstream::Message) {
         let deliveries = message.info().map(|info| info.delivered).unwrap_or(1);
-        let job: Job = match serde_json::from_slice(&message.payload) {
+        let mut job: Job = match serde_json::from_slice(&message.payload) {
             Ok(job) => job,
             Err(err) => return self.fail_unreadable(&message, deliveries, &err).await,
         };
+        if job.language.is_none() {
+            // Here rather than at the gateway: detection takes more CPU
+            // than the rest of an accept, and nothing beside inference.
+            // The prompt, the records and the cached answer carry it.
+            job.language = ebb_language::detect(&job.question).map(str::to_owned);
+        }
         let span = tracing::info_span!("job", question_id = %job.id, attempt = deliveries);
         telemetry::adopt_parent(&span, message.headers.as_ref());
         self.handle_job(&message, job, deliveries)
@@ -161,11 +167,13 @@ impl Worker {
             .await;
         let started = Instant::now();
         let generation = self.generate(message, job, deliveries, solo).await?;
+        let queue_ms = started_ms.saturating_sub(job.enqueued_at_ms);
         let timings = Timings {
-            queue_ms: started_ms.saturating_sub(job.enqueued_at_ms),
+            queue_ms,
             inference_ms: started.elapsed().as_millis() as u64,
             prompt_tokens: generation.prompt_tokens as u32,
             completion_tokens: generation.completion_tokens as u32,
+            first_token_ms: Some(queue_ms + generation.prefill.as_millis() as u64),
         };
         let answer = Answer {
             text: &generation.text,
@@ -182,6 +190,7 @@ impl Worker {
             .await?;
         if ending == Ending::Recorded {
             self.count_answered(&generation, timings);
+            self.report_timings(timings).await;
         }
         Ok(ending)
     }
@@ -244,6 +253,16 @@ impl Worker {
             queue_ms = timings.queue_ms,
             "answered"
         );
+    }
+
+    /// Tells the scaler where this answer's time went (its latency
+    /// histograms); a report lost in a NATS outage costs one sample only.
+    async fn report_timings(&self, timings: Timings) {
+        let body = Bytes::from(serde_json::to_vec(&timings).expect("timings serialize"));
+        let client = self.topology.jetstream.client();
+        if let Err(err) = client.publish(subjects::ANSWERED, body).await {
+            tracing::debug!(cause = %err, "cannot report an answer's timings");
+        }
     }
 
     /// A cached answer another worker stored since the gateway looked.

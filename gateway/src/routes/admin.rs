@@ -44,9 +44,11 @@ pub(crate) async fn queue(
     }))
 }
 
-/// Forwards a manual override to the scaler's `POST /scale` (same body,
-/// e.g. `{"action":"set","count":2,"ttl_seconds":600}`), with the scaler's
-/// token; the scaler's answer comes back as it is.
+/// Forwards a manual override to the active scaler's `POST /scale` (same
+/// body, e.g. `{"action":"set","count":2,"ttl_seconds":600}`), with the
+/// scalers' token: each `--scaler-url` in turn, past those that cannot be
+/// reached or stand by; the answer of the first other one comes back as it
+/// is (or, when none is, the last one's answer or error).
 #[utoipa::path(
     post,
     path = "/admin/scale",
@@ -60,33 +62,53 @@ pub(crate) async fn scale(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     super::require_json(&headers)?;
-    let Some((url, token)) = &state.scaler else {
+    let Some((urls, token)) = &state.scaler else {
         return Err(ApiError::ScalerUnavailable(
             "the gateway has no --scaler-url".into(),
         ));
     };
-    let mut request = state
-        .http
+    let mut outcome = Err(ApiError::ScalerUnavailable("no scaler tried".into()));
+    for url in urls {
+        outcome = forward(&state.http, url, token.as_deref(), body.clone()).await;
+        if let Ok((status, answer)) = &outcome
+            && !is_standby(*status, answer)
+        {
+            break;
+        }
+    }
+    let (status, answer) = outcome?;
+    Ok((
+        status,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        answer,
+    )
+        .into_response())
+}
+
+/// One scaler's answer to the override.
+async fn forward(
+    http: &reqwest::Client,
+    url: &str,
+    token: Option<&str>,
+    body: Bytes,
+) -> Result<(StatusCode, Bytes), ApiError> {
+    let mut request = http
         .post(format!("{}/scale", url.trim_end_matches('/')))
         .header("content-type", "application/json")
         .body(body);
     if let Some(token) = token {
         request = request.bearer_auth(token);
     }
-    let response = request
-        .send()
-        .await
-        .map_err(|err| ApiError::ScalerUnavailable(err.to_string()))?;
+    let unavailable = |err: reqwest::Error| ApiError::ScalerUnavailable(format!("{url}: {err}"));
+    let response = request.send().await.map_err(unavailable)?;
     let status =
         StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-    let body = response
-        .bytes()
-        .await
-        .map_err(|err| ApiError::ScalerUnavailable(err.to_string()))?;
-    Ok((
-        status,
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        body,
-    )
-        .into_response())
+    Ok((status, response.bytes().await.map_err(unavailable)?))
+}
+
+/// Whether a scaler refused the override as a standby (its error type).
+fn is_standby(status: StatusCode, answer: &[u8]) -> bool {
+    status == StatusCode::SERVICE_UNAVAILABLE
+        && serde_json::from_slice::<serde_json::Value>(answer)
+            .is_ok_and(|body| body["error"]["type"] == "standby")
 }

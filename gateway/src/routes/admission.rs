@@ -1,17 +1,22 @@
-//! What every question goes through, whichever route it came by: language,
-//! webhook target, cache, shedding, priority, then the queue.
+//! What every question goes through, whichever route it came by: webhook
+//! target, cache, shedding, priority, then the queue. The language, when
+//! not given, is the worker's to detect (see [`ebb_language`]).
 
 use std::time::Instant;
 
 use ebb_nats::{CachedAnswer, Job, Priority, QuestionRecord, QuestionStatus, Timings};
+use ebb_store::Lookup as RedisLookup;
 use serde::Serialize;
 
 use super::AppState;
 use super::feed::{Slot, Waiter};
 use crate::error::ApiError;
 use crate::idempotency::{Claimed, IdempotencyKey};
+use crate::metrics::{LanguageSource, Lookup, Outcome, Rejection};
+use crate::overload::Reservation;
 use crate::question::NewQuestion;
-use crate::{language, queue, webhook};
+use crate::{queue, webhook};
+use ebb_language::metric_label;
 
 /// Ids of answers served from the cache: this prefix, then the cache key.
 pub const CACHED_ID_PREFIX: &str = "cached-";
@@ -48,11 +53,12 @@ pub struct Queued {
 }
 
 /// Admits a question in named stages: check the webhook target, answer
-/// from the cache, know the language, reserve a place under the shedding
-/// bound, take a waiting slot, then queue it.
+/// from memory, answer from Redis or write the `queued` record and take a
+/// shedding place (one round trip), then decide under the shedding bound,
+/// take a waiting slot and publish.
 pub async fn admit(
     state: &AppState,
-    mut question: NewQuestion,
+    question: NewQuestion,
     hold: Hold,
     idempotency: Option<&IdempotencyKey>,
 ) -> Result<Admission, ApiError> {
@@ -68,33 +74,62 @@ pub async fn admit(
         return asked_before(state, claimed, hold, question.owner.as_deref()).await;
     }
     tracing::debug!(question = %question.question, "question text");
-    // Keyed before detection: a detected language follows from the question
-    // text the key covers, and a hit then costs no detection at all.
     let cache_key = question.cache_key(&state.model_identity);
     if let Some(key) = &cache_key
-        && let Some(hit) = cached(state, key).await
+        && let Some(hit) = state.hot_cache.get(key)
     {
-        let id = format!("{CACHED_ID_PREFIX}{key}");
-        return Ok(from_cache(state, id, hit, question).await);
+        state.metrics.cache_lookup(Lookup::Memory);
+        let asker = Asker::of(&question);
+        return Ok(from_cache(state, key, CachedAnswer::clone(&hit), asker).await);
     }
-    know_language(state, &mut question);
-    let reservation = state.overload.reserve().await.inspect_err(|_| {
-        state.metrics.rejected("overloaded");
-    })?;
-    let slot = hold_slot(state, hold, question.owner.as_deref())?;
+    let asker = Asker::of(&question);
+    let source = match question.language {
+        Some(_) => LanguageSource::Given,
+        None => LanguageSource::AtWorker,
+    };
     let mut job = new_job(state, question, cache_key);
     if let Some(key) = idempotency {
         // The key names the question: concurrent retries publish one id,
         // which JetStream's duplicate window keeps to one message.
         job.id = key.question_id();
     }
-    tracing::Span::current().record("question_id", job.id.as_str());
-    let waiter = match slot {
-        Some(slot) => Some(Waiter::subscribe(state, &job.id, slot).await?),
-        None => None,
+    // The Redis cache, the question's `queued` record and its shedding
+    // place in one round trip: the record is there before the client can
+    // have the id. `Some(wrote)`: recorded, by this request or an earlier
+    // retry.
+    let reservation = state.overload.begin();
+    let (recorded, places_ahead) = match lookup_or_record(state, &job, &reservation).await {
+        Some(RedisLookup::Hit { answer, ttl }) => {
+            let key = job
+                .cache_key
+                .as_deref()
+                .expect("only a keyed question hits");
+            state.hot_cache.insert(key, answer.clone(), ttl);
+            return Ok(from_cache(state, key, answer, asker).await);
+        }
+        Some(RedisLookup::Queued {
+            wrote,
+            places_ahead,
+        }) => (Some(wrote), places_ahead),
+        None => (None, None),
     };
-    enqueue(state, &job).await?;
-    reservation.keep();
+    let reservation = reservation.decide(places_ahead);
+    let queued = queue(state, &job, reservation, recorded.is_some(), hold).await;
+    if queued.is_err() && recorded == Some(true) {
+        // Never accepted (shed, or the queue is down): no record this
+        // request wrote may say it was. Off the refusal's path.
+        let store = state.store.clone();
+        let id = job.id.clone();
+        tokio::spawn(async move {
+            let forget = store.forget_record(&id);
+            store
+                .degradable("an unaccepted question's record", forget)
+                .await;
+        });
+    }
+    let waiter = queued?;
+    let language = metric_label(job.language.as_deref());
+    state.metrics.question(language, source);
     if let Some(key) = idempotency {
         // Remembered only once published: a key never names a question
         // that was not asked.
@@ -116,6 +151,58 @@ pub async fn admit(
     }))
 }
 
+/// Under the shedding bound (decided after the cache lookup: hits are
+/// answered however long the queue), takes the waiting slot `hold` asks
+/// for, and publishes.
+async fn queue(
+    state: &AppState,
+    job: &Job,
+    reservation: Result<Reservation<'_>, ApiError>,
+    recorded: bool,
+    hold: Hold,
+) -> Result<Option<Waiter>, ApiError> {
+    let reservation = reservation.inspect_err(|_| {
+        state.metrics.rejected(Rejection::Overloaded);
+    })?;
+    let slot = hold_slot(state, hold, job.owner.as_deref())?;
+    tracing::Span::current().record("question_id", job.id.as_str());
+    let waiter = match slot {
+        Some(slot) => Some(
+            Waiter::subscribe(state, &job.id, slot)
+                .await?
+                .filling(state, job),
+        ),
+        None => None,
+    };
+    enqueue(state, job, recorded).await?;
+    reservation.keep();
+    Ok(waiter)
+}
+
+/// One round trip: the answer cached under the job's key, or else the
+/// job's `queued` record written and its shedding place taken; `None`
+/// while Redis cannot be reached (the record is then written after the
+/// publish, when it can be, and the gateway counts places alone).
+async fn lookup_or_record(
+    state: &AppState,
+    job: &Job,
+    reservation: &Reservation<'_>,
+) -> Option<RedisLookup> {
+    let record = QuestionRecord::of_job(job);
+    let key = job.cache_key.as_deref();
+    let lookup = state
+        .store
+        .cached_or_queue(key, &record, reservation.place());
+    let found = state.store.degradable("the cache lookup", lookup).await;
+    if key.is_some() {
+        state.metrics.cache_lookup(match &found {
+            Some(RedisLookup::Hit { .. }) => Lookup::Redis,
+            _ => Lookup::Miss,
+        });
+    }
+    found
+}
+
 /// A retried request (the same `Idempotency-Key`): the question it asked
 /// before, waited for like a new one, never asked again.
 async fn asked_before(
@@ -125,7 +212,7 @@ async fn asked_before(
     owner: Option<&str>,
 ) -> Result<Admission, ApiError> {
     tracing::Span::current().record("question_id", claimed.id.as_str());
-    state.metrics.outcome("asked_before");
+    state.metrics.outcome(Outcome::AskedBefore);
     let slot = hold_slot(state, hold, owner)?;
     let waiter = match slot {
         // It may have ended already: no event will come, the record says.
@@ -154,29 +241,20 @@ fn hold_slot(state: &AppState, hold: Hold, owner: Option<&str>) -> Result<Option
     })
 }
 
-async fn cached(state: &AppState, key: &str) -> Option<CachedAnswer> {
-    let lookup = state.store.cached_answer(key);
-    state
-        .store
-        .degradable("the cache lookup", lookup)
-        .await
-        .flatten()
-}
-
-/// The language as given, else as detected; counted either way.
-fn know_language(state: &AppState, question: &mut NewQuestion) {
-    let source = if question.language.is_some() {
-        "given"
-    } else {
-        question.language = language::detect(&question.question).map(str::to_owned);
-        if question.language.is_some() {
-            "detected"
-        } else {
-            "unknown"
-        }
-    };
-    let label = language::metric_label(question.language.as_deref());
-    state.metrics.question(label, source);
+/// The answer cached under `key`: from this gateway's memory, else from
+/// Redis (then kept in memory).
+pub async fn cached_answer(
+    state: &AppState,
+    key: &str,
+) -> Result<Option<CachedAnswer>, ebb_store::StoreError> {
+    if let Some(hit) = state.hot_cache.get(key) {
+        return Ok(Some(CachedAnswer::clone(&hit)));
+    }
+    let found = state.store.cached_answer_with_ttl(key).await?;
+    Ok(found.map(|(answer, ttl)| {
+        state.hot_cache.insert(key, answer.clone(), ttl);
+        answer
+    }))
 }
 
 fn new_job(state: &AppState, question: NewQuestion, cache_key: Option<String>) -> Job {
@@ -203,44 +281,64 @@ fn new_job(state: &AppState, question: NewQuestion, cache_key: Option<String>) -
     }
 }
 
-/// Publishes the job (stored by JetStream when this returns), then writes
-/// its first record; a worker may already have written a later one.
-async fn enqueue(state: &AppState, job: &Job) -> Result<(), ApiError> {
+/// Publishes the job (stored by JetStream when this returns); writes its
+/// first record after the publish unless it was written before (`recorded`):
+/// a worker may already have written a later one.
+async fn enqueue(state: &AppState, job: &Job, recorded: bool) -> Result<(), ApiError> {
     let started = Instant::now();
     queue::publish(&state.topology.jetstream, job).await?;
-    state.metrics.outcome("queued");
+    state.metrics.outcome(Outcome::Queued);
     tracing::info!(
         question_id = %job.id,
         priority = %job.priority,
-        language = job.language.as_deref().map(|l| language::metric_label(Some(l))),
+        language = job.language.as_deref().map(|l| metric_label(Some(l))),
         question_chars = job.question.chars().count(),
         history_messages = job.history.len(),
         max_tokens = job.max_tokens,
         publish_ms = started.elapsed().as_millis() as u64,
         "question accepted"
     );
-    let record = QuestionRecord::of_job(job);
-    let insert = state.store.insert_queued(&record);
-    state.store.degradable("the queued record", insert).await;
+    if !recorded {
+        let record = QuestionRecord::of_job(job);
+        let insert = state.store.insert_queued(&record);
+        state.store.degradable("the queued record", insert).await;
+    }
     Ok(())
 }
 
+/// Who asked a question answered from the cache: what the hit's record and
+/// callback need.
+#[derive(Debug)]
+struct Asker {
+    /// As given in the request (a hit reports the one it was cached with
+    /// otherwise).
+    language: Option<String>,
+    callback_url: Option<reqwest::Url>,
+    owner: Option<String>,
+}
+
+impl Asker {
+    fn of(question: &NewQuestion) -> Asker {
+        Asker {
+            language: question.language.clone(),
+            callback_url: question.callback_url.clone(),
+            owner: question.owner.clone(),
+        }
+    }
+}
+
 /// A cache hit: counted, called back when asked, answered at once.
-async fn from_cache(
-    state: &AppState,
-    id: String,
-    hit: CachedAnswer,
-    question: NewQuestion,
-) -> Admission {
-    let (language, source) = match (question.language, &hit.language) {
-        (Some(given), _) => (Some(given), "given"),
-        (None, Some(detected)) => (Some(detected.clone()), "detected"),
-        (None, None) => (None, "unknown"),
+async fn from_cache(state: &AppState, key: &str, hit: CachedAnswer, asker: Asker) -> Admission {
+    let id = format!("{CACHED_ID_PREFIX}{key}");
+    let (language, source) = match (asker.language, &hit.language) {
+        (Some(given), _) => (Some(given), LanguageSource::Given),
+        (None, Some(detected)) => (Some(detected.clone()), LanguageSource::Detected),
+        (None, None) => (None, LanguageSource::Unknown),
     };
     let metrics = &state.metrics;
-    metrics.question(language::metric_label(language.as_deref()), source);
-    metrics.outcome("cached");
-    if let Some(url) = &question.callback_url {
+    metrics.question(metric_label(language.as_deref()), source);
+    metrics.outcome(Outcome::Cached);
+    if let Some(url) = &asker.callback_url {
         // Answered already, but the caller asked to be called: the same call
         // as for a worker's answer, under a call id of its own.
         let record = QuestionRecord {
@@ -251,7 +349,7 @@ async fn from_cache(
             finish_reason: Some(hit.finish_reason),
             language: language.clone(),
             // Counted against the key's queued calls.
-            owner: question.owner.clone(),
+            owner: asker.owner,
             ..QuestionRecord::queued(&id, ebb_nats::now_ms())
         };
         let call_id = uuid::Uuid::now_v7().to_string();
@@ -303,7 +401,7 @@ async fn check_queued_webhooks(state: &AppState, owner: &str) -> Result<(), ApiE
         .await
         .map_err(|err| ApiError::QueueUnavailable(err.to_string()))?;
     if queued >= limit {
-        state.metrics.rejected("too_many_webhooks_for_key");
+        state.metrics.rejected(Rejection::TooManyWebhooksForKey);
         return Err(ApiError::TooManyWebhooksForKey { limit });
     }
     Ok(())
@@ -324,7 +422,7 @@ pub struct Answered {
     pub timings: Option<Timings>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub finish_reason: Option<ebb_nats::FinishReason>,
-    /// Given by the client or detected from the question.
+    /// Given by the client, or detected by the worker that answered.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub language: Option<String>,
 }
@@ -385,6 +483,8 @@ impl Answered {
                 cached,
                 timings,
                 finish_reason,
+                language,
+                ..
             } => {
                 answered.status = QuestionStatus::Done;
                 answered.answer = Some(answer);
@@ -392,6 +492,8 @@ impl Answered {
                 answered.cached = cached;
                 answered.timings = timings;
                 answered.finish_reason = Some(finish_reason);
+                // The worker's, which it detected when none was given.
+                answered.language = language.or(answered.language);
             }
             AnswerEvent::Failed { error } => answered.error = Some(error),
         }

@@ -14,10 +14,11 @@
 //! slot.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use ebb_nats::{AnswerEvent, subjects};
+use ebb_nats::{AnswerEvent, CachedAnswer, Job, subjects};
 use ebb_store::Store;
 use futures::{Stream, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
@@ -25,6 +26,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use super::AppState;
 use super::admission::Answered;
 use crate::error::ApiError;
+use crate::hot_cache::HotCache;
 
 /// Pieces buffered per feed before the relay waits for the client.
 const FEED_BUFFER: usize = 64;
@@ -48,6 +50,42 @@ pub struct Waiter {
     /// Read the record before the first event: the question may have
     /// ended before this subscription (a retried request).
     record_first: bool,
+    /// Where the answer goes in the hot cache, for a keyed question.
+    fill: Option<Fill>,
+}
+
+/// A relayed answer's copy in the gateway's hot cache, under the
+/// question's cache key.
+#[derive(Debug, Clone)]
+struct Fill {
+    cache: Arc<HotCache>,
+    key: String,
+}
+
+impl Fill {
+    /// Keeps a freshly generated answer for as long as Redis caches it
+    /// (a second less: the event left the worker a moment ago).
+    fn keep(&self, event: &AnswerEvent) {
+        if let AnswerEvent::Done {
+            answer,
+            model,
+            cached: false,
+            finish_reason,
+            cache_ttl_s: Some(ttl),
+            language,
+            ..
+        } = event
+        {
+            let copy = CachedAnswer {
+                answer: answer.clone(),
+                model: model.clone(),
+                finish_reason: *finish_reason,
+                language: language.clone(),
+            };
+            let ttl = Duration::from_secs(ttl.saturating_sub(1));
+            self.cache.insert(&self.key, copy, ttl);
+        }
+    }
 }
 
 impl Waiter {
@@ -87,7 +125,18 @@ impl Waiter {
             slot,
             answers,
             record_first: false,
+            fill: None,
         })
+    }
+
+    /// Keeps the answer of `job` in the hot cache when it comes (if the
+    /// job has a cache key).
+    pub fn filling(mut self, state: &AppState, job: &Job) -> Waiter {
+        self.fill = job.cache_key.clone().map(|key| Fill {
+            cache: state.hot_cache.clone(),
+            key,
+        });
+        self
     }
 
     /// Reads the record before waiting for any event: the question may
@@ -126,7 +175,12 @@ impl Waiter {
                 }
             };
             match serde_json::from_slice::<AnswerEvent>(&message.payload) {
-                Ok(event) if event.is_final() => return Some(event),
+                Ok(event) if event.is_final() => {
+                    if let Some(fill) = &self.fill {
+                        fill.keep(&event);
+                    }
+                    return Some(event);
+                }
                 Ok(_) => {}
                 Err(err) => tracing::warn!(cause = %err, "unreadable answer event"),
             }
@@ -149,6 +203,7 @@ impl Waiter {
             id,
             cursor,
             out,
+            fill: self.fill,
         };
         tokio::spawn(async move {
             let _slot = self.slot;
@@ -254,6 +309,7 @@ struct Relay {
     id: String,
     cursor: Cursor,
     out: mpsc::Sender<Relayed>,
+    fill: Option<Fill>,
 }
 
 impl Relay {
@@ -310,6 +366,9 @@ impl Relay {
     async fn event(&mut self, event: AnswerEvent) -> bool {
         if let AnswerEvent::Token { seq, text, attempt } = event {
             return self.piece(attempt, seq, text).await;
+        }
+        if let Some(fill) = &self.fill {
+            fill.keep(&event);
         }
         let language = self.record().await.and_then(|record| record.language);
         match Answered::from_event(self.id.clone(), event, &self.default_model, language) {

@@ -37,7 +37,7 @@ use tokio::sync::Semaphore;
 use crate::auth::{Caller, Keys};
 use crate::config::{Config, LimitArgs, WebhookArgs};
 use crate::error::ApiError;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Rejection};
 use crate::overload::Overload;
 use crate::priority::PriorityRules;
 use crate::question::Limits;
@@ -70,9 +70,12 @@ pub struct AppState {
     pub overload: Arc<Overload>,
     pub webhooks: WebhookArgs,
     pub metrics: Metrics,
+    /// Hot answers in this gateway's memory, in front of Redis's cache.
+    pub hot_cache: Arc<crate::hot_cache::HotCache>,
     pub sse_keep_alive: Duration,
     pub body_timeout: Duration,
-    pub scaler: Option<(String, Option<String>)>,
+    /// The scalers' addresses (in the order tried) and their token.
+    pub scaler: Option<(Vec<String>, Option<String>)>,
     pub http: reqwest::Client,
 }
 
@@ -112,9 +115,11 @@ impl AppState {
             overload: Arc::new(Overload::new(config.overload, Some(store.clone()))),
             webhooks: config.webhooks,
             metrics: Metrics::default(),
+            hot_cache: Arc::new(crate::hot_cache::HotCache::new(config.hot_cache_mib)),
             sse_keep_alive: config.sse_keep_alive,
             body_timeout: config.body_timeout,
-            scaler: config.scaler_url.map(|url| (url, config.scaler_token)),
+            scaler: (!config.scaler_url.is_empty())
+                .then_some((config.scaler_url, config.scaler_token)),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .build()
@@ -244,7 +249,7 @@ fn within_failure_budget<T>(
     let budget = state.rate_limits.auth_failures_per_ip;
     let now = Instant::now();
     if let Some(retry_after) = state.auth_failures.exhausted(&client, budget, now) {
-        state.metrics.rejected("auth_failures");
+        state.metrics.rejected(Rejection::AuthFailures);
         return Err(ApiError::RateLimited { retry_after });
     }
     check(authorization(headers)).inspect_err(|err| {
@@ -279,7 +284,7 @@ async fn rate_limit(
     let mut response = if decision.allowed {
         next.run(request).await
     } else {
-        state.metrics.rejected("rate_limited");
+        state.metrics.rejected(Rejection::RateLimited);
         ApiError::RateLimited {
             retry_after: decision.retry_after,
         }
@@ -299,10 +304,18 @@ fn rate_limit_headers(headers: &mut HeaderMap, decision: Decision) {
     headers.insert("x-ratelimit-reset", HeaderValue::from(reset));
 }
 
+/// Whether NATS is connected and Redis answers a ping now.
+async fn dependencies(state: &AppState) -> crate::metrics::Dependencies {
+    crate::metrics::Dependencies {
+        nats: state.topology.jetstream.client().connection_state()
+            == async_nats::connection::State::Connected,
+        redis: state.store.ping().await.is_ok(),
+    }
+}
+
 async fn healthz(State(state): State<Arc<AppState>>) -> Response {
-    let nats_ok = state.topology.jetstream.client().connection_state()
-        == async_nats::connection::State::Connected;
-    let redis_ok = state.store.ping().await.is_ok();
+    let up = dependencies(&state).await;
+    let (nats_ok, redis_ok) = (up.nats, up.redis);
     let status = if nats_ok && redis_ok {
         StatusCode::OK
     } else {
@@ -320,9 +333,12 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let (waiting, service_time) = state.overload.snapshot();
+    let up = dependencies(&state).await;
     (
         [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
-        state.metrics.render(waiting, service_time.as_secs_f64()),
+        state
+            .metrics
+            .render(waiting, service_time.as_secs_f64(), up),
     )
         .into_response()
 }

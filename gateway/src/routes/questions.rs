@@ -26,6 +26,7 @@ pub struct Pending {
     pub status_url: String,
     pub events_url: String,
     pub priority: Priority,
+    /// As the client gave it (a worker detects it when absent).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub language: Option<String>,
 }
@@ -136,9 +137,7 @@ pub async fn record_of(
 ) -> Result<QuestionRecord, ApiError> {
     let unavailable = |err: ebb_store::StoreError| ApiError::StoreUnavailable(err.to_string());
     let record = match id.strip_prefix(CACHED_ID_PREFIX) {
-        Some(key) => state
-            .store
-            .cached_answer(key)
+        Some(key) => super::admission::cached_answer(state, key)
             .await
             .map_err(unavailable)?
             .map(|hit| QuestionRecord {

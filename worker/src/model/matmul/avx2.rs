@@ -19,7 +19,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::{Q8_BLOCK, ROWS, Tile, WBlocks, WIDE_COLS, XBlocks};
+use super::{GgmlBlock, Q8_BLOCK, ROWS, Tile, WBlocks, WIDE_COLS, XBlocks};
 
 /// `rows` activation rows of `x` dotted with `cols` f16 weight rows of `w`.
 pub fn f16_tile(x: &[f32], rows: usize, w: &[f16], cols: usize, k: usize) -> Tile {
@@ -86,15 +86,14 @@ pub fn q8_tile(x: XBlocks<'_>, rows: usize, w: WBlocks<'_>, cols: usize) -> Tile
     assert!(rows <= ROWS && cols <= WIDE_COLS && x.per_row == w.per_row);
     let per_row = x.per_row;
     assert!(x.scales.len() >= rows * per_row && x.quants.len() >= rows * per_row);
-    assert!(w.scales.len() >= cols * per_row && w.quants.len() >= cols * per_row);
+    assert!(w.blocks.len() >= cols * per_row);
     by_shape!(
         q8_fixed,
         rows,
         cols,
         x.scales.as_ptr(),
         x.quants.as_ptr(),
-        w.scales.as_ptr(),
-        w.quants.as_ptr(),
+        w.blocks.as_ptr(),
         per_row
     )
 }
@@ -103,32 +102,28 @@ pub fn q8_tile(x: XBlocks<'_>, rows: usize, w: WBlocks<'_>, cols: usize) -> Tile
 unsafe fn q8_fixed<const I: usize, const J: usize>(
     x_scales: *const f32,
     x_quants: *const [i8; Q8_BLOCK],
-    w_scales: *const u16,
-    w_quants: *const [u8; Q8_BLOCK],
+    w: *const GgmlBlock,
     per_row: usize,
 ) -> [[f32; J]; I] {
     let ones = _mm256_set1_epi16(1);
-    let bias = _mm256_set1_epi8(-128);
     let mut acc = [[_mm256_setzero_ps(); J]; I];
     for b in 0..per_row {
-        if b.is_multiple_of(2) {
-            // The next tile's quants, one cache line per two blocks.
-            for j in J..2 * J {
-                _mm_prefetch::<_MM_HINT_T0>(w_quants.wrapping_add(j * per_row + b).cast());
-            }
+        // The next tile's blocks: 34 bytes each, so a cache line or two.
+        for j in J..2 * J {
+            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(j * per_row + b).cast());
         }
         let mut signed = [_mm256_setzero_si256(); J];
         let mut magnitude = [_mm256_setzero_si256(); J];
         let mut scale = [0f32; J];
         for j in 0..J {
             // SAFETY: b < per_row and j < J: block b of weight row j.
+            let block = unsafe { &*w.add(j * per_row + b) };
             let (q, bits) = unsafe {
                 (
-                    _mm256_loadu_si256(w_quants.add(j * per_row + b).cast()),
-                    *w_scales.add(j * per_row + b),
+                    _mm256_loadu_si256(block.quants.as_ptr().cast()),
+                    block.scale_bits(),
                 )
             };
-            let q = _mm256_xor_si256(q, bias);
             signed[j] = q;
             magnitude[j] = _mm256_sign_epi8(q, q);
             scale[j] = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))));

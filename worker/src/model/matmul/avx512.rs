@@ -4,7 +4,7 @@
 //! registers hold 16 accumulators: half the activation reloads of `4 x 2`,
 //! which bound prefill), and Q8_0 dot products on two blocks at once with
 //! `vpdpbusd` (one instruction for the multiply-and-add of 64 quant pairs,
-//! fed the biased weights directly).
+//! fed the weights biased to unsigned in a register).
 
 // Intrinsics on raw pointers; every entry point checks the slice lengths the
 // pointers walk, and is only reached when the CPU has the features (see
@@ -15,7 +15,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::{Q8_BLOCK, ROWS, Tile, WBlocks, WIDE_COLS, XBlocks};
+use super::{GgmlBlock, Q8_BLOCK, ROWS, Tile, WBlocks, WIDE_COLS, XBlocks};
 
 /// `rows` activation rows of `x` dotted with `cols` f16 weight rows of `w`.
 pub fn f16_tile(x: &[f32], rows: usize, w: &[f16], cols: usize, k: usize) -> Tile {
@@ -81,12 +81,11 @@ pub fn q8_tile(x: XBlocks<'_>, rows: usize, w: WBlocks<'_>, cols: usize) -> Tile
     assert!(rows <= ROWS && cols <= WIDE_COLS && x.per_row == w.per_row);
     let per_row = x.per_row;
     assert!(x.scales.len() >= rows * per_row && x.quants.len() >= rows * per_row);
-    assert!(w.scales.len() >= cols * per_row && w.quants.len() >= cols * per_row);
+    assert!(w.blocks.len() >= cols * per_row);
     let at = Q8Pointers {
         x_scales: x.scales.as_ptr(),
         x_quants: x.quants.as_ptr(),
-        w_scales: w.scales.as_ptr(),
-        w_quants: w.quants.as_ptr(),
+        w: w.blocks.as_ptr(),
         per_row,
     };
     by_shape!(q8_fixed, rows, cols, at)
@@ -97,8 +96,7 @@ pub fn q8_tile(x: XBlocks<'_>, rows: usize, w: WBlocks<'_>, cols: usize) -> Tile
 struct Q8Pointers {
     x_scales: *const f32,
     x_quants: *const [i8; Q8_BLOCK],
-    w_scales: *const u16,
-    w_quants: *const [u8; Q8_BLOCK],
+    w: *const GgmlBlock,
     per_row: usize,
 }
 
@@ -127,9 +125,10 @@ unsafe fn q8_fixed<const I: usize, const J: usize>(at: Q8Pointers) -> [[f32; J];
 /// lanes 0-7 hold block `b`, lanes 8-15 block `b + 1` (zeros, with a zero
 /// scale, when alone, so they add exactly 0).
 ///
-/// The weights are biased (`w + 128`, unsigned), so `vpdpbusd` multiplies
-/// them with the signed activations directly: `sum (w + 128) x` started from
-/// `-128 sum x` (one more `vpdpbusd` per activation block) is `sum w x`.
+/// The weights are biased in a register (`w + 128`, unsigned: one `xor`),
+/// so `vpdpbusd` multiplies them with the signed activations: `sum (w +
+/// 128) x` started from `-128 sum x` (one more `vpdpbusd` per activation
+/// block) is `sum w x`.
 ///
 /// # Safety
 /// The blocks must exist in every row the tile reads.
@@ -153,19 +152,39 @@ unsafe fn q8_blocks<const I: usize, const J: usize, const PAIR: bool>(
     let mut weights = [_mm512_setzero_si512(); J];
     let mut w_scale = [_mm512_setzero_ps(); J];
     for j in 0..J {
-        let block = j * at.per_row + b;
-        _mm_prefetch::<_MM_HINT_T0>(at.w_quants.wrapping_add(J * at.per_row + block).cast());
-        if b.is_multiple_of(32) {
-            // And its scales, 32 to a cache line.
-            _mm_prefetch::<_MM_HINT_T0>(at.w_scales.wrapping_add(J * at.per_row + block).cast());
-        }
-        weights[j] = load(at.w_quants.wrapping_add(block).cast());
-        let bits = unsafe {
-            match PAIR {
-                true => at.w_scales.add(block).cast::<u32>().read_unaligned(),
-                false => u32::from(*at.w_scales.add(block)),
+        let at_block = j * at.per_row + b;
+        // The next tile's two blocks, 68 bytes: the line after them is the
+        // next pair's first.
+        let next = at.w.wrapping_add(J * at.per_row + at_block);
+        _mm_prefetch::<_MM_HINT_T0>(next.cast());
+        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(1).cast());
+        // SAFETY: the caller's contract: block b (and b + 1) of row j.
+        let (first, bits) = unsafe {
+            let first = &*at.w.add(at_block);
+            let bits = match PAIR {
+                true => {
+                    let second = &*at.w.add(at_block + 1);
+                    u32::from(first.scale_bits()) | u32::from(second.scale_bits()) << 16
+                }
+                false => u32::from(first.scale_bits()),
+            };
+            (first, bits)
+        };
+        let quants = match PAIR {
+            // SAFETY: as above; the second block's quants lie 34 bytes on.
+            true => unsafe {
+                let low = _mm256_loadu_si256(first.quants.as_ptr().cast());
+                let high = _mm256_loadu_si256((*at.w.add(at_block + 1)).quants.as_ptr().cast());
+                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(low), high)
+            },
+            false => {
+                _mm512_zextsi256_si512(unsafe { _mm256_loadu_si256(first.quants.as_ptr().cast()) })
             }
         };
+        // Signed to unsigned: `w + 128` is `w` with its top bit flipped.
+        // A lone block's upper lanes become 128 too, against activations
+        // and a scale of zero.
+        weights[j] = _mm512_xor_si512(quants, bias);
         let pair = _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32));
         w_scale[j] = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(pair));
     }

@@ -15,7 +15,8 @@
 //!
 //! # Layout
 //! - this module: the tiling and threading ([`product`]), [`f16_product`],
-//!   [`Q8Matrix`] and the choice of instruction set.
+//!   [`Q8Matrix`] (GGML's Q8_0 blocks, read where the GGUF file's mapping
+//!   holds them) and the choice of instruction set.
 //! - [`avx512`]: the x86-64 AVX-512 (F, BW, VNNI) tiles.
 //! - [`avx2`]: the x86-64 AVX2 + FMA + F16C tiles.
 //! - [`portable`]: the same tiles in plain Rust, for other CPUs and as the
@@ -55,7 +56,7 @@ mod avx2;
 mod avx512;
 mod portable;
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use half::f16;
 use rayon::prelude::*;
@@ -167,33 +168,21 @@ pub fn f16_product(x: &[f32], rows: usize, w: &[f16], cols: usize, k: usize) -> 
     })
 }
 
-/// Q8_0 blocks of some rows, `per_row` each: a scale and 32 quants per
-/// block, in two arrays so that consecutive blocks' quants are contiguous.
+/// Quantized activations of some rows, `per_row` blocks each: an f32
+/// scale and 32 `i8` quants per block, in two arrays so that consecutive
+/// blocks' quants are contiguous.
 #[derive(Debug, Clone, Copy)]
-pub struct Blocks<'a, S, Q> {
-    pub scales: &'a [S],
-    pub quants: &'a [[Q; Q8_BLOCK]],
+pub struct XBlocks<'a> {
+    pub scales: &'a [f32],
+    pub quants: &'a [[i8; Q8_BLOCK]],
     pub per_row: usize,
 }
 
-/// Activations: f32 scales, `i8` quants.
-pub type XBlocks<'a> = Blocks<'a, f32, i8>;
-/// Weights: f16 scales (raw bits, as in the file) and quants stored biased,
-/// `q + 128` as `u8`: the unsigned operand `vpdpbusd` multiplies with the
-/// activations' signed one (the bias is taken back out per activation
-/// block, see `avx512`).
-pub type WBlocks<'a> = Blocks<'a, u16, u8>;
-
-/// A weight quant back from its biased form.
-pub fn unbias(q: u8) -> i8 {
-    (q ^ 0x80) as i8
-}
-
-impl<S, Q> Blocks<'_, S, Q> {
+impl XBlocks<'_> {
     /// Rows `first..first + count`.
-    fn rows(&self, first: usize, count: usize) -> Blocks<'_, S, Q> {
+    fn rows(&self, first: usize, count: usize) -> XBlocks<'_> {
         let range = first * self.per_row..(first + count) * self.per_row;
-        Blocks {
+        XBlocks {
             scales: &self.scales[range.clone()],
             quants: &self.quants[range],
             per_row: self.per_row,
@@ -201,54 +190,119 @@ impl<S, Q> Blocks<'_, S, Q> {
     }
 }
 
-/// A GGML Q8_0 matrix `[cols, k]`.
+/// One Q8_0 block as GGML lays it out (and a GGUF file holds it): a
+/// little-endian f16 scale, then 32 signed quants. 34 bytes, aligned to 1,
+/// so a slice of them can be read straight out of the file's mapping.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct GgmlBlock {
+    pub scale: [u8; 2],
+    pub quants: [i8; Q8_BLOCK],
+}
+
+impl GgmlBlock {
+    /// The scale's f16 bits.
+    pub fn scale_bits(&self) -> u16 {
+        u16::from_le_bytes(self.scale)
+    }
+
+    /// `bytes` as blocks; `None` unless its length is a whole number of
+    /// them.
+    fn cast(bytes: &[u8]) -> Option<&[GgmlBlock]> {
+        let size = std::mem::size_of::<GgmlBlock>();
+        if !bytes.len().is_multiple_of(size) {
+            return None;
+        }
+        // SAFETY: GgmlBlock is `repr(C)` of byte arrays: 34 bytes with no
+        // padding, alignment 1, and every bit pattern valid; the length
+        // was checked to be a whole number of blocks.
+        #[allow(unsafe_code)]
+        Some(unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), bytes.len() / size) })
+    }
+}
+
+/// Q8_0 weights of some rows, `per_row` blocks each, in GGML's layout.
+#[derive(Debug, Clone, Copy)]
+pub struct WBlocks<'a> {
+    pub blocks: &'a [GgmlBlock],
+    pub per_row: usize,
+}
+
+impl WBlocks<'_> {
+    /// Rows `first..first + count`.
+    fn rows(&self, first: usize, count: usize) -> WBlocks<'_> {
+        WBlocks {
+            blocks: &self.blocks[first * self.per_row..(first + count) * self.per_row],
+            per_row: self.per_row,
+        }
+    }
+}
+
+/// A GGML Q8_0 matrix `[cols, k]`, its blocks read where they lie: in a
+/// GGUF file's mapping (no copy, no repack: loading it costs only reading
+/// the file) or, for weights made in memory, in a buffer of its own.
 #[derive(Debug, Clone)]
 pub struct Q8Matrix {
-    /// One f16 scale per block, as raw bits, `[cols, k / 32]`.
-    scales: Vec<u16>,
-    /// Biased (see [`WBlocks`]).
-    quants: Vec<[u8; Q8_BLOCK]>,
+    bytes: Q8Bytes,
     cols: usize,
     k: usize,
 }
 
+#[derive(Debug, Clone)]
+enum Q8Bytes {
+    Owned(Vec<u8>),
+    /// `len` bytes at `at` in a mapped file.
+    Mapped {
+        map: Arc<memmap2::Mmap>,
+        at: usize,
+        len: usize,
+    },
+}
+
 impl Q8Matrix {
-    /// From GGML's bytes: per block a little-endian f16 scale then 32 `i8`.
+    /// A copy of GGML's bytes: per block a little-endian f16 scale then 32
+    /// `i8`.
     pub fn from_ggml(bytes: &[u8], cols: usize, k: usize) -> Result<Q8Matrix, String> {
+        Q8Matrix::checked(Q8Bytes::Owned(bytes.to_vec()), cols, k)
+    }
+
+    /// The `[cols, k]` Q8_0 matrix at byte `at` of a mapped GGUF file
+    /// (`bytes_for(cols, k)` long), read in place.
+    pub fn mapped(
+        map: Arc<memmap2::Mmap>,
+        at: usize,
+        cols: usize,
+        k: usize,
+    ) -> Result<Q8Matrix, String> {
+        let len = Q8Matrix::bytes_for(cols, k);
+        if at.checked_add(len).is_none_or(|end| end > map.len()) {
+            return Err(format!("Q8_0 [{cols}, {k}] runs past the file's end"));
+        }
+        Q8Matrix::checked(Q8Bytes::Mapped { map, at, len }, cols, k)
+    }
+
+    /// How many bytes a Q8_0 `[cols, k]` takes.
+    pub fn bytes_for(cols: usize, k: usize) -> usize {
+        cols * k / Q8_BLOCK * std::mem::size_of::<GgmlBlock>()
+    }
+
+    fn checked(bytes: Q8Bytes, cols: usize, k: usize) -> Result<Q8Matrix, String> {
         if !k.is_multiple_of(Q8_BLOCK) {
             return Err(format!("Q8_0 rows of {k} are not whole blocks of 32"));
         }
-        let blocks = cols * k / Q8_BLOCK;
-        if bytes.len() != blocks * (2 + Q8_BLOCK) {
-            return Err(format!(
-                "Q8_0 [{cols}, {k}] needs {} bytes, has {}",
-                blocks * (2 + Q8_BLOCK),
-                bytes.len()
-            ));
+        let matrix = Q8Matrix { bytes, cols, k };
+        let (need, has) = (Q8Matrix::bytes_for(cols, k), matrix.raw().len());
+        if need != has {
+            return Err(format!("Q8_0 [{cols}, {k}] needs {need} bytes, has {has}"));
         }
-        // Repacking is most of a GGUF model's load time once the file is
-        // read: spread it over the pool, in runs long enough to amortize a
-        // task and short enough to balance.
-        const RUN: usize = 16 * 1024;
-        let mut scales = vec![0u16; blocks];
-        let mut quants = vec![[0u8; Q8_BLOCK]; blocks];
-        scales
-            .par_chunks_mut(RUN)
-            .zip(quants.par_chunks_mut(RUN))
-            .zip(bytes.par_chunks(RUN * (2 + Q8_BLOCK)))
-            .for_each(|((scales, quants), bytes)| {
-                let blocks = bytes.chunks_exact(2 + Q8_BLOCK);
-                for ((scale, quant), block) in scales.iter_mut().zip(quants).zip(blocks) {
-                    *scale = u16::from_le_bytes([block[0], block[1]]);
-                    *quant = std::array::from_fn(|q| block[2 + q] ^ 0x80);
-                }
-            });
-        Ok(Q8Matrix {
-            scales,
-            quants,
-            cols,
-            k,
-        })
+        Ok(matrix)
+    }
+
+    fn raw(&self) -> &[u8] {
+        match &self.bytes {
+            Q8Bytes::Owned(bytes) => bytes,
+            Q8Bytes::Mapped { map, at, len } => &map[*at..*at + *len],
+        }
     }
 
     pub fn cols(&self) -> usize {
@@ -258,21 +312,15 @@ impl Q8Matrix {
     /// Row `row` as f32 values appended to `out`: a lookup in a Q8_0
     /// embedding table, which is never dequantized whole.
     pub fn dequantize_row(&self, row: usize, out: &mut Vec<f32>) {
-        let per_row = self.k / Q8_BLOCK;
-        for block in row * per_row..(row + 1) * per_row {
-            let scale = f16::from_bits(self.scales[block]).to_f32();
-            out.extend(
-                self.quants[block]
-                    .iter()
-                    .map(|q| scale * f32::from(unbias(*q))),
-            );
+        for block in self.blocks().rows(row, 1).blocks {
+            let scale = f16::from_bits(block.scale_bits()).to_f32();
+            out.extend(block.quants.iter().map(|q| scale * f32::from(*q)));
         }
     }
 
     fn blocks(&self) -> WBlocks<'_> {
-        Blocks {
-            scales: &self.scales,
-            quants: &self.quants,
+        WBlocks {
+            blocks: GgmlBlock::cast(self.raw()).expect("checked to be whole blocks"),
             per_row: self.k / Q8_BLOCK,
         }
     }
@@ -282,7 +330,7 @@ impl Q8Matrix {
     pub fn product(&self, x: &[f32], rows: usize) -> Vec<f32> {
         assert_eq!(x.len(), rows * self.k, "activations are [rows, k]");
         let (x_scales, x_quants) = quantize(x);
-        let x = Blocks {
+        let x = XBlocks {
             scales: &x_scales,
             quants: &x_quants,
             per_row: self.k / Q8_BLOCK,

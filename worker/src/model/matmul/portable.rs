@@ -4,7 +4,7 @@
 
 use half::f16;
 
-use super::{Tile, WBlocks, XBlocks, unbias};
+use super::{Tile, WBlocks, XBlocks};
 
 pub fn f16_tile(x: &[f32], rows: usize, w: &[f16], cols: usize, k: usize) -> Tile {
     let mut tile = Tile::default();
@@ -27,18 +27,14 @@ pub fn q8_tile(x: XBlocks<'_>, rows: usize, w: WBlocks<'_>, cols: usize) -> Tile
         let x = x.rows(i, 1);
         for (j, value) in out.iter_mut().enumerate().take(cols) {
             let w = w.rows(j, 1);
-            let blocks = x
-                .scales
-                .iter()
-                .zip(x.quants)
-                .zip(w.scales.iter().zip(w.quants));
-            *value = blocks.fold(0.0, |sum, ((x_scale, xq), (bits, wq))| {
+            let blocks = x.scales.iter().zip(x.quants).zip(w.blocks);
+            *value = blocks.fold(0.0, |sum, ((x_scale, xq), block)| {
                 let dot: i32 = xq
                     .iter()
-                    .zip(wq)
-                    .map(|(a, b)| i32::from(*a) * i32::from(unbias(*b)))
+                    .zip(&block.quants)
+                    .map(|(a, b)| i32::from(*a) * i32::from(*b))
                     .sum();
-                (f16::from_bits(*bits).to_f32() * x_scale).mul_add(dot as f32, sum)
+                (f16::from_bits(block.scale_bits()).to_f32() * x_scale).mul_add(dot as f32, sum)
             });
         }
     }

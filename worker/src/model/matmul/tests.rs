@@ -201,3 +201,31 @@ fn the_simd_tiles_agree_with_the_portable_ones() {
         isa()
     );
 }
+
+#[test]
+fn a_mapped_matrix_reads_the_files_blocks_in_place() {
+    let (cols, k) = (8, 96);
+    let (bytes, _) = q8_bytes(&values(cols * k, 9));
+    // Behind a header, as in a GGUF file.
+    let mut file_bytes = vec![7u8; 13];
+    file_bytes.extend_from_slice(&bytes);
+    let path = std::env::temp_dir().join(format!("ebb-q8-{}.bin", std::process::id()));
+    std::fs::write(&path, &file_bytes).expect("write");
+    let file = std::fs::File::open(&path).expect("open");
+    // SAFETY: a private temporary file nothing else writes.
+    #[allow(unsafe_code)]
+    let map = std::sync::Arc::new(unsafe { memmap2::Mmap::map(&file) }.expect("map"));
+    std::fs::remove_file(&path).expect("remove");
+    let mapped = Q8Matrix::mapped(map.clone(), 13, cols, k).expect("in the file");
+    let owned = Q8Matrix::from_ggml(&bytes, cols, k).expect("q8_0");
+    let x = values(3 * k, 10);
+    assert_eq!(mapped.product(&x, 3), owned.product(&x, 3));
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    mapped.dequantize_row(5, &mut a);
+    owned.dequantize_row(5, &mut b);
+    assert_eq!(a, b);
+    assert!(
+        Q8Matrix::mapped(map, 14, cols, k).is_err(),
+        "one byte past the end"
+    );
+}

@@ -1,4 +1,4 @@
-//! Detection on the questions the gateway sees: one-liners, 4 to 12 words,
+//! Detection on the questions students ask: one-liners, 4 to 12 words,
 //! in each language Qwen2.5 answers well.
 
 use super::*;
