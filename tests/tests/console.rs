@@ -11,19 +11,28 @@ use ebb_tests::chromium;
 use ebb_tests::{ScalerProcess, Stack, StackOptions};
 use serde_json::{Value, json};
 
-const CONSOLE_POLICY: &str = r#"
+/// A policy whose one timetable window opens six hours from now: inside
+/// the console's next-24-hours strip, never active during the test (a
+/// fixed hour made the test fail whenever CI ran inside it).
+fn console_policy() -> String {
+    let opens = chrono::Utc::now() + chrono::Duration::hours(6);
+    format!(
+        r#"
 tick: 200ms
-resources: {min_instances: 0, max_instances: 2, price_per_hour: 3.6}
-target: {utilization: 1.0, drain_target: 2s, latency_goal: 30s, default_service_time: 1s, stable_window: 5s, panic_window: 2s}
-cooldowns: {scale_down_stabilization: 2s, scale_to_zero_idle: 5m}
-health: {init_timeout: 30s, restart_backoff: 200ms, stop_grace: 20s}
+resources: {{min_instances: 0, max_instances: 2, price_per_hour: 3.6}}
+target: {{utilization: 1.0, drain_target: 2s, latency_goal: 30s, default_service_time: 1s, stable_window: 5s, panic_window: 2s}}
+cooldowns: {{scale_down_stabilization: 2s, scale_to_zero_idle: 5m}}
+health: {{init_timeout: 30s, restart_backoff: 200ms, stop_grace: 20s}}
 timetable:
   - name: homework
-    cron: "0 17 * * *"
-    timezone: Europe/Berlin
+    cron: "0 {hour} * * *"
+    timezone: UTC
     duration: 2h
     min_workers: 1
-"#;
+"#,
+        hour = chrono::Timelike::hour(&opens)
+    )
+}
 
 /// Chromium serializes text with `<`, `>` and `&` escaped.
 fn unescape(html: &str) -> String {
@@ -53,7 +62,7 @@ async fn the_console_shows_a_burst_the_worker_it_started_and_why() {
     let stack = Stack::start(StackOptions::default()).await;
     let scaler = ScalerProcess::start(
         &stack,
-        CONSOLE_POLICY,
+        &console_policy(),
         &["--debug-token-delay", "80ms", "--max-batch", "1"],
     );
     scaler
@@ -149,7 +158,7 @@ async fn the_console_shows_a_burst_the_worker_it_started_and_why() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_is_served_with_a_strict_policy_and_nothing_from_elsewhere() {
     let stack = Stack::start(StackOptions::default()).await;
-    let scaler = ScalerProcess::start(&stack, CONSOLE_POLICY, &[]);
+    let scaler = ScalerProcess::start(&stack, &console_policy(), &[]);
     for path in [
         "/console",
         "/console/panels",
