@@ -8,15 +8,20 @@
 //! the entry it would evict, so a flood of one-off questions does not push
 //! out the class's favourite.
 //!
+//! Each entry also keeps the hit's response body once it is first
+//! rendered ([`HotAnswer::rendered_once`]): a hit then costs no
+//! serializing and no copy of the answer.
+//!
 //! Popularity: hits are counted here and added every few seconds to a
 //! bounded sorted set in Redis ([`ebb_store::popularity`]: cache keys and
 //! counts, no question text), from which a starting gateway loads the most
 //! asked entries before it serves (see [`warm`]).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use moka::Expiry;
 use moka::sync::Cache;
 
@@ -34,10 +39,36 @@ const WARM_TIMEOUT: Duration = Duration::from_secs(5);
 pub const FLUSH_EVERY: Duration = Duration::from_secs(5);
 /// Bytes an entry costs beside its strings (moka's node, the Arc, the map).
 const ENTRY_OVERHEAD: usize = 160;
+/// A rendered body's bytes beside the strings it holds (field names,
+/// escapes of a typical answer).
+const RENDERED_OVERHEAD: usize = 160;
+
+/// A cached answer as the gateway holds it in memory.
+#[derive(Debug)]
+pub struct HotAnswer {
+    pub answer: CachedAnswer,
+    /// The response body of a hit, rendered on the first.
+    rendered: OnceLock<Bytes>,
+}
+
+impl HotAnswer {
+    pub fn new(answer: CachedAnswer) -> HotAnswer {
+        HotAnswer {
+            answer,
+            rendered: OnceLock::new(),
+        }
+    }
+
+    /// The hit's response body: `render`ed on the first call, the same
+    /// bytes after. The caller renders only what the entry determines.
+    pub fn rendered_once(&self, render: impl FnOnce(&CachedAnswer) -> Bytes) -> Bytes {
+        self.rendered.get_or_init(|| render(&self.answer)).clone()
+    }
+}
 
 #[derive(Debug, Clone)]
 struct Entry {
-    answer: Arc<CachedAnswer>,
+    answer: Arc<HotAnswer>,
     /// What was left of the Redis entry's TTL when it was copied.
     ttl: Duration,
 }
@@ -66,12 +97,13 @@ impl HotCache {
             Cache::builder()
                 .max_capacity(mib * 1024 * 1024)
                 .weigher(|key: &String, entry: &Entry| {
-                    let answer = &entry.answer;
-                    let bytes = key.len()
+                    let answer = &entry.answer.answer;
+                    let strings = key.len()
                         + answer.answer.len()
                         + answer.model.len()
-                        + answer.language.as_ref().map_or(0, String::len)
-                        + ENTRY_OVERHEAD;
+                        + answer.language.as_ref().map_or(0, String::len);
+                    // Twice: the rendered body holds them all again.
+                    let bytes = 2 * strings + RENDERED_OVERHEAD + ENTRY_OVERHEAD;
                     u32::try_from(bytes).unwrap_or(u32::MAX)
                 })
                 .expire_after(WithRedis)
@@ -85,7 +117,7 @@ impl HotCache {
 
     /// The answer under `key`, if this gateway holds it; a hit counts
     /// towards the key's popularity.
-    pub fn get(&self, key: &str) -> Option<Arc<CachedAnswer>> {
+    pub fn get(&self, key: &str) -> Option<Arc<HotAnswer>> {
         let entry = self.entries.as_ref()?.get(key)?;
         let mut pending = self.pending.lock().expect("popularity lock");
         if let Some(count) = pending.get_mut(key) {
@@ -96,14 +128,20 @@ impl HotCache {
         Some(entry.answer)
     }
 
-    /// Keeps a copy of an answer read from Redis with `ttl` left there.
-    pub fn insert(&self, key: &str, answer: CachedAnswer, ttl: Duration) {
+    /// Keeps a copy of an answer read from Redis with `ttl` left there;
+    /// returns it as held (kept or not).
+    pub fn insert(&self, key: &str, answer: CachedAnswer, ttl: Duration) -> Arc<HotAnswer> {
+        let answer = Arc::new(HotAnswer::new(answer));
         if let Some(entries) = &self.entries
             && !ttl.is_zero()
         {
-            let answer = Arc::new(answer);
-            entries.insert(key.to_owned(), Entry { answer, ttl });
+            let entry = Entry {
+                answer: answer.clone(),
+                ttl,
+            };
+            entries.insert(key.to_owned(), entry);
         }
+        answer
     }
 
     /// The hits counted since the last call.

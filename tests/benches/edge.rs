@@ -6,7 +6,9 @@
 //!    first, served from the gateway's hot cache) vs raw Redis GETs/s of the
 //!    same cache entry (driven by `redis-benchmark`): both C load generators
 //!    in their own process, one request in flight per connection, the same
-//!    number of connections; goal >= 1.0;
+//!    number of connections; goal >= 1.0. Beside them, the ceiling HTTP
+//!    sets here: the same HTTP stack (axum on hyper, in the same runtime)
+//!    answering every request with the hit's bytes and doing nothing else;
 //! 2. accepted questions/s (`wait_seconds: 0`, driven by `wrk`) vs raw
 //!    async-nats JetStream publish-with-ack/s of the same job at the same
 //!    concurrency; goal >= 0.5;
@@ -22,6 +24,10 @@
 //! EBB_BENCH_SECONDS, EBB_BENCH_CONNECTIONS)
 
 use std::process::Command;
+
+/// The gateway runs in this process: the allocator of its binary.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use ebb_nats::subjects;
 use ebb_store::Store;
@@ -120,14 +126,42 @@ async fn prime_cache(edge: &Edge) -> (serde_json::Value, String) {
     (body, key)
 }
 
-/// 1. Cache hits through the gateway vs raw GETs of the same entry.
+/// The same HTTP stack as the gateway's, answering every request with
+/// `body` and nothing else: what HTTP alone costs on this machine.
+async fn fixed_bytes_server(body: axum::body::Bytes) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!(
+        "http://{}/v1/questions",
+        listener.local_addr().expect("addr")
+    );
+    let answer = move || {
+        let body = body.clone();
+        async move { ([("content-type", "application/json")], body) }
+    };
+    let router = axum::Router::new().route("/v1/questions", axum::routing::post(answer));
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    url
+}
+
+/// 1. Cache hits through the gateway vs raw GETs of the same entry, beside
+///    the same hit's bytes from a server that does nothing else.
 async fn cache_hits(edge: &Edge) -> serde_json::Value {
     let (body, key) = prime_cache(edge).await;
+    let hit = reqwest::Client::new()
+        .post(&edge.url)
+        .json(&body)
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .expect("a cache hit");
+    let fixed_url = fixed_bytes_server(hit.bytes().await.expect("the hit's body")).await;
     let hit_script = format!(
         "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = '{body}'\n"
     );
     let cache_entry = ebb_store::store::cache_key(&key);
-    let (mut gateway_hits, mut redis_gets) = (Vec::new(), Vec::new());
+    let (mut gateway_hits, mut redis_gets, mut fixed) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         gateway_hits.push(wrk(&edge.url, &hit_script, edge.connections, edge.seconds));
         let requests = (median(gateway_hits.clone()) * 2.0 * edge.seconds) as usize;
@@ -137,14 +171,30 @@ async fn cache_hits(edge: &Edge) -> serde_json::Value {
             requests,
             &["GET", &cache_entry],
         ));
+        fixed.push(wrk(&fixed_url, &hit_script, edge.connections, edge.seconds));
     }
-    report(
+    let mut figure = report(
         "gateway cache hits (wrk)",
         &gateway_hits,
         "raw Redis GET (redis-benchmark)",
         &redis_gets,
         Some(1.0),
-    )
+    );
+    figure["http_ceiling"] = report(
+        "  the same bytes from bare axum (wrk)",
+        &fixed,
+        "raw Redis GET",
+        &redis_gets,
+        None,
+    );
+    figure["of_http_ceiling"] = report(
+        "  gateway cache hits",
+        &gateway_hits,
+        "the same bytes from bare axum",
+        &fixed,
+        None,
+    );
+    figure
 }
 
 /// Where the gateway publishes a question of the default priority.

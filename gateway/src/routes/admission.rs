@@ -2,8 +2,12 @@
 //! target, cache, shedding, priority, then the queue. The language, when
 //! not given, is the worker's to detect (see [`ebb_language`]).
 
+use std::sync::Arc;
 use std::time::Instant;
 
+use axum::Json;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
 use ebb_nats::{CachedAnswer, Job, Priority, QuestionRecord, QuestionStatus, Timings};
 use ebb_store::Lookup as RedisLookup;
 use serde::Serialize;
@@ -11,6 +15,7 @@ use serde::Serialize;
 use super::AppState;
 use super::feed::{Slot, Waiter};
 use crate::error::ApiError;
+use crate::hot_cache::HotAnswer;
 use crate::idempotency::{Claimed, IdempotencyKey};
 use crate::metrics::{LanguageSource, Lookup, Outcome, Rejection};
 use crate::overload::Reservation;
@@ -35,7 +40,7 @@ pub enum Hold {
 pub enum Admission {
     Cached {
         id: String,
-        hit: CachedAnswer,
+        hit: Arc<HotAnswer>,
         language: Option<String>,
     },
     Queued(Queued),
@@ -80,7 +85,7 @@ pub async fn admit(
     {
         state.metrics.cache_lookup(Lookup::Memory);
         let asker = Asker::of(&question);
-        return Ok(from_cache(state, key, CachedAnswer::clone(&hit), asker).await);
+        return Ok(from_cache(state, key, hit, asker).await);
     }
     let asker = Asker::of(&question);
     let source = match question.language {
@@ -104,8 +109,8 @@ pub async fn admit(
                 .cache_key
                 .as_deref()
                 .expect("only a keyed question hits");
-            state.hot_cache.insert(key, answer.clone(), ttl);
-            return Ok(from_cache(state, key, answer, asker).await);
+            let hit = state.hot_cache.insert(key, answer, ttl);
+            return Ok(from_cache(state, key, hit, asker).await);
         }
         Some(RedisLookup::Queued {
             wrote,
@@ -248,7 +253,7 @@ pub async fn cached_answer(
     key: &str,
 ) -> Result<Option<CachedAnswer>, ebb_store::StoreError> {
     if let Some(hit) = state.hot_cache.get(key) {
-        return Ok(Some(CachedAnswer::clone(&hit)));
+        return Ok(Some(hit.answer.clone()));
     }
     let found = state.store.cached_answer_with_ttl(key).await?;
     Ok(found.map(|(answer, ttl)| {
@@ -328,9 +333,9 @@ impl Asker {
 }
 
 /// A cache hit: counted, called back when asked, answered at once.
-async fn from_cache(state: &AppState, key: &str, hit: CachedAnswer, asker: Asker) -> Admission {
+async fn from_cache(state: &AppState, key: &str, hit: Arc<HotAnswer>, asker: Asker) -> Admission {
     let id = format!("{CACHED_ID_PREFIX}{key}");
-    let (language, source) = match (asker.language, &hit.language) {
+    let (language, source) = match (asker.language, &hit.answer.language) {
         (Some(given), _) => (Some(given), LanguageSource::Given),
         (None, Some(detected)) => (Some(detected.clone()), LanguageSource::Detected),
         (None, None) => (None, LanguageSource::Unknown),
@@ -343,10 +348,10 @@ async fn from_cache(state: &AppState, key: &str, hit: CachedAnswer, asker: Asker
         // as for a worker's answer, under a call id of its own.
         let record = QuestionRecord {
             status: QuestionStatus::Done,
-            answer: Some(hit.answer.clone()),
-            model: Some(hit.model.clone()),
+            answer: Some(hit.answer.answer.clone()),
+            model: Some(hit.answer.model.clone()),
             cached: true,
-            finish_reason: Some(hit.finish_reason),
+            finish_reason: Some(hit.answer.finish_reason),
             language: language.clone(),
             // Counted against the key's queued calls.
             owner: asker.owner,
@@ -456,6 +461,22 @@ impl Answered {
         }
     }
 
+    /// A cache hit's response in ebb's shape. Asked in the language it
+    /// was cached with (the common case), the entry's body rendered on its
+    /// first hit: no serializing and no copy of the answer per hit.
+    pub fn cached_response(id: String, hit: &HotAnswer, language: Option<String>) -> Response {
+        if language != hit.answer.language {
+            return Json(Answered::from_cache(id, hit.answer.clone(), language)).into_response();
+        }
+        let body = hit.rendered_once(|answer| {
+            let answered = Answered::from_cache(id, answer.clone(), language);
+            serde_json::to_vec(&answered)
+                .expect("answers serialize")
+                .into()
+        });
+        ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+    }
+
     /// From a final answer event (`None` for a token event).
     pub fn from_event(
         id: String,
@@ -498,5 +519,50 @@ impl Answered {
             AnswerEvent::Failed { error } => answered.error = Some(error),
         }
         Some(answered)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ebb_nats::FinishReason;
+
+    async fn json_of(response: Response) -> serde_json::Value {
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .expect("a body");
+        serde_json::from_slice(&bytes).expect("JSON")
+    }
+
+    #[tokio::test]
+    async fn a_hit_is_rendered_once_and_reports_the_language_asked() {
+        let hit = HotAnswer::new(CachedAnswer {
+            answer: "Light, water and air \"into\" sugar.".into(),
+            model: "m@main".into(),
+            finish_reason: FinishReason::Stop,
+            language: Some("en".into()),
+        });
+        let id = || "cached-k".to_owned();
+        let expected = Answered::from_cache(id(), hit.answer.clone(), Some("en".into()));
+        let first = Answered::cached_response(id(), &hit, Some("en".into()));
+        assert_eq!(
+            first.headers()[header::CONTENT_TYPE],
+            "application/json",
+            "served as JSON"
+        );
+        assert_eq!(
+            json_of(first).await,
+            serde_json::to_value(&expected).unwrap()
+        );
+        let kept = hit.rendered_once(|_| panic!("rendered a second time"));
+        assert_eq!(kept, serde_json::to_vec(&expected).unwrap());
+
+        let other = json_of(Answered::cached_response(id(), &hit, Some("fr".into()))).await;
+        assert_eq!(
+            (&other["language"], &other["answer"]),
+            (&"fr".into(), &hit.answer.answer.clone().into())
+        );
+        let again = json_of(Answered::cached_response(id(), &hit, Some("en".into()))).await;
+        assert_eq!(again["language"], "en", "the rendered body is the entry's");
     }
 }

@@ -70,7 +70,7 @@ pub(crate) async fn chat_completions(
     {
         Admission::Cached { id, hit, language } => {
             tracing::Span::current().record("cached", true);
-            let answered = Answered::from_cache(id, hit, language);
+            let answered = Answered::from_cache(id, hit.answer.clone(), language);
             if !request.stream {
                 return Ok(completion(&answered, created));
             }

@@ -66,7 +66,7 @@ pub(crate) async fn post_question(
         Admission::Cached { id, hit, language } => {
             span.record("question_id", id.as_str());
             span.record("cached", true);
-            return Ok(Json(Answered::from_cache(id, hit, language)).into_response());
+            return Ok(Answered::cached_response(id, &hit, language));
         }
         Admission::Queued(queued) => queued,
     };
