@@ -144,6 +144,18 @@ impl ClientLimits {
             return;
         }
         let mut allowances = self.allowances.lock().expect("allowances lock");
+        if let Some(kept) = allowances.get_mut(&client)
+            && kept.until > now
+            && kept.decision.allowed
+            && decision.allowed
+        {
+            // Concurrent requests found the allowance spent and each took a
+            // batch: all of it is the client's, none is dropped.
+            kept.left += left;
+            kept.decision = decision;
+            kept.until = until;
+            return;
+        }
         if allowances.len() >= self.max_clients && !allowances.contains_key(&client) {
             // Full: this client asks Redis each time until a sweep.
             return;
@@ -208,5 +220,35 @@ impl ClientLimits {
     /// Client IPs in the fallback's buckets.
     pub fn local_clients(&self) -> usize {
         self.ip.clients()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allowed(remaining: u32) -> Decision {
+        crate::rate_limit::decision(60_000, f64::from(remaining), true)
+    }
+
+    #[tokio::test]
+    async fn batches_taken_at_once_are_all_spent_before_asking_again() {
+        let limits = ClientLimits::new(Store::connect_lazy("redis://127.0.0.1:1").unwrap(), 10);
+        let client: Client = ("10.0.0.1".parse().unwrap(), None);
+        let now = Instant::now();
+        // Two requests found no allowance and took 100 tokens each.
+        limits.keep_allowance(client.clone(), 100, allowed(800), now);
+        limits.keep_allowance(client.clone(), 100, allowed(700), now);
+        let spent = std::iter::from_fn(|| limits.spend_allowance(&client, now))
+            .take(1_000)
+            .collect::<Vec<_>>();
+        assert_eq!(spent.len(), 198, "each batch less its own request's token");
+        assert_eq!(spent[0].remaining, 700 + 197, "the newest bucket reading");
+        assert!(
+            limits
+                .spend_allowance(&client, now + ALLOWANCE_FOR)
+                .is_none(),
+            "gone after a second"
+        );
     }
 }
