@@ -11,7 +11,9 @@
 //!    answering every request with the hit's bytes and doing nothing else;
 //! 2. accepted questions/s (`wait_seconds: 0`, driven by `wrk`) vs raw
 //!    async-nats JetStream publish-with-ack/s of the same job at the same
-//!    concurrency; goal >= 0.5;
+//!    concurrency; goal >= 0.5. Beside them, the ceiling HTTP sets: the
+//!    same HTTP stack publishing a job with ack per request and doing
+//!    nothing else;
 //! 3. what durability costs: the same raw publishes to a server on
 //!    `nats/server.conf` (`sync_interval: always`: an fsync before each ack)
 //!    vs one syncing on nats-server's default interval, at the same
@@ -30,6 +32,7 @@ use std::process::Command;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use ebb_nats::subjects;
+use async_nats::jetstream::message::PublishMessage;
 use ebb_store::Store;
 use ebb_tests::bench::{env_or, median, publishes, report, wrk};
 use ebb_tests::{Stack, StackOptions};
@@ -126,9 +129,9 @@ async fn prime_cache(edge: &Edge) -> (serde_json::Value, String) {
     (body, key)
 }
 
-/// The same HTTP stack as the gateway's, answering every request with
-/// `body` and nothing else: what HTTP alone costs on this machine.
-async fn fixed_bytes_server(body: axum::body::Bytes) -> String {
+/// Serves `router` on the same HTTP stack as the gateway's (axum on
+/// hyper, in this runtime) with nothing in front; returns the question URL.
+async fn bare_axum(router: axum::Router) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -136,13 +139,47 @@ async fn fixed_bytes_server(body: axum::body::Bytes) -> String {
         "http://{}/v1/questions",
         listener.local_addr().expect("addr")
     );
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    url
+}
+
+/// Answers every request with `body` and does nothing else: what HTTP
+/// alone costs on this machine.
+async fn fixed_bytes_server(body: axum::body::Bytes) -> String {
     let answer = move || {
         let body = body.clone();
         async move { ([("content-type", "application/json")], body) }
     };
-    let router = axum::Router::new().route("/v1/questions", axum::routing::post(answer));
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    url
+    bare_axum(axum::Router::new().route("/v1/questions", axum::routing::post(answer))).await
+}
+
+/// Publishes a job with ack for every request, then answers `202` with its
+/// id, and does nothing else: what HTTP and the publish alone cost.
+async fn publishing_server(jetstream: async_nats::jetstream::Context) -> String {
+    let numbers = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let accept = move || {
+        let (jetstream, numbers) = (jetstream.clone(), numbers.clone());
+        async move {
+            let n = numbers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let job = ebb_nats::Job {
+                id: format!("bare-{n}"),
+                ..ebb_tests::bench::raw_job(n)
+            };
+            let message = PublishMessage::build()
+                .payload(serde_json::to_vec(&job).expect("json").into())
+                .message_id(job.id.clone());
+            let ack = jetstream
+                .send_publish(question_subject(), message)
+                .await
+                .expect("publish");
+            ack.await.expect("ack");
+            (
+                axum::http::StatusCode::ACCEPTED,
+                axum::Json(json!({"id": job.id, "status": "queued"})),
+            )
+        }
+    };
+    bare_axum(axum::Router::new().route("/v1/questions", axum::routing::post(accept))).await
 }
 
 /// 1. Cache hits through the gateway vs raw GETs of the same entry, beside
@@ -209,7 +246,8 @@ async fn accepts(edge: &Edge) -> serde_json::Value {
         '{\"question\":\"Question number ' .. counter .. '?\",\"wait_seconds\":0}')\nend\n";
     let jetstream = ebb_nats::Topology::context(edge.stack.nats_client().await);
     let stream = edge.stack.questions_stream().await;
-    let (mut gateway_accepts, mut raw_publishes) = (Vec::new(), Vec::new());
+    let bare_url = publishing_server(jetstream.clone()).await;
+    let (mut gateway_accepts, mut raw_publishes, mut bare) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         gateway_accepts.push(wrk(
             &edge.url,
@@ -228,14 +266,31 @@ async fn accepts(edge: &Edge) -> serde_json::Value {
             .await,
         );
         stream.purge().await.expect("purge");
+        bare.push(wrk(&bare_url, accept_script, edge.connections, edge.seconds));
+        stream.purge().await.expect("purge");
     }
-    report(
+    let mut figure = report(
         "gateway accepted questions (wrk)",
         &gateway_accepts,
         "raw JetStream publish+ack (async-nats)",
         &raw_publishes,
         Some(0.5),
-    )
+    );
+    figure["http_ceiling"] = report(
+        "  bare axum publishing each request with ack (wrk)",
+        &bare,
+        "raw publish+ack",
+        &raw_publishes,
+        None,
+    );
+    figure["of_http_ceiling"] = report(
+        "  gateway accepted questions",
+        &gateway_accepts,
+        "bare axum publishing",
+        &bare,
+        None,
+    );
+    figure
 }
 
 /// Part 3: publishes to a server that syncs each write (nats/server.conf)
