@@ -31,8 +31,8 @@ use std::process::Command;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use ebb_nats::subjects;
 use async_nats::jetstream::message::PublishMessage;
+use ebb_nats::subjects;
 use ebb_store::Store;
 use ebb_tests::bench::{env_or, median, publishes, report, wrk};
 use ebb_tests::{Stack, StackOptions};
@@ -266,7 +266,12 @@ async fn accepts(edge: &Edge) -> serde_json::Value {
             .await,
         );
         stream.purge().await.expect("purge");
-        bare.push(wrk(&bare_url, accept_script, edge.connections, edge.seconds));
+        bare.push(wrk(
+            &bare_url,
+            accept_script,
+            edge.connections,
+            edge.seconds,
+        ));
         stream.purge().await.expect("purge");
     }
     let mut figure = report(
