@@ -31,10 +31,9 @@ use std::process::Command;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use async_nats::jetstream::message::PublishMessage;
 use ebb_nats::subjects;
 use ebb_store::Store;
-use ebb_tests::bench::{env_or, median, publishes, report, wrk};
+use ebb_tests::bench::{env_or, median, publish_with_ack, publishes, report, wrk};
 use ebb_tests::{Stack, StackOptions};
 use serde_json::json;
 
@@ -165,14 +164,7 @@ async fn publishing_server(jetstream: async_nats::jetstream::Context) -> String 
                 id: format!("bare-{n}"),
                 ..ebb_tests::bench::raw_job(n)
             };
-            let message = PublishMessage::build()
-                .payload(serde_json::to_vec(&job).expect("json").into())
-                .message_id(job.id.clone());
-            let ack = jetstream
-                .send_publish(question_subject(), message)
-                .await
-                .expect("publish");
-            ack.await.expect("ack");
+            publish_with_ack(&jetstream, question_subject(), &job).await;
             (
                 axum::http::StatusCode::ACCEPTED,
                 axum::Json(json!({"id": job.id, "status": "queued"})),

@@ -124,18 +124,25 @@ pub async fn publishes(
 ) -> f64 {
     let jetstream = jetstream.clone();
     throughput(concurrency, seconds, move |n| {
-        let job = raw_job(n);
-        let message = PublishMessage::build()
-            .payload(serde_json::to_vec(&job).expect("json").into())
-            .message_id(job.id.clone());
         let (jetstream, subject) = (jetstream.clone(), subject.clone());
-        async move {
-            let ack = jetstream
-                .send_publish(subject, message)
-                .await
-                .expect("publish");
-            ack.await.expect("ack");
-        }
+        async move { publish_with_ack(&jetstream, subject, &raw_job(n)).await }
     })
     .await
+}
+
+/// Publishes `job` as the gateway does (its id as `Nats-Msg-Id`) and
+/// waits for JetStream's ack.
+pub async fn publish_with_ack(
+    jetstream: &async_nats::jetstream::Context,
+    subject: String,
+    job: &Job,
+) {
+    let message = PublishMessage::build()
+        .payload(serde_json::to_vec(job).expect("json").into())
+        .message_id(job.id.clone());
+    let ack = jetstream
+        .send_publish(subject, message)
+        .await
+        .expect("publish");
+    ack.await.expect("ack");
 }

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -294,14 +294,17 @@ async fn rate_limit(
     response
 }
 
+/// Checked once, not on every response (a name given as a `&str` is
+/// validated at each insert).
+static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+static RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
 fn rate_limit_headers(headers: &mut HeaderMap, decision: Decision) {
     let reset = decision.reset.as_secs_f64().ceil() as u64;
-    headers.insert("x-ratelimit-limit", HeaderValue::from(decision.limit));
-    headers.insert(
-        "x-ratelimit-remaining",
-        HeaderValue::from(decision.remaining),
-    );
-    headers.insert("x-ratelimit-reset", HeaderValue::from(reset));
+    headers.insert(&RATELIMIT_LIMIT, HeaderValue::from(decision.limit));
+    headers.insert(&RATELIMIT_REMAINING, HeaderValue::from(decision.remaining));
+    headers.insert(&RATELIMIT_RESET, HeaderValue::from(reset));
 }
 
 /// Whether NATS is connected and Redis answers a ping now.
