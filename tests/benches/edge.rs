@@ -202,27 +202,31 @@ async fn cache_hits(edge: &Edge) -> serde_json::Value {
         ));
         fixed.push(wrk(&fixed_url, &hit_script, edge.connections, edge.seconds));
     }
-    let mut figure = report(
-        "gateway cache hits (wrk)",
-        &gateway_hits,
-        "raw Redis GET (redis-benchmark)",
-        &redis_gets,
-        Some(1.0),
-    );
+    report_with_ceiling(
+        ("gateway cache hits (wrk)", &gateway_hits),
+        ("the same bytes from bare axum (wrk)", &fixed),
+        ("raw Redis GET (redis-benchmark)", &redis_gets),
+        1.0,
+    )
+}
+
+/// A measured side: its name and its rounds' rates.
+type Side<'a> = (&'a str, &'a [f64]);
+
+/// `ours` vs `baseline` against `goal`, and beside them the ceiling HTTP
+/// sets: `http_ceiling` (it vs the baseline) and `of_http_ceiling` (ours
+/// vs it).
+fn report_with_ceiling(ours: Side, ceiling: Side, baseline: Side, goal: f64) -> serde_json::Value {
+    let mut figure = report(ours.0, ours.1, baseline.0, baseline.1, Some(goal));
+    let indented = |name: &str| format!("  {name}");
     figure["http_ceiling"] = report(
-        "  the same bytes from bare axum (wrk)",
-        &fixed,
-        "raw Redis GET",
-        &redis_gets,
+        &indented(ceiling.0),
+        ceiling.1,
+        baseline.0,
+        baseline.1,
         None,
     );
-    figure["of_http_ceiling"] = report(
-        "  gateway cache hits",
-        &gateway_hits,
-        "the same bytes from bare axum",
-        &fixed,
-        None,
-    );
+    figure["of_http_ceiling"] = report(&indented(ours.0), ours.1, ceiling.0, ceiling.1, None);
     figure
 }
 
@@ -266,28 +270,12 @@ async fn accepts(edge: &Edge) -> serde_json::Value {
         ));
         stream.purge().await.expect("purge");
     }
-    let mut figure = report(
-        "gateway accepted questions (wrk)",
-        &gateway_accepts,
-        "raw JetStream publish+ack (async-nats)",
-        &raw_publishes,
-        Some(0.5),
-    );
-    figure["http_ceiling"] = report(
-        "  bare axum publishing each request with ack (wrk)",
-        &bare,
-        "raw publish+ack",
-        &raw_publishes,
-        None,
-    );
-    figure["of_http_ceiling"] = report(
-        "  gateway accepted questions",
-        &gateway_accepts,
-        "bare axum publishing",
-        &bare,
-        None,
-    );
-    figure
+    report_with_ceiling(
+        ("gateway accepted questions (wrk)", &gateway_accepts),
+        ("bare axum publishing each request with ack (wrk)", &bare),
+        ("raw JetStream publish+ack (async-nats)", &raw_publishes),
+        0.5,
+    )
 }
 
 /// Part 3: publishes to a server that syncs each write (nats/server.conf)
